@@ -1,0 +1,181 @@
+"""MLflow bookkeeping: one experiment per study, one parent run per workflow invocation,
+one nested run per job.
+
+The Snakefile creates the store and the parent run once, before jobs start (several jobs
+creating a fresh SQLite store at once crash), and hands the parent's id to jobs through the
+environment. A step run by hand, without a parent, gets a top-level run of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, TypeVar
+
+PARENT_RUN_ENV = "MOEFY_MLFLOW_PARENT_RUN_ID"
+EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
+URI_ENV = "MLFLOW_TRACKING_URI"
+DEFAULT_STORE = Path("results") / "mlflow"
+
+T = TypeVar("T")
+
+
+def resolve_uri(configured: str | None = None) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else SQLite under results/mlflow/ (absolute)."""
+    uri = configured or os.environ.get(URI_ENV)
+    if uri:
+        return uri
+    return f"sqlite:///{(DEFAULT_STORE / 'mlflow.db').resolve()}"
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Keep artifacts beside a local SQLite store instead of wherever the job's cwd is."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _retry(call: Callable[[], T], attempts: int = 8) -> T:
+    """SQLite refuses writers while another process holds the lock; wait and try again."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return call()
+        except MlflowException as err:
+            if "locked" not in str(err).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """Create the store and the experiment if missing; return the experiment id."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    experiment = _retry(lambda: client.get_experiment_by_name(name))
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return _retry(lambda: client.create_experiment(name, artifact_location=_artifact_location(uri)))
+    except MlflowException:  # another process created it first
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def start_workflow_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
+    """The parent run of one `snakemake` invocation; its id goes to every job via the environment."""
+    client = _client(uri)
+    experiment_id = ensure_experiment(uri, experiment)
+    run = _retry(lambda: client.create_run(experiment_id, run_name=run_name, tags={"moefy.kind": "workflow", **tags}))
+    os.environ[PARENT_RUN_ENV] = run.info.run_id
+    return run.info.run_id
+
+
+def end_workflow_run(uri: str, run_id: str, succeeded: bool) -> None:
+    client = _client(uri)
+    _retry(lambda: client.set_terminated(run_id, status="FINISHED" if succeeded else "FAILED"))
+
+
+def log_workflow_artifact(path: str | os.PathLike) -> None:
+    """Attach a study-level artifact (summary, plot) to the workflow's parent run, if there is one."""
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent:
+        client = _client(resolve_uri())
+        _retry(lambda: client.log_artifact(parent, str(path)))
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), item, out)
+    else:
+        out[prefix] = str(value)[:6000]
+
+
+class JobRun:
+    """A job's MLflow run; on ranks other than 0 every call does nothing."""
+
+    def __init__(self, client=None, run_id: str | None = None):
+        self._client = client
+        self.run_id = run_id
+
+    @property
+    def active(self) -> bool:
+        return self._client is not None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        if not self.active or not metrics:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        for start in range(0, len(batch), 1000):
+            _retry(lambda: self._client.log_batch(self.run_id, metrics=batch[start : start + 1000]))
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if self.active:
+            _retry(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if self.active:
+            from mlflow.entities import RunTag
+
+            _retry(lambda: self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+
+
+@contextmanager
+def job_run(
+    step: str,
+    params: Mapping[str, Any],
+    wildcards: Mapping[str, Any] | None = None,
+    enabled: bool = True,
+) -> Iterator[JobRun]:
+    """One MLflow run for one job: tagged with its rule and wildcards, params = its resolved settings.
+
+    The run is nested under $MOEFY_MLFLOW_PARENT_RUN_ID when the workflow set it. It ends
+    FAILED if the block raises, so a crashed job is visible in the UI.
+    """
+    if not enabled:
+        yield JobRun()
+        return
+    from mlflow.entities import Param
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    uri = resolve_uri()
+    client = _client(uri)
+    experiment_id = ensure_experiment(uri, os.environ.get(EXPERIMENT_ENV, "moefy"))
+    wildcards = dict(wildcards or {})
+    tags = {"rule": step, **{f"wildcard.{k}": str(v) for k, v in wildcards.items()}}
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent:
+        tags[MLFLOW_PARENT_RUN_ID] = parent
+    name = " ".join([step, "-".join(f"E{v}" if k == "num_experts" else str(v) for k, v in wildcards.items())]).strip()
+    run = _retry(lambda: client.create_run(experiment_id, run_name=name, tags=tags))
+    flat: dict[str, str] = {}
+    _flatten("", dict(params), flat)
+    flat.update({f"wildcard.{k}": str(v) for k, v in wildcards.items()})
+    param_list = [Param(k, v) for k, v in flat.items()]
+    for start in range(0, len(param_list), 100):
+        _retry(lambda: client.log_batch(run.info.run_id, params=param_list[start : start + 100]))
+    job = JobRun(client, run.info.run_id)
+    try:
+        yield job
+    except BaseException:
+        _retry(lambda: client.set_terminated(run.info.run_id, status="FAILED"))
+        raise
+    _retry(lambda: client.set_terminated(run.info.run_id, status="FINISHED"))

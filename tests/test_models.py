@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from moefy.errors import MoefyError
+from moefy.ffn import capture, find_ffns
+from moefy.models import load_classifier, load_tokenizer
+
+
+def test_relu_swap_and_fresh_head(tiny_bert):
+    model = load_classifier(str(tiny_bert), label_names=["neg", "pos"], activation="relu")
+    assert model.config.hidden_act == "relu" and model.config.id2label == {0: "neg", 1: "pos"}
+    ffns = find_ffns(model)
+    assert [f.index for f in ffns] == [0, 1]
+    assert all(isinstance(f.act, torch.nn.ReLU) for f in ffns)
+    assert (ffns[0].d_model, ffns[0].d_ff) == (32, 64)
+
+
+def test_capture_sees_ffn_input_and_activations(tiny_bert):
+    model = load_classifier(str(tiny_bert), label_names=["a", "b"], activation="relu").eval()
+    tokenizer = load_tokenizer(str(tiny_bert))
+    inputs = tokenizer(["the movie was good", "bad plot"], padding=True, return_tensors="pt")
+    ffns = find_ffns(model)
+    with capture(ffns) as seen, torch.no_grad():
+        model(**inputs)
+    for ffn in ffns:
+        x, h = seen[ffn.index]["x"], seen[ffn.index]["h"]
+        assert x.shape[-1] == 32 and h.shape[-1] == 64
+        torch.testing.assert_close(h, torch.relu(ffn.w_in(x)))
+        assert (h == 0).any()
+
+
+def test_unknown_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(MoefyError, match="cannot load the model config"):
+        load_classifier(str(tmp_path / "nowhere"))
+
+
+def test_unsupported_family_is_named(tmp_path):
+    from transformers import GPT2Config, GPT2Model
+
+    GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=16)).save_pretrained(tmp_path)
+    with pytest.raises(MoefyError, match="model type 'gpt2' is not supported yet; supported: bert"):
+        load_classifier(str(tmp_path), label_names=["a", "b"])

@@ -1,0 +1,77 @@
+import torch
+
+from moefy.routers import (
+    GroundTruthRouter,
+    MLPRouter,
+    SimilarityRouter,
+    budget_to_k,
+    build_routers,
+    expert_centroids,
+    expert_mass,
+    router_tensors,
+    scaled_mass,
+    topk_recall,
+    train_mlp_router,
+)
+
+
+def synthetic_layer(n=3000, d=16, d_ff=64, E=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w_in = torch.randn(d_ff, d, generator=g)
+    labels = torch.arange(d_ff) % E
+    x = torch.randn(n, d, generator=g)
+    return x, w_in, labels, E
+
+
+def test_expert_centroids_are_means_of_normalised_rows():
+    _, w_in, labels, E = synthetic_layer()
+    c = expert_centroids(w_in, labels, E)
+    rows = torch.nn.functional.normalize(w_in, dim=1)
+    torch.testing.assert_close(c[3], rows[labels == 3].mean(0))
+
+
+def test_recall_is_one_for_the_oracle_and_lower_for_noise():
+    x, w_in, labels, E = synthetic_layer()
+    mass = expert_mass(torch.relu(x @ w_in.t()), labels, E)
+    assert topk_recall(mass, mass, 2) == 1.0
+    assert topk_recall(torch.randn(mass.shape), mass, 2) < 0.9
+
+
+def test_scaled_mass_is_in_unit_interval():
+    target = scaled_mass(torch.tensor([[0.0, 2.0, 4.0], [0.0, 0.0, 0.0]]))
+    assert torch.equal(target, torch.tensor([[0.0, 0.5, 1.0], [0.0, 0.0, 0.0]]))
+
+
+def test_mlp_router_learns_better_than_its_similarity_start():
+    x, w_in, labels, E = synthetic_layer()
+    h = torch.relu(x @ w_in.t() + 0.5)
+    mass = expert_mass(h, labels, E)
+    c = expert_centroids(w_in, labels, E)
+    fit = train_mlp_router(x[:2500], scaled_mass(mass[:2500]), x[2500:], scaled_mass(mass[2500:]), c,
+                           epochs=40, batch_size=256, learning_rate=3e-3, patience=5, seed=0)
+    assert fit.best_heldout_loss < fit.initial_heldout_loss
+    similarity = SimilarityRouter(c)(x[2500:])
+    with torch.no_grad():
+        learned = fit.router(x[2500:])
+    assert topk_recall(learned, mass[2500:], 2) > topk_recall(similarity, mass[2500:], 2)
+
+
+def test_mlp_router_starts_as_the_similarity_ranking():
+    x, w_in, labels, E = synthetic_layer()
+    c = expert_centroids(w_in, labels, E)
+    with torch.no_grad():
+        assert torch.equal(MLPRouter(16, E, c)(x).argsort(-1), SimilarityRouter(c)(x).argsort(-1))
+
+
+def test_routers_round_trip_through_tensors():
+    x, w_in, labels, E = synthetic_layer()
+    c = expert_centroids(w_in, labels, E)
+    for name, router in [("similarity", SimilarityRouter(c)), ("mlp", MLPRouter(16, E)), ("groundtruth", GroundTruthRouter(labels, E))]:
+        rebuilt = build_routers(name, router_tensors({0: router}), {0: labels}, E)[0]
+        h = torch.relu(x @ w_in.t())
+        with torch.no_grad():
+            assert torch.equal(rebuilt(x, h), router(x, h))
+
+
+def test_budget_to_k():
+    assert [budget_to_k(b, 48) for b in (0.01, 0.1, 0.2, 0.25, 0.5, 1.0)] == [1, 5, 10, 12, 24, 48]

@@ -1,0 +1,46 @@
+import pytest
+from mlflow.tracking import MlflowClient
+
+from moefy import tracking
+
+
+def test_job_runs_nest_under_the_workflow_run(mlflow_store, monkeypatch):
+    parent = tracking.start_workflow_run(mlflow_store, "test", "snakemake test", {"study": "t"})
+    monkeypatch.setenv(tracking.PARENT_RUN_ENV, parent)
+    with tracking.job_run("evaluate", {"budgets": [0.1, 0.5], "nested": {"a": 1}},
+                          {"split": "kmeans", "num_experts": 8, "selector": "mlp"}) as run:
+        run.log_metrics({"test_accuracy/budget_0.1": 0.7, "x": 1})
+    tracking.end_workflow_run(mlflow_store, parent, succeeded=True)
+
+    client = MlflowClient(mlflow_store)
+    child = client.get_run(run.run_id)
+    assert child.data.tags["mlflow.parentRunId"] == parent
+    assert child.data.tags["rule"] == "evaluate" and child.data.tags["wildcard.split"] == "kmeans"
+    assert child.data.params["budgets"] == "[0.1, 0.5]" and child.data.params["nested.a"] == "1"
+    assert child.data.metrics["test_accuracy/budget_0.1"] == pytest.approx(0.7)
+    assert child.info.status == "FINISHED"
+    assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_a_failing_job_is_marked_failed(mlflow_store):
+    with pytest.raises(RuntimeError):
+        with tracking.job_run("finetune", {}) as run:
+            raise RuntimeError("boom")
+    assert MlflowClient(mlflow_store).get_run(run.run_id).info.status == "FAILED"
+
+
+def test_disabled_runs_log_nothing(mlflow_store):
+    with tracking.job_run("finetune", {}, enabled=False) as run:
+        run.log_metrics({"a": 1.0})
+    assert not run.active
+
+
+def test_experiment_creation_is_idempotent(mlflow_store):
+    assert tracking.ensure_experiment(mlflow_store, "x") == tracking.ensure_experiment(mlflow_store, "x")
+
+
+def test_default_store_is_under_results(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.resolve_uri() == f"sqlite:///{tmp_path}/results/mlflow/mlflow.db"
+    assert tracking.resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
