@@ -1,0 +1,104 @@
+"""Step 2, activations: what the fine-tuned FFNs see and how their neurons fire together.
+
+Runs the fine-tuned model over a seeded sample of training texts and writes
+  <out>/hidden.safetensors        per layer `layer.{i}`: FFN inputs of `sample_tokens` tokens
+                                   (float16, for router training)
+  <out>/coactivation.safetensors  per layer `layer.{i}`: d_ff x d_ff co-activation counts
+  <out>/metrics.json              tokens counted, per-layer activation sparsity
+Texts are sharded over torchrun ranks; counts are all-reduced and the sample gathered on rank 0,
+so the outputs do not depend on the number of ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moefy import dist, tracking
+from moefy.batches import Encoded, iterate
+from moefy.cli import add_section_flags, run_step
+from moefy.coactivation import CoactivationCounter
+from moefy.data import length_grouped_batches, read_split
+from moefy.ffn import capture, find_ffns
+from moefy.files import save_tensors, write_json
+from moefy.models import load_classifier, load_tokenizer
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m moefy.steps.activations", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="fine-tuned model folder (finetune/model)")
+    parser.add_argument("--data", required=True, type=Path, help="folder with train.jsonl")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_section_flags(parser, "activations")
+    return parser.parse_args(argv)
+
+
+def choose_texts(lengths: np.ndarray, max_tokens: int, sample_tokens: int, seed: int) -> tuple[np.ndarray, int]:
+    """Texts to count, in a seeded order, up to max_tokens; the first `n_sample` of them form the sample."""
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    cumulative = np.cumsum(lengths[order])
+    n_count = int(np.searchsorted(cumulative, max_tokens) + 1)
+    n_sample = int(np.searchsorted(cumulative, sample_tokens) + 1)
+    return order[: min(n_count, len(order))], min(n_sample, n_count, len(order))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    ctx = dist.setup(args.device)
+    tokenizer = load_tokenizer(args.model)
+    model = load_classifier(args.model).to(ctx.device)
+    ffns = find_ffns(model)
+    texts, _ = read_split(args.data / "train.jsonl")
+    chosen, n_sample = choose_texts(Encoded(tokenizer, texts).lengths, args.max_tokens, args.sample_tokens, args.seed)
+    encoded = Encoded(tokenizer, [texts[i] for i in chosen])  # position p = p-th chosen text
+
+    counters = [CoactivationCounter(f.d_ff, ctx.device) for f in ffns]
+    sample: dict[int, list[torch.Tensor]] = {}  # position -> per-layer FFN inputs of that text
+    batches = dist.shard(length_grouped_batches(encoded.lengths, args.batch_size), ctx)
+    with tracking.job_run("activations", vars(args), enabled=ctx.is_main) as run, capture(ffns) as seen:
+        for idx, inputs, _ in iterate(model, encoded, batches, ctx, "activations"):
+            real = inputs["attention_mask"].bool()
+            for ffn, counter in zip(ffns, counters):
+                counter.update(seen[ffn.index]["h"][real])
+            for row, position in enumerate(idx):
+                if position < n_sample:
+                    n = int(real[row].sum())
+                    sample[int(position)] = [seen[f.index]["x"][row, :n].to(torch.float16).cpu() for f in ffns]
+        tokens = torch.tensor([float(c.tokens) for c in counters], dtype=torch.float64)
+        dist.all_reduce_sum(tokens, ctx)
+        for counter in counters:
+            dist.all_reduce_sum(counter.counts, ctx)
+            counter.tokens = int(tokens[0])
+        gathered: dict[int, list[torch.Tensor]] = {}
+        for part in dist.all_gather(sample, ctx):
+            gathered.update(part)
+
+        if ctx.is_main:
+            positions = sorted(gathered)
+            hidden = {f"layer.{f.index}": torch.cat([gathered[p][f.index] for p in positions]) for f in ffns}
+            sparsity = [c.sparsity() for c in counters]
+            meta = {"tokens": str(counters[0].tokens), "texts": str(len(encoded))}
+            save_tensors(args.out / "hidden.safetensors", hidden, {"sample_texts": str(len(positions))})
+            save_tensors(args.out / "coactivation.safetensors", {f"layer.{f.index}": c.counts for f, c in zip(ffns, counters)}, meta)
+            metrics = {
+                "tokens_counted": counters[0].tokens,
+                "texts_counted": len(encoded),
+                "sample_tokens": int(hidden["layer.0"].shape[0]),
+                "sparsity_mean": float(np.mean(sparsity)),
+                "sparsity_per_layer": sparsity,
+            }
+            write_json(args.out / "metrics.json", metrics)
+            run.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, list)})
+            run.log_metrics({f"sparsity/layer_{i}": s for i, s in enumerate(sparsity)})
+            print(f"counted {metrics['tokens_counted']} tokens, kept {metrics['sample_tokens']} for routers; "
+                  f"mean sparsity {metrics['sparsity_mean']:.3f}", flush=True)
+    dist.teardown()
+
+
+if __name__ == "__main__":
+    run_step(main)

@@ -1,0 +1,91 @@
+"""Step 4, balance: every expert gets exactly d_ff / E neurons, and every split is scored.
+
+Splits that are balanced already (random, kmeans) pass through unchanged. METIS parts (coact)
+are evened out by the moves that lose the least association weight; the MoEfication baseline
+(random moves) is scored beside it. For every split the metrics record the share of
+co-activation kept inside experts (raw counts, and above-chance counts) and the k-means objective.
+Writes <out>/labels.safetensors (`layer.{i}`: int64 [d_ff], each label exactly d_ff/E times)
+and <out>/metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moefy import tracking
+from moefy.balance import balance_least_loss, balance_random, is_balanced, weight_kept
+from moefy.cli import run_step
+from moefy.errors import MoefyError
+from moefy.ffn import find_ffns
+from moefy.files import load_tensors, save_tensors, tensors_metadata, write_json
+from moefy.models import load_classifier
+from moefy.split import association_graph, check_num_experts, kmeans_objective
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m moefy.steps.balance", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="fine-tuned model folder (finetune/model)")
+    parser.add_argument("--labels", required=True, type=Path, help="split/<split>-E<E>/labels.safetensors")
+    parser.add_argument("--coactivation", required=True, type=Path, help="activations/coactivation.safetensors")
+    parser.add_argument("--num-experts", required=True, type=int)
+    parser.add_argument("--split", required=True, choices=["random", "kmeans", "coact"], help="split method (for tags)")
+    parser.add_argument("--coact-neighbors", type=int, default=64, help="association graph edges per neuron, as in the split")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def excess_coactivation(counts: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Co-activation above what independent firing would give: max(0, C_ij - C_ii C_jj / N)."""
+    fired = counts.diagonal().double()
+    return (counts.double() - torch.outer(fired, fired) / max(tokens, 1)).clamp(min=0).float()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    ffns = find_ffns(load_classifier(args.model))
+    size = check_num_experts(ffns[0].d_ff, args.num_experts)
+    split_labels = load_tensors(args.labels)
+    coactivation = load_tensors(args.coactivation)
+    tokens = int(tensors_metadata(args.coactivation)["tokens"])
+
+    per_layer: dict[str, list[float]] = {}
+    balanced = {}
+    for ffn in ffns:
+        key = f"layer.{ffn.index}"
+        if key not in split_labels or split_labels[key].numel() != ffn.d_ff:
+            raise MoefyError(f"{args.labels} has no {ffn.d_ff}-neuron labels for {key}; rerun the split step for this model")
+        labels = split_labels[key].numpy().astype(np.int64)
+        counts = coactivation[key]
+        excess = excess_coactivation(counts, tokens)
+        row = {}
+        if not is_balanced(labels, args.num_experts):
+            graph = association_graph(counts, tokens, args.coact_neighbors)
+            baseline = balance_random(labels, args.num_experts, seed=args.seed * 1000 + ffn.index)
+            row["excess_coact_kept_before"] = weight_kept(excess, labels)
+            row["excess_coact_kept_random_balance"] = weight_kept(excess, baseline)
+            row["moved_neurons"] = float(np.sum(np.maximum(np.bincount(labels, minlength=args.num_experts) - size, 0)))
+            labels = balance_least_loss(labels, graph, args.num_experts)
+        row["coact_kept"] = weight_kept(counts, labels)
+        row["excess_coact_kept"] = weight_kept(excess, labels)
+        row["kmeans_objective"] = kmeans_objective(ffn.w_in.weight.detach(), labels)
+        for name, value in row.items():
+            per_layer.setdefault(name, []).append(float(value))
+        balanced[key] = torch.from_numpy(labels)
+
+    metrics = {name: float(np.mean(values)) for name, values in per_layer.items()}
+    metrics["per_layer"] = per_layer
+    wildcards = {"split": args.split, "num_experts": args.num_experts}
+    with tracking.job_run("balance", vars(args), wildcards) as run:
+        save_tensors(args.out / "labels.safetensors", balanced, {"method": args.split, "num_experts": str(args.num_experts)})
+        write_json(args.out / "metrics.json", metrics)
+        run.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, dict)})
+    print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not isinstance(v, dict)), flush=True)
+
+
+if __name__ == "__main__":
+    run_step(main)

@@ -1,0 +1,48 @@
+"""Step 0, data: read the task's texts and labels and make the seeded train / validation / test split.
+
+Identical texts always land in the same split (no leakage). Writes <out>/train.jsonl,
+validation.jsonl, test.jsonl ({"text", "label"} per line) and labels.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moefy import tracking
+from moefy.cli import run_step
+from moefy.data import load_hub, load_table, prepare_splits, write_splits
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m moefy.steps.data", description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--path", type=Path, help="local CSV / TSV / JSONL / JSON / Parquet file")
+    source.add_argument("--hub-name", help="Hugging Face dataset id")
+    parser.add_argument("--hub-config", help="Hugging Face dataset configuration")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--labels", nargs="+", help="classes to keep, in label-id order")
+    parser.add_argument("--validation-fraction", type=float, default=0.1)
+    parser.add_argument("--test-fraction", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with tracking.job_run("data", vars(args)) as run:
+        if args.path is not None:
+            table = load_table(args.path, args.text_column, args.label_column)
+        else:
+            table = load_hub(args.hub_name, args.hub_config, args.text_column, args.label_column)
+        splits, names = prepare_splits(table, args.labels, args.validation_fraction, args.test_fraction, args.seed)
+        write_splits(args.out, splits, names)
+        sizes = {name: len(frame) for name, frame in splits.items()}
+        run.log_metrics({f"{name}_examples": n for name, n in sizes.items()} | {"classes": len(names)})
+        print(f"classes {names}; " + ", ".join(f"{name} {n}" for name, n in sizes.items()), flush=True)
+
+
+if __name__ == "__main__":
+    run_step(main)

