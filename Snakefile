@@ -1,0 +1,45 @@
+# moefy: fine-tune -> activations -> split -> balance -> selector -> evaluate -> report.
+# `snakemake --cores all` runs the grid in config.yaml; asking for one evaluate/*.json file runs one ablation.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# config.yaml is the default study; `--configfile other.yaml` replaces it instead of merging into it,
+# so keys of the default study (its fetch specs, say) never leak into another study.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
+
+
+report: "report/workflow.rst"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/finetune.smk"
+include: "rules/activations.smk"
+include: "rules/split.smk"
+include: "rules/balance.smk"
+include: "rules/selector.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        summary=results("report", "summary.csv"),
+        plot=results("report", "accuracy_vs_flops.png"),
+    default_target: True
+
+
+onstart:
+    start_mlflow_workflow_run()
+
+
+onsuccess:
+    end_mlflow_workflow_run(succeeded=True)
+
+
+onerror:
+    end_mlflow_workflow_run(succeeded=False)

