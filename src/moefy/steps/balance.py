@@ -53,39 +53,39 @@ def main(argv: list[str] | None = None) -> None:
     coactivation = load_tensors(args.coactivation)
     tokens = int(tensors_metadata(args.coactivation)["tokens"])
 
-    per_layer: dict[str, list[float]] = {}
-    balanced = {}
-    for ffn in ffns:
-        key = f"layer.{ffn.index}"
-        if key not in split_labels or split_labels[key].numel() != ffn.d_ff:
-            raise MoefyError(f"{args.labels} has no {ffn.d_ff}-neuron labels for {key}; rerun the split step for this model")
-        labels = split_labels[key].numpy().astype(np.int64)
-        counts = coactivation[key]
-        excess = excess_coactivation(counts, tokens)
-        row = {}
-        if not is_balanced(labels, args.num_experts):
-            graph = association_graph(counts, tokens, args.coact_neighbors)
-            baseline = balance_random(labels, args.num_experts, seed=args.seed * 1000 + ffn.index)
-            row["excess_coact_kept_before"] = weight_kept(excess, labels)
-            row["excess_coact_kept_random_balance"] = weight_kept(excess, baseline)
-            row["moved_neurons"] = float(np.sum(np.maximum(np.bincount(labels, minlength=args.num_experts) - size, 0)))
-            labels = balance_least_loss(labels, graph, args.num_experts)
-        row["coact_kept"] = weight_kept(counts, labels)
-        row["excess_coact_kept"] = weight_kept(excess, labels)
-        row["kmeans_objective"] = kmeans_objective(ffn.w_in.weight.detach(), labels)
-        for name, value in row.items():
-            per_layer.setdefault(name, []).append(float(value))
-        balanced[key] = torch.from_numpy(labels)
-
-    metrics = {name: float(np.mean(values)) for name, values in per_layer.items()}
-    metrics["per_layer"] = per_layer
     wildcards = {"split": args.split, "num_experts": args.num_experts}
     with tracking.job_run("balance", vars(args), wildcards) as run:
+        per_layer: dict[str, list[float]] = {}
+        balanced = {}
+        for ffn in ffns:
+            key = f"layer.{ffn.index}"
+            if key not in split_labels or split_labels[key].numel() != ffn.d_ff:
+                raise MoefyError(f"{args.labels} has no {ffn.d_ff}-neuron labels for {key}; rerun the split step for this model")
+            split = split_labels[key].numpy().astype(np.int64)
+            counts = coactivation[key]
+            excess = excess_coactivation(counts, tokens)
+            labels = split
+            if not is_balanced(split, args.num_experts):
+                labels = balance_least_loss(split, association_graph(counts, tokens, args.coact_neighbors), args.num_experts)
+            row = {
+                "coact_kept": weight_kept(counts, labels),
+                "excess_coact_kept": weight_kept(excess, labels),
+                "kmeans_objective": kmeans_objective(ffn.w_in.weight.detach(), labels),
+                "moved_neurons": int(np.sum(np.maximum(np.bincount(split, minlength=args.num_experts) - size, 0))),
+                "excess_coact_kept_before": weight_kept(excess, split),
+                # MoEfication's rule, moving random surplus neurons, for comparison
+                "excess_coact_kept_random_balance": weight_kept(excess, balance_random(split, args.num_experts, seed=args.seed * 1000 + ffn.index)),
+            }
+            for name, value in row.items():
+                per_layer.setdefault(name, []).append(float(value))
+            balanced[key] = torch.from_numpy(labels)
+
+        metrics = {name: float(np.mean(values)) for name, values in per_layer.items()}
+        metrics["per_layer"] = per_layer
         save_tensors(args.out / "labels.safetensors", balanced, {"method": args.split, "num_experts": str(args.num_experts)})
         write_json(args.out / "metrics.json", metrics)
         run.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, dict)})
     print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not isinstance(v, dict)), flush=True)
-
 
 if __name__ == "__main__":
     run_step(main)
