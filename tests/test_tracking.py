@@ -44,3 +44,18 @@ def test_default_store_is_under_results(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     assert tracking.resolve_uri() == f"sqlite:///{tmp_path}/results/mlflow/mlflow.db"
     assert tracking.resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+
+
+def test_jobs_creating_a_fresh_store_at_once_do_not_crash(tmp_path):
+    """Steps run by hand in parallel (no Snakemake onstart) all create the SQLite store at once."""
+    import subprocess
+    import sys
+
+    uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
+    code = "from moefy import tracking; tracking.job_run('split', {}).__enter__()"
+    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "race", "PATH": "/usr/bin:/bin"}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, "\n".join(errors)
+    runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("race").experiment_id])
+    assert len(runs) == 4

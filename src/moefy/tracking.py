@@ -8,6 +8,7 @@ environment. A step run by hand, without a parent, gets a top-level run of its o
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from contextlib import contextmanager
@@ -38,11 +39,22 @@ def _artifact_location(uri: str) -> str | None:
 
 
 def _client(uri: str):
+    """An MlflowClient; for a local SQLite store, opened under a file lock, because the first
+    client creates the tables and two processes doing that at once crash ("table already exists")."""
     from mlflow.tracking import MlflowClient
 
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=uri)
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(tracking_uri=uri)
+    database = Path(uri[len("sqlite:///") :])
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            client = MlflowClient(tracking_uri=uri)
+            client.search_experiments(max_results=1)  # forces the store (and its tables) into being now
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return client
 
 
 def _retry(call: Callable[[], T], attempts: int = 8) -> T:
