@@ -41,11 +41,15 @@ def plot_accuracy_vs_flops(table: pd.DataFrame, path: str | Path, title: str = "
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    # colour = split method, line style = selector, marker = number of experts
     styles = {"groundtruth": ":", "similarity": "--", "mlp": "-"}
+    colours = {split: f"C{i}" for i, split in enumerate(sorted(table["split"].unique()))}
+    markers = {e: m for e, m in zip(sorted(table["num_experts"].unique()), "os^Dv<>p")}
     for (split, num_experts, selector), group in table.groupby(["split", "num_experts", "selector"], sort=True):
         group = group.sort_values("ffn_flops_fraction")
-        label = f"{split} / {selector}" + (f" (E={num_experts})" if table["num_experts"].nunique() > 1 else "")
-        ax.plot(group["ffn_flops_fraction"], group["test_accuracy"], styles.get(selector, "-"), marker="o", label=label)
+        label = f"{split} / {selector}" + (f" (E={num_experts})" if len(markers) > 1 else "")
+        ax.plot(group["ffn_flops_fraction"], group["test_accuracy"], styles.get(selector, "-"), color=colours[split],
+                marker=markers.get(num_experts, "o"), label=label)
     ax.axhline(table["dense_test_accuracy"].iloc[0], color="black", linewidth=1, label="dense")
     ax.set_xlabel("FFN FLOPs fraction (router included)")
     ax.set_ylabel("test accuracy")
