@@ -234,6 +234,11 @@ def coact_split(
     if num_experts == 1:
         return np.zeros(n, dtype=np.int64)
     graph = association_graph(coactivation, tokens, neighbors)
+    # METIS's own seed barely moves its result on these graphs (seeds 0 and 1 are even the same
+    # srand state), so the seed also shuffles the vertex order, which METIS does depend on.
+    order = np.random.default_rng(seed).permutation(n)
+    graph = graph[order][:, order].tocsr()
+    graph.sort_indices()
     eweights = np.maximum(np.rint(graph.data * _METIS_WEIGHT_SCALE), 1).astype(np.int64)
     adjacency = pymetis.CSRAdjacency(graph.indptr.astype(np.int64), graph.indices.astype(np.int64))
     _, parts = pymetis.part_graph(
@@ -242,4 +247,6 @@ def coact_split(
         eweights=eweights,
         options=pymetis.Options(ufactor=ufactor, seed=seed),
     )
-    return np.asarray(parts, dtype=np.int64)
+    labels = np.empty(n, dtype=np.int64)
+    labels[order] = np.asarray(parts, dtype=np.int64)
+    return labels
