@@ -88,8 +88,3 @@ def all_reduce_sum(tensor: torch.Tensor, ctx: Context) -> torch.Tensor:
         if work is not tensor:
             tensor.copy_(work)
     return tensor
-
-
-def barrier(ctx: Context) -> None:
-    if ctx.distributed:
-        dist.barrier()
