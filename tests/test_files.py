@@ -51,3 +51,30 @@ def test_read_json_errors(tmp_path):
         read_json(path)
     path.write_text(json.dumps({"test_accuracy": 0.8}))
     assert read_json(path)["test_accuracy"] == 0.8
+
+
+def test_a_killed_writers_leftovers_are_cleared_by_the_next_write(tmp_path):
+    (tmp_path / ".out.json.abc123.tmp").write_text("half")
+    (tmp_path / ".model.xyz.tmp").mkdir()
+    write_json(tmp_path / "out.json", {"a": 1})
+    with atomic_dir(tmp_path / "model") as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out.json"]
+
+
+def test_tensor_files_are_byte_identical_across_processes(tmp_path):
+    """safetensors orders metadata keys by a per-process hash seed; ours must not depend on it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from moefy.files import save_tensors; "
+            "save_tensors(sys.argv[1], {'b': torch.ones(2), 'a': torch.arange(3)}, "
+            "{'selector': 'mlp', 'num_experts': '48', 'layers': '6', 'tokens': '7'})")
+    for i in range(4):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{i}.safetensors")], check=True,
+                       env={"PYTHONHASHSEED": str(i), "PATH": "/usr/bin:/bin"})
+    contents = {(tmp_path / f"{i}.safetensors").read_bytes() for i in range(4)}
+    assert len(contents) == 1
+    from moefy.files import tensors_metadata
+
+    assert tensors_metadata(tmp_path / "0.safetensors")["num_experts"] == "48"

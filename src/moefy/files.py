@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from moefy.errors import MoefyError
@@ -32,11 +32,21 @@ def _regenerate_hint(path: Path) -> str:
     return f"delete it and rerun `snakemake --cores all {path}` (or the step that writes it) to regenerate it"
 
 
+def _remove_leftovers(path: Path) -> None:
+    """Temporary siblings that a killed writer of `path` left behind."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to `path`; move it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
@@ -53,6 +63,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder next to `path`; it replaces `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
@@ -79,10 +90,19 @@ def read_json(path: str | os.PathLike) -> Any:
         raise MoefyError(f"{path} is not valid JSON ({err}); {_regenerate_hint(path)}") from None
 
 
+METADATA_KEY = "moefy"
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file whose bytes depend only on its content.
+
+    safetensors writes metadata keys in hash order, which changes from process to process, so the
+    metadata travels as one sorted JSON string under a single key.
+    """
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    header = {METADATA_KEY: json.dumps(metadata or {}, sort_keys=True)}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_file(tensors, str(tmp), metadata=header)
 
 
 def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -97,10 +117,11 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def tensors_metadata(path: str | os.PathLike) -> dict[str, str]:
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
+            stored = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise MoefyError(f"{path} is truncated or not a safetensors file ({err}); {_regenerate_hint(Path(path))}") from None
+    if METADATA_KEY not in stored:
+        raise MoefyError(f"{path} was not written by moefy (no '{METADATA_KEY}' metadata); {_regenerate_hint(Path(path))}")
+    return json.loads(stored[METADATA_KEY])
