@@ -1,14 +1,14 @@
 """The FFN adapter: the one place that knows where a model family keeps its feed-forward blocks.
 
 Everything else sees an FFN as neurons, h = act(w_in(x)) and y = w_out(h), and never names an
-architecture. Supporting a new family means adding one finder to `_FINDERS`.
+architecture. Supporting a new family means adding one `Family` to `_FAMILIES`.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -50,36 +50,36 @@ def _bert_like(model: nn.Module) -> list[FFN]:
     return ffns
 
 
+@dataclass(frozen=True)
+class Family:
+    """What moefy needs to know about one model family."""
+
+    find: Callable[[nn.Module], list[FFN]]
+    set_activation: Callable[[Any, str], None]  # on a config, before the weights are loaded
+    d_ff: Callable[[Any], int]  # from a config, to check expert counts before any job runs
+
+
 def _bert_like_activation(config, name: str) -> None:
     config.hidden_act = name
 
 
-_FINDERS = {name: _bert_like for name in ("bert", "roberta", "xlm-roberta", "electra", "camembert")}
-_ACTIVATION_SETTERS = {name: _bert_like_activation for name in _FINDERS}
+BERT_LIKE = Family(find=_bert_like, set_activation=_bert_like_activation, d_ff=lambda config: config.intermediate_size)
+_FAMILIES = {name: BERT_LIKE for name in ("bert", "roberta", "xlm-roberta", "electra", "camembert")}
 
 
-def _model_type(config) -> str:
+def family(config) -> Family:
     model_type = getattr(config, "model_type", None)
-    if model_type not in _FINDERS:
+    if model_type not in _FAMILIES:
         raise MoefyError(
-            f"model type {model_type!r} is not supported yet; supported: {', '.join(sorted(_FINDERS))}. "
+            f"model type {model_type!r} is not supported yet; supported: {', '.join(sorted(_FAMILIES))}. "
             "Point model.name_or_path at a model of one of these families."
         )
-    return model_type
+    return _FAMILIES[model_type]
 
 
 def find_ffns(model: nn.Module) -> list[FFN]:
     """All FFN blocks of `model`, in layer order."""
-    return _FINDERS[_model_type(model.config)](model)
-
-
-def set_activation(config, name: str) -> None:
-    """Set the FFN activation in a model config (e.g. 'relu' for relufication) before loading weights."""
-    _ACTIVATION_SETTERS[_model_type(config)](config, name)
-
-
-def check_supported(config) -> None:
-    _model_type(config)
+    return family(model.config).find(model)
 
 
 @contextmanager

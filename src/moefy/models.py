@@ -6,11 +6,12 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from moefy.errors import MoefyError
-from moefy.ffn import check_supported, set_activation
+from moefy.ffn import family
 
 hf_logging.disable_progress_bar()  # a bar per load/save would drown the steps' own progress in the logs
 
@@ -18,12 +19,13 @@ hf_logging.disable_progress_bar()  # a bar per load/save would drown the steps' 
 def _load(what: str, name_or_path: str, loader):
     try:
         return loader()
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         where = "local folder" if Path(name_or_path).exists() else "hub id or local folder"
         raise MoefyError(
             f"cannot load the {what} from {name_or_path!r} ({where}): {str(err).splitlines()[0]}. "
-            "Set model.name_or_path to a folder with config.json, weights and tokenizer files, "
-            "or to a hub id that this machine can reach (set HF_HUB_OFFLINE=1 to use the local cache only)."
+            "If it is a workflow output (results/<study>/finetune/model), it is damaged: delete it and rerun "
+            "snakemake to regenerate it. Otherwise set model.name_or_path to a folder with config.json, weights "
+            "and tokenizer files, or to a hub id this machine can reach (HF_HUB_OFFLINE=1 uses the local cache only)."
         ) from None
 
 
@@ -40,13 +42,13 @@ def load_classifier(
     """A sequence classifier; with `label_names` a fresh head for those classes, with
     `activation` the FFN activation swapped before the weights are loaded."""
     config = _load("model config", name_or_path, lambda: AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code))
-    check_supported(config)
+    adapter = family(config)
     if label_names is not None:
         config.num_labels = len(label_names)
         config.id2label = dict(enumerate(label_names))
         config.label2id = {name: i for i, name in enumerate(label_names)}
     if activation is not None:
-        set_activation(config, activation)
+        adapter.set_activation(config, activation)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialised classifier" notice is expected here
     try:
