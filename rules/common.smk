@@ -4,15 +4,21 @@ import os
 import sys
 from pathlib import Path
 
-from moefy import tracking
+from moefy import owners, tracking
 from moefy.cli import settings_flags
 from moefy.config import validate
 from moefy.errors import MoefyError
+from moefy.preflight import check_study
 
 try:
     validate(config)
+    check_study(config)
 except MoefyError as err:
-    raise WorkflowError(str(err)) from None
+    sys.exit(f"moefy: {err}")  # one line and a non-zero exit, before any job runs
+
+cleared = owners.clear_dead_lock()
+if cleared:
+    print(f"moefy: {cleared}", file=sys.stderr)
 
 STUDY = config["study"]
 COMPUTE = config["compute"]
@@ -112,6 +118,7 @@ def evaluations():
 
 def start_mlflow_workflow_run():
     """Create the store once, before parallel jobs start, and the parent run of this invocation."""
+    owners.claim_lock()
     uri = os.environ[tracking.URI_ENV]
     run_id = tracking.start_workflow_run(
         uri, os.environ[tracking.EXPERIMENT_ENV], run_name=f"snakemake {STUDY}",

@@ -59,3 +59,22 @@ def test_jobs_creating_a_fresh_store_at_once_do_not_crash(tmp_path):
     assert [p.returncode for p in procs] == [0] * 4, "\n".join(errors)
     runs = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("race").experiment_id])
     assert len(runs) == 4
+
+
+def test_runs_of_killed_processes_are_closed_by_the_next_invocation(mlflow_store, monkeypatch):
+    import subprocess
+    import sys
+
+    code = ("import os, signal; from moefy import tracking; "
+            "tracking.start_workflow_run(os.environ['MLFLOW_TRACKING_URI'], 'test', 'snakemake test', {}); "
+            "job = tracking.job_run('finetune', {}); job.__enter__(); os.kill(os.getpid(), signal.SIGKILL)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == -9
+    client = MlflowClient(mlflow_store)
+    experiment = client.get_experiment_by_name("test").experiment_id
+    assert len(client.search_runs([experiment], "attributes.status = 'RUNNING'")) == 2
+    alive = tracking.start_workflow_run(mlflow_store, "test", "snakemake test", {})  # this process: alive
+    with tracking.job_run("evaluate", {}):
+        tracking.start_workflow_run(mlflow_store, "test", "snakemake test", {})  # a later invocation
+        runs = client.search_runs([experiment])
+        assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED", "RUNNING", "RUNNING", "RUNNING"]
+    assert client.get_run(alive).info.status == "RUNNING"

@@ -15,7 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
+from moefy import owners
+
 PARENT_RUN_ENV = "MOEFY_MLFLOW_PARENT_RUN_ID"
+OWNER_TAG = "moefy.owner"  # host:pid:start of the process that logs the run (see owners.py)
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 URI_ENV = "MLFLOW_TRACKING_URI"
 DEFAULT_STORE = Path("results") / "mlflow"
@@ -88,11 +91,24 @@ def ensure_experiment(uri: str, name: str) -> str:
         return experiment.experiment_id
 
 
+def close_interrupted_runs(client, experiment_id: str) -> int:
+    """Mark runs whose process was killed (left RUNNING forever) as KILLED, so the UI does not show
+    them as live; runs of processes still alive, here or on other hosts, are left alone."""
+    running = _retry(lambda: client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000))
+    stale = [run for run in running if owners.is_dead(run.data.tags.get(OWNER_TAG, ""))]
+    for run in stale:
+        _retry(lambda: client.set_tag(run.info.run_id, "moefy.interrupted", "its process died while it ran"))
+        _retry(lambda: client.set_terminated(run.info.run_id, status="KILLED"))
+    return len(stale)
+
+
 def start_workflow_run(uri: str, experiment: str, run_name: str, tags: Mapping[str, str]) -> str:
     """The parent run of one `snakemake` invocation; its id goes to every job via the environment."""
     client = _client(uri)
     experiment_id = ensure_experiment(uri, experiment)
-    run = _retry(lambda: client.create_run(experiment_id, run_name=run_name, tags={"moefy.kind": "workflow", **tags}))
+    close_interrupted_runs(client, experiment_id)
+    tags = {"moefy.kind": "workflow", OWNER_TAG: owners.token(), **tags}
+    run = _retry(lambda: client.create_run(experiment_id, run_name=run_name, tags=tags))
     os.environ[PARENT_RUN_ENV] = run.info.run_id
     return run.info.run_id
 
@@ -172,7 +188,7 @@ def job_run(
     client = _client(uri)
     experiment_id = ensure_experiment(uri, os.environ.get(EXPERIMENT_ENV, "moefy"))
     wildcards = dict(wildcards or {})
-    tags = {"rule": step, **{f"wildcard.{k}": str(v) for k, v in wildcards.items()}}
+    tags = {"rule": step, OWNER_TAG: owners.token(), **{f"wildcard.{k}": str(v) for k, v in wildcards.items()}}
     parent = os.environ.get(PARENT_RUN_ENV)
     if parent:
         tags[MLFLOW_PARENT_RUN_ID] = parent
