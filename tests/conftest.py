@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import csv
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ POSITIVE = "good great fine superb lovely moving funny smart charming brilliant"
 NEGATIVE = "bad awful dull boring weak messy tedious stupid bland clumsy".split()
 FILLER = "the a movie film story plot this it was is and with its cast".split()
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def build_tiny_bert(folder: Path, hidden_act: str = "gelu", layers: int = 2, d_ff: int = 64) -> Path:
@@ -31,8 +35,12 @@ def build_tiny_bert(folder: Path, hidden_act: str = "gelu", layers: int = 2, d_f
     return folder
 
 
-def write_toy_sentiment(path: Path, rows: int = 240, seed: int = 0) -> Path:
-    """A CSV shaped like the Rotten Tomatoes file: category (fresh/rotten/plot), text, movie_name."""
+def write_toy_sentiment(path: Path, rows: int = 240, seed: int = 0, mixed: bool = False) -> Path:
+    """A CSV shaped like the Rotten Tomatoes file: category (fresh/rotten/plot), text, movie_name.
+
+    With `mixed`, texts also carry words of the other sentiment, so some are hard to call and a
+    perturbed model (an MoE at a small budget) changes some predictions.
+    """
     rng = random.Random(seed)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
@@ -42,6 +50,9 @@ def write_toy_sentiment(path: Path, rows: int = 240, seed: int = 0) -> Path:
             words = POSITIVE if category == "fresh" else NEGATIVE
             text = " ".join(rng.choice(FILLER) for _ in range(rng.randint(2, 8)))
             text += " " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 3)))
+            if mixed:
+                other = NEGATIVE if words is POSITIVE else POSITIVE
+                text += " " + " ".join(rng.choice(other) for _ in range(rng.randint(0, 3)))
             writer.writerow([category, text, f"movie {i % 7}"])
     return path
 
@@ -69,3 +80,26 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "test")
     monkeypatch.delenv("MOEFY_MLFLOW_PARENT_RUN_ID", raising=False)
     return uri
+
+
+def environment(workdir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # this venv's python / torchrun
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'results' / 'mlflow' / 'mlflow.db'}"
+    env.pop("MOEFY_MLFLOW_PARENT_RUN_ID", None)
+    return env
+
+
+def snakemake_command(workdir: Path, *args: str, cores: int = 2) -> list[str]:
+    return [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
+            "--configfile", str(workdir / "config.yaml"), "--cores", str(cores), *args]
+
+
+def snakemake(workdir: Path, *args: str, cores: int = 2) -> subprocess.CompletedProcess:
+    """Run the real Snakefile in `workdir`; on failure, fail the test with the job logs."""
+    done = subprocess.run(snakemake_command(workdir, *args, cores=cores), cwd=workdir, env=environment(workdir),
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "results").glob("*/logs/**/*.log")))
+        pytest.fail(f"snakemake {' '.join(args)} failed:\n{done.stderr[-5000:]}\n{logs}")
+    return done

@@ -4,7 +4,6 @@ tools rely on, the MLflow runs, a one-file rerun, and torchrun with 2 CPU ranks 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,33 +16,14 @@ import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import build_tiny_bert, write_toy_sentiment
+from conftest import ROOT, build_tiny_bert, environment, snakemake, write_toy_sentiment
 
-ROOT = Path(__file__).resolve().parents[1]
 STUDY = "tiny"
 SPLITS, SELECTORS, E, D_FF, LAYERS = ["random", "kmeans", "coact"], ["groundtruth", "similarity", "mlp"], 4, 64, 2
 BUDGETS = [0.5, 1.0]
 RECORD_KEYS = {"budget", "experts_per_token", "test_accuracy", "relative_accuracy", "ffn_flops_fraction"}
 
 pytestmark = pytest.mark.slow
-
-
-def environment(workdir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # this venv's python / torchrun
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'results' / 'mlflow' / 'mlflow.db'}"
-    env.pop("MOEFY_MLFLOW_PARENT_RUN_ID", None)
-    return env
-
-
-def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args]
-    done = subprocess.run(cmd, cwd=workdir, env=environment(workdir), capture_output=True, text=True)
-    if done.returncode != 0:
-        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "results").glob("*/logs/**/*.log")))
-        pytest.fail(f"snakemake {' '.join(args)} failed:\n{done.stderr[-5000:]}\n{logs}")
-    return done
 
 
 @pytest.fixture(scope="module")
