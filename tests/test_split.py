@@ -1,4 +1,3 @@
-import itertools
 
 import faiss
 import numpy as np
@@ -10,7 +9,6 @@ from moefy.balance import balance_least_loss, balance_random, expert_sizes, is_b
 from moefy.errors import MoefyError
 from moefy.split import (
     association_graph,
-    balanced_assignment,
     balanced_kmeans,
     check_num_experts,
     coact_split,
@@ -81,33 +79,6 @@ def test_random_split_is_equal_sized_seeded_and_seed_dependent():
 def test_random_split_checks_num_experts():
     with pytest.raises(MoefyError):
         random_split(96, 7)
-
-
-# --- balanced_assignment -----------------------------------------------------------------------
-
-
-def test_balanced_assignment_is_optimal_against_brute_force():
-    rng = np.random.default_rng(0)
-    n, num_experts, size = 9, 3, 3
-    every_split = np.array(sorted(set(itertools.permutations(np.repeat(np.arange(num_experts), size)))))
-    for _ in range(5):
-        cost = rng.random((n, num_experts))
-        labels = balanced_assignment(cost, size)
-        assert labels.dtype == np.int64
-        assert (np.bincount(labels, minlength=num_experts) == size).all()
-        best = cost[np.arange(n), every_split].sum(axis=1).min()
-        assert cost[np.arange(n), labels].sum() == pytest.approx(best, abs=1e-12)
-
-
-def test_balanced_assignment_differs_from_greedy_nearest_when_that_is_unbalanced():
-    # Every row prefers cluster 0; only two of them can have it: the two with the largest gain.
-    cost = np.array([[0.0, 1.0], [0.0, 5.0], [0.0, 3.0], [0.0, 2.0]])
-    assert balanced_assignment(cost, 2).tolist() == [1, 0, 0, 1]
-
-
-def test_balanced_assignment_rejects_wrong_shape():
-    with pytest.raises(MoefyError, match="E \\* size"):
-        balanced_assignment(np.zeros((10, 3)), 3)
 
 
 # --- kmeans_objective --------------------------------------------------------------------------

@@ -8,13 +8,16 @@ coact_split, a METIS partition of the neurons' co-activation graph.
 
 from __future__ import annotations
 
+import functools
+
 import faiss
 import numpy as np
 import pymetis
 import scipy.sparse as sp
 import torch
-from scipy.optimize import linear_sum_assignment
+from threadpoolctl import ThreadpoolController
 
+from moefy.assignment import balanced_assignment
 from moefy.errors import MoefyError
 
 # METIS needs integer edge weights; phi in (0, 1] becomes 1..1000.
@@ -80,15 +83,9 @@ def _normalized_rows(weight) -> np.ndarray:
 def _group_means(x: np.ndarray, labels: np.ndarray, num_experts: int) -> np.ndarray:
     """Mean row per label (float64); a label with no rows gets a zero row."""
     n = x.shape[0]
-    onehot = sp.csr_matrix((np.ones(n), (labels, np.arange(n))), shape=(num_experts, n))
+    onehot = sp.csr_matrix((np.ones(n, dtype=x.dtype), (labels, np.arange(n))), shape=(num_experts, n))
     counts = np.bincount(labels, minlength=num_experts).astype(np.float64)
-    return np.asarray(onehot @ x.astype(np.float64)) / np.maximum(counts, 1.0)[:, None]
-
-
-def _squared_distances(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    cost = (x * x).sum(1)[:, None] + (centroids * centroids).sum(1)[None, :] - 2.0 * (x @ centroids.T)
-    return np.maximum(cost, 0.0)
+    return np.asarray(onehot @ x, dtype=np.float64) / np.maximum(counts, 1.0)[:, None]
 
 
 def _objective(x: np.ndarray, labels: np.ndarray, num_experts: int) -> float:
@@ -103,64 +100,69 @@ def kmeans_objective(weight, labels) -> float:
     return _objective(x, labels, int(labels.max()) + 1 if labels.size else 0)
 
 
-def balanced_assignment(cost: np.ndarray, size: int) -> np.ndarray:
-    """Optimal assignment of n rows to E clusters of exactly `size` rows each (min total cost).
-
-    Exact via linear_sum_assignment with each cluster repeated `size` times (an n x n problem).
-    """
-    cost = np.asarray(cost, dtype=np.float64)
-    if cost.ndim != 2 or cost.shape[0] != cost.shape[1] * size:
-        raise MoefyError(
-            f"cost has shape {cost.shape} but size={size}: need n = E * size rows for E clusters of {size}"
-        )
-    rows, slots = linear_sum_assignment(np.repeat(cost, size, axis=1))
-    labels = np.empty(cost.shape[0], dtype=np.int64)
-    labels[rows] = slots // size
-    return labels
+@functools.cache
+def _threadpools() -> ThreadpoolController:
+    """Inspecting the loaded BLAS/OpenMP libraries takes milliseconds: do it once."""
+    return ThreadpoolController()
 
 
-def _faiss_centroids(x: np.ndarray, num_experts: int, seed: int, iterations: int) -> np.ndarray:
-    """Plain (unbalanced) k-means centroids, computed single-threaded so they are bitwise reproducible."""
+def _faiss_centroids(x: np.ndarray, num_experts: int, seed: int, iterations: int, gpu: int | None = None) -> np.ndarray:
+    """Plain (unbalanced) k-means centroids: single-threaded on CPU so they are bitwise reproducible,
+    or on GPU `gpu` (one device per torchrun rank) where faiss-gpu is installed."""
     n, d = x.shape
-    kmeans = faiss.Kmeans(
-        d,
-        num_experts,
-        niter=iterations,
-        seed=seed,
-        # d_ff is small: train on every row, and no "provide at least 39*k points" warning.
-        min_points_per_centroid=1,
-        max_points_per_centroid=max(n, 1),
-    )
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    try:
-        kmeans.train(np.ascontiguousarray(x, dtype=np.float32))
-    finally:
-        faiss.omp_set_num_threads(threads)
-    return kmeans.centroids.astype(np.float64)
+    params = faiss.ClusteringParameters()
+    params.niter, params.seed = iterations, seed
+    # d_ff is small: train on every row, and no "provide at least 39*k points" warning.
+    params.min_points_per_centroid, params.max_points_per_centroid = 1, max(n, 1)
+    clustering = faiss.Clustering(d, num_experts, params)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if gpu is not None:
+        if not hasattr(faiss, "StandardGpuResources"):
+            raise MoefyError("the split runs on CUDA but faiss has no GPU support; pip install faiss-gpu, or set compute.device: cpu")
+        config = faiss.GpuIndexFlatConfig()
+        config.device = gpu
+        clustering.train(x, faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), d, config))
+    else:
+        threads = faiss.omp_get_max_threads()
+        faiss.omp_set_num_threads(1)
+        try:
+            clustering.train(x, faiss.IndexFlatL2(d))
+        finally:
+            faiss.omp_set_num_threads(threads)
+    return faiss.vector_to_array(clustering.centroids).reshape(num_experts, d).astype(np.float64)
 
 
 def balanced_kmeans(
-    weight, num_experts: int, seed: int = 0, kmeans_iterations: int = 20, rounds: int = 30
+    weight, num_experts: int, seed: int = 0, kmeans_iterations: int = 20, rounds: int = 30, gpu: int | None = None
 ) -> np.ndarray:
-    """Equal-size k-means on the normalised rows of W_in: neurons with similar input weights fire together."""
+    """Equal-size k-means on the normalised rows of W_in: neurons with similar input weights fire together.
+
+    faiss k-means gives the start; then each round assigns exactly d_ff/E rows per expert at least
+    total distance (moefy.assignment) and moves the centroids; the best round is kept. `gpu` runs
+    the faiss part on that CUDA device.
+    """
     x = _normalized_rows(weight)
     size = check_num_experts(x.shape[0], num_experts)
     if rounds < 1 or kmeans_iterations < 1:
         raise MoefyError(
             f"balanced_kmeans needs rounds >= 1 and kmeans_iterations >= 1, got {rounds} and {kmeans_iterations}"
         )
-    centroids = _faiss_centroids(x, num_experts, seed, kmeans_iterations)
-    labels, best_labels, best_objective = None, None, np.inf
-    for _ in range(rounds):
-        new_labels = balanced_assignment(_squared_distances(x, centroids), size)
-        if labels is not None and np.array_equal(new_labels, labels):
-            break
-        labels = new_labels
-        centroids = _group_means(x, labels, num_experts)
-        objective = float(((x - centroids[labels]) ** 2).sum())
-        if objective < best_objective:
-            best_labels, best_objective = labels, objective
+    with _threadpools().limit(limits=1):  # one BLAS thread: the same bits on every torchrun rank layout
+        centroids = _faiss_centroids(x, num_experts, seed, kmeans_iterations, gpu)
+        squared_norms = np.einsum("ij,ij->i", x, x).astype(np.float64)
+        labels, best_labels, best_objective = None, None, np.inf
+        for _ in range(rounds):
+            # |x|^2 is the same for every cluster of a row, so it is left out of the assignment cost
+            cost = (centroids**2).sum(1)[None, :] - 2.0 * (x @ centroids.T.astype(np.float32)).astype(np.float64)
+            new_labels = balanced_assignment(cost, size)
+            if labels is not None and np.array_equal(new_labels, labels):
+                break
+            labels = new_labels
+            centroids = _group_means(x, labels, num_experts)
+            # sum_i |x_i - mu_l(i)|^2 = sum_i |x_i|^2 - sum_e n_e |mu_e|^2 for means mu
+            objective = float(squared_norms.sum() - size * (centroids**2).sum())
+            if objective < best_objective:
+                best_labels, best_objective = labels, objective
     return best_labels
 
 

@@ -39,12 +39,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def split_layer(args: argparse.Namespace, layer: int, w_in: torch.Tensor, coactivation: dict | None, tokens: int) -> np.ndarray:
+def split_layer(args: argparse.Namespace, layer: int, w_in: torch.Tensor, coactivation: dict | None, tokens: int,
+                device: torch.device) -> np.ndarray:
     seed = args.seed * 1000 + layer
     if args.method == "random":
         return random_split(w_in.shape[0], args.num_experts, seed=seed)
     if args.method == "kmeans":
-        return balanced_kmeans(w_in, args.num_experts, seed=seed, kmeans_iterations=args.kmeans_iterations, rounds=args.balanced_rounds)
+        gpu = device.index if device.type == "cuda" else None
+        return balanced_kmeans(w_in, args.num_experts, seed=seed, kmeans_iterations=args.kmeans_iterations,
+                               rounds=args.balanced_rounds, gpu=gpu)
     return coact_split(coactivation[f"layer.{layer}"], tokens, args.num_experts,
                        neighbors=args.coact_neighbors, ufactor=args.coact_ufactor, seed=seed)
 
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         mine = {}
         for ffn in dist.shard(ffns, ctx):
             started = time.time()
-            labels = split_layer(args, ffn.index, ffn.w_in.weight.detach(), coactivation, tokens)
+            labels = split_layer(args, ffn.index, ffn.w_in.weight.detach(), coactivation, tokens, ctx.device)
             mine[ffn.index] = (labels, time.time() - started)
         results: dict[int, tuple[np.ndarray, float]] = {}
         for part in dist.all_gather(mine, ctx):
