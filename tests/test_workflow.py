@@ -139,15 +139,18 @@ def test_two_cpu_ranks_give_the_same_results_as_one(study, tmp_path):
         out = tmp_path / f"ranks{nproc}"
         torchrun("activations", nproc, "--model", str(model), "--data", str(data), "--out", str(out / "activations"),
                  "--max-tokens", "3000", "--sample-tokens", "1500", "--batch-size", "8", cwd=study)
-        torchrun("split", nproc, "--model", str(model), "--method", "coact", "--num-experts", str(E),
-                 "--coactivation", str(out / "activations" / "coactivation.safetensors"), "--out", str(out / "split"), cwd=study)
+        for method in ("coact", "kmeans"):  # layer-parallel: each rank splits its own layers
+            torchrun("split", nproc, "--model", str(model), "--method", method, "--num-experts", str(E),
+                     "--coactivation", str(out / "activations" / "coactivation.safetensors"),
+                     "--out", str(out / "split" / method), cwd=study)
         torchrun("evaluate", nproc, "--model", str(model), "--dense-metrics", str(results(study, "finetune", "metrics.json")),
                  "--data", str(data), "--labels", str(results(study, "balance", f"kmeans-E{E}", "labels.safetensors")),
                  "--router", str(results(study, "selector", f"kmeans-E{E}-mlp", "router.safetensors")),
                  "--split", "kmeans", "--num-experts", str(E), "--selector", "mlp", "--budgets", "0.25", "0.5",
                  "--batch-size", "8", "--out", str(out / "evaluate.json"), cwd=study)
     one, two = tmp_path / "ranks1", tmp_path / "ranks2"
-    for name in ("activations/coactivation.safetensors", "activations/hidden.safetensors", "split/labels.safetensors"):
+    for name in ("activations/coactivation.safetensors", "activations/hidden.safetensors",
+                 "split/coact/labels.safetensors", "split/kmeans/labels.safetensors"):
         a, b = load_file(one / name), load_file(two / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert json.loads((one / "evaluate.json").read_text()) == json.loads((two / "evaluate.json").read_text())
