@@ -5,7 +5,7 @@ BIN := $(abspath $(VENV))/bin
 # Rules call `python` and `torchrun`: they must be the virtualenv's.
 export PATH := $(BIN):$(PATH)
 
-.PHONY: study test lint report
+.PHONY: study test lint report bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,7 @@ lint: $(VENV)/.installed
 
 report: $(VENV)/.installed  ## the Snakemake HTML report of the last study run
 	$(BIN)/snakemake --report report.html
+
+bench: $(VENV)/.installed  ## conversion-speed benchmark against k-means-constrained (BENCH_FLAGS=--quick for a minute)
+	$(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(BIN)/python benchmarks/split_speed.py --json results/benchmarks/split_speed.json $(BENCH_FLAGS)

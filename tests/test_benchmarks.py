@@ -1,0 +1,27 @@
+"""The benchmark scripts still run (their full runs are minutes long; these are seconds)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def split_speed():
+    spec = importlib.util.spec_from_file_location("split_speed", ROOT / "benchmarks" / "split_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_split_speed_cases_run_and_report(split_speed):
+    row = split_speed.kmeans_case("small", [split_speed.gaussian(192, 16)], 6, compare=False)
+    assert row["equal_sizes"] and row["moefy_s"] > 0
+    coact, counts = split_speed.coactivation_case(96, 3000, batch=512)
+    assert coact["seconds"] > 0 and counts.shape == (96, 96) and counts.diagonal().max() <= 3000
+    rows = split_speed.metis_case(counts, 3000, 6, "small")
+    assert [r["target_size"] for r in rows[:2]] == [16, 16]
+    assert rows[0]["excess_coact_kept"] > rows[1]["excess_coact_kept"], "phi weighting keeps more than raw counts"
+    assert 0 <= rows[2]["excess_coact_kept_random_moves"] <= 1
