@@ -1,7 +1,9 @@
 """The FFN adapter: the one place that knows where a model family keeps its feed-forward blocks.
 
 Everything else sees an FFN as neurons, h = act(w_in(x)) and y = w_out(h), and never names an
-architecture. Supporting a new family means adding one `Family` to `_FAMILIES`.
+architecture. A gated FFN (LLaMA's SwiGLU, T5 v1.1's gated GELU) has one more projection:
+h = act(w_gate(x)) * w_in(x), so neuron i is row i of w_gate and w_in together. Supporting a new
+family means adding one `Family` to `_FAMILIES`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,13 @@ class FFN:
     act: nn.Module
     w_out: nn.Linear
     _install: Callable[[nn.Module], None]
+    w_gate: nn.Linear | None = None
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """The neurons' values h [..., d_ff] for inputs x [..., d_model]: what w_out reads."""
+        if self.w_gate is None:
+            return self.act(self.w_in(x))
+        return self.act(self.w_gate(x)) * self.w_in(x)
 
     @property
     def d_model(self) -> int:

@@ -17,7 +17,7 @@ from moefy.ffn import FFN, find_ffns
 class MoEFFN(nn.Module):
     def __init__(self, ffn: FFN, labels: torch.Tensor, router: nn.Module, num_experts: int):
         super().__init__()
-        self.w_in, self.act, self.w_out = ffn.w_in, ffn.act, ffn.w_out
+        self.w_in, self.act, self.w_out, self.w_gate = ffn.w_in, ffn.act, ffn.w_out, ffn.w_gate
         self.register_buffer("labels", labels.long().to(ffn.w_in.weight.device), persistent=False)
         self.router = router
         self.num_experts = num_experts
@@ -25,7 +25,7 @@ class MoEFFN(nn.Module):
         self.experts_per_token: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.w_in(x))
+        h = self.act(self.w_in(x)) if self.w_gate is None else self.act(self.w_gate(x)) * self.w_in(x)
         if self.k >= self.num_experts:
             self.experts_per_token = None
             return self.w_out(h)

@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def build_layer(args: argparse.Namespace, ffn, labels: torch.Tensor, x: torch.Tensor) -> tuple[torch.nn.Module, dict]:
     """One layer's router and its held-out metrics."""
     with torch.no_grad():
-        mass = expert_mass(ffn.act(ffn.w_in(x)), labels, args.num_experts)
+        mass = expert_mass(ffn.activations(x), labels, args.num_experts)
     heldout = max(1, int(round(len(x) * args.heldout_fraction)))
     x_fit, x_val, mass_fit, mass_val = x[:-heldout], x[-heldout:], mass[:-heldout], mass[-heldout:]
     centroids = expert_centroids(ffn.w_in.weight.detach(), labels, args.num_experts)
@@ -75,7 +75,7 @@ def build_layer(args: argparse.Namespace, ffn, labels: torch.Tensor, x: torch.Te
         stats = {"epochs_run": fit.epochs_run, "best_epoch": fit.best_epoch,
                  "heldout_bce": fit.best_heldout_loss, "heldout_bce_initial": fit.initial_heldout_loss}
     with torch.no_grad():
-        scores = router(x_val, ffn.act(ffn.w_in(x_val)))
+        scores = router(x_val, ffn.activations(x_val))
     for budget in args.budgets:
         stats[f"recall@{budget:g}"] = topk_recall(scores, mass_val, budget_to_k(budget, args.num_experts))
     return router.cpu(), stats
