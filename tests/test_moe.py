@@ -1,7 +1,9 @@
 import pytest
 import torch
+from torch import nn
 
-from moefy.ffn import find_ffns
+from moefy.errors import MoefyError
+from moefy.ffn import FFN, find_ffns
 from moefy.models import load_classifier, load_tokenizer
 from moefy.moe import MoEFFN, ffn_flops_fraction, moefy_model, set_experts_per_token
 from moefy.routers import GroundTruthRouter, MLPRouter, SimilarityRouter, expert_centroids, expert_mass
@@ -43,33 +45,105 @@ def test_full_budget_gives_the_dense_logits(tiny_bert, batch, selector):
     model, layers, _ = moefied(tiny_bert, selector)
     set_experts_per_token(layers, E)
     with torch.no_grad():
-        assert torch.equal(model(**batch).logits, dense(**batch).logits)
+        torch.testing.assert_close(model(**batch).logits, dense(**batch).logits, rtol=0, atol=1e-5)
 
 
+def masked_dense(ffn: FFN, x: torch.Tensor, picked: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The reference: the dense FFN with the neurons of unpicked experts zeroed."""
+    return ffn.w_out(ffn.activations(x) * picked[..., labels])
+
+
+def picked_by(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
+    return moe.select(x.reshape(-1, moe.d_model))[0].view(*x.shape[:-1], -1).float()
+
+
+@pytest.mark.parametrize("kernel", ["bags", "grouped"])
 @pytest.mark.parametrize("selector", ["groundtruth", "similarity", "mlp"])
-def test_partial_budget_masks_exactly_the_unchosen_experts(tiny_bert, selector):
-    model, layers, labels = moefied(tiny_bert, selector)
+def test_partial_budget_computes_exactly_the_chosen_experts(tiny_bert, selector, kernel, monkeypatch):
+    torch.manual_seed(0)
+    reference = load_classifier(str(tiny_bert), label_names=["a", "b"], activation="relu").eval()
+    ffn = find_ffns(reference)[0]
+    _, layers, labels = moefied(tiny_bert, selector)
     moe: MoEFFN = layers[0]
-    moe.k = 3
-    x = torch.randn(5, 7, moe.w_in.in_features)
+    forward = moe.experts_forward
+    monkeypatch.setattr(moe, "experts_forward", lambda x, picked: forward(x, picked, kernel=kernel))
+    x = torch.randn(5, 7, moe.d_model)
     with torch.no_grad():
-        h = moe.act(moe.w_in(x))
-        chosen = moe.router(x, h).topk(3, dim=-1).indices
-        keep = torch.zeros(5, 7, E).scatter_(-1, chosen, 1.0)[..., labels[0]]
-        expected = moe.w_out(h * keep)
-        torch.testing.assert_close(moe(x), expected, rtol=0, atol=1e-6)
-        assert not torch.allclose(moe(x), moe.w_out(h))
-    assert torch.equal(moe.experts_per_token, torch.full((5, 7), 3.0))
+        for k in (1, 3, E - 1):
+            moe.k = k
+            picked = picked_by(moe, x)
+            assert torch.equal(picked.sum(-1), torch.full((5, 7), float(k)))
+            expected = masked_dense(ffn, x, picked, labels[0])
+            torch.testing.assert_close(moe(x), expected, rtol=0, atol=1e-5)
+            assert torch.equal(moe.experts_per_token, torch.full((5, 7), float(k)))
+        assert not torch.allclose(moe(x), ffn.w_out(ffn.activations(x)), atol=1e-3)
+
+
+def synthetic_ffn(d: int, d_ff: int, gated: bool, bias: bool, act: torch.nn.Module) -> FFN:
+    torch.manual_seed(1)
+    return FFN(0, nn.Linear(d, d_ff, bias=bias), act, nn.Linear(d_ff, d, bias=bias), lambda m: None,
+               w_gate=nn.Linear(d, d_ff, bias=bias) if gated else None)
+
+
+@pytest.mark.parametrize("kernel", ["bags", "grouped", "auto"])
+@pytest.mark.parametrize("gated,bias,act", [(True, False, nn.SiLU()), (False, True, nn.GELU()), (True, True, nn.ReLU())])
+def test_both_kernels_match_the_masked_dense_ffn(kernel, gated, bias, act):
+    d, d_ff, experts = 16, 96, 12
+    ffn = synthetic_ffn(d, d_ff, gated, bias, act)
+    labels = torch.randperm(d_ff, generator=torch.Generator().manual_seed(2)) % experts
+    moe = MoEFFN(ffn, labels, MLPRouter(d, experts), experts)
+    with torch.no_grad():
+        for tokens in (1, 2, 40):
+            x = torch.randn(tokens, d)
+            picked = torch.rand(tokens, experts) < 0.3  # any pattern, also tokens with no expert
+            got = moe.experts_forward(x, picked, kernel=kernel)
+            torch.testing.assert_close(got, masked_dense(ffn, x, picked.float(), labels), rtol=0, atol=1e-5)
+        moe.k = experts
+        x = torch.randn(3, 4, d)
+        torch.testing.assert_close(moe(x), ffn.w_out(ffn.activations(x)), rtol=0, atol=1e-5)
+
+
+def test_auto_kernel_uses_bags_for_few_tokens_and_grouped_for_many(monkeypatch):
+    d, d_ff, experts = 16, 96, 12
+    moe = MoEFFN(synthetic_ffn(d, d_ff, False, True, nn.ReLU()), torch.arange(d_ff) % experts, MLPRouter(d, experts), experts)
+    moe.k = 3
+    used = []
+    monkeypatch.setattr(MoEFFN, "_bags", lambda self, x, token, expert: used.append("bags") or torch.zeros(len(token), d))
+    monkeypatch.setattr(MoEFFN, "_grouped", lambda self, x, token, expert, ends: used.append("grouped") or torch.zeros(len(token), d))
+    moe(torch.randn(1, d))  # 3 pairs for 12 experts: bags
+    moe(torch.randn(64, d))  # 192 pairs: grouped
+    assert used == ["bags", "grouped"]
+
+
+def test_grouped_mm_alignment_falls_back_to_bags(monkeypatch):
+    d, d_ff, experts = 6, 18, 6  # rows of 6 and experts of 3 floats: not 16-byte aligned
+    ffn = synthetic_ffn(d, d_ff, False, True, nn.ReLU())
+    labels = torch.arange(d_ff) % experts
+    moe = MoEFFN(ffn, labels, MLPRouter(d, experts), experts)
+    x, picked = torch.randn(50, d), torch.rand(50, experts) < 0.5
+    torch.testing.assert_close(moe.experts_forward(x, picked), masked_dense(ffn, x, picked.float(), labels), rtol=0, atol=1e-5)
+
+
+def test_unbalanced_labels_are_refused():
+    ffn = synthetic_ffn(16, 64, False, True, nn.ReLU())
+    labels = torch.arange(64) % 8
+    labels[0] = 1
+    with pytest.raises(MoefyError, match="exactly d_ff / E neurons per expert"):
+        MoEFFN(ffn, labels, MLPRouter(16, 8), 8)
 
 
 def test_groundtruth_picks_the_experts_with_most_activation(tiny_bert):
-    model, layers, labels = moefied(tiny_bert, "groundtruth")
+    torch.manual_seed(0)
+    reference = load_classifier(str(tiny_bert), label_names=["a", "b"], activation="relu").eval()
+    ffn = find_ffns(reference)[0]
+    _, layers, labels = moefied(tiny_bert, "groundtruth")
     moe = layers[0]
-    x = torch.randn(4, moe.w_in.in_features)
-    h = moe.act(moe.w_in(x))
+    x = torch.randn(4, moe.d_model)
+    h = ffn.activations(x)
     mass = torch.stack([h[:, labels[0] == e].clamp(min=0).sum(-1) for e in range(E)], dim=-1)
     torch.testing.assert_close(expert_mass(h, labels[0], E), mass)
-    torch.testing.assert_close(moe.router(x, h), mass)
+    moe.k = 2
+    assert torch.equal(picked_by(moe, x).bool(), torch.zeros(4, E, dtype=torch.bool).scatter_(1, mass.topk(2).indices, True))
 
 
 def test_a_smaller_budget_changes_predictions(tiny_bert, batch):

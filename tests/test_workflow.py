@@ -17,11 +17,13 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from conftest import ROOT, build_tiny_bert, environment, snakemake, write_toy_sentiment
+from moefy.report import reproducible
 
 STUDY = "tiny"
 SPLITS, SELECTORS, E, D_FF, LAYERS = ["random", "kmeans", "coact"], ["groundtruth", "similarity", "mlp"], 4, 64, 2
 BUDGETS = [0.5, 1.0]
-RECORD_KEYS = {"budget", "experts_per_token", "test_accuracy", "relative_accuracy", "ffn_flops_fraction"}
+RECORD_KEYS = {"budget", "experts_per_token", "test_accuracy", "relative_accuracy", "ffn_flops_fraction",
+               "ffn_ms_dense", "ffn_ms_moe", "ffn_speedup"}
 
 pytestmark = pytest.mark.slow
 
@@ -115,11 +117,11 @@ def test_mlflow_parent_and_job_runs(study):
 
 def test_asking_for_one_file_reruns_one_ablation(study):
     target = results(study, "evaluate", f"kmeans-E{E}-mlp.json")
-    before = target.read_text()
+    before = reproducible(json.loads(target.read_text()))
     target.unlink()
     done = snakemake(study, str(target.relative_to(study)))
     assert "evaluate" in done.stderr and "finetune:" not in done.stderr
-    assert target.read_text() == before, "the same inputs must give the same evaluation"
+    assert reproducible(json.loads(target.read_text())) == before, "the same inputs must give the same evaluation"
     newest = max((r for r in mlflow_runs(study) if r.data.tags.get("moefy.kind") == "workflow"), key=lambda r: r.info.start_time)
     reran = [r for r in mlflow_runs(study) if r.data.tags.get("mlflow.parentRunId") == newest.info.run_id]
     assert [r.data.tags["rule"] for r in reran] == ["evaluate"]
@@ -153,7 +155,9 @@ def test_two_cpu_ranks_give_the_same_results_as_one(study, tmp_path):
                  "split/coact/labels.safetensors", "split/kmeans/labels.safetensors"):
         a, b = load_file(one / name), load_file(two / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
-    assert json.loads((one / "evaluate.json").read_text()) == json.loads((two / "evaluate.json").read_text())
+    evaluations = [json.loads((run / "evaluate.json").read_text()) for run in (one, two)]
+    assert reproducible(evaluations[0]) == reproducible(evaluations[1])
+    assert all(r["ffn_ms_dense"] > 0 and r["ffn_ms_moe"] > 0 for r in evaluations[0])
     counts = load_file(one / "activations" / "coactivation.safetensors")["layer.0"]
     assert np.allclose(counts.numpy(), counts.numpy().T) and counts.sum() > 0
 

@@ -1,39 +1,177 @@
-"""The MoE FFN that replaces a dense one, and what it costs in FLOPs.
+"""The MoE FFN that replaces a dense one: it computes only the experts the router picks.
 
-This is the reference implementation: it computes every neuron, then zeroes the neurons of
-the experts the router did not pick. Its output is exactly what an MoE that computes only the
-picked experts would give, so accuracy is measured exactly; compute is accounted analytically
-(`ffn_flops_fraction`).
+Neurons are reordered once so that expert e owns neurons [e*s, (e+1)*s), and every projection is
+kept the way `x @ W` reads it: input projections W_in^T [d, d_ff], the output projection W_out^T
+[d_ff, d] = [E, s, d]. Viewed as a table of [d*E, s] rows, W_in^T's row c*E + e is expert e's
+weights for input coordinate c, so an expert's weights can be read in place, never copied, by
+two kernels that torch already has:
+
+- few tokens (memory-bound): `embedding_bag` with per-sample weights, one bag per (token,
+  expert) pair. h_e = sum_c x_c * W_in^T[c*E + e] and y = sum_j h_j * W_out^T[j] are exactly
+  weighted sums of table rows; bags run in parallel over the threads.
+- many tokens (compute-bound): tokens grouped by expert and one `grouped_mm` per projection,
+  so each picked expert's weights are read once for all its tokens.
+
+With every expert picked it runs the dense matmuls on the reordered weights, so budget 1.0
+costs what the dense FFN costs. No Python loop runs over tokens or experts.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from moefy.errors import MoefyError
 from moefy.ffn import FFN, find_ffns
+
+# At most this many (token, expert) pairs per expert on average run through embedding_bag: a bag
+# re-reads its expert's weights, so it only wins while tokens rarely share an expert
+# (benchmarks/moe_speed.py measures the crossover).
+BAG_PAIRS_PER_EXPERT = 1.0
+
+
+def expert_order(labels: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Neuron ids sorted by expert (stable), after checking every expert has d_ff / E neurons."""
+    labels = labels.long()
+    sizes = torch.bincount(labels, minlength=num_experts)
+    if len(sizes) != num_experts or not bool((sizes == sizes[0]).all()) or int(sizes[0]) == 0:
+        raise MoefyError(
+            f"expert labels give sizes {sizes.min().item()}-{sizes.max().item()} for {num_experts} experts; the MoE "
+            "layer needs exactly d_ff / E neurons per expert: use the balance step's labels (balance/<split>-E<E>)"
+        )
+    return torch.argsort(labels, stable=True)
+
+
+def _frozen(t: torch.Tensor | None) -> nn.Parameter | None:
+    return None if t is None else nn.Parameter(t.detach().contiguous(), requires_grad=False)
 
 
 class MoEFFN(nn.Module):
     def __init__(self, ffn: FFN, labels: torch.Tensor, router: nn.Module, num_experts: int):
         super().__init__()
-        self.w_in, self.act, self.w_out, self.w_gate = ffn.w_in, ffn.act, ffn.w_out, ffn.w_gate
-        self.register_buffer("labels", labels.long().to(ffn.w_in.weight.device), persistent=False)
-        self.router = router
-        self.num_experts = num_experts
+        order = expert_order(labels.to(ffn.w_in.weight.device), num_experts)
+        d_ff, d_model = ffn.w_in.weight.shape
+        E, s = num_experts, d_ff // num_experts
+        self.num_experts, self.expert_size, self.d_model = E, s, d_model
+        self.act, self.router = ffn.act, router
         self.k = num_experts
         self.experts_per_token: torch.Tensor | None = None
+        self.seconds = 0.0  # wall-clock spent in forward (router included), for evaluate's timings
+        self.register_buffer("inverse_order", torch.argsort(order), persistent=False)
+
+        def by_expert_t(linear: nn.Linear) -> nn.Parameter:  # W^T [d, d_ff], neurons in expert order
+            return _frozen(linear.weight.detach()[order].t())
+
+        def bias(linear: nn.Linear) -> nn.Parameter | None:  # [E, s]: bias[expert] per pair
+            return None if linear.bias is None else _frozen(linear.bias.detach()[order].view(E, s))
+
+        self.w_in, self.b_in = by_expert_t(ffn.w_in), bias(ffn.w_in)
+        gated = ffn.w_gate is not None
+        self.w_gate, self.b_gate = (by_expert_t(ffn.w_gate), bias(ffn.w_gate)) if gated else (None, None)
+        self.w_out = _frozen(ffn.w_out.weight.detach().t()[order])  # [d_ff, d] = [E, s, d]
+        self.b_out = _frozen(ffn.w_out.bias)
+        elsize = self.w_in.element_size()
+        self._grouped_ok = (d_model * elsize) % 16 == 0 and (s * elsize) % 16 == 0  # grouped_mm's alignment
+
+    # -- every neuron ---------------------------------------------------------------------------
+    def dense_activations(self, x: torch.Tensor) -> torch.Tensor:
+        """Every neuron's value [T, d_ff], in expert order."""
+        up = _linear(x, self.w_in, self.b_in)
+        return self.act(up) if self.w_gate is None else self.act(_linear(x, self.w_gate, self.b_gate)) * up
+
+    def _dense(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        return _linear(self.dense_activations(x) if h is None else h, self.w_out, self.b_out)
+
+    # -- the picked experts only ------------------------------------------------------------------
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Experts picked per token [T, E] (bool) and, for the oracle, the dense activations it needed."""
+        h = None
+        if getattr(self.router, "needs_activations", False):
+            h = self.dense_activations(x)
+            scores = self.router(x, h[:, self.inverse_order])
+        else:
+            scores = self.router(x, None)
+        chosen = scores.topk(self.k, dim=-1).indices
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True), h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.w_in(x)) if self.w_gate is None else self.act(self.w_gate(x)) * self.w_in(x)
+        _sync(x)
+        started = time.perf_counter()
+        out = self._forward(x)
+        _sync(out)
+        self.seconds += time.perf_counter() - started
+        return out
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.d_model)
         if self.k >= self.num_experts:
             self.experts_per_token = None
-            return self.w_out(h)
-        scores = self.router(x, h)
-        chosen = scores.topk(self.k, dim=-1).indices
-        expert_on = torch.zeros_like(scores, dtype=h.dtype).scatter_(-1, chosen, 1.0)
-        self.experts_per_token = expert_on.sum(-1)
-        return self.w_out(h * expert_on[..., self.labels])
+            return self._dense(x).view(shape)
+        picked, h = self.select(x)
+        self.experts_per_token = picked.sum(-1).to(x.dtype).view(shape[:-1])
+        if h is not None:  # the oracle computed every neuron anyway: mask them
+            return self._dense(x, h * picked.repeat_interleave(self.expert_size, dim=-1)).view(shape)
+        return self.experts_forward(x, picked).view(shape)
+
+    def experts_forward(self, x: torch.Tensor, picked: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
+        """Sum of the picked experts' outputs per token [T, d]; picked [T, E] bool.
+
+        kernel: "bags" (embedding_bag), "grouped" (grouped_mm) or "auto" (by batch size).
+        """
+        if kernel == "auto":
+            few = picked.shape[0] * self.k <= BAG_PAIRS_PER_EXPERT * self.num_experts
+            kernel = "bags" if few or not self._grouped_ok else "grouped"
+        if kernel == "bags":
+            token, expert = picked.nonzero(as_tuple=True)
+            ys = self._bags(x, token, expert)
+        else:
+            expert, token = picked.t().nonzero(as_tuple=True)  # pairs grouped by expert
+            ys = self._grouped(x, token, expert, torch.cumsum(picked.sum(0, dtype=torch.int32), 0, dtype=torch.int32))
+        out = x.new_zeros(x.shape) if self.b_out is None else self.b_out.expand(x.shape).clone()
+        return out.index_add_(0, token, ys)
+
+    def _grouped(self, x, token, expert, ends):
+        xs, E, s = x[token], self.num_experts, self.expert_size
+
+        def project(w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # w [d, E*s] as E blocks [d, s]
+            return _add_bias(F.grouped_mm(xs, w.view(-1, E, s).transpose(0, 1), offs=ends), bias, expert)
+
+        up = project(self.w_in, self.b_in)
+        h = self.act(up) if self.w_gate is None else self.act(project(self.w_gate, self.b_gate)) * up
+        return F.grouped_mm(h, self.w_out.view(E, s, -1), offs=ends)
+
+    def _bags(self, x, token, expert):
+        d, s, E = self.d_model, self.expert_size, self.num_experts
+        rows = torch.arange(0, d * E, E, device=x.device) + expert.unsqueeze(1)  # pair (t, e) reads rows c*E + e
+        rows, weights = rows.view(-1), x[token].reshape(-1)
+        starts = torch.arange(0, rows.numel(), d, device=x.device)
+
+        def project(table: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            out = F.embedding_bag(rows, table.view(-1, s), starts, mode="sum", per_sample_weights=weights)
+            return _add_bias(out, bias, expert)
+
+        up = project(self.w_in, self.b_in)
+        h = self.act(up) if self.w_gate is None else self.act(project(self.w_gate, self.b_gate)) * up
+        neurons = ((expert * s).unsqueeze(1) + torch.arange(s, device=x.device)).view(-1)
+        return F.embedding_bag(neurons, self.w_out, torch.arange(0, neurons.numel(), s, device=x.device),
+                               mode="sum", per_sample_weights=h.reshape(-1))
+
+
+def _sync(t: torch.Tensor) -> None:
+    if t.is_cuda:  # kernels run asynchronously: wait for them so the clock measures them
+        torch.cuda.synchronize(t.device)
+
+
+def _linear(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return x @ w_t if b is None else torch.addmm(b.reshape(-1), x, w_t)
+
+
+def _add_bias(out: torch.Tensor, bias: torch.Tensor | None, expert: torch.Tensor) -> torch.Tensor:
+    return out if bias is None else out + bias[expert]
 
 
 def moefy_model(model: nn.Module, labels: dict[int, torch.Tensor], routers: dict[int, nn.Module], num_experts: int) -> list[MoEFFN]:
@@ -50,6 +188,15 @@ def moefy_model(model: nn.Module, labels: dict[int, torch.Tensor], routers: dict
 def set_experts_per_token(layers: list[MoEFFN], k: int) -> None:
     for layer in layers:
         layer.k = k
+
+
+def ffn_seconds(layers: list[MoEFFN], reset: bool = True) -> float:
+    """Wall-clock spent in the layers' forwards since the last reset."""
+    total = sum(layer.seconds for layer in layers)
+    if reset:
+        for layer in layers:
+            layer.seconds = 0.0
+    return total
 
 
 def ffn_flops_fraction(d_model: int, d_ff: int, num_experts: int, k: int, router_flops: int) -> float:

@@ -13,7 +13,14 @@ from moefy.files import atomic_path, read_json
 
 EVALUATION_NAME = re.compile(r"^(?P<split>[a-z]+)-E(?P<num_experts>\d+)-(?P<selector>[a-z]+)\.json$")
 COLUMNS = ["split", "num_experts", "selector", "budget", "k", "experts_per_token", "test_accuracy",
-           "relative_accuracy", "ffn_flops_fraction", "dense_agreement", "dense_test_accuracy"]
+           "relative_accuracy", "ffn_flops_fraction", "dense_agreement", "dense_test_accuracy",
+           "ffn_ms_dense", "ffn_ms_moe", "ffn_speedup"]
+WALL_CLOCK = ("ffn_ms_dense", "ffn_ms_moe", "ffn_speedup")  # measured, so never bit-identical across runs
+
+
+def reproducible(records: list[dict]) -> list[dict]:
+    """An evaluation's records without the wall-clock timings: what a rerun must reproduce exactly."""
+    return [{k: v for k, v in record.items() if k not in WALL_CLOCK} for record in records]
 
 
 def summarise(evaluation_files: Iterable[str | Path]) -> pd.DataFrame:

@@ -36,6 +36,8 @@ def expert_centroids(w_in: torch.Tensor, labels: torch.Tensor, num_experts: int)
 class GroundTruthRouter(nn.Module):
     """The oracle: needs every neuron's activation, so it saves no compute; an upper bound."""
 
+    needs_activations = True
+
     def __init__(self, labels: torch.Tensor, num_experts: int):
         super().__init__()
         self.num_experts = num_experts

@@ -1,8 +1,9 @@
 """Step 6, evaluate: swap every FFN for its MoE and measure test accuracy at each expert budget.
 
 For each budget (top-k ratio) it records test accuracy, accuracy relative to the dense
-fine-tuned model, experts per token (measured on real tokens) and the FFN FLOPs fraction
-including the router. Test texts are sharded over torchrun ranks; counts are summed.
+fine-tuned model, experts per token (measured on real tokens), the FFN FLOPs fraction
+including the router, and the measured wall-clock of all FFNs over the test set: the MoE
+(only picked experts computed, router included) against the same weights run dense. Test texts are sharded over torchrun ranks; counts are summed.
 Also the share of test texts whose prediction matches the dense model (less noisy than accuracy
 on a small test set). Writes one JSON file: a list of records, one per budget.
 """
@@ -21,7 +22,7 @@ from moefy.data import read_split
 from moefy.errors import MoefyError
 from moefy.files import load_tensors, read_json, tensors_metadata, write_json
 from moefy.models import load_classifier, load_tokenizer
-from moefy.moe import ffn_flops_fraction, moefy_model, set_experts_per_token
+from moefy.moe import ffn_flops_fraction, ffn_seconds, moefy_model, set_experts_per_token
 from moefy.routers import SELECTORS, budget_to_k, build_routers
 
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     labels, routers = load_moe_parts(args)
     layers = moefy_model(model, labels, routers, args.num_experts)
     first = layers[0]
-    d_model, d_ff = first.w_in.in_features, first.w_in.out_features
+    d_model, d_ff = first.d_model, first.num_experts * first.expert_size
     router_flops = first.router.flops_per_token()
 
     texts, targets = read_split(args.data / "test.jsonl")
@@ -71,9 +72,10 @@ def main(argv: list[str] | None = None) -> None:
     targets_t = torch.as_tensor(targets, dtype=torch.long)
     batches = eval_batches(encoded, args.batch_size, ctx)
 
-    def predict(k: int, desc: str) -> tuple[torch.Tensor, float]:
-        """Predicted class of every test text (all ranks) and mean experts per real token."""
+    def predict(k: int, desc: str) -> tuple[torch.Tensor, float, float]:
+        """Predicted class of every test text (all ranks), mean experts per real token, FFN milliseconds."""
         set_experts_per_token(layers, k)
+        ffn_seconds(layers)
         predictions = torch.zeros(len(encoded), dtype=torch.float64)  # class + 1 where this rank predicted
         tokens = torch.zeros(2, dtype=torch.float64)  # experts summed over real tokens (layer mean), real tokens
         for idx, inputs, logits in iterate(model, encoded, batches, ctx, desc):
@@ -82,17 +84,22 @@ def main(argv: list[str] | None = None) -> None:
             chosen = [layer.experts_per_token for layer in layers]
             tokens[0] += real.sum() * k if chosen[0] is None else torch.stack(chosen).mean(0)[real].sum()
             tokens[1] += real.sum()
+        milliseconds = torch.tensor([ffn_seconds(layers) * 1e3], dtype=torch.float64)  # summed over ranks
         dist.all_reduce_sum(predictions, ctx)
         dist.all_reduce_sum(tokens, ctx)
-        return predictions.long() - 1, float(tokens[0] / tokens[1])
+        dist.all_reduce_sum(milliseconds, ctx)
+        return predictions.long() - 1, float(tokens[0] / tokens[1]), float(milliseconds)
 
     wildcards = {"split": args.split, "num_experts": args.num_experts, "selector": args.selector}
     records = []
     with tracking.job_run("evaluate", vars(args), wildcards, enabled=ctx.is_main) as run:
-        dense_predictions, _ = predict(args.num_experts, "all experts")
+        dense_predictions, _, dense_ms = predict(args.num_experts, "all experts")
         for budget in sorted(args.budgets):
             k = budget_to_k(budget, args.num_experts)
-            predictions, experts = (dense_predictions, float(k)) if k == args.num_experts else predict(k, f"budget {budget:g}")
+            if k == args.num_experts:
+                predictions, experts, moe_ms = dense_predictions, float(k), dense_ms
+            else:
+                predictions, experts, moe_ms = predict(k, f"budget {budget:g}")
             accuracy = float((predictions == targets_t).double().mean())
             record = {
                 "budget": budget,
@@ -103,13 +110,18 @@ def main(argv: list[str] | None = None) -> None:
                 "ffn_flops_fraction": ffn_flops_fraction(d_model, d_ff, args.num_experts, k, router_flops),
                 "dense_agreement": float((predictions == dense_predictions).double().mean()),
                 "dense_test_accuracy": dense_accuracy,
+                "ffn_ms_dense": dense_ms,
+                "ffn_ms_moe": moe_ms,
+                "ffn_speedup": dense_ms / moe_ms,
             }
             records.append(record)
             if ctx.is_main:
                 print(f"budget {budget:g} (k={k}): accuracy {accuracy:.4f} ({record['relative_accuracy']:.2%} of dense, "
-                      f"{record['dense_agreement']:.2%} same predictions), FFN FLOPs {record['ffn_flops_fraction']:.3f}", flush=True)
+                      f"{record['dense_agreement']:.2%} same predictions), FFN FLOPs {record['ffn_flops_fraction']:.3f}, "
+                      f"FFN time {moe_ms:.0f} ms vs {dense_ms:.0f} ms dense ({record['ffn_speedup']:.2f}x)", flush=True)
                 run.log_metrics({f"{name}/budget_{budget:g}": record[name] for name in
-                                 ("test_accuracy", "relative_accuracy", "dense_agreement", "ffn_flops_fraction", "experts_per_token")})
+                                 ("test_accuracy", "relative_accuracy", "dense_agreement", "ffn_flops_fraction", "experts_per_token",
+                                  "ffn_ms_dense", "ffn_ms_moe", "ffn_speedup")})
         if ctx.is_main:
             write_json(args.out, records)
             run.log_artifact(args.out)
