@@ -23,6 +23,7 @@ include: "rules/split.smk"
 include: "rules/balance.smk"
 include: "rules/selector.smk"
 include: "rules/evaluate.smk"
+include: "rules/export.smk"
 include: "rules/report.smk"
 
 

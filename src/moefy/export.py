@@ -1,0 +1,79 @@
+"""An MoEfied model as one folder that runs outside the workflow.
+
+The folder is the fine-tuned Hugging Face model (config, tokenizer, weights in safetensors)
+plus `moe.safetensors`: each layer's expert layout (neuron -> expert labels) and router
+weights, with the selector, expert count and selection rule in its metadata. Loading rebuilds
+exactly the MoE layers evaluate measured, so the logits are the same bit for bit.
+
+    from moefy.export import load_moe
+    model, tokenizer = load_moe("results/<study>/export/kmeans-E48-mlp-b0.2")
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from moefy.errors import MoefyError
+from moefy.files import atomic_dir, load_tensors, save_tensors, tensors_metadata
+from moefy.models import load_classifier, load_tokenizer
+from moefy.moe import MoEFFN, moefy_model, set_experts_per_token
+from moefy.routers import budget_to_k, build_routers, router_tensors
+
+FORMAT = "moefy-moe/1"
+MOE_FILE = "moe.safetensors"
+
+
+def read_moe_parts(labels_path: Path, router_path: Path, selector: str, num_experts: int
+                   ) -> tuple[dict[int, torch.Tensor], dict[int, torch.nn.Module]]:
+    """The balance step's labels and the selector step's routers, checked against each other."""
+    labels = {int(k.split(".")[1]): v.long() for k, v in load_tensors(labels_path).items()}
+    meta = tensors_metadata(router_path)
+    if meta.get("selector") != selector or meta.get("num_experts") != str(num_experts):
+        raise MoefyError(f"{router_path} holds {meta.get('selector')} routers for {meta.get('num_experts')} experts, "
+                         f"not {selector} for {num_experts}; rerun its selector job")
+    try:
+        routers = build_routers(selector, load_tensors(router_path), labels, num_experts)
+    except (KeyError, RuntimeError) as err:
+        raise MoefyError(f"{router_path} does not match {labels_path} ({err}); rerun the selector job") from None
+    return labels, routers
+
+
+def save_moe(model_folder: str | os.PathLike, labels: dict[int, torch.Tensor], routers: dict[int, torch.nn.Module],
+             selector: str, num_experts: int, budget: float, out: str | os.PathLike) -> Path:
+    """Write `out`: the model folder's files plus the expert layout, routers and top-k rule."""
+    if selector == "groundtruth":
+        raise MoefyError("the groundtruth selector is an oracle that computes every neuron, so it saves nothing at "
+                         "inference; export a similarity or mlp router instead")
+    model_folder, out = Path(model_folder), Path(out)
+    tensors = {f"labels.{i}": t.to(torch.int32) for i, t in labels.items()}
+    tensors |= {f"router.{key}": t for key, t in router_tensors(routers).items()}
+    metadata = {"format": FORMAT, "selector": selector, "num_experts": str(num_experts),
+                "rule": "top_k", "budget": repr(float(budget)), "k": str(budget_to_k(budget, num_experts))}
+    with atomic_dir(out) as tmp:
+        shutil.copytree(model_folder, tmp, dirs_exist_ok=True)
+        save_tensors(tmp / MOE_FILE, tensors, metadata)
+    return out
+
+
+def load_moe(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, object]:
+    """The exported model, in eval mode with its MoE layers at the exported budget, and its tokenizer."""
+    folder = Path(folder)
+    moe_file = folder / MOE_FILE
+    if not moe_file.is_file():
+        raise MoefyError(f"{folder} has no {MOE_FILE}: it is not a model exported by moefy (python -m moefy.steps.export)")
+    meta = tensors_metadata(moe_file)
+    if meta.get("format") != FORMAT:
+        raise MoefyError(f"{moe_file} is format {meta.get('format')!r}; this moefy reads {FORMAT!r}. Export it again with this version")
+    tensors = load_tensors(moe_file)
+    labels = {int(key.split(".")[1]): t.long() for key, t in tensors.items() if key.startswith("labels.")}
+    num_experts = int(meta["num_experts"])
+    router_weights = {key.removeprefix("router."): t for key, t in tensors.items() if key.startswith("router.")}
+    routers = build_routers(meta["selector"], router_weights, labels, num_experts)
+    model = load_classifier(str(folder)).to(device).eval()
+    layers: list[MoEFFN] = moefy_model(model, labels, routers, num_experts)
+    set_experts_per_token(layers, int(meta["k"]))
+    return model, load_tokenizer(str(folder))
