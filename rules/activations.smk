@@ -3,17 +3,18 @@ rule activations:
         model=rules.finetune.output.model,
         train=rules.data.output.train,
     output:
-        hidden=results("activations", "hidden.safetensors"),
-        coactivation=results("activations", "coactivation.safetensors"),
-        metrics=results("activations", "metrics.json"),
+        hidden=results("activations", "{penalty}", "hidden.safetensors"),
+        coactivation=results("activations", "{penalty}", "coactivation.safetensors"),
+        metrics=results("activations", "{penalty}", "metrics.json"),
     log:
-        logs("activations"),
+        logs("activations", "{penalty}"),
     benchmark:
-        results("benchmarks", "activations.tsv")
+        results("benchmarks", "activations", "{penalty}.tsv")
     conda:
         "../envs/moefy.yaml"
     threads: COMPUTE["threads"]["activations"]
     params:
+        tags=wildcard_tags,
         launch=torchrun("activations"),
         omp=omp_threads,
         data=folder_of("train"),
@@ -21,5 +22,5 @@ rule activations:
         seed=config["seed"],
         settings=step_settings("activations"),
     shell:
-        "OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --data {params.data} "
+        "{params.tags} OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --data {params.data} "
         "--out {params.out} --seed {params.seed} {params.settings} > {log} 2>&1"

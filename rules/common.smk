@@ -29,6 +29,7 @@ os.environ[tracking.EXPERIMENT_ENV] = config["mlflow"]["experiment"] or STUDY
 
 
 wildcard_constraints:
+    penalty="|".join(config["grid"]["sparsity_penalty"]),
     split="|".join(config["grid"]["split"]) or "random",
     selector="|".join(config["grid"]["selector"]) or "mlp",
     num_experts=r"\d+",
@@ -107,9 +108,15 @@ def coactivation_flag(wildcards, input):
     return f"--coactivation {input.coactivation}" if input.coactivation else ""
 
 
+def wildcard_tags(wildcards):
+    """The job's wildcards for its MLflow run tags (steps take only the ones they need as flags)."""
+    return f"{tracking.WILDCARDS_ENV}=" + ",".join(f"{k}={v}" for k, v in wildcards.items())
+
+
 def evaluations():
     return expand(
-        results("evaluate", "{split}-E{num_experts}-{selector}.json"),
+        results("evaluate", "{penalty}", "{split}-E{num_experts}-{selector}.json"),
+        penalty=config["grid"]["sparsity_penalty"],
         split=config["grid"]["split"],
         num_experts=config["grid"]["num_experts"],
         selector=config["grid"]["selector"],

@@ -6,21 +6,22 @@ rule evaluate:
         labels=rules.balance.output.labels,
         router=rules.selector.output.router,
     output:
-        results("evaluate", "{split}-E{num_experts}-{selector}.json"),
+        results("evaluate", "{penalty}", "{split}-E{num_experts}-{selector}.json"),
     log:
-        logs("evaluate", "{split}-E{num_experts}-{selector}"),
+        logs("evaluate", "{penalty}/{split}-E{num_experts}-{selector}"),
     benchmark:
-        results("benchmarks", "evaluate", "{split}-E{num_experts}-{selector}.tsv")
+        results("benchmarks", "evaluate", "{penalty}", "{split}-E{num_experts}-{selector}.tsv")
     conda:
         "../envs/moefy.yaml"
     threads: COMPUTE["threads"]["evaluate"]
     params:
+        tags=wildcard_tags,
         launch=torchrun("evaluate"),
         omp=omp_threads,
         data=folder_of("test"),
         settings=step_settings("evaluate"),
     shell:
-        "OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --dense-metrics {input.dense} "
+        "{params.tags} OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --dense-metrics {input.dense} "
         "--data {params.data} --labels {input.labels} --router {input.router} --split {wildcards.split} "
         "--num-experts {wildcards.num_experts} --selector {wildcards.selector} --out {output} "
         "{params.settings} > {log} 2>&1"

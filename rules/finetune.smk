@@ -3,12 +3,12 @@ rule finetune:
         model=model_input(),
         data=rules.data.output.labels,
     output:
-        model=directory(results("finetune", "model")),
-        metrics=results("finetune", "metrics.json"),
+        model=directory(results("finetune", "{penalty}", "model")),
+        metrics=results("finetune", "{penalty}", "metrics.json"),
     log:
-        logs("finetune"),
+        logs("finetune", "{penalty}"),
     benchmark:
-        results("benchmarks", "finetune.tsv")
+        results("benchmarks", "finetune", "{penalty}.tsv")
     conda:
         "../envs/moefy.yaml"
     threads: COMPUTE["threads"]["finetune"]
@@ -21,6 +21,8 @@ rule finetune:
         out=folder_of("metrics", "output"),
         seed=config["seed"],
         settings=step_settings("finetune"),
+        tags=wildcard_tags,
     shell:
-        "OMP_NUM_THREADS={params.omp} {params.launch} --model {params.model} {params.remote_code} "
-        "--data {params.data} --out {params.out} --seed {params.seed} {params.settings} > {log} 2>&1"
+        "{params.tags} OMP_NUM_THREADS={params.omp} {params.launch} --model {params.model} {params.remote_code} "
+        "--data {params.data} --out {params.out} --seed {params.seed} --sparsity-penalty {wildcards.penalty} "
+        "{params.settings} > {log} 2>&1"

@@ -4,14 +4,15 @@ rule selector:
         labels=rules.balance.output.labels,
         hidden=rules.activations.output.hidden,
     output:
-        router=results("selector", "{split}-E{num_experts}-{selector}", "router.safetensors"),
-        metrics=results("selector", "{split}-E{num_experts}-{selector}", "metrics.json"),
+        router=results("selector", "{penalty}", "{split}-E{num_experts}-{selector}", "router.safetensors"),
+        metrics=results("selector", "{penalty}", "{split}-E{num_experts}-{selector}", "metrics.json"),
     log:
-        logs("selector", "{split}-E{num_experts}-{selector}"),
+        logs("selector", "{penalty}/{split}-E{num_experts}-{selector}"),
     conda:
         "../envs/moefy.yaml"
     threads: COMPUTE["threads"]["selector"]
     params:
+        tags=wildcard_tags,
         launch=torchrun("selector"),
         omp=omp_threads,
         out=folder_of("router", "output"),
@@ -19,7 +20,7 @@ rule selector:
         seed=config["seed"],
         settings=step_settings("selector"),
     shell:
-        "OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --labels {input.labels} "
+        "{params.tags} OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --labels {input.labels} "
         "--hidden {input.hidden} --split {wildcards.split} --num-experts {wildcards.num_experts} "
         "--selector {wildcards.selector} {params.budgets} --out {params.out} --seed {params.seed} "
         "{params.settings} > {log} 2>&1"

@@ -3,14 +3,15 @@ rule split:
         model=rules.finetune.output.model,
         coactivation=coactivation_for_split,
     output:
-        labels=results("split", "{split}-E{num_experts}", "labels.safetensors"),
-        metrics=results("split", "{split}-E{num_experts}", "metrics.json"),
+        labels=results("split", "{penalty}", "{split}-E{num_experts}", "labels.safetensors"),
+        metrics=results("split", "{penalty}", "{split}-E{num_experts}", "metrics.json"),
     log:
-        logs("split", "{split}-E{num_experts}"),
+        logs("split", "{penalty}/{split}-E{num_experts}"),
     conda:
         "../envs/moefy.yaml"
     threads: COMPUTE["threads"]["split"]
     params:
+        tags=wildcard_tags,
         launch=torchrun("split"),
         omp=omp_threads,
         out=folder_of("labels", "output"),
@@ -18,6 +19,6 @@ rule split:
         seed=config["seed"],
         settings=step_settings("split"),
     shell:
-        "OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --method {wildcards.split} "
+        "{params.tags} OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --method {wildcards.split} "
         "--num-experts {wildcards.num_experts} {params.coactivation} "
         "--out {params.out} --seed {params.seed} {params.settings} > {log} 2>&1"

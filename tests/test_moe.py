@@ -3,10 +3,11 @@ import torch
 from torch import nn
 
 from moefy.errors import MoefyError
+from moefy import moe as moe_module
 from moefy.ffn import FFN, find_ffns
 from moefy.models import load_classifier, load_tokenizer
-from moefy.moe import MoEFFN, ffn_flops_fraction, moefy_model, set_experts_per_token
-from moefy.routers import GroundTruthRouter, MLPRouter, SimilarityRouter, expert_centroids, expert_mass
+from moefy.moe import MoEFFN, ffn_flops_fraction, moefy_model, set_experts_per_token, set_threshold, threshold_pick
+from moefy.routers import GroundTruthRouter, MLPRouter, NormRouter, SimilarityRouter, expert_centroids, expert_mass
 
 E = 8
 
@@ -85,10 +86,13 @@ def synthetic_ffn(d: int, d_ff: int, gated: bool, bias: bool, act: torch.nn.Modu
                w_gate=nn.Linear(d, d_ff, bias=bias) if gated else None)
 
 
-@pytest.mark.parametrize("kernel", ["bags", "grouped", "auto"])
+@pytest.mark.parametrize("kernel", ["bags", "grouped", "auto", "grouped in slabs"])
 @pytest.mark.parametrize("gated,bias,act", [(True, False, nn.SiLU()), (False, True, nn.GELU()), (True, True, nn.ReLU())])
-def test_both_kernels_match_the_masked_dense_ffn(kernel, gated, bias, act):
+def test_both_kernels_match_the_masked_dense_ffn(kernel, gated, bias, act, monkeypatch):
     d, d_ff, experts = 16, 96, 12
+    if kernel == "grouped in slabs":  # 5 pairs per slab: slabs cut through experts' groups
+        monkeypatch.setattr(moe_module, "SLAB_FLOATS", 5 * d)
+        kernel = "grouped"
     ffn = synthetic_ffn(d, d_ff, gated, bias, act)
     labels = torch.randperm(d_ff, generator=torch.Generator().manual_seed(2)) % experts
     moe = MoEFFN(ffn, labels, MLPRouter(d, experts), experts)
@@ -158,3 +162,35 @@ def test_flops_fraction():
     # 4 of 16 experts of a 64x256 FFN, plus a 2*64*16 FLOP router
     assert ffn_flops_fraction(64, 256, 16, 4, 2 * 64 * 16) == pytest.approx(0.25 + 2048 / (4 * 64 * 256))
     assert ffn_flops_fraction(64, 256, 16, 16, 10**6) == 1.0
+
+
+def test_dynamic_k_rule_keeps_experts_near_the_tokens_best():
+    c = torch.tensor([[1.0, 0.5, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [4.0, 3.0, 2.0, 1.0]])
+    assert threshold_pick(c, 0.0).tolist() == [[True, False, True, False], [False] * 4, [True, False, False, False]]
+    assert threshold_pick(c, 0.5).tolist() == [[True, True, True, False], [False] * 4, [True, True, True, False]]
+    assert threshold_pick(c, 1.0).all()
+
+
+@pytest.mark.parametrize("selector", ["groundtruth", "mlp", "norm"])
+def test_dynamic_k_layer_computes_the_threshold_picks(selector):
+    d, d_ff, experts = 16, 96, 12
+    ffn = synthetic_ffn(d, d_ff, False, True, nn.ReLU())
+    labels = torch.randperm(d_ff, generator=torch.Generator().manual_seed(2)) % experts
+    torch.manual_seed(3)
+    router = {"groundtruth": GroundTruthRouter(labels, experts), "mlp": MLPRouter(d, experts), "norm": NormRouter(d, experts, 8)}[selector]
+    moe = MoEFFN(ffn, labels, router, experts)
+    x = torch.randn(30, d)
+    with torch.no_grad():
+        set_threshold([moe], 0.4)
+        picked = threshold_pick(router.contribution(x, ffn.activations(x)), 0.4)
+        torch.testing.assert_close(moe(x), masked_dense(ffn, x, picked.float(), labels), rtol=0, atol=1e-5)
+        assert torch.equal(moe.experts_per_token, picked.sum(-1).float())
+        assert moe.experts_per_token.min() >= (0 if selector == "groundtruth" else 1)
+        set_threshold([moe], 0.0)
+        fewest = moe(x) is not None and moe.experts_per_token.clone()
+        set_threshold([moe], 1.0)
+        torch.testing.assert_close(moe(x), ffn.w_out(ffn.activations(x)), rtol=0, atol=1e-5)
+        assert moe.experts_per_token is None  # dense: no router
+    assert fewest.mean() < picked.sum(-1).float().mean()
+    set_experts_per_token([moe], 3)
+    assert moe.tau is None and moe.k == 3

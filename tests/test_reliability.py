@@ -150,16 +150,16 @@ def test_truncated_checkpoint(tmp_path, tiny_bert):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("damaged", ["balance/kmeans-E4/labels.safetensors", "activations/hidden.safetensors",
-                                     "finetune/model/model.safetensors"])
+@pytest.mark.parametrize("damaged", ["balance/none/kmeans-E4/labels.safetensors", "activations/none/hidden.safetensors",
+                                     "finetune/none/model/model.safetensors"])
 def test_a_step_reading_a_damaged_file_names_it(uninterrupted, tmp_path, damaged):
     import shutil
 
     base = tmp_path / "results"
     shutil.copytree(uninterrupted / "results" / STUDY, base)
     truncate(base / damaged)
-    args = ["selector", "--model", str(base / "finetune/model"), "--labels", str(base / "balance/kmeans-E4/labels.safetensors"),
-            "--hidden", str(base / "activations/hidden.safetensors"), "--selector", "mlp", "--num-experts", str(E),
+    args = ["selector", "--model", str(base / "finetune/none/model"), "--labels", str(base / "balance/none/kmeans-E4/labels.safetensors"),
+            "--hidden", str(base / "activations/none/hidden.safetensors"), "--selector", "mlp", "--num-experts", str(E),
             "--split", "kmeans", "--out", str(tmp_path / "out")]
     env = environment(uninterrupted) | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     done = subprocess.run([sys.executable, "-m", f"moefy.steps.{args[0]}", *args[1:]], env=env, capture_output=True, text=True)
@@ -220,10 +220,10 @@ def log_says(workdir: Path, log: str, pattern: str):
 def results_of(workdir: Path) -> dict[str, bytes]:
     """Everything a rerun must reproduce exactly: labels, routers, evaluations, dense metrics."""
     base = workdir / "results" / STUDY
-    files = [*base.glob("balance/*/labels.safetensors"), *base.glob("selector/*/router.safetensors")]
+    files = [*base.glob("balance/none/*/labels.safetensors"), *base.glob("selector/none/*/router.safetensors")]
     out = {str(p.relative_to(base)): p.read_bytes() for p in files}
-    out |= {str(p.relative_to(base)): json.dumps(reproducible(json.loads(p.read_text()))).encode() for p in base.glob("evaluate/*.json")}
-    metrics = json.loads((base / "finetune" / "metrics.json").read_text())
+    out |= {str(p.relative_to(base)): json.dumps(reproducible(json.loads(p.read_text()))).encode() for p in base.glob("evaluate/none/*.json")}
+    metrics = json.loads((base / "finetune" / "none" / "metrics.json").read_text())
     out["dense"] = json.dumps({k: metrics[k] for k in ("validation_accuracy", "test_accuracy", "sparsity_per_layer")}).encode()
     return out
 
@@ -248,7 +248,7 @@ def test_parallel_jobs_lose_no_mlflow_run_or_metric(uninterrupted):
     assert all(r.info.status == "FINISHED" for r in runs)
     for run in jobs:
         if run.data.tags["rule"] == "evaluate":
-            assert len(run.data.metrics) == 4 * 8, run.info.run_name  # 4 budgets x 8 metrics
+            assert len(run.data.metrics) == 4 * 9, run.info.run_name  # 4 budgets x 9 metrics
         if run.data.tags["rule"] == "selector":
             assert {f"recall_at_{b:g}" for b in (0.25, 0.5, 0.75, 1.0)} <= set(run.data.metrics)
 
@@ -259,16 +259,16 @@ def test_killed_jobs_leave_nothing_that_looks_done_and_a_rerun_matches(uninterru
     base = workdir / "results" / STUDY
 
     # 1. SIGKILL the fine-tuning job in its second epoch: snakemake sees it fail.
-    assert kill_when(workdir, log_says(workdir, "finetune/job.log", r"epoch 2/4"), kill_all=False) != 0
-    assert not (base / "finetune" / "metrics.json").exists() and not (base / "finetune" / "model").exists()
+    assert kill_when(workdir, log_says(workdir, "finetune/none.log", r"epoch 2/4"), kill_all=False) != 0
+    assert not (base / "finetune" / "none" / "metrics.json").exists() and not (base / "finetune" / "none" / "model").exists()
     # at most a hidden temporary folder is left, which the next write clears
-    assert all(p.name.startswith(".") for p in (base / "finetune").glob("*"))
+    assert all(p.name.startswith(".") for p in (base / "finetune" / "none").glob("*"))
 
     # 2. Crash everything (snakemake too) while an evaluation is between budgets.
-    killed = kill_when(workdir, log_says(workdir, "evaluate/random-E4-groundtruth.log", r"budget 0.25 \(k=1\)"), kill_all=True)
+    killed = kill_when(workdir, log_says(workdir, "evaluate/none/random-E4-groundtruth.log", r"budget 0.25: "), kill_all=True)
     assert killed != 0
-    assert not (base / "evaluate" / "random-E4-groundtruth.json").exists()
-    assert (base / "finetune" / "metrics.json").exists(), "finished jobs are kept"
+    assert not (base / "evaluate" / "none" / "random-E4-groundtruth.json").exists()
+    assert (base / "finetune" / "none" / "metrics.json").exists(), "finished jobs are kept"
 
     # 3. The plain command finishes the study, with exactly the uninterrupted numbers.
     snakemake(workdir, cores=4)
@@ -283,9 +283,9 @@ def test_killed_jobs_leave_nothing_that_looks_done_and_a_rerun_matches(uninterru
 def test_a_different_seed_gives_different_labels_and_evaluations(uninterrupted, tmp_path):
     """Same config but `seed: 1`, asked for one ablation: new split, new labels, new numbers."""
     workdir = make_workdir(tmp_path, study_config(seed=1))
-    target = Path("results", STUDY, "evaluate", f"random-E{E}-mlp.json")
+    target = Path("results", STUDY, "evaluate", "none", f"random-E{E}-mlp.json")
     snakemake(workdir, str(target))
-    labels = "balance/random-E4/labels.safetensors"
+    labels = "balance/none/random-E4/labels.safetensors"
     seed0, seed1 = (load_file(d / "results" / STUDY / labels) for d in (uninterrupted, workdir))
     assert not any(torch.equal(seed0[k], seed1[k]) for k in seed0)
     evaluations = [reproducible(json.loads((d / target).read_text())) for d in (uninterrupted, workdir)]

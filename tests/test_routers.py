@@ -1,8 +1,10 @@
 import torch
 
 from moefy.routers import (
+    LOSSES,
     GroundTruthRouter,
     MLPRouter,
+    NormRouter,
     SimilarityRouter,
     budget_to_k,
     build_routers,
@@ -10,8 +12,9 @@ from moefy.routers import (
     expert_mass,
     router_tensors,
     scaled_mass,
+    expert_output_norms,
     topk_recall,
-    train_mlp_router,
+    train_router,
 )
 
 
@@ -47,8 +50,8 @@ def test_mlp_router_learns_better_than_its_similarity_start():
     h = torch.relu(x @ w_in.t() + 0.5)
     mass = expert_mass(h, labels, E)
     c = expert_centroids(w_in, labels, E)
-    fit = train_mlp_router(x[:2500], scaled_mass(mass[:2500]), x[2500:], scaled_mass(mass[2500:]), c,
-                           epochs=40, batch_size=256, learning_rate=3e-3, patience=5, seed=0)
+    fit = train_router(MLPRouter(16, E, c), LOSSES["mlp"], x[:2500], scaled_mass(mass[:2500]), x[2500:],
+                       scaled_mass(mass[2500:]), epochs=40, batch_size=256, learning_rate=3e-3, patience=5, seed=0)
     assert fit.best_heldout_loss < fit.initial_heldout_loss
     similarity = SimilarityRouter(c)(x[2500:])
     with torch.no_grad():
@@ -66,7 +69,9 @@ def test_mlp_router_starts_as_the_similarity_ranking():
 def test_routers_round_trip_through_tensors():
     x, w_in, labels, E = synthetic_layer()
     c = expert_centroids(w_in, labels, E)
-    for name, router in [("similarity", SimilarityRouter(c)), ("mlp", MLPRouter(16, E)), ("groundtruth", GroundTruthRouter(labels, E))]:
+    routers = [("similarity", SimilarityRouter(c)), ("mlp", MLPRouter(16, E)), ("groundtruth", GroundTruthRouter(labels, E)),
+               ("norm", NormRouter(16, E, hidden=24))]
+    for name, router in routers:
         rebuilt = build_routers(name, router_tensors({0: router}), {0: labels}, E)[0]
         h = torch.relu(x @ w_in.t())
         with torch.no_grad():
@@ -75,3 +80,37 @@ def test_routers_round_trip_through_tensors():
 
 def test_budget_to_k():
     assert [budget_to_k(b, 48) for b in (0.01, 0.1, 0.2, 0.25, 0.5, 1.0)] == [1, 5, 10, 12, 24, 48]
+
+
+def test_expert_output_norms_are_the_norms_of_each_experts_output():
+    x, w_in, labels, E = synthetic_layer(n=50)
+    labels = torch.randperm(64, generator=torch.Generator().manual_seed(3)) % E
+    h = torch.relu(x @ w_in.t())
+    w_out = torch.randn(16, 64)
+    expected = torch.stack([(h[:, labels == e] @ w_out[:, labels == e].t()).norm(dim=-1) for e in range(E)], dim=-1)
+    torch.testing.assert_close(expert_output_norms(h, w_out, labels, E), expected)
+    torch.testing.assert_close(expert_output_norms(h, w_out, labels, E, chunk_floats=1), expected)  # one token per chunk
+
+
+def test_norm_router_learns_the_expert_output_norms():
+    x, w_in, labels, E = synthetic_layer()
+    h = torch.relu(x @ w_in.t() - 0.5)
+    norms = expert_output_norms(h, torch.randn(16, 64), labels, E)
+    target = norms / norms.mean()
+    torch.manual_seed(0)
+    fit = train_router(NormRouter(16, E, hidden=64), LOSSES["norm"], x[:2500], target[:2500], x[2500:], target[2500:],
+                       epochs=40, batch_size=256, learning_rate=3e-3, patience=5, seed=0)
+    assert fit.best_heldout_loss < 0.5 * fit.initial_heldout_loss
+    with torch.no_grad():
+        predicted = fit.router(x[2500:])
+    assert predicted.min() >= 0
+    assert topk_recall(predicted, norms[2500:], 2) > topk_recall(torch.rand(predicted.shape), norms[2500:], 2) + 0.1
+
+
+def test_every_router_gives_non_negative_contributions():
+    x, w_in, labels, E = synthetic_layer(n=200)
+    c = expert_centroids(w_in, labels, E)
+    h = torch.relu(x @ w_in.t())
+    for router in (SimilarityRouter(c), MLPRouter(16, E, c), GroundTruthRouter(labels, E), NormRouter(16, E)):
+        with torch.no_grad():
+            assert router.contribution(x, h).min() >= 0, type(router).__name__

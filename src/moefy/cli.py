@@ -40,7 +40,7 @@ def add_section_flags(parser: argparse.ArgumentParser, section: str) -> None:
         if kinds == "boolean":
             kw["action"] = argparse.BooleanOptionalAction
         elif kinds == "array" or (isinstance(kinds, list) and "array" in kinds):
-            kw.update(nargs="+", type=_scalar_type(prop.get("items", {})))
+            kw.update(nargs="*", type=_scalar_type(prop.get("items", {})))
         elif "enum" in prop:
             kw["choices"] = prop["enum"]
         else:

@@ -31,6 +31,9 @@ from moefy.ffn import FFN, find_ffns
 # re-reads its expert's weights, so it only wins while tokens rarely share an expert
 # (benchmarks/moe_speed.py measures the crossover).
 BAG_PAIRS_PER_EXPERT = 1.0
+# The grouped kernel works through (token, expert) pairs in slabs of at most this many floats per
+# [pairs, d] intermediate: below glibc's largest mmap threshold (32 MB), so freed slabs are reused.
+SLAB_FLOATS = 4 * 2**20
 
 
 def expert_order(labels: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -58,6 +61,7 @@ class MoEFFN(nn.Module):
         self.num_experts, self.expert_size, self.d_model = E, s, d_model
         self.act, self.router = ffn.act, router
         self.k = num_experts
+        self.tau: float | None = None  # dynamic-k threshold; None: top-k with self.k
         self.experts_per_token: torch.Tensor | None = None
         self.seconds = 0.0  # wall-clock spent in forward (router included), for evaluate's timings
         self.register_buffer("inverse_order", torch.argsort(order), persistent=False)
@@ -91,11 +95,17 @@ class MoEFFN(nn.Module):
         h = None
         if getattr(self.router, "needs_activations", False):
             h = self.dense_activations(x)
-            scores = self.router(x, h[:, self.inverse_order])
-        else:
-            scores = self.router(x, None)
+        router_h = None if h is None else h[:, self.inverse_order]
+        if self.tau is not None:
+            return threshold_pick(self.router.contribution(x, router_h), self.tau), h
+        scores = self.router(x, router_h)
         chosen = scores.topk(self.k, dim=-1).indices
         return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True), h
+
+    @property
+    def runs_dense(self) -> bool:
+        """Every expert is picked for every token, so no router is needed."""
+        return self.tau >= 1 if self.tau is not None else self.k >= self.num_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _sync(x)
@@ -108,7 +118,7 @@ class MoEFFN(nn.Module):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, self.d_model)
-        if self.k >= self.num_experts:
+        if self.runs_dense:
             self.experts_per_token = None
             return self._dense(x).view(shape)
         picked, h = self.select(x)
@@ -123,19 +133,26 @@ class MoEFFN(nn.Module):
         kernel: "bags" (embedding_bag), "grouped" (grouped_mm) or "auto" (by batch size).
         """
         if kernel == "auto":
-            few = picked.shape[0] * self.k <= BAG_PAIRS_PER_EXPERT * self.num_experts
+            few = int(picked.sum()) <= BAG_PAIRS_PER_EXPERT * self.num_experts
             kernel = "bags" if few or not self._grouped_ok else "grouped"
+        out = x.new_zeros(x.shape) if self.b_out is None else self.b_out.expand(x.shape).clone()
         if kernel == "bags":
             token, expert = picked.nonzero(as_tuple=True)
-            ys = self._bags(x, token, expert)
-        else:
-            expert, token = picked.t().nonzero(as_tuple=True)  # pairs grouped by expert
-            ys = self._grouped(x, token, expert, torch.cumsum(picked.sum(0, dtype=torch.int32), 0, dtype=torch.int32))
-        out = x.new_zeros(x.shape) if self.b_out is None else self.b_out.expand(x.shape).clone()
-        return out.index_add_(0, token, ys)
+            return out.index_add_(0, token, self._bags(x, token, expert))
+        expert, token = picked.t().nonzero(as_tuple=True)  # pairs grouped by expert
+        ends = torch.cumsum(picked.sum(0), 0)
+        # Slabs of pairs keep each [pairs, d] intermediate small enough for the allocator to reuse
+        # (a fresh 100 MB tensor costs more in page faults than its matmul on CPU).
+        slab = len(token) if x.is_cuda else max(1, SLAB_FLOATS // self.d_model)
+        for start in range(0, len(token), slab):
+            stop = min(start + slab, len(token))
+            offs = (ends.clamp(start, stop) - start).to(torch.int32)
+            t = token[start:stop]
+            out.index_add_(0, t, self._grouped(x, t, expert[start:stop], offs))
+        return out
 
     def _grouped(self, x, token, expert, ends):
-        xs, E, s = x[token], self.num_experts, self.expert_size
+        xs, E, s = torch.index_select(x, 0, token), self.num_experts, self.expert_size
 
         def project(w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # w [d, E*s] as E blocks [d, s]
             return _add_bias(F.grouped_mm(xs, w.view(-1, E, s).transpose(0, 1), offs=ends), bias, expert)
@@ -185,9 +202,26 @@ def moefy_model(model: nn.Module, labels: dict[int, torch.Tensor], routers: dict
     return layers
 
 
+def threshold_pick(contribution: torch.Tensor, tau: float) -> torch.Tensor:
+    """D2DMoE's dynamic-k rule: per token, every expert whose contribution is at least (1 - tau) times
+    the token's largest. tau = 0 keeps the top expert(s), tau >= 1 keeps all; an expert predicted to
+    contribute nothing (0) is never run below tau = 1."""
+    if tau >= 1:
+        return torch.ones_like(contribution, dtype=torch.bool)
+    top = contribution.amax(dim=-1, keepdim=True)
+    return (contribution >= (1 - tau) * top) & (contribution > 0)
+
+
 def set_experts_per_token(layers: list[MoEFFN], k: int) -> None:
+    """Top-k selection with k experts per token."""
     for layer in layers:
-        layer.k = k
+        layer.k, layer.tau = k, None
+
+
+def set_threshold(layers: list[MoEFFN], tau: float) -> None:
+    """Dynamic-k selection with threshold tau (see threshold_pick)."""
+    for layer in layers:
+        layer.tau = tau
 
 
 def ffn_seconds(layers: list[MoEFFN], reset: bool = True) -> float:
@@ -199,11 +233,13 @@ def ffn_seconds(layers: list[MoEFFN], reset: bool = True) -> float:
     return total
 
 
-def ffn_flops_fraction(d_model: int, d_ff: int, num_experts: int, k: int, router_flops: int) -> float:
-    """FFN multiply-add FLOPs per token with k of E experts plus the router, over the dense FFN's.
+def ffn_flops_fraction(d_model: int, d_ff: int, num_experts: int, k: float, router_flops: int, router_runs: bool | None = None) -> float:
+    """FFN multiply-add FLOPs per token with k of E experts (a mean for dynamic-k) plus the router,
+    over the dense FFN's.
 
     With every expert chosen the router is not needed (MoEFFN skips it), so it costs nothing.
     """
     dense = 4 * d_model * d_ff
     expert = 4 * d_model * (d_ff // num_experts)
-    return (k * expert + (router_flops if k < num_experts else 0)) / dense
+    router_runs = k < num_experts if router_runs is None else router_runs
+    return (k * expert + (router_flops if router_runs else 0)) / dense

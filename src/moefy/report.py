@@ -12,10 +12,13 @@ from moefy.errors import MoefyError
 from moefy.files import atomic_path, read_json
 
 EVALUATION_NAME = re.compile(r"^(?P<split>[a-z]+)-E(?P<num_experts>\d+)-(?P<selector>[a-z]+)\.json$")
-COLUMNS = ["split", "num_experts", "selector", "budget", "k", "experts_per_token", "test_accuracy",
-           "relative_accuracy", "ffn_flops_fraction", "dense_agreement", "dense_test_accuracy",
-           "ffn_ms_dense", "ffn_ms_moe", "ffn_speedup"]
+PENALTIES = ("none", "l1", "hoyer")
+GROUP = ["penalty", "split", "num_experts", "selector", "rule"]
+COLUMNS = GROUP + ["budget", "tau", "k", "experts_per_token", "experts_per_token_std", "test_accuracy",
+                   "relative_accuracy", "ffn_flops_fraction", "flops_at_99pct", "dense_agreement", "dense_test_accuracy",
+                   "ffn_ms_dense", "ffn_ms_moe", "ffn_speedup"]
 WALL_CLOCK = ("ffn_ms_dense", "ffn_ms_moe", "ffn_speedup")  # measured, so never bit-identical across runs
+KEEP = 0.99  # flops_at_99pct: the smallest FLOPs fraction whose relative accuracy is at least this
 
 
 def reproducible(records: list[dict]) -> list[dict]:
@@ -24,45 +27,63 @@ def reproducible(records: list[dict]) -> list[dict]:
 
 
 def summarise(evaluation_files: Iterable[str | Path]) -> pd.DataFrame:
-    """All evaluation records as rows, with split / num_experts / selector from the file names."""
+    """All evaluation records as rows, with the grid's wildcards from the paths
+    (evaluate/<penalty>/<split>-E<E>-<selector>.json), and per (penalty, split, E, selector, rule)
+    the smallest FFN FLOPs fraction that keeps 99% of dense accuracy (NaN if none does)."""
     rows = []
     for path in map(Path, evaluation_files):
         match = EVALUATION_NAME.match(path.name)
-        if match is None:
-            raise MoefyError(f"{path} is not named <split>-E<num_experts>-<selector>.json as the evaluate step writes")
+        if match is None or path.parent.name not in PENALTIES:
+            raise MoefyError(f"{path} is not named evaluate/<penalty>/<split>-E<num_experts>-<selector>.json as the evaluate step writes")
         for record in read_json(path):
-            rows.append({"split": match["split"], "num_experts": int(match["num_experts"]), "selector": match["selector"], **record})
+            rows.append({"penalty": path.parent.name, "split": match["split"], "num_experts": int(match["num_experts"]),
+                         "selector": match["selector"], "rule": "top_k", "tau": None, **record})
     if not rows:
         raise MoefyError("no evaluation records to summarise; check the grid in config.yaml")
     table = pd.DataFrame(rows)
+    for column in COLUMNS:
+        if column not in table:
+            table[column] = float("nan")
+    kept = table["ffn_flops_fraction"].where(table["relative_accuracy"] >= KEEP)
+    table["flops_at_99pct"] = kept.groupby([table[c] for c in GROUP]).transform("min")
     return table[COLUMNS + [c for c in table.columns if c not in COLUMNS]].sort_values(
-        ["split", "num_experts", "selector", "budget"], ignore_index=True
+        GROUP + ["ffn_flops_fraction"], ignore_index=True
     )
 
 
+def flops_at_99(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per (penalty, split, E, selector, rule): the smallest FLOPs fraction keeping 99%."""
+    return table.groupby(GROUP, as_index=False)["flops_at_99pct"].first()
+
+
 def plot_accuracy_vs_flops(table: pd.DataFrame, path: str | Path, title: str = "") -> None:
-    """One line per (split, E, selector): test accuracy against FFN FLOPs fraction; dense as a line."""
+    """Test accuracy against FFN FLOPs fraction, one panel per fine-tuning penalty: colour = split /
+    selector, solid = top-k, dashed = dynamic-k; the dense model as a black line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    # colour = split method, line style = selector, marker = number of experts
-    styles = {"groundtruth": ":", "similarity": "--", "mlp": "-"}
-    colours = {split: f"C{i}" for i, split in enumerate(sorted(table["split"].unique()))}
+    penalties = sorted(table["penalty"].unique(), key=PENALTIES.index)
+    fig, axes = plt.subplots(1, len(penalties), figsize=(7.5 * len(penalties), 5.5), squeeze=False, sharey=True)
+    pairs = sorted({(r.split, r.selector) for r in table.itertuples()})
+    colours = {pair: plt.get_cmap("tab20")(i % 20) for i, pair in enumerate(pairs)}
+    styles = {"top_k": "-", "dynamic": "--"}
     markers = {e: m for e, m in zip(sorted(table["num_experts"].unique()), "os^Dv<>p")}
-    for (split, num_experts, selector), group in table.groupby(["split", "num_experts", "selector"], sort=True):
-        group = group.sort_values("ffn_flops_fraction")
-        label = f"{split} / {selector}" + (f" (E={num_experts})" if len(markers) > 1 else "")
-        ax.plot(group["ffn_flops_fraction"], group["test_accuracy"], styles.get(selector, "-"), color=colours[split],
-                marker=markers.get(num_experts, "o"), label=label)
-    ax.axhline(table["dense_test_accuracy"].iloc[0], color="black", linewidth=1, label="dense")
-    ax.set_xlabel("FFN FLOPs fraction (router included)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title or "Accuracy against FFN compute")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    for ax, penalty in zip(axes[0], penalties):
+        part = table[table["penalty"] == penalty]
+        for (split, num_experts, selector, rule), group in part.groupby(["split", "num_experts", "selector", "rule"], sort=True):
+            group = group.sort_values("ffn_flops_fraction")
+            label = f"{split} / {selector}" + (f" E={num_experts}" if len(markers) > 1 else "") + (" dynamic-k" if rule == "dynamic" else "")
+            ax.plot(group["ffn_flops_fraction"], group["test_accuracy"], styles.get(rule, "-"), color=colours[(split, selector)],
+                    marker=markers.get(num_experts, "o"), markersize=3, label=label)
+        ax.axhline(part["dense_test_accuracy"].iloc[0], color="black", linewidth=1, label="dense")
+        ax.set_xlabel("FFN FLOPs fraction (router included)")
+        ax.set_title(f"fine-tuning penalty: {penalty}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    axes[0][0].set_ylabel("test accuracy")
+    fig.suptitle(title or "Accuracy against FFN compute")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")

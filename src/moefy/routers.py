@@ -1,7 +1,9 @@
 """Expert selectors ("routers"): given a token's FFN input x, score the experts of one layer.
 
-All three share one call signature, `router(x, h) -> scores [..., E]`, so the MoE layer does not
-care which it has; only the ground-truth oracle reads the neuron activations h.
+All share one call signature, `router(x, h) -> scores [..., E]`, so the MoE layer does not care
+which it has; only the ground-truth oracle reads the neuron activations h. Top-k needs only the
+scores' order; dynamic-k compares each score with the token's largest, so every router also
+gives `contribution(x, h)`: a non-negative estimate of how much each expert adds to the output.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-SELECTORS = ("groundtruth", "similarity", "mlp")
+SELECTORS = ("groundtruth", "similarity", "mlp", "norm")
 
 
 def expert_mass(h: torch.Tensor, labels: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -46,6 +48,8 @@ class GroundTruthRouter(nn.Module):
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return expert_mass(h, self.labels, self.num_experts)
 
+    contribution = forward
+
     def flops_per_token(self) -> int:
         return 0
 
@@ -59,6 +63,9 @@ class SimilarityRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         return x @ self.centroids.t()
+
+    def contribution(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        return self(x).clamp(min=0)  # an expert pointing away from the token is expected to add nothing
 
     def flops_per_token(self) -> int:
         num_experts, d_model = self.centroids.shape
@@ -85,10 +92,53 @@ class MLPRouter(nn.Module):
     def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         return self.fc2(torch.tanh(self.fc1(x)))
 
+    def contribution(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.sigmoid(self(x))  # it was trained to predict expert mass / the token's largest
+
     def flops_per_token(self) -> int:
         num_experts, d_model = self.fc1.weight.shape
         return 2 * num_experts * d_model + 2 * num_experts * num_experts
 
+
+class NormRouter(nn.Module):
+    """D2DMoE's router: Linear(d, H) -> ReLU -> Linear(H, E) -> softplus, trained with MSE to predict
+    the L2 norm of each expert's output (relative to the layer's mean norm).
+
+    Softplus keeps the prediction non-negative without the dead outputs a final ReLU can get
+    stuck in under MSE.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, hidden: int = 128):
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, hidden)
+        self.fc2 = nn.Linear(hidden, num_experts)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        return F.softplus(self.fc2(F.relu(self.fc1(x))))
+
+    contribution = forward
+
+    def flops_per_token(self) -> int:
+        hidden, d_model = self.fc1.weight.shape
+        return 2 * hidden * d_model + 2 * hidden * self.fc2.out_features
+
+
+def expert_output_norms(h: torch.Tensor, w_out: torch.Tensor, labels: torch.Tensor, num_experts: int,
+                        chunk_floats: int = 2**24) -> torch.Tensor:
+    """||W_out[:, expert e] h[expert e]||_2 for every token and expert, [N, E]: the norm router's target.
+
+    h [N, d_ff] neuron values, w_out [d, d_ff]. Tokens go in chunks so the [E, n, d] expert outputs
+    stay small even for hundreds of experts.
+    """
+    order = torch.argsort(labels, stable=True)
+    size = len(labels) // num_experts
+    weights = w_out.t()[order].reshape(num_experts, size, -1)  # [E, s, d]
+    step = max(1, chunk_floats // (num_experts * weights.shape[-1]))
+    norms = []
+    for start in range(0, len(h), step):
+        part = h[start:start + step][:, order].reshape(-1, num_experts, size).transpose(0, 1)  # [E, n, s]
+        norms.append(torch.linalg.vector_norm(torch.bmm(part, weights), dim=-1).t())
+    return torch.cat(norms) if norms else h.new_zeros(0, num_experts)
 
 def scaled_mass(mass: torch.Tensor) -> torch.Tensor:
     """Each token's expert masses divided by its largest one: the router's BCE target in [0, 1]."""
@@ -107,19 +157,23 @@ def topk_recall(scores: torch.Tensor, mass: torch.Tensor, k: int) -> float:
 
 @dataclass
 class TrainResult:
-    router: MLPRouter
+    router: nn.Module
     epochs_run: int
     best_epoch: int
     best_heldout_loss: float
     initial_heldout_loss: float
 
 
-def train_mlp_router(
+LOSSES = {"mlp": F.binary_cross_entropy_with_logits, "norm": F.mse_loss}
+
+
+def train_router(
+    router: nn.Module,
+    loss_fn,
     x_train: torch.Tensor,
     target_train: torch.Tensor,
     x_heldout: torch.Tensor,
     target_heldout: torch.Tensor,
-    centroids: torch.Tensor,
     epochs: int,
     batch_size: int,
     learning_rate: float,
@@ -127,15 +181,13 @@ def train_mlp_router(
     seed: int,
     desc: str = "router",
 ) -> TrainResult:
-    """Fit an MLPRouter with BCE on scaled expert mass; keep the epoch with the lowest held-out loss."""
+    """Fit `router` with Adam on loss_fn(router(x), target); keep the epoch with the lowest held-out loss."""
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    router = MLPRouter(x_train.shape[1], centroids.shape[0], centroids)
     optimizer = torch.optim.Adam(router.parameters(), lr=learning_rate)
 
     def heldout_loss() -> float:
         with torch.no_grad():
-            return float(F.binary_cross_entropy_with_logits(router(x_heldout), target_heldout))
+            return float(loss_fn(router(x_heldout), target_heldout))
 
     best_loss = initial = heldout_loss()
     best_state, best_epoch, stale, epoch = copy.deepcopy(router.state_dict()), 0, 0, 0
@@ -144,7 +196,7 @@ def train_mlp_router(
         order = torch.randperm(len(x_train), generator=generator)
         for step in range(steps):
             idx = order[step * batch_size : (step + 1) * batch_size]
-            loss = F.binary_cross_entropy_with_logits(router(x_train[idx]), target_train[idx])
+            loss = loss_fn(router(x_train[idx]), target_train[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -181,6 +233,9 @@ def build_routers(
             continue
         if selector == "similarity":
             routers[i] = SimilarityRouter(own["centroids"])
+        elif selector == "norm":
+            hidden, d_model = own["fc1.weight"].shape
+            routers[i] = NormRouter(d_model, num_experts, hidden)
         else:
             routers[i] = MLPRouter(own["fc1.weight"].shape[1], num_experts)
         routers[i].load_state_dict(own)

@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 from moefy import owners
 
 PARENT_RUN_ENV = "MOEFY_MLFLOW_PARENT_RUN_ID"
+# Wildcards a rule knows but its step does not take as flags (e.g. "penalty=hoyer"), for the run's tags.
+WILDCARDS_ENV = "MOEFY_WILDCARDS"
 OWNER_TAG = "moefy.owner"  # host:pid:start of the process that logs the run (see owners.py)
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 URI_ENV = "MLFLOW_TRACKING_URI"
@@ -188,6 +190,9 @@ def job_run(
     client = _client(uri)
     experiment_id = ensure_experiment(uri, os.environ.get(EXPERIMENT_ENV, "moefy"))
     wildcards = dict(wildcards or {})
+    for item in filter(None, os.environ.get(WILDCARDS_ENV, "").split(",")):
+        key, _, value = item.partition("=")
+        wildcards.setdefault(key, value)
     tags = {"rule": step, OWNER_TAG: owners.token(), **{f"wildcard.{k}": str(v) for k, v in wildcards.items()}}
     parent = os.environ.get(PARENT_RUN_ENV)
     if parent:

@@ -25,6 +25,7 @@ from moefy.data import length_grouped_batches, read_label_names, read_split, sha
 from moefy.ffn import capture, find_ffns
 from moefy.files import atomic_dir, write_json
 from moefy.models import load_classifier, load_tokenizer, save_classifier
+from moefy.sparsity import PENALTIES, layers_penalty, ramped_weight
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--sparsity-penalty", choices=PENALTIES, default="none",
+                        help="activation-sparsity penalty on the FFN activations (D2DMoE): none, l1 or hoyer")
     add_section_flags(parser, "finetune")
     return parser.parse_args(argv)
 
@@ -96,11 +99,15 @@ def main(argv: list[str] | None = None) -> None:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
     ddp = DistributedDataParallel(model) if ctx.distributed else model
 
-    with tracking.job_run("finetune", vars(args), enabled=ctx.is_main) as run:
+    penalised = args.sparsity_penalty != "none"
+    ffns = find_ffns(model)
+    with tracking.job_run("finetune", vars(args), enabled=ctx.is_main) as run, \
+            capture(ffns, inputs=False, activations=penalised) as seen:
         run.set_tags({"precision": "bf16" if bf16 else "fp32", "world_size": ctx.world_size})
         best = {"validation_accuracy": -1.0}
         step, started = 0, time.time()
         for epoch in range(1, args.epochs + 1):
+            penalty_sum, penalty_steps = 0.0, 0
             model.train()
             batches = length_grouped_batches(train.lengths, args.batch_size, seed=args.seed * 1000 + epoch)
             batches = [b for b in batches if len(b) >= ctx.world_size]
@@ -113,7 +120,12 @@ def main(argv: list[str] | None = None) -> None:
                 # Sum over this rank's part, over the global batch: DDP's gradient mean then
                 # equals the global-batch mean whatever the number of ranks.
                 loss = torch.nn.functional.cross_entropy(logits.float(), train_y[local].to(ctx.device), reduction="sum")
-                (loss * ctx.world_size / len(full)).backward()
+                total = loss * ctx.world_size / len(full)
+                if penalised:
+                    penalty = layers_penalty([seen[f.index]["h"] for f in ffns], inputs["attention_mask"].bool(), args.sparsity_penalty)
+                    total = total + ramped_weight(args.sparsity_weight, step, total_steps, args.sparsity_ramp) * penalty
+                    penalty_sum, penalty_steps = penalty_sum + penalty.item(), penalty_steps + 1
+                total.backward()
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -122,9 +134,14 @@ def main(argv: list[str] | None = None) -> None:
                     bar.set_postfix(loss=f"{loss.item() / len(local):.3f}")
                     run.log_metrics({"train_loss": loss.item() / len(local)}, step=step)
             val_acc = accuracy(model, validation, val_labels, args.eval_batch_size, ctx, "validation")
-            run.log_metrics({"validation_accuracy": val_acc, "epoch_seconds": time.time() - started}, step=epoch)
+            epoch_metrics = {"validation_accuracy": val_acc, "epoch_seconds": time.time() - started}
+            if penalised:
+                epoch_metrics[f"{args.sparsity_penalty}_penalty"] = penalty_sum / max(1, penalty_steps)
+                epoch_metrics["validation_sparsity_mean"] = float(np.mean(activation_sparsity(model, validation, args.eval_batch_size, ctx)))
+            run.log_metrics(epoch_metrics, step=epoch)
             if ctx.is_main:
-                print(f"epoch {epoch}: validation accuracy {val_acc:.4f} ({time.time() - started:.0f} s)", flush=True)
+                extra = f", sparsity {epoch_metrics['validation_sparsity_mean']:.3f}" if penalised else ""
+                print(f"epoch {epoch}: validation accuracy {val_acc:.4f}{extra} ({time.time() - started:.0f} s)", flush=True)
             if val_acc > best["validation_accuracy"]:
                 best = {"validation_accuracy": val_acc, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
 
@@ -138,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             "train_seconds": time.time() - started,
             "train_examples": len(train),
             "activation": args.activation,
+            "sparsity_penalty": args.sparsity_penalty,
             "precision": "bf16" if bf16 else "fp32",
             "sparsity_mean": float(np.mean(sparsity)),
             "sparsity_per_layer": sparsity,

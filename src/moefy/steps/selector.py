@@ -4,6 +4,8 @@
   similarity   nearest expert centroids (mean normalised W_in rows of the expert)
   mlp          MoEfication's router, trained on the sampled FFN inputs with BCE on scaled expert
                mass, early-stopped on held-out tokens
+  norm         D2DMoE's router: an MLP trained with MSE to predict each expert's output norm
+               (relative to the layer's mean), same training loop
 Selector recall at a budget: the activation mass in the router's top-k experts over the mass in
 the oracle's top-k, on the held-out tokens. Layers are spread over torchrun ranks. Writes
 <out>/router.safetensors and <out>/metrics.json.
@@ -24,16 +26,20 @@ from moefy.ffn import find_ffns
 from moefy.files import load_tensors, save_tensors, write_json
 from moefy.models import load_classifier
 from moefy.routers import (
+    LOSSES,
     SELECTORS,
     GroundTruthRouter,
+    MLPRouter,
+    NormRouter,
     SimilarityRouter,
     budget_to_k,
     expert_centroids,
     expert_mass,
+    expert_output_norms,
     router_tensors,
     scaled_mass,
     topk_recall,
-    train_mlp_router,
+    train_router,
 )
 
 
@@ -55,29 +61,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_layer(args: argparse.Namespace, ffn, labels: torch.Tensor, x: torch.Tensor) -> tuple[torch.nn.Module, dict]:
     """One layer's router and its held-out metrics."""
+    E = args.num_experts
     with torch.no_grad():
-        mass = expert_mass(ffn.activations(x), labels, args.num_experts)
+        h = ffn.activations(x)
+        mass = expert_mass(h, labels, E)
     heldout = max(1, int(round(len(x) * args.heldout_fraction)))
-    x_fit, x_val, mass_fit, mass_val = x[:-heldout], x[-heldout:], mass[:-heldout], mass[-heldout:]
-    centroids = expert_centroids(ffn.w_in.weight.detach(), labels, args.num_experts)
+    x_fit, x_val, mass_val = x[:-heldout], x[-heldout:], mass[-heldout:]
+    centroids = expert_centroids(ffn.w_in.weight.detach(), labels, E)
     stats: dict[str, float] = {}
     if args.selector == "groundtruth":
-        router = GroundTruthRouter(labels, args.num_experts)
+        router = GroundTruthRouter(labels, E)
     elif args.selector == "similarity":
         router = SimilarityRouter(centroids)
     else:
-        fit = train_mlp_router(
-            x_fit, scaled_mass(mass_fit), x_val, scaled_mass(mass_val), centroids,
-            epochs=args.mlp_epochs, batch_size=args.mlp_batch_size, learning_rate=args.mlp_learning_rate,
-            patience=args.mlp_patience, seed=args.seed * 1000 + ffn.index, desc=f"layer {ffn.index}",
-        )
+        seed = args.seed * 1000 + ffn.index
+        torch.manual_seed(seed)
+        if args.selector == "mlp":
+            router, target = MLPRouter(x.shape[1], E, centroids), scaled_mass(mass)
+        else:
+            with torch.no_grad():
+                norms = expert_output_norms(h, ffn.w_out.weight.detach(), labels, E)
+            router, target = NormRouter(x.shape[1], E, args.norm_hidden), norms / norms[:-heldout].mean().clamp(min=1e-12)
+        fit = train_router(router.to(x.device), LOSSES[args.selector], x_fit, target[:-heldout], x_val, target[-heldout:],
+                           epochs=args.mlp_epochs, batch_size=args.mlp_batch_size, learning_rate=args.mlp_learning_rate,
+                           patience=args.mlp_patience, seed=seed, desc=f"layer {ffn.index}")
         router = fit.router
+        loss = "bce" if args.selector == "mlp" else "mse"
         stats = {"epochs_run": fit.epochs_run, "best_epoch": fit.best_epoch,
-                 "heldout_bce": fit.best_heldout_loss, "heldout_bce_initial": fit.initial_heldout_loss}
+                 f"heldout_{loss}": fit.best_heldout_loss, f"heldout_{loss}_initial": fit.initial_heldout_loss}
     with torch.no_grad():
-        scores = router(x_val, ffn.activations(x_val))
+        scores = router(x_val, h[-heldout:])
     for budget in args.budgets:
-        stats[f"recall@{budget:g}"] = topk_recall(scores, mass_val, budget_to_k(budget, args.num_experts))
+        stats[f"recall@{budget:g}"] = topk_recall(scores, mass_val, budget_to_k(budget, E))
     return router.cpu(), stats
 
 
