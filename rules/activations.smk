@@ -14,6 +14,7 @@ rule activations:
         "../envs/moefy.yaml"
     threads: COMPUTE["threads"]["activations"]
     params:
+        task=config["task"],
         launch=torchrun("activations"),
         omp=omp_threads,
         data=folder_of("train"),
@@ -21,5 +22,5 @@ rule activations:
         seed=config["seed"],
         settings=step_settings("activations"),
     shell:
-        "OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --data {params.data} "
+        "OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --task {params.task} --data {params.data} "
         "--out {params.out} --seed {params.seed} {params.settings} > {log} 2>&1"

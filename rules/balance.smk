@@ -12,10 +12,11 @@ rule balance:
         "../envs/moefy.yaml"
     threads: COMPUTE["threads"]["balance"]
     params:
+        task=config["task"],
         out=folder_of("labels", "output"),
         neighbors=config["split"]["coact_neighbors"],
         seed=config["seed"],
     shell:
-        "OMP_NUM_THREADS={threads} python -m moefy.steps.balance --model {input.model} --labels {input.labels} "
+        "OMP_NUM_THREADS={threads} python -m moefy.steps.balance --model {input.model} --task {params.task} --labels {input.labels} "
         "--coactivation {input.coactivation} --split {wildcards.split} --num-experts {wildcards.num_experts} "
         "--coact-neighbors {params.neighbors} --out {params.out} --seed {params.seed} > {log} 2>&1"

@@ -1,7 +1,6 @@
 rule evaluate:
     input:
         model=rules.finetune.output.model,
-        dense=rules.finetune.output.metrics,
         test=rules.data.output.test,
         labels=rules.balance.output.labels,
         router=rules.selector.output.router,
@@ -15,12 +14,13 @@ rule evaluate:
         "../envs/moefy.yaml"
     threads: COMPUTE["threads"]["evaluate"]
     params:
+        task=config["task"],
         launch=torchrun("evaluate"),
         omp=omp_threads,
         data=folder_of("test"),
         settings=step_settings("evaluate"),
     shell:
-        "OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --dense-metrics {input.dense} "
+        "OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --task {params.task} "
         "--data {params.data} --labels {input.labels} --router {input.router} --split {wildcards.split} "
         "--num-experts {wildcards.num_experts} --selector {wildcards.selector} --out {output} "
         "{params.settings} > {log} 2>&1"

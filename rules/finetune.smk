@@ -13,6 +13,7 @@ rule finetune:
         "../envs/moefy.yaml"
     threads: COMPUTE["threads"]["finetune"]
     params:
+        task=config["task"],
         launch=torchrun("finetune"),
         omp=omp_threads,
         model=model_source,
@@ -22,5 +23,5 @@ rule finetune:
         seed=config["seed"],
         settings=step_settings("finetune"),
     shell:
-        "OMP_NUM_THREADS={params.omp} {params.launch} --model {params.model} {params.remote_code} "
+        "OMP_NUM_THREADS={params.omp} {params.launch} --model {params.model} --task {params.task} {params.remote_code} "
         "--data {params.data} --out {params.out} --seed {params.seed} {params.settings} > {log} 2>&1"

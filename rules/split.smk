@@ -11,6 +11,7 @@ rule split:
         "../envs/moefy.yaml"
     threads: COMPUTE["threads"]["split"]
     params:
+        task=config["task"],
         launch=torchrun("split"),
         omp=omp_threads,
         out=folder_of("labels", "output"),
@@ -18,6 +19,6 @@ rule split:
         seed=config["seed"],
         settings=step_settings("split"),
     shell:
-        "OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --method {wildcards.split} "
+        "OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --task {params.task} --method {wildcards.split} "
         "--num-experts {wildcards.num_experts} {params.coactivation} "
         "--out {params.out} --seed {params.seed} {params.settings} > {log} 2>&1"
