@@ -41,6 +41,14 @@ def _source(name_or_path: str) -> tuple[str, dict]:
     return str(path.parent), {"gguf_file": path.name}
 
 
+def _plain_float_model(model: torch.nn.Module) -> None:
+    """Forget that the weights came from a GGUF file: they are dequantised float32 tensors in
+    plain nn.Linear modules, which the fine-tuned model is saved as (a quantizer would refuse)."""
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+
+
 def _load(what: str, name_or_path: str, loader):
     try:
         return loader()
@@ -91,6 +99,11 @@ def load_model(
     where, extra = _source(name_or_path)
     config = load_config(name_or_path, trust_remote_code)
     adapter = family(config)
+    weights = dict(extra)
+    if "gguf_file" in extra:  # unpack every weight: the FFN adapter and MoE layers need plain nn.Linear
+        from transformers import GgufConfig
+
+        weights["quantization_config"] = GgufConfig(gguf_file=extra["gguf_file"], dequantize=True)
     if task == "causal_lm" and not adapter.causal_lm:
         raise MoefyError(
             f"task causal_lm needs a decoder-only model with a next-token head; {name_or_path} is a "
@@ -112,10 +125,12 @@ def load_model(
             "model",
             name_or_path,
             lambda: _HEADS[task].from_pretrained(where, config=config, trust_remote_code=trust_remote_code,
-                                                 dtype=torch.float32, **extra),
+                                                 dtype=torch.float32, **weights),
         )
     finally:
         hf_logging.set_verbosity(verbosity)
+    if "gguf_file" in extra:
+        _plain_float_model(model)
     adapter.find(model)  # converts in place where needed, before an optimizer sees the parameters
     return model
 
