@@ -15,6 +15,7 @@ rule activations:
     threads: COMPUTE["threads"]["activations"]
     params:
         tags=wildcard_tags,
+        task=config["task"],
         launch=torchrun("activations"),
         omp=omp_threads,
         data=folder_of("train"),
@@ -22,5 +23,5 @@ rule activations:
         seed=config["seed"],
         settings=step_settings("activations"),
     shell:
-        "{params.tags} OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --data {params.data} "
+        "{params.tags} OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --task {params.task} --data {params.data} "
         "--out {params.out} --seed {params.seed} {params.settings} > {log} 2>&1"

@@ -13,10 +13,11 @@ rule balance:
     threads: COMPUTE["threads"]["balance"]
     params:
         tags=wildcard_tags,
+        task=config["task"],
         out=folder_of("labels", "output"),
         neighbors=config["split"]["coact_neighbors"],
         seed=config["seed"],
     shell:
-        "{params.tags} OMP_NUM_THREADS={threads} python -m moefy.steps.balance --model {input.model} --labels {input.labels} "
+        "{params.tags} OMP_NUM_THREADS={threads} python -m moefy.steps.balance --model {input.model} --task {params.task} --labels {input.labels} "
         "--coactivation {input.coactivation} --split {wildcards.split} --num-experts {wildcards.num_experts} "
         "--coact-neighbors {params.neighbors} --out {params.out} --seed {params.seed} > {log} 2>&1"

@@ -78,6 +78,12 @@ def fetched(section):
     return config[section].get("fetch")
 
 
+def model_fetch_output():
+    """What fetch_model writes: a single file for a .gguf model, else a model folder."""
+    path = config["model"]["name_or_path"]
+    return path if path.lower().endswith(".gguf") else directory(path)
+
+
 def model_input():
     """The model folder as a file dependency when it is local (fetched or given); none for hub ids."""
     path = config["model"]["name_or_path"]

@@ -4,7 +4,7 @@ if fetched("model"):
 
     rule fetch_model:
         output:
-            directory(config["model"]["name_or_path"]),
+            model_fetch_output(),
         log:
             logs("fetch_model"),
         conda:
@@ -44,7 +44,8 @@ rule data:
         "../envs/moefy.yaml"
     params:
         source=dataset_flags(),
+        task=config["task"],
         seed=config["seed"],
         out=folder_of("train", "output"),
     shell:
-        "python -m moefy.steps.data {params.source} --seed {params.seed} --out {params.out} > {log} 2>&1"
+        "python -m moefy.steps.data {params.source} --task {params.task} --seed {params.seed} --out {params.out} > {log} 2>&1"

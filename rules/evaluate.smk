@@ -1,7 +1,6 @@
 rule evaluate:
     input:
         model=rules.finetune.output.model,
-        dense=rules.finetune.output.metrics,
         test=rules.data.output.test,
         labels=rules.balance.output.labels,
         router=rules.selector.output.router,
@@ -16,12 +15,13 @@ rule evaluate:
     threads: COMPUTE["threads"]["evaluate"]
     params:
         tags=wildcard_tags,
+        task=config["task"],
         launch=torchrun("evaluate"),
         omp=omp_threads,
         data=folder_of("test"),
         settings=step_settings("evaluate"),
     shell:
-        "{params.tags} OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --dense-metrics {input.dense} "
+        "{params.tags} OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --task {params.task} "
         "--data {params.data} --labels {input.labels} --router {input.router} --split {wildcards.split} "
         "--num-experts {wildcards.num_experts} --selector {wildcards.selector} --out {output} "
         "{params.settings} > {log} 2>&1"

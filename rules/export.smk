@@ -17,6 +17,7 @@ rule export:
         budget=r"[0-9.]+",
     params:
         tags=wildcard_tags,
+        task=config["task"],
     shell:
         "{params.tags} python -m moefy.steps.export --model {input.model} --labels {input.labels} --router {input.router} "
         "--split {wildcards.split} --num-experts {wildcards.num_experts} --selector {wildcards.selector} "

@@ -13,6 +13,7 @@ rule finetune:
         "../envs/moefy.yaml"
     threads: COMPUTE["threads"]["finetune"]
     params:
+        task=config["task"],
         launch=torchrun("finetune"),
         omp=omp_threads,
         model=model_source,
@@ -23,6 +24,6 @@ rule finetune:
         settings=step_settings("finetune"),
         tags=wildcard_tags,
     shell:
-        "{params.tags} OMP_NUM_THREADS={params.omp} {params.launch} --model {params.model} {params.remote_code} "
+        "{params.tags} OMP_NUM_THREADS={params.omp} {params.launch} --model {params.model} --task {params.task} {params.remote_code} "
         "--data {params.data} --out {params.out} --seed {params.seed} --sparsity-penalty {wildcards.penalty} "
         "{params.settings} > {log} 2>&1"

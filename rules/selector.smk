@@ -13,6 +13,7 @@ rule selector:
     threads: COMPUTE["threads"]["selector"]
     params:
         tags=wildcard_tags,
+        task=config["task"],
         launch=torchrun("selector"),
         omp=omp_threads,
         out=folder_of("router", "output"),
@@ -20,7 +21,7 @@ rule selector:
         seed=config["seed"],
         settings=step_settings("selector"),
     shell:
-        "{params.tags} OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --labels {input.labels} "
+        "{params.tags} OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --task {params.task} --labels {input.labels} "
         "--hidden {input.hidden} --split {wildcards.split} --num-experts {wildcards.num_experts} "
         "--selector {wildcards.selector} {params.budgets} --out {params.out} --seed {params.seed} "
         "{params.settings} > {log} 2>&1"

@@ -12,6 +12,7 @@ rule split:
     threads: COMPUTE["threads"]["split"]
     params:
         tags=wildcard_tags,
+        task=config["task"],
         launch=torchrun("split"),
         omp=omp_threads,
         out=folder_of("labels", "output"),
@@ -19,6 +20,6 @@ rule split:
         seed=config["seed"],
         settings=step_settings("split"),
     shell:
-        "{params.tags} OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --method {wildcards.split} "
+        "{params.tags} OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --task {params.task} --method {wildcards.split} "
         "--num-experts {wildcards.num_experts} {params.coactivation} "
         "--out {params.out} --seed {params.seed} {params.settings} > {log} 2>&1"

@@ -12,6 +12,7 @@ from moefy.data import (
     load_hub,
     load_table,
     prepare_splits,
+    prepare_texts,
     read_label_names,
     read_split,
     shard_batches,
@@ -338,3 +339,27 @@ def test_shard_batches_partition_each_batch(world_size):
         parts = [shards[r][i] for r in range(world_size)]
         assert np.array_equal(np.concatenate(parts), batch)
         assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+def test_text_only_splits_for_causal_lm(tmp_path):
+    """causal_lm ignores labels: texts are split by distinct text, written and read back without labels."""
+    (tmp_path / "c.csv").write_text("category,text\nfresh,a b\nrotten,a b\nplot, \n" + "".join(f"x,t{i}\n" for i in range(40)))
+    table = load_table(tmp_path / "c.csv", "text", None)
+    splits = prepare_texts(table, 0.1, 0.1, seed=0)
+    texts = {split: list(frame["text"]) for split, frame in splits.items()}
+    assert sum(map(len, texts.values())) == 42 and "" not in sum(texts.values(), [])
+    assert sum(t == "a b" for t in sum(texts.values(), [])) == 2 and len({s for s, ts in texts.items() if "a b" in ts}) == 1
+    write_splits(tmp_path / "out", splits, [])
+    assert json.loads((tmp_path / "out" / "train.jsonl").read_text().splitlines()[0]).keys() == {"text"}
+    read_texts, labels = read_split(tmp_path / "out" / "test.jsonl")
+    assert read_texts == texts["test"] and labels is None
+
+
+def test_split_mixing_labelled_and_unlabelled_rows_is_damaged(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "a", "label": 1}\n{"text": "b"}\n')
+    with pytest.raises(MoefyError, match="damaged at line 2"):
+        read_split(path)
+    path.write_text('{"text": "a"}\n{"text": "b", "label": 0}\n')
+    with pytest.raises(MoefyError, match="damaged at line 2"):
+        read_split(path)

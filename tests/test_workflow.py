@@ -172,8 +172,7 @@ def test_two_cpu_ranks_give_the_same_results_as_one(study, tmp_path):
             torchrun("split", nproc, "--model", str(model), "--method", method, "--num-experts", str(E),
                      "--coactivation", str(out / "activations" / "coactivation.safetensors"),
                      "--out", str(out / "split" / method), cwd=study)
-        torchrun("evaluate", nproc, "--model", str(model), "--dense-metrics", str(results(study, "finetune", "metrics.json")),
-                 "--data", str(data), "--labels", str(results(study, "balance", f"kmeans-E{E}", "labels.safetensors")),
+        torchrun("evaluate", nproc, "--model", str(model), "--data", str(data), "--labels", str(results(study, "balance", f"kmeans-E{E}", "labels.safetensors")),
                  "--router", str(results(study, "selector", f"kmeans-E{E}-mlp", "router.safetensors")),
                  "--split", "kmeans", "--num-experts", str(E), "--selector", "mlp", "--budgets", "0.25", "0.5", "--thresholds", "0.5",
                  "--batch-size", "8", "--out", str(out / "evaluate.json"), cwd=study)

@@ -1,4 +1,4 @@
-"""Tokenised texts in length-grouped batches, and the accuracy pass every step shares.
+"""Tokenised texts in length-grouped batches, and the metric pass every step shares.
 
 Texts are tokenised once without padding; each batch is padded only to its longest text, and
 batches group similar lengths, which makes CPU training and evaluation 2-3x faster than padding
@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from moefy import dist
 from moefy.data import length_grouped_batches
+from moefy.tasks import Task
 
 
 class Encoded:
@@ -56,19 +57,21 @@ def iterate(
             yield idx, inputs, model(**inputs).logits
 
 
-def accuracy(
+def measure(
     model: torch.nn.Module,
+    task: Task,
     encoded: Encoded,
-    labels: Sequence[int],
+    labels: Sequence[int] | None,
     batch_size: int,
     ctx: dist.Context,
     desc: str | None = None,
 ) -> float:
-    """Accuracy over all ranks (each rank scores its shard; counts are summed)."""
-    labels_t = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    counts = torch.zeros(2, dtype=torch.float64)
-    for idx, _, logits in iterate(model, encoded, eval_batches(encoded, batch_size, ctx), ctx, desc):
-        counts[0] += (logits.argmax(-1).cpu() == labels_t[idx]).sum()
-        counts[1] += len(idx)
-    dist.all_reduce_sum(counts, ctx)
-    return float(counts[0] / counts[1])
+    """The task's metric (accuracy, perplexity) over all ranks: each rank scores its shard, sums are added."""
+    labels_t = None if labels is None else torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    sums = torch.zeros(2, dtype=torch.float64)
+    for idx, inputs, logits in iterate(model, encoded, eval_batches(encoded, batch_size, ctx), ctx, desc):
+        targets = None if labels_t is None else labels_t[idx].to(logits.device)
+        score, count, _ = task.batch_stats(logits, inputs, targets)
+        sums += torch.tensor([score, count], dtype=torch.float64)
+    dist.all_reduce_sum(sums, ctx)
+    return task.metric_of(float(sums[0]), float(sums[1]))

@@ -1,7 +1,8 @@
 """Neuron co-activation counts, accumulated as a streaming matrix product.
 
-C[i, j] counts the tokens on which neurons i and j are both positive; C[i, i] counts the tokens
-on which i fires. Each batch adds B^T B for its binarised activations B [tokens, d_ff], so memory
+C[i, j] counts the tokens on which neurons i and j both fire; C[i, i] counts the tokens on which
+i fires. `update` takes the boolean firing mask of FFN.fired (which also defines firing for gated and
+never-zero activations), or ReLU activations, which fire where h > 0. Each batch adds B^T B for its binarised activations B [tokens, d_ff], so memory
 is the d_ff x d_ff accumulator plus one batch's product (never a tokens x d_ff x d_ff tensor).
 
 B is 0/1, so the product is done in int8 with int32 accumulation where torch supports it
@@ -28,6 +29,10 @@ def _int8_matmul_works(device_type: str) -> bool:
         return False
 
 
+def _fired(h: torch.Tensor) -> torch.Tensor:
+    return h if h.dtype == torch.bool else h > 0
+
+
 class CoactivationCounter:
     def __init__(self, d_ff: int, device: torch.device | str = "cpu"):
         device = torch.device(device)
@@ -43,12 +48,12 @@ class CoactivationCounter:
         return self._acc
 
     def update(self, h: torch.Tensor) -> None:
-        """Add the activations of some tokens, h [tokens, d_ff]."""
+        """Add some tokens' firing mask (bool) or ReLU activations, h [tokens, d_ff]."""
         if self.tokens + h.shape[0] > EXACT_LIMIT:
             raise ValueError(f"co-activation counts are exact up to {EXACT_LIMIT} tokens; lower activations.max_tokens")
         self.tokens += h.shape[0]
         if self._acc.dtype == torch.int32:
-            fired = (h > 0).to(torch.int8)
+            fired = _fired(h).to(torch.int8)
             rows = fired.shape[0]
             if rows % 8:  # _int_mm wants the inner dimension in multiples of 8; zero rows count nothing
                 fired = torch.cat([fired, fired.new_zeros(8 - rows % 8, fired.shape[1])])
@@ -57,7 +62,7 @@ class CoactivationCounter:
                 return
             except RuntimeError:  # a shape this device's int8 kernel refuses: count in float32 from now on
                 self._acc = self._acc.float()
-        fired = (h > 0).to(torch.float32)
+        fired = _fired(h).to(torch.float32)
         self._acc.addmm_(fired.t(), fired)
 
     def sparsity(self) -> float:

@@ -48,7 +48,13 @@ def _read(path: Path, fmt: str) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def _pick_columns(df: pd.DataFrame, text_column: str, label_column: str, source: str) -> pd.DataFrame:
+def _pick_columns(df: pd.DataFrame, text_column: str, label_column: str | None, source: str) -> pd.DataFrame:
+    """Columns text and label (label all missing when label_column is None: a text-only task)."""
+    if label_column is None:
+        if text_column not in df.columns:
+            raise MoefyError(f"{source} has no column {text_column!r} (its columns: {', '.join(map(str, df.columns))}); "
+                             f"set dataset.text_column to one of them")
+        return pd.DataFrame({"text": df[text_column], "label": None}).reset_index(drop=True)
     if text_column == label_column:
         raise MoefyError(f"dataset.text_column and dataset.label_column are both {text_column!r}; they must name two different columns of {source}")
     columns = [str(c) for c in df.columns]
@@ -70,8 +76,9 @@ def _integral_floats_to_int(labels: pd.Series) -> pd.Series:
     return labels
 
 
-def load_table(path: str | Path, text_column: str, label_column: str) -> pd.DataFrame:
-    """Read a local CSV/TSV/JSONL/JSON/Parquet file (optionally .gz/.bz2/.xz/.zip) into columns text, label."""
+def load_table(path: str | Path, text_column: str, label_column: str | None) -> pd.DataFrame:
+    """Read a local CSV/TSV/JSONL/JSON/Parquet file (optionally .gz/.bz2/.xz/.zip) into columns text, label
+    (label_column None: texts only, for causal language modelling)."""
     path = Path(path)
     if not path.is_file():
         raise MoefyError(f"data file {path} does not exist (or is not a file); fix dataset.path in the config")
@@ -91,7 +98,7 @@ def load_table(path: str | Path, text_column: str, label_column: str) -> pd.Data
     return df
 
 
-def load_hub(name: str, config: str | None, text_column: str, label_column: str) -> pd.DataFrame:
+def load_hub(name: str, config: str | None, text_column: str, label_column: str | None) -> pd.DataFrame:
     """Pool every split of a Hugging Face dataset into columns text, label (we re-split it ourselves)."""
     try:
         import datasets
@@ -112,14 +119,15 @@ def load_hub(name: str, config: str | None, text_column: str, label_column: str)
     frames = []
     for split, ds in parts:
         source = f"Hugging Face dataset {name!r} split {split!r}"
-        missing = [c for c in (text_column, label_column) if c not in ds.column_names]
+        wanted = [c for c in (text_column, label_column) if c is not None]
+        missing = [c for c in wanted if c not in ds.column_names]
         if missing:
             raise MoefyError(
                 f"{source} has no column {missing[0]!r} (its columns: {', '.join(ds.column_names)}); "
                 f"set dataset.text_column / dataset.label_column to one of them"
             )
-        frame = _pick_columns(ds.select_columns([text_column, label_column]).to_pandas(), text_column, label_column, source)
-        feature = ds.features[label_column]
+        frame = _pick_columns(ds.select_columns(wanted).to_pandas(), text_column, label_column, source)
+        feature = ds.features[label_column] if label_column is not None else None
         if isinstance(feature, datasets.ClassLabel):
             # -1 marks unlabeled rows (e.g. GLUE test sets); they become missing and are dropped later.
             names = feature.names
@@ -152,6 +160,51 @@ def _listing(names: Sequence[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
+def _check_fractions(validation_fraction: float, test_fraction: float) -> None:
+    for key, fraction in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
+        if not 0 < fraction < 1:
+            raise MoefyError(f"dataset.{key} is {fraction}; it must be between 0 and 1 (exclusive)")
+    if validation_fraction + test_fraction >= 1:
+        raise MoefyError(
+            f"dataset.validation_fraction + dataset.test_fraction = {validation_fraction + test_fraction} "
+            f"leaves nothing for training; make their sum smaller than 1"
+        )
+
+
+def _split_rows(texts: pd.Series, validation_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """The split of every row, decided per distinct text so no text is in two splits."""
+    codes, unique_texts = pd.factorize(texts)
+    n = len(unique_texts)
+    n_test = round(test_fraction * n)
+    n_val = round(validation_fraction * n)
+    sizes = {"test": n_test, "validation": n_val, "train": n - n_test - n_val}
+    for split, size in sizes.items():
+        if size <= 0:
+            raise MoefyError(
+                f"the {split} split would be empty: there are only {n} distinct texts, and with "
+                f"dataset.validation_fraction={validation_fraction}, dataset.test_fraction={test_fraction} "
+                f"none of them goes to {split}; use more data or adjust the fractions"
+            )
+    order = np.random.default_rng(seed).permutation(n)
+    split_of_text = np.empty(n, dtype=object)
+    split_of_text[order[:n_test]] = "test"
+    split_of_text[order[n_test:n_test + n_val]] = "validation"
+    split_of_text[order[n_test + n_val:]] = "train"
+    return split_of_text[codes]
+
+
+def prepare_texts(df: pd.DataFrame, validation_fraction: float, test_fraction: float, seed: int) -> dict[str, pd.DataFrame]:
+    """Texts only (causal language modelling): clean and split by distinct text, like prepare_splits."""
+    _check_fractions(validation_fraction, test_fraction)
+    texts = df["text"][df["text"].notna()].astype(str).str.strip()
+    texts = texts[texts != ""].reset_index(drop=True)
+    if texts.empty:
+        raise MoefyError("the text column has no non-blank texts; check dataset.text_column")
+    split_of_row = _split_rows(texts, validation_fraction, test_fraction, seed)
+    values = texts.to_numpy()
+    return {split: pd.DataFrame({"text": values[split_of_row == split]}) for split in SPLITS}
+
+
 def prepare_splits(
     df: pd.DataFrame,
     labels: list | None,
@@ -163,15 +216,7 @@ def prepare_splits(
 
     Returns ({"train", "validation", "test"} -> DataFrame(text, label id int64), label names).
     """
-    for key, fraction in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
-        if not 0 < fraction < 1:
-            raise MoefyError(f"dataset.{key} is {fraction}; it must be between 0 and 1 (exclusive)")
-    if validation_fraction + test_fraction >= 1:
-        raise MoefyError(
-            f"dataset.validation_fraction + dataset.test_fraction = {validation_fraction + test_fraction} "
-            f"leaves nothing for training; make their sum smaller than 1"
-        )
-
+    _check_fractions(validation_fraction, test_fraction)
     df = df[df["label"].notna() & df["text"].notna()]
     rows = pd.DataFrame({"text": df["text"].astype(str).str.strip(), "raw": df["label"]})
     rows = rows[rows["text"] != ""]
@@ -198,26 +243,7 @@ def prepare_splits(
             f"classification needs at least 2 — check dataset.label_column and dataset.labels"
         )
 
-    codes, unique_texts = pd.factorize(rows["text"])
-    n = len(unique_texts)
-    n_test = round(test_fraction * n)
-    n_val = round(validation_fraction * n)
-    sizes = {"test": n_test, "validation": n_val, "train": n - n_test - n_val}
-    for split, size in sizes.items():
-        if size <= 0:
-            raise MoefyError(
-                f"the {split} split would be empty: there are only {n} distinct texts, and with "
-                f"dataset.validation_fraction={validation_fraction}, dataset.test_fraction={test_fraction} "
-                f"none of them goes to {split}; use more data or adjust the fractions"
-            )
-
-    order = np.random.default_rng(seed).permutation(n)
-    split_of_text = np.empty(n, dtype=object)
-    split_of_text[order[:n_test]] = "test"
-    split_of_text[order[n_test:n_test + n_val]] = "validation"
-    split_of_text[order[n_test + n_val:]] = "train"
-    split_of_row = split_of_text[codes]
-
+    split_of_row = _split_rows(rows["text"], validation_fraction, test_fraction, seed)
     label_id = rows["name"].map({name: i for i, name in enumerate(names)}).astype("int64").to_numpy()
     texts = rows["text"].to_numpy()
     splits = {
@@ -228,26 +254,33 @@ def prepare_splits(
 
 
 def write_splits(out_dir: str | Path, splits: dict[str, pd.DataFrame], label_names: Sequence[str]) -> None:
-    """Write train/validation/test.jsonl and labels.json, each appearing only once complete."""
+    """Write train/validation/test.jsonl and labels.json, each appearing only once complete.
+
+    Frames without a label column (causal LM) give rows {"text"} and no label names."""
     out_dir = Path(out_dir)
     for split in SPLITS:
         frame = splits[split]
         with atomic_path(out_dir / f"{split}.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
-            for text, label in zip(frame["text"], frame["label"]):
-                f.write(json.dumps({"text": str(text), "label": int(label)}, ensure_ascii=False) + "\n")
+            labels = frame["label"] if "label" in frame else [None] * len(frame)
+            for text, label in zip(frame["text"], labels):
+                row = {"text": str(text)} if label is None else {"text": str(text), "label": int(label)}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
     write_json(
         out_dir / "labels.json",
         {"names": [str(n) for n in label_names], "sizes": {split: int(len(splits[split])) for split in SPLITS}},
     )
 
 
-def read_split(path: str | Path) -> tuple[list[str], list[int]]:
-    """Read one split written by write_splits; a damaged file is an error, never a silently shorter split."""
+def read_split(path: str | Path) -> tuple[list[str], list[int] | None]:
+    """Read one split written by write_splits: (texts, labels), labels None for a text-only split.
+
+    A damaged file is an error, never a silently shorter split."""
     path = Path(path)
     if not path.is_file():
         raise MoefyError(f"{path} does not exist; run the data step first (`snakemake --cores all {path}`)")
     texts: list[str] = []
     labels: list[int] = []
+    labelled = None
     lineno = 0
     try:
         with open(path, encoding="utf-8") as f:
@@ -255,13 +288,20 @@ def read_split(path: str | Path) -> tuple[list[str], list[int]]:
                 if not line.endswith("\n"):
                     raise ValueError("last line is cut off")
                 row = json.loads(line)
-                if not isinstance(row.get("text"), str) or isinstance(row.get("label"), bool) or not isinstance(row.get("label"), int):
-                    raise ValueError('expected {"text": string, "label": integer}')
+                if labelled is None:
+                    labelled = isinstance(row, dict) and "label" in row
+                if not isinstance(row.get("text"), str):
+                    raise ValueError('expected {"text": string} or {"text": string, "label": integer}')
+                if labelled:
+                    if isinstance(row.get("label"), bool) or not isinstance(row.get("label"), int):
+                        raise ValueError('expected {"text": string, "label": integer}')
+                    labels.append(row["label"])
+                elif "label" in row:
+                    raise ValueError("a label in a split whose first row has none")
                 texts.append(row["text"])
-                labels.append(row["label"])
     except (UnicodeDecodeError, ValueError, AttributeError) as err:
         raise MoefyError(f"{path} is damaged at line {lineno} ({err}); {_rerun_hint(path)}") from None
-    return texts, labels
+    return texts, (labels if labelled else None)
 
 
 def read_label_names(data_dir: str | Path) -> list[str]:

@@ -19,7 +19,7 @@ import torch
 
 from moefy.errors import MoefyError
 from moefy.files import atomic_dir, load_tensors, save_tensors, tensors_metadata
-from moefy.models import load_classifier, load_tokenizer
+from moefy.models import TASKS, load_model, load_tokenizer
 from moefy.moe import MoEFFN, moefy_model, set_experts_per_token
 from moefy.routers import budget_to_k, build_routers, router_tensors
 
@@ -43,15 +43,17 @@ def read_moe_parts(labels_path: Path, router_path: Path, selector: str, num_expe
 
 
 def save_moe(model_folder: str | os.PathLike, labels: dict[int, torch.Tensor], routers: dict[int, torch.nn.Module],
-             selector: str, num_experts: int, budget: float, out: str | os.PathLike) -> Path:
-    """Write `out`: the model folder's files plus the expert layout, routers and top-k rule."""
+             selector: str, num_experts: int, budget: float, out: str | os.PathLike, task: str = "classification") -> Path:
+    """Write `out`: the model folder's files plus the expert layout, routers, top-k rule and task."""
+    if task not in TASKS:
+        raise MoefyError(f"task {task!r} is unknown; choose one of {', '.join(TASKS)}")
     if selector == "groundtruth":
         raise MoefyError("the groundtruth selector is an oracle that computes every neuron, so it saves nothing at "
                          "inference; export a similarity or mlp router instead")
     model_folder, out = Path(model_folder), Path(out)
     tensors = {f"labels.{i}": t.to(torch.int32) for i, t in labels.items()}
     tensors |= {f"router.{key}": t for key, t in router_tensors(routers).items()}
-    metadata = {"format": FORMAT, "selector": selector, "num_experts": str(num_experts),
+    metadata = {"format": FORMAT, "task": task, "selector": selector, "num_experts": str(num_experts),
                 "rule": "top_k", "budget": repr(float(budget)), "k": str(budget_to_k(budget, num_experts))}
     with atomic_dir(out) as tmp:
         shutil.copytree(model_folder, tmp, dirs_exist_ok=True)
@@ -73,7 +75,7 @@ def load_moe(folder: str | os.PathLike, device: str | torch.device = "cpu") -> t
     num_experts = int(meta["num_experts"])
     router_weights = {key.removeprefix("router."): t for key, t in tensors.items() if key.startswith("router.")}
     routers = build_routers(meta["selector"], router_weights, labels, num_experts)
-    model = load_classifier(str(folder)).to(device).eval()
+    model = load_model(str(folder), meta.get("task", "classification")).to(device).eval()
     layers: list[MoEFFN] = moefy_model(model, labels, routers, num_experts)
     set_experts_per_token(layers, int(meta["k"]))
     return model, load_tokenizer(str(folder))

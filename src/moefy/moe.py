@@ -233,13 +233,15 @@ def ffn_seconds(layers: list[MoEFFN], reset: bool = True) -> float:
     return total
 
 
-def ffn_flops_fraction(d_model: int, d_ff: int, num_experts: int, k: float, router_flops: int, router_runs: bool | None = None) -> float:
+def ffn_flops_fraction(d_model: int, d_ff: int, num_experts: int, k: float, router_flops: int, router_runs: bool | None = None,
+                       gated: bool = False) -> float:
     """FFN multiply-add FLOPs per token with k of E experts (a mean for dynamic-k) plus the router,
-    over the dense FFN's.
+    over the dense FFN's (2 projections, or 3 for a gated FFN).
 
     With every expert chosen the router is not needed (MoEFFN skips it), so it costs nothing.
     """
-    dense = 4 * d_model * d_ff
-    expert = 4 * d_model * (d_ff // num_experts)
+    projections = 3 if gated else 2
+    dense = 2 * projections * d_model * d_ff
+    expert = 2 * projections * d_model * (d_ff // num_experts)
     router_runs = k < num_experts if router_runs is None else router_runs
     return (k * expert + (router_flops if router_runs else 0)) / dense

@@ -22,6 +22,15 @@ def _model_config(model: dict[str, Any]):
 
     name = model["name_or_path"]
     path = Path(name).expanduser()
+    if name.lower().endswith(".gguf"):
+        if not path.exists() and model.get("fetch"):
+            return None
+        from moefy.models import load_config
+
+        try:
+            return load_config(str(path), model["trust_remote_code"])
+        except MoefyError as err:
+            raise MoefyError(f"config key model.name_or_path: {err}") from None
     if not path.exists():
         if model.get("fetch"):
             return None
@@ -39,14 +48,21 @@ def _model_config(model: dict[str, Any]):
 
 
 def check_model(config: dict[str, Any]) -> None:
-    """The model family is supported and every grid.num_experts divides its d_ff."""
-    from moefy.ffn import family
+    """The model family is supported (with a next-token head for causal_lm) and every
+    grid.num_experts divides its d_ff."""
+    from moefy.ffn import causal_lm_families, family
     from moefy.split import check_num_experts
 
     model_config = _model_config(config["model"])
     if model_config is None:
         return
-    d_ff = family(model_config).d_ff(model_config)
+    adapter = family(model_config)
+    if config.get("task", "classification") == "causal_lm" and not adapter.causal_lm:
+        raise MoefyError(
+            f"config key task: causal_lm needs a decoder-only model, and {config['model']['name_or_path']!r} is a "
+            f"{model_config.model_type!r} model; use task: classification or one of {', '.join(causal_lm_families())}"
+        )
+    d_ff = adapter.d_ff(model_config)
     for num_experts in config["grid"]["num_experts"]:
         try:
             check_num_experts(d_ff, num_experts)
@@ -56,7 +72,7 @@ def check_model(config: dict[str, Any]) -> None:
 
 def check_dataset(config: dict[str, Any]) -> None:
     """A local data file exists, has the columns, and splits into non-empty train/validation/test."""
-    from moefy.data import load_table, prepare_splits
+    from moefy.data import load_table, prepare_splits, prepare_texts
 
     dataset = config["dataset"]
     if "path" not in dataset:
@@ -66,6 +82,10 @@ def check_dataset(config: dict[str, Any]) -> None:
         if dataset.get("fetch"):
             return
         raise MoefyError(f"config key dataset.path: data file {str(path)!r} does not exist")
+    if config.get("task", "classification") == "causal_lm":
+        table = load_table(path, dataset["text_column"], None)
+        prepare_texts(table, dataset["validation_fraction"], dataset["test_fraction"], config["seed"])
+        return
     table = load_table(path, dataset["text_column"], dataset["label_column"])
     prepare_splits(table, dataset["labels"], dataset["validation_fraction"], dataset["test_fraction"], config["seed"])
 

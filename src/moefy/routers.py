@@ -22,13 +22,18 @@ SELECTORS = ("groundtruth", "similarity", "mlp", "norm")
 
 
 def expert_mass(h: torch.Tensor, labels: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Sum of each expert's positive activations: MoEfication's ground-truth expert score."""
+    """Sum of |h| over each expert's neurons: the ground-truth expert score.
+
+    With ReLU, h >= 0 and this is MoEfication's sum of positive activations. A gated neuron's
+    h = act(gate) * up is negative whenever up is, and it moves the output just as much, so the
+    score counts magnitude, not sign (as does any activation that goes below zero, like GELU).
+    """
     out = h.new_zeros(*h.shape[:-1], num_experts)
-    return out.index_add_(-1, labels, h.clamp(min=0))
+    return out.index_add_(-1, labels, h.abs())
 
 
 def expert_centroids(w_in: torch.Tensor, labels: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Mean of each expert's L2-normalised W_in rows, [E, d]."""
+    """Mean of each expert's L2-normalised key rows (W_in, or the gate of a gated FFN), [E, d]."""
     rows = F.normalize(w_in.float(), dim=1)
     sums = rows.new_zeros(num_experts, rows.shape[1]).index_add_(0, labels, rows)
     counts = torch.bincount(labels, minlength=num_experts).clamp(min=1).unsqueeze(1)

@@ -3,7 +3,9 @@
 Runs the fine-tuned model over a seeded sample of training texts and writes
   <out>/hidden.safetensors        per layer `layer.{i}`: FFN inputs of `sample_tokens` tokens
                                    (float16, for router training)
-  <out>/coactivation.safetensors  per layer `layer.{i}`: d_ff x d_ff co-activation counts
+  <out>/coactivation.safetensors  per layer `layer.{i}`: d_ff x d_ff co-activation counts (a neuron
+                                   fires when h != 0 for ReLU-like activations, else when its |h|
+                                   is in the token's top `fire_fraction`)
   <out>/metrics.json              tokens counted, per-layer activation sparsity
 Texts are sharded over torchrun ranks; counts are all-reduced and the sample gathered on rank 0,
 so the outputs do not depend on the number of ranks.
@@ -24,7 +26,7 @@ from moefy.coactivation import CoactivationCounter
 from moefy.data import length_grouped_batches, read_split
 from moefy.ffn import capture, find_ffns
 from moefy.files import save_tensors, write_json
-from moefy.models import load_classifier, load_tokenizer
+from moefy.models import TASKS, load_model, load_tokenizer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,6 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="fine-tuned model folder (finetune/model)")
     parser.add_argument("--data", required=True, type=Path, help="folder with train.jsonl")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--task", choices=TASKS, default="classification")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     add_section_flags(parser, "activations")
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     ctx = dist.setup(args.device)
     tokenizer = load_tokenizer(args.model)
-    model = load_classifier(args.model).to(ctx.device)
+    model = load_model(args.model, args.task).to(ctx.device)
     ffns = find_ffns(model)
     texts, _ = read_split(args.data / "train.jsonl")
     chosen, n_sample = choose_texts(Encoded(tokenizer, texts).lengths, args.max_tokens, args.sample_tokens, args.seed)
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
         for idx, inputs, _ in iterate(model, encoded, batches, ctx, "activations"):
             real = inputs["attention_mask"].bool()
             for ffn, counter in zip(ffns, counters):
-                counter.update(seen[ffn.index]["h"][real])
+                counter.update(ffn.fired(seen[ffn.index]["h"][real], args.fire_fraction))
             for row, position in enumerate(idx):
                 if position < n_sample:
                     n = int(real[row].sum())

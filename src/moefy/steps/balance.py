@@ -22,7 +22,7 @@ from moefy.cli import run_step
 from moefy.errors import MoefyError
 from moefy.ffn import find_ffns
 from moefy.files import load_tensors, save_tensors, tensors_metadata, write_json
-from moefy.models import load_classifier
+from moefy.models import TASKS, load_model
 from moefy.split import association_graph, check_num_experts, kmeans_objective
 
 
@@ -35,6 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", required=True, choices=["random", "kmeans", "coact"], help="split method (for tags)")
     parser.add_argument("--coact-neighbors", type=int, default=64, help="association graph edges per neuron, as in the split")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--task", choices=TASKS, default="classification", help="the task the model was fine-tuned for")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -47,7 +48,7 @@ def excess_coactivation(counts: torch.Tensor, tokens: int) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    ffns = find_ffns(load_classifier(args.model))
+    ffns = find_ffns(load_model(args.model, args.task))
     size = check_num_experts(ffns[0].d_ff, args.num_experts)
     split_labels = load_tensors(args.labels)
     coactivation = load_tensors(args.coactivation)
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
             row = {
                 "coact_kept": weight_kept(counts, labels),
                 "excess_coact_kept": weight_kept(excess, labels),
-                "kmeans_objective": kmeans_objective(ffn.w_in.weight.detach(), labels),
+                "kmeans_objective": kmeans_objective(ffn.keys, labels),
                 "moved_neurons": int(np.sum(np.maximum(np.bincount(split, minlength=args.num_experts) - size, 0))),
                 "excess_coact_kept_before": weight_kept(excess, split),
                 # MoEfication's rule, moving random surplus neurons, for comparison

@@ -1,7 +1,8 @@
-"""Step 0, data: read the task's texts and labels and make the seeded train / validation / test split.
+"""Step 0, data: read the task's texts (and labels) and make the seeded train / validation / test split.
 
 Identical texts always land in the same split (no leakage). Writes <out>/train.jsonl,
-validation.jsonl, test.jsonl ({"text", "label"} per line) and labels.json.
+validation.jsonl, test.jsonl ({"text", "label"} per line; {"text"} for causal_lm, which ignores
+the label column) and labels.json.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 
 from moefy import tracking
 from moefy.cli import run_step
-from moefy.data import load_hub, load_table, prepare_splits, write_splits
+from moefy.data import load_hub, load_table, prepare_splits, prepare_texts, write_splits
+from moefy.models import TASKS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -25,6 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--labels", nargs="+", help="classes to keep, in label-id order")
     parser.add_argument("--validation-fraction", type=float, default=0.1)
     parser.add_argument("--test-fraction", type=float, default=0.1)
+    parser.add_argument("--task", choices=TASKS, default="classification", help="causal_lm keeps texts only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     return parser.parse_args(argv)
@@ -33,15 +36,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with tracking.job_run("data", vars(args)) as run:
+        label_column = args.label_column if args.task == "classification" else None
         if args.path is not None:
-            table = load_table(args.path, args.text_column, args.label_column)
+            table = load_table(args.path, args.text_column, label_column)
         else:
-            table = load_hub(args.hub_name, args.hub_config, args.text_column, args.label_column)
-        splits, names = prepare_splits(table, args.labels, args.validation_fraction, args.test_fraction, args.seed)
+            table = load_hub(args.hub_name, args.hub_config, args.text_column, label_column)
+        if label_column is None:
+            splits, names = prepare_texts(table, args.validation_fraction, args.test_fraction, args.seed), []
+        else:
+            splits, names = prepare_splits(table, args.labels, args.validation_fraction, args.test_fraction, args.seed)
         write_splits(args.out, splits, names)
         sizes = {name: len(frame) for name, frame in splits.items()}
         run.log_metrics({f"{name}_examples": n for name, n in sizes.items()} | {"classes": len(names)})
-        print(f"classes {names}; " + ", ".join(f"{name} {n}" for name, n in sizes.items()), flush=True)
+        print((f"classes {names}; " if names else "texts only; ") + ", ".join(f"{name} {n}" for name, n in sizes.items()), flush=True)
 
 
 if __name__ == "__main__":

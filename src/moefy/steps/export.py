@@ -12,6 +12,7 @@ from pathlib import Path
 from moefy import tracking
 from moefy.cli import run_step
 from moefy.export import read_moe_parts, save_moe
+from moefy.models import TASKS
 from moefy.routers import SELECTORS, budget_to_k
 
 
@@ -24,6 +25,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-experts", required=True, type=int)
     parser.add_argument("--selector", required=True, choices=SELECTORS)
     parser.add_argument("--budget", required=True, type=float, help="share of experts per token, in (0, 1]")
+    parser.add_argument("--task", choices=TASKS, default="classification", help="the task the model was fine-tuned for")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
     args = parser.parse_args(argv)
     if not 0 < args.budget <= 1:
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     labels, routers = read_moe_parts(args.labels, args.router, args.selector, args.num_experts)
     wildcards = {"split": args.split, "num_experts": args.num_experts, "selector": args.selector, "budget": args.budget}
     with tracking.job_run("export", vars(args), wildcards) as run:
-        save_moe(args.model, labels, routers, args.selector, args.num_experts, args.budget, args.out)
+        save_moe(args.model, labels, routers, args.selector, args.num_experts, args.budget, args.out, args.task)
         k = budget_to_k(args.budget, args.num_experts)
         print(f"exported {args.split} E={args.num_experts} {args.selector} at budget {args.budget:g} (k={k}) to {args.out}", flush=True)
         run.set_tags({"export.folder": str(args.out)})

@@ -1,7 +1,10 @@
-"""Step 1, finetune: train the dense classifier (ReLU-swapped by default) on the task.
+"""Step 1, finetune: train the dense model (ReLU-swapped by default) on the task.
 
-Run by the workflow as `torchrun --standalone --nproc_per_node=N -m moefy.steps.finetune ...`;
-runs as a plain process too. Data parallel: every rank takes its part of each global batch.
+Classification trains a sequence-classification head and keeps the epoch with the best validation
+accuracy; causal_lm trains next-token prediction and keeps the lowest validation perplexity. With
+0 epochs the model is measured and saved as loaded. Run by the workflow as
+`torchrun --standalone --nproc_per_node=N -m moefy.steps.finetune ...`; runs as a plain process too.
+Data parallel: every rank takes its part of each global batch.
 Writes <out>/model/ (save_pretrained, safetensors, tokenizer) and <out>/metrics.json.
 """
 
@@ -19,13 +22,15 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from moefy import dist, tracking
-from moefy.batches import Encoded, accuracy, eval_batches, iterate
+from moefy.batches import Encoded, eval_batches, iterate, measure
 from moefy.cli import add_section_flags, run_step
 from moefy.data import length_grouped_batches, read_label_names, read_split, shard_batches
+from moefy.errors import MoefyError
 from moefy.ffn import capture, find_ffns
 from moefy.files import atomic_dir, write_json
-from moefy.models import load_classifier, load_tokenizer, save_classifier
+from moefy.models import TASKS, load_model, load_tokenizer, save_model
 from moefy.sparsity import PENALTIES, layers_penalty, ramped_weight
+from moefy.tasks import get_task
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,6 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="pretrained model: hub id or local folder")
     parser.add_argument("--data", required=True, type=Path, help="folder with train/validation/test.jsonl and labels.json")
     parser.add_argument("--out", required=True, type=Path, help="output folder (gets model/ and metrics.json)")
+    parser.add_argument("--task", choices=TASKS, default="classification")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False)
@@ -69,11 +75,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     ctx = dist.setup(args.device)
     torch.manual_seed(args.seed)
-    label_names = read_label_names(args.data)
+    task = get_task(args.task)
+    label_names = read_label_names(args.data) if task.labelled else None
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     tokenizer.model_max_length = args.max_length  # travels with the saved tokenizer to every later step
-    model = load_classifier(
+    model = load_model(
         args.model,
+        task.name,
         label_names=label_names,
         activation="relu" if args.activation == "relu" else None,
         trust_remote_code=args.trust_remote_code,
@@ -81,14 +89,22 @@ def main(argv: list[str] | None = None) -> None:
     if args.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
 
-    train_texts, train_labels = read_split(args.data / "train.jsonl")
+    def split(name: str) -> tuple[list[str], list[int] | None]:
+        texts, labels = read_split(args.data / f"{name}.jsonl")
+        if task.labelled and labels is None:
+            raise MoefyError(f"{args.data / (name + '.jsonl')} has no labels, but task {task.name} needs them; "
+                             f"rerun the data step with --task {task.name}")
+        return texts, labels if task.labelled else None
+
+    train_texts, train_labels = split("train")
     if args.max_train_examples and args.max_train_examples < len(train_texts):
         keep = np.sort(np.random.default_rng(args.seed).permutation(len(train_texts))[: args.max_train_examples])
-        train_texts, train_labels = [train_texts[i] for i in keep], [train_labels[i] for i in keep]
+        train_texts = [train_texts[i] for i in keep]
+        train_labels = None if train_labels is None else [train_labels[i] for i in keep]
     train = Encoded(tokenizer, train_texts)
-    train_y = torch.as_tensor(train_labels, dtype=torch.long)
-    val_texts, val_labels = read_split(args.data / "validation.jsonl")
-    test_texts, test_labels = read_split(args.data / "test.jsonl")
+    train_y = None if train_labels is None else torch.as_tensor(train_labels, dtype=torch.long)
+    val_texts, val_labels = split("validation")
+    test_texts, test_labels = split("test")
     validation, test = Encoded(tokenizer, val_texts), Encoded(tokenizer, test_texts)
 
     bf16 = use_bf16(args.precision, ctx.device)
@@ -104,8 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     with tracking.job_run("finetune", vars(args), enabled=ctx.is_main) as run, \
             capture(ffns, inputs=False, activations=penalised) as seen:
         run.set_tags({"precision": "bf16" if bf16 else "fp32", "world_size": ctx.world_size})
-        best = {"validation_accuracy": -1.0}
+        metric = task.metric
+        best: dict = {f"validation_{metric}": None, "epoch": 0, "state": None}
         step, started = 0, time.time()
+        if args.epochs == 0:  # the model as loaded
+            best[f"validation_{metric}"] = measure(model, task, validation, val_labels, args.eval_batch_size, ctx, "validation")
         for epoch in range(1, args.epochs + 1):
             penalty_sum, penalty_steps = 0.0, 0
             model.train()
@@ -119,8 +138,9 @@ def main(argv: list[str] | None = None) -> None:
                     logits = ddp(**inputs).logits
                 # Sum over this rank's part, over the global batch: DDP's gradient mean then
                 # equals the global-batch mean whatever the number of ranks.
-                loss = torch.nn.functional.cross_entropy(logits.float(), train_y[local].to(ctx.device), reduction="sum")
-                total = loss * ctx.world_size / len(full)
+                targets = None if train_y is None else train_y[local].to(ctx.device)
+                loss = task.loss_sum(logits, inputs, targets)
+                total = loss * ctx.world_size / max(1, task.loss_weight(train.lengths[full]))
                 if penalised:
                     penalty = layers_penalty([seen[f.index]["h"] for f in ffns], inputs["attention_mask"].bool(), args.sparsity_penalty)
                     total = total + ramped_weight(args.sparsity_weight, step, total_steps, args.sparsity_ramp) * penalty
@@ -131,26 +151,29 @@ def main(argv: list[str] | None = None) -> None:
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 if step % 20 == 0:
-                    bar.set_postfix(loss=f"{loss.item() / len(local):.3f}")
-                    run.log_metrics({"train_loss": loss.item() / len(local)}, step=step)
-            val_acc = accuracy(model, validation, val_labels, args.eval_batch_size, ctx, "validation")
-            epoch_metrics = {"validation_accuracy": val_acc, "epoch_seconds": time.time() - started}
+                    per_item = loss.item() / max(1, task.loss_weight(train.lengths[local]))
+                    bar.set_postfix(loss=f"{per_item:.3f}")
+                    run.log_metrics({"train_loss": per_item}, step=step)
+            value = measure(model, task, validation, val_labels, args.eval_batch_size, ctx, "validation")
+            epoch_metrics = {f"validation_{metric}": value, "epoch_seconds": time.time() - started}
             if penalised:
                 epoch_metrics[f"{args.sparsity_penalty}_penalty"] = penalty_sum / max(1, penalty_steps)
                 epoch_metrics["validation_sparsity_mean"] = float(np.mean(activation_sparsity(model, validation, args.eval_batch_size, ctx)))
             run.log_metrics(epoch_metrics, step=epoch)
             if ctx.is_main:
                 extra = f", sparsity {epoch_metrics['validation_sparsity_mean']:.3f}" if penalised else ""
-                print(f"epoch {epoch}: validation accuracy {val_acc:.4f}{extra} ({time.time() - started:.0f} s)", flush=True)
-            if val_acc > best["validation_accuracy"]:
-                best = {"validation_accuracy": val_acc, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+                print(f"epoch {epoch}: validation {metric} {value:.4f}{extra} ({time.time() - started:.0f} s)", flush=True)
+            if task.better(value, best[f"validation_{metric}"]):
+                best = {f"validation_{metric}": value, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
 
-        model.load_state_dict(best["state"])
-        test_acc = accuracy(model, test, test_labels, args.eval_batch_size, ctx, "test")
+        if best["state"] is not None:
+            model.load_state_dict(best["state"])
+        test_value = measure(model, task, test, test_labels, args.eval_batch_size, ctx, "test")
         sparsity = activation_sparsity(model, validation, args.eval_batch_size, ctx)
         metrics = {
-            "validation_accuracy": best["validation_accuracy"],
-            "test_accuracy": test_acc,
+            "task": task.name,
+            f"validation_{metric}": best[f"validation_{metric}"],
+            f"test_{metric}": test_value,
             "best_epoch": best["epoch"],
             "train_seconds": time.time() - started,
             "train_examples": len(train),
@@ -161,9 +184,9 @@ def main(argv: list[str] | None = None) -> None:
             "sparsity_per_layer": sparsity,
         }
         if ctx.is_main:
-            print(f"test accuracy {test_acc:.4f}, mean FFN activation sparsity {metrics['sparsity_mean']:.3f}", flush=True)
+            print(f"test {metric} {test_value:.4f}, mean FFN activation sparsity {metrics['sparsity_mean']:.3f}", flush=True)
             with atomic_dir(args.out / "model") as folder:
-                save_classifier(model, tokenizer, folder)
+                save_model(model, tokenizer, folder)
             write_json(args.out / "metrics.json", metrics)
             run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             run.log_metrics({f"sparsity/layer_{i}": s for i, s in enumerate(sparsity)})

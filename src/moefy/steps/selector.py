@@ -1,7 +1,8 @@
 """Step 5, selector: build each layer's router and measure how well it picks experts.
 
-  groundtruth  the oracle: top-k experts by their sum of positive activations (no parameters)
-  similarity   nearest expert centroids (mean normalised W_in rows of the expert)
+  groundtruth  the oracle: top-k experts by their sum of |activations| (no parameters)
+  similarity   nearest expert centroids (mean normalised key rows of the expert: W_in, or the
+               gate projection of a gated FFN)
   mlp          MoEfication's router, trained on the sampled FFN inputs with BCE on scaled expert
                mass, early-stopped on held-out tokens
   norm         D2DMoE's router: an MLP trained with MSE to predict each expert's output norm
@@ -24,7 +25,7 @@ from moefy.cli import add_section_flags, run_step
 from moefy.errors import MoefyError
 from moefy.ffn import find_ffns
 from moefy.files import load_tensors, save_tensors, write_json
-from moefy.models import load_classifier
+from moefy.models import TASKS, load_model
 from moefy.routers import (
     LOSSES,
     SELECTORS,
@@ -53,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", required=True, help="split method the labels came from (for tags)")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 1.0], help="budgets to report recall at")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--task", choices=TASKS, default="classification", help="the task the model was fine-tuned for")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     add_section_flags(parser, "selector")
@@ -67,7 +69,7 @@ def build_layer(args: argparse.Namespace, ffn, labels: torch.Tensor, x: torch.Te
         mass = expert_mass(h, labels, E)
     heldout = max(1, int(round(len(x) * args.heldout_fraction)))
     x_fit, x_val, mass_val = x[:-heldout], x[-heldout:], mass[-heldout:]
-    centroids = expert_centroids(ffn.w_in.weight.detach(), labels, E)
+    centroids = expert_centroids(ffn.keys, labels, E)
     stats: dict[str, float] = {}
     if args.selector == "groundtruth":
         router = GroundTruthRouter(labels, E)
@@ -99,7 +101,7 @@ def build_layer(args: argparse.Namespace, ffn, labels: torch.Tensor, x: torch.Te
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     ctx = dist.setup(args.device)
-    ffns = find_ffns(load_classifier(args.model).to(ctx.device))
+    ffns = find_ffns(load_model(args.model, args.task).to(ctx.device))
     labels = load_tensors(args.labels)
     hidden = load_tensors(args.hidden)
     for ffn in ffns:

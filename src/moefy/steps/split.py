@@ -1,7 +1,8 @@
 """Step 3, split: group each FFN layer's neurons into experts.
 
   random  seeded equal groups (the baseline)
-  kmeans  balanced k-means on the L2-normalised W_in rows (MoEfication's parameter clustering)
+  kmeans  balanced k-means on the L2-normalised key rows, W_in or a gated FFN's gate projection
+          (MoEfication's parameter clustering)
   coact   METIS on the neuron co-activation graph (may come out slightly unbalanced)
 Layers are spread over torchrun ranks and gathered on rank 0, which writes
 <out>/labels.safetensors (`layer.{i}`: int64 [d_ff]) and <out>/metrics.json.
@@ -22,7 +23,7 @@ from moefy.cli import add_section_flags, run_step
 from moefy.errors import MoefyError
 from moefy.ffn import find_ffns
 from moefy.files import load_tensors, save_tensors, tensors_metadata, write_json
-from moefy.models import load_classifier
+from moefy.models import TASKS, load_model
 from moefy.split import balanced_kmeans, check_num_experts, coact_split, random_split
 
 
@@ -33,6 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-experts", required=True, type=int)
     parser.add_argument("--coactivation", type=Path, help="activations/coactivation.safetensors (coact only)")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser.add_argument("--task", choices=TASKS, default="classification", help="the task the model was fine-tuned for")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     add_section_flags(parser, "split")
@@ -55,7 +57,7 @@ def split_layer(args: argparse.Namespace, layer: int, w_in: torch.Tensor, coacti
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     ctx = dist.setup(args.device)
-    ffns = find_ffns(load_classifier(args.model))
+    ffns = find_ffns(load_model(args.model, args.task))
     check_num_experts(ffns[0].d_ff, args.num_experts)
     coactivation, tokens = None, 0
     if args.method == "coact":
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         mine = {}
         for ffn in dist.shard(ffns, ctx):
             started = time.time()
-            labels = split_layer(args, ffn.index, ffn.w_in.weight.detach(), coactivation, tokens, ctx.device)
+            labels = split_layer(args, ffn.index, ffn.keys, coactivation, tokens, ctx.device)
             mine[ffn.index] = (labels, time.time() - started)
         results: dict[int, tuple[np.ndarray, float]] = {}
         for part in dist.all_gather(mine, ctx):
