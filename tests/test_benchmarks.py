@@ -4,6 +4,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,3 +26,18 @@ def test_split_speed_cases_run_and_report(split_speed):
     assert [r["target_size"] for r in rows[:2]] == [16, 16]
     assert rows[0]["excess_coact_kept"] > rows[1]["excess_coact_kept"], "phi weighting keeps more than raw counts"
     assert 0 <= rows[2]["excess_coact_kept_random_moves"] <= 1
+
+
+@pytest.fixture(scope="module")
+def moe_speed():
+    spec = importlib.util.spec_from_file_location("moe_speed", ROOT / "benchmarks" / "moe_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_moe_speed_cases_run_and_check_the_moe_output(moe_speed):
+    flush = moe_speed.CacheFlusher(torch.device("cpu"), megabytes=1)
+    rows = moe_speed.shape_cases(16, 64, 8, [1, 32], [0.25, 1.0], torch.device("cpu"), flush, calls=2)
+    assert [(r["tokens"], r["budget"], r["k"]) for r in rows] == [(1, 0.25, 2), (1, 1.0, 8), (32, 0.25, 2), (32, 1.0, 8)]
+    assert all(r["dense_ms"] > 0 and r["moe_ms"] > 0 and r["max_abs_error"] < 1e-5 for r in rows)
