@@ -51,7 +51,7 @@ def llama_study(tmp_path_factory) -> Path:
 
 
 def test_t5_labels_cover_encoder_and_decoder_layers(t5_study):
-    labels = load_file(t5_study / "balance" / f"kmeans-E{E}" / "labels.safetensors")
+    labels = load_file(t5_study / "balance" / "none" / f"kmeans-E{E}" / "labels.safetensors")
     assert sorted(labels) == [f"layer.{i}" for i in range(4)]  # 2 encoder + 2 decoder blocks
     metrics = json.loads((t5_study / "finetune" / "none" / "metrics.json").read_text())
     assert metrics["task"] == "classification" and 0 <= metrics["test_accuracy"] <= 1
@@ -71,7 +71,7 @@ def test_llama_causal_lm_reports_perplexity(llama_study):
     metrics = json.loads((llama_study / "finetune" / "none" / "metrics.json").read_text())
     assert metrics["task"] == "causal_lm" and "test_accuracy" not in metrics
     assert 1 < metrics["test_perplexity"] < 39  # learned something over a uniform guess on 39 tokens
-    sparsity = json.loads((llama_study / "activations" / "metrics.json").read_text())["sparsity_per_layer"]
+    sparsity = json.loads((llama_study / "activations" / "none" / "metrics.json").read_text())["sparsity_per_layer"]
     assert sparsity == pytest.approx([0.9, 0.9], abs=0.02)  # SiLU never 0: the top 10% by |h| fire
     for split in SPLITS:
         for selector in SELECTORS:
@@ -89,5 +89,5 @@ def test_llama_causal_lm_reports_perplexity(llama_study):
 def test_llama_data_has_texts_only(llama_study):
     first = json.loads((llama_study / "data" / "train.jsonl").read_text().splitlines()[0])
     assert set(first) == {"text"}
-    router = load_file(llama_study / "selector" / f"kmeans-E{E}-mlp" / "router.safetensors")
+    router = load_file(llama_study / "selector" / "none" / f"kmeans-E{E}-mlp" / "router.safetensors")
     assert router["layer.0.fc1.weight"].shape == (E, 32) and torch.isfinite(router["layer.0.fc1.weight"]).all()
