@@ -86,7 +86,7 @@ def synthetic_ffn(d: int, d_ff: int, gated: bool, bias: bool, act: torch.nn.Modu
                w_gate=nn.Linear(d, d_ff, bias=bias) if gated else None)
 
 
-@pytest.mark.parametrize("kernel", ["bags", "grouped", "auto", "grouped in slabs"])
+@pytest.mark.parametrize("kernel", ["bags", "grouped", "auto", "grouped in slabs", "masked"])
 @pytest.mark.parametrize("gated,bias,act", [(True, False, nn.SiLU()), (False, True, nn.GELU()), (True, True, nn.ReLU())])
 def test_both_kernels_match_the_masked_dense_ffn(kernel, gated, bias, act, monkeypatch):
     d, d_ff, experts = 16, 96, 12
@@ -108,7 +108,7 @@ def test_both_kernels_match_the_masked_dense_ffn(kernel, gated, bias, act, monke
 
 
 def test_auto_kernel_uses_bags_for_few_tokens_and_grouped_for_many(monkeypatch):
-    d, d_ff, experts = 16, 96, 12
+    d, d_ff, experts = 16, 192, 12  # experts of 16 neurons
     moe = MoEFFN(synthetic_ffn(d, d_ff, False, True, nn.ReLU()), torch.arange(d_ff) % experts, MLPRouter(d, experts), experts)
     moe.k = 3
     used = []
@@ -117,6 +117,16 @@ def test_auto_kernel_uses_bags_for_few_tokens_and_grouped_for_many(monkeypatch):
     moe(torch.randn(1, d))  # 3 pairs for 12 experts: bags
     moe(torch.randn(64, d))  # 192 pairs: grouped
     assert used == ["bags", "grouped"]
+
+
+def test_auto_kernel_runs_many_tokens_on_tiny_experts_masked_dense(monkeypatch):
+    d, d_ff, experts = 16, 96, 24  # experts of 4 neurons
+    ffn = synthetic_ffn(d, d_ff, False, True, nn.ReLU())
+    labels = torch.arange(d_ff) % experts
+    moe = MoEFFN(ffn, labels, MLPRouter(d, experts), experts)
+    monkeypatch.setattr(MoEFFN, "_grouped", lambda *args: pytest.fail("tiny experts must not use grouped_mm"))
+    x, picked = torch.randn(64, d), torch.rand(64, experts) < 0.3
+    torch.testing.assert_close(moe.experts_forward(x, picked), masked_dense(ffn, x, picked.float(), labels), rtol=0, atol=1e-5)
 
 
 def test_grouped_mm_alignment_falls_back_to_bags(monkeypatch):

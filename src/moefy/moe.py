@@ -31,6 +31,10 @@ from moefy.ffn import FFN, find_ffns
 # re-reads its expert's weights, so it only wins while tokens rarely share an expert
 # (benchmarks/moe_speed.py measures the crossover).
 BAG_PAIRS_PER_EXPERT = 1.0
+# Experts narrower than this make grouped_mm's per-expert matmuls too small to beat the dense
+# matmul (384 experts of 4 neurons on MiniLM: 0.2x of dense at budget 0.2), so many tokens on such
+# experts run masked-dense: the same output at the dense cost, never slower than dense.
+MIN_GROUPED_EXPERT = 16
 # The grouped kernel works through (token, expert) pairs in slabs of at most this many floats per
 # [pairs, d] intermediate: below glibc's largest mmap threshold (32 MB), so freed slabs are reused.
 SLAB_FLOATS = 4 * 2**20
@@ -130,11 +134,17 @@ class MoEFFN(nn.Module):
     def experts_forward(self, x: torch.Tensor, picked: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
         """Sum of the picked experts' outputs per token [T, d]; picked [T, E] bool.
 
-        kernel: "bags" (embedding_bag), "grouped" (grouped_mm) or "auto" (by batch size).
+        kernel: "bags" (embedding_bag), "grouped" (grouped_mm), "masked" (every neuron computed, the
+        unpicked zeroed) or "auto" (by batch size and expert size).
         """
         if kernel == "auto":
             few = int(picked.sum()) <= BAG_PAIRS_PER_EXPERT * self.num_experts
-            kernel = "bags" if few or not self._grouped_ok else "grouped"
+            if few or not self._grouped_ok:
+                kernel = "bags"
+            else:
+                kernel = "masked" if self.expert_size < MIN_GROUPED_EXPERT else "grouped"
+        if kernel == "masked":
+            return self._dense(x, self.dense_activations(x) * picked.repeat_interleave(self.expert_size, dim=-1))
         out = x.new_zeros(x.shape) if self.b_out is None else self.b_out.expand(x.shape).clone()
         if kernel == "bags":
             token, expert = picked.nonzero(as_tuple=True)

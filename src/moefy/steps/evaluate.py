@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
             real = inputs["attention_mask"].bool()
             chosen = [layer.experts_per_token for layer in layers]
             experts = torch.full((int(real.sum()),), float(E)) if chosen[0] is None else torch.stack(chosen).mean(0)[real].cpu()
+            experts = experts.double()  # float32 sums of squares over many tokens lose the spread's last digits
             same = len(predicted) if dense is None else (predictions[-1] == dense[b]).sum()
             sums += torch.tensor([score, count, float(experts.sum()), float(experts.square().sum()), float(len(experts)),
                                   float(same)], dtype=torch.float64)
