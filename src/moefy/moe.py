@@ -128,8 +128,13 @@ class MoEFFN(nn.Module):
         picked, h = self.select(x)
         self.experts_per_token = picked.sum(-1).to(x.dtype).view(shape[:-1])
         if h is not None:  # the oracle computed every neuron anyway: mask them
-            return self._dense(x, h * picked.repeat_interleave(self.expert_size, dim=-1)).view(shape)
+            return self._masked(x, picked, h).view(shape)
         return self.experts_forward(x, picked).view(shape)
+
+    def _masked(self, x: torch.Tensor, picked: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """Every neuron computed (or given as h), the unpicked experts' zeroed."""
+        h = self.dense_activations(x) if h is None else h
+        return self._dense(x, h * picked.repeat_interleave(self.expert_size, dim=-1))
 
     def experts_forward(self, x: torch.Tensor, picked: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
         """Sum of the picked experts' outputs per token [T, d]; picked [T, E] bool.
@@ -144,7 +149,7 @@ class MoEFFN(nn.Module):
             else:
                 kernel = "masked" if self.expert_size < MIN_GROUPED_EXPERT else "grouped"
         if kernel == "masked":
-            return self._dense(x, self.dense_activations(x) * picked.repeat_interleave(self.expert_size, dim=-1))
+            return self._masked(x, picked)
         out = x.new_zeros(x.shape) if self.b_out is None else self.b_out.expand(x.shape).clone()
         if kernel == "bags":
             token, expert = picked.nonzero(as_tuple=True)
