@@ -88,7 +88,7 @@ def test_evaluation_contract(study):
             assert all(RECORD_KEYS <= set(r) for r in records)
             for full in (top_k[-1], dynamic[-1]):  # budget 1.0 and tau 1 run every expert: the dense model
                 assert full["relative_accuracy"] == 1.0 and full["ffn_flops_fraction"] == 1.0 and full["experts_per_token"] == E
-            assert top_k[0]["experts_per_token"] == E // 2 and 0.5 < top_k[0]["ffn_flops_fraction"] < 0.7  # + the router
+            assert top_k[0]["experts_per_token"] == E // 2 and 0.5 <= top_k[0]["ffn_flops_fraction"] < 0.7  # + the router, if any
             assert top_k[0]["experts_per_token_std"] == 0
             tau0 = dynamic[0]  # only the top expert(s) of each token
             assert tau0["experts_per_token"] <= dynamic[1]["experts_per_token"] <= E and tau0["experts_per_token"] < 2
