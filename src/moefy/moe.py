@@ -33,7 +33,7 @@ from moefy.ffn import FFN, find_ffns
 BAG_PAIRS_PER_EXPERT = 1.0
 # Experts narrower than this make grouped_mm's per-expert matmuls too small to beat the dense
 # matmul (384 experts of 4 neurons on MiniLM: 0.2x of dense at budget 0.2), so many tokens on such
-# experts run masked-dense: the same output at the dense cost, never slower than dense.
+# experts run masked-dense: the same output at the dense matmuls' cost plus the mask.
 MIN_GROUPED_EXPERT = 16
 # The grouped kernel works through (token, expert) pairs in slabs of at most this many floats per
 # [pairs, d] intermediate: below glibc's largest mmap threshold (32 MB), so freed slabs are reused.
