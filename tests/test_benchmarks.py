@@ -9,12 +9,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def split_speed():
-    spec = importlib.util.spec_from_file_location("split_speed", ROOT / "benchmarks" / "split_speed.py")
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def split_speed():
+    return load_benchmark("split_speed")
 
 
 def test_split_speed_cases_run_and_report(split_speed):
@@ -30,10 +35,7 @@ def test_split_speed_cases_run_and_report(split_speed):
 
 @pytest.fixture(scope="module")
 def moe_speed():
-    spec = importlib.util.spec_from_file_location("moe_speed", ROOT / "benchmarks" / "moe_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("moe_speed")
 
 
 def test_moe_speed_cases_run_and_check_the_moe_output(moe_speed):
