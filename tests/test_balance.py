@@ -1,4 +1,3 @@
-import time
 
 import numpy as np
 import pytest
@@ -180,12 +179,11 @@ def test_weight_kept_random_labels_is_about_one_over_e():
     assert weight_kept(random_affinity(n, 0), labels) == pytest.approx(1 / num_experts, abs=0.01)
 
 
-def test_weight_kept_is_fast_on_a_layer_sized_count_matrix():
+def test_weight_kept_of_a_layer_sized_count_matrix():
+    """The matrix of a MiniLM layer (its speed is measured by benchmarks/split_speed.py)."""
     rng = np.random.default_rng(0)
     counts = rng.integers(0, 1000, (1536, 1536)).astype(np.float32)
     counts = counts + counts.T
     labels = rng.permutation(np.repeat(np.arange(48), 32))
-    start = time.perf_counter()
-    kept = weight_kept(counts, labels)
-    assert time.perf_counter() - start < 1.0
-    assert 0 < kept < 1
+    # uniform counts, random experts of 32: 31 of a neuron's 1535 partners share its expert
+    assert weight_kept(counts, labels) == pytest.approx(31 / 1535, rel=0.03)

@@ -27,10 +27,14 @@ def test_split_speed_cases_run_and_report(split_speed):
     assert row["equal_sizes"] and row["moefy_s"] > 0
     coact, counts = split_speed.coactivation_case(96, 3000, batch=512)
     assert coact["seconds"] > 0 and counts.shape == (96, 96) and counts.diagonal().max() <= 3000
+    assert coact["kernel"] in ("int8", "float32") and "float32" in coact["kernel_probe_seconds"]
+    kept = split_speed.weight_kept_case(d_ff=96, num_experts=6)
+    assert kept["kept"] == pytest.approx(15 / 95, rel=0.1) and kept["seconds"] > 0
     rows = split_speed.metis_case(counts, 3000, 6, "small")
     assert [r["target_size"] for r in rows[:2]] == [16, 16]
     assert rows[0]["excess_coact_kept"] > rows[1]["excess_coact_kept"], "phi weighting keeps more than raw counts"
-    assert 0 <= rows[2]["excess_coact_kept_random_moves"] <= 1
+    assert rows[2]["moved_neurons"] > 0
+    assert rows[2]["excess_coact_kept_least_loss"] >= rows[2]["excess_coact_kept_random_moves"], "least-loss moves keep more"
 
 
 @pytest.fixture(scope="module")
@@ -43,3 +47,5 @@ def test_moe_speed_cases_run_and_check_the_moe_output(moe_speed):
     rows = moe_speed.shape_cases(16, 64, 8, [1, 32], [0.25, 1.0], torch.device("cpu"), flush, calls=2)
     assert [(r["tokens"], r["budget"], r["k"]) for r in rows] == [(1, 0.25, 2), (1, 1.0, 8), (32, 0.25, 2), (32, 1.0, 8)]
     assert all(r["dense_ms"] > 0 and r["moe_ms"] > 0 and r["max_abs_error"] < 1e-5 for r in rows)
+    assert [r["kernel"] for r in rows if r["budget"] == 1.0] == ["dense", "dense"]  # every expert: the dense matmuls
+    assert all(r["kernel"] in ("bags", "grouped", "masked") and r["calibrated"] for r in rows if r["budget"] == 0.25)

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from moefy.errors import MoefyError
 from moefy import moe as moe_module
+from moefy.errors import MoefyError
 from moefy.ffn import FFN, find_ffns
 from moefy.models import load_classifier, load_tokenizer
 from moefy.moe import MoEFFN, ffn_flops_fraction, moefy_model, set_experts_per_token, set_threshold, threshold_pick

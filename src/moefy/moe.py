@@ -12,13 +12,23 @@ two kernels that torch already has:
 - many tokens (compute-bound): tokens grouped by expert and one `grouped_mm` per projection,
   so each picked expert's weights are read once for all its tokens.
 
-With every expert picked it runs the dense matmuls on the reordered weights, so budget 1.0
-costs what the dense FFN costs. No Python loop runs over tokens or experts.
+- many tokens on many experts: masked-dense, every neuron computed and the unpicked experts'
+  zeroed. On a CPU the per-expert matmuls of grouped_mm run at a fraction of the dense matmul's
+  speed (32-neuron experts: about 40%), so beyond a share of experts per token the dense matmuls
+  with a mask are faster, and they are always available as the fallback.
+
+Which kernel is fastest depends on the machine: a KernelTable measured by the calibrate step
+(moefy.kernel_choice) decides by token count and experts per token; without one, fixed rules
+measured on the project's machine decide. With every expert picked it runs the dense matmuls on
+the reordered weights, so budget 1.0 costs what the dense FFN costs. No Python loop runs over
+tokens or experts.
 """
 
 from __future__ import annotations
 
 import time
+from collections import Counter
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,14 +37,17 @@ from torch import nn
 from moefy.errors import MoefyError
 from moefy.ffn import FFN, find_ffns
 
-# At most this many (token, expert) pairs per expert on average run through embedding_bag: a bag
-# re-reads its expert's weights, so it only wins while tokens rarely share an expert
-# (benchmarks/moe_speed.py measures the crossover).
+KERNELS = ("bags", "grouped", "masked")
+# The rules used without a measured KernelTable (benchmarks/moe_speed.py measures them):
+# at most this many (token, expert) pairs per expert on average run through embedding_bag: a bag
+# re-reads its expert's weights, so it only wins while tokens rarely share an expert;
 BAG_PAIRS_PER_EXPERT = 1.0
-# Experts narrower than this make grouped_mm's per-expert matmuls too small to beat the dense
-# matmul (384 experts of 4 neurons on MiniLM: 0.2x of dense at budget 0.2), so many tokens on such
-# experts run masked-dense: the same output at the dense matmuls' cost plus the mask.
+# experts narrower than this make grouped_mm's per-expert matmuls too small to beat the dense
+# matmul (384 experts of 4 neurons on MiniLM: 0.2x of dense at budget 0.2);
 MIN_GROUPED_EXPERT = 16
+# and beyond this share of experts per token masked-dense is faster than grouped_mm (MiniLM's
+# 48 experts of 32 neurons on 4096 tokens, one AVX2 core: grouped 1.2x of dense at 0.5, 0.9x at 0.7).
+MAX_GROUPED_DENSITY = 0.5
 # The grouped kernel works through (token, expert) pairs in slabs of at most this many floats per
 # [pairs, d] intermediate: below glibc's largest mmap threshold (32 MB), so freed slabs are reused.
 SLAB_FLOATS = 4 * 2**20
@@ -52,12 +65,28 @@ def expert_order(labels: torch.Tensor, num_experts: int) -> torch.Tensor:
     return torch.argsort(labels, stable=True)
 
 
+class KernelChoice(Protocol):
+    """What picks a kernel for a batch: moefy.kernel_choice.KernelTable, measured on this machine."""
+
+    def choose(self, tokens: int, pairs: int) -> str: ...
+
+
+def default_kernel(tokens: int, pairs: int, num_experts: int, expert_size: int, grouped_ok: bool) -> str:
+    """The kernel for `pairs` (token, expert) pairs of `tokens` tokens when nothing was measured."""
+    if pairs <= BAG_PAIRS_PER_EXPERT * num_experts or not grouped_ok:
+        return "bags"
+    if expert_size < MIN_GROUPED_EXPERT or pairs > MAX_GROUPED_DENSITY * tokens * num_experts:
+        return "masked"
+    return "grouped"
+
+
 def _frozen(t: torch.Tensor | None) -> nn.Parameter | None:
     return None if t is None else nn.Parameter(t.detach().contiguous(), requires_grad=False)
 
 
 class MoEFFN(nn.Module):
-    def __init__(self, ffn: FFN, labels: torch.Tensor, router: nn.Module, num_experts: int):
+    def __init__(self, ffn: FFN, labels: torch.Tensor, router: nn.Module, num_experts: int,
+                 kernels: KernelChoice | None = None):
         super().__init__()
         order = expert_order(labels.to(ffn.w_in.weight.device), num_experts)
         d_ff, d_model = ffn.w_in.weight.shape
@@ -68,6 +97,8 @@ class MoEFFN(nn.Module):
         self.tau: float | None = None  # dynamic-k threshold; None: top-k with self.k
         self.experts_per_token: torch.Tensor | None = None
         self.seconds = 0.0  # wall-clock spent in forward (router included), for evaluate's timings
+        self.kernels = kernels
+        self.kernel_calls: Counter[str] = Counter()  # which kernel ran how often, for evaluate's records
         self.register_buffer("inverse_order", torch.argsort(order), persistent=False)
 
         def by_expert_t(linear: nn.Linear) -> nn.Parameter:  # W^T [d, d_ff], neurons in expert order
@@ -128,26 +159,32 @@ class MoEFFN(nn.Module):
         picked, h = self.select(x)
         self.experts_per_token = picked.sum(-1).to(x.dtype).view(shape[:-1])
         if h is not None:  # the oracle computed every neuron anyway: mask them
+            self.kernel_calls["masked"] += 1
             return self._masked(x, picked, h).view(shape)
         return self.experts_forward(x, picked).view(shape)
 
     def _masked(self, x: torch.Tensor, picked: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
-        """Every neuron computed (or given as h), the unpicked experts' zeroed."""
+        """Every neuron computed (or given as h, which is overwritten), the unpicked experts' zeroed."""
         h = self.dense_activations(x) if h is None else h
-        return self._dense(x, h * picked.repeat_interleave(self.expert_size, dim=-1))
+        h.view(-1, self.num_experts, self.expert_size).mul_(picked.unsqueeze(-1))
+        return self._dense(x, h)
+
+    def choose_kernel(self, tokens: int, pairs: int) -> str:
+        if self.kernels is not None:
+            kernel = self.kernels.choose(tokens, pairs)
+            if kernel != "grouped" or self._grouped_ok:
+                return kernel
+        return default_kernel(tokens, pairs, self.num_experts, self.expert_size, self._grouped_ok)
 
     def experts_forward(self, x: torch.Tensor, picked: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
         """Sum of the picked experts' outputs per token [T, d]; picked [T, E] bool.
 
         kernel: "bags" (embedding_bag), "grouped" (grouped_mm), "masked" (every neuron computed, the
-        unpicked zeroed) or "auto" (by batch size and expert size).
+        unpicked zeroed) or "auto" (the kernel table's choice, else default_kernel).
         """
         if kernel == "auto":
-            few = int(picked.sum()) <= BAG_PAIRS_PER_EXPERT * self.num_experts
-            if few or not self._grouped_ok:
-                kernel = "bags"
-            else:
-                kernel = "masked" if self.expert_size < MIN_GROUPED_EXPERT else "grouped"
+            kernel = self.choose_kernel(x.shape[0], int(picked.sum()))
+        self.kernel_calls[kernel] += 1
         if kernel == "masked":
             return self._masked(x, picked)
         out = x.new_zeros(x.shape) if self.b_out is None else self.b_out.expand(x.shape).clone()
@@ -206,12 +243,13 @@ def _add_bias(out: torch.Tensor, bias: torch.Tensor | None, expert: torch.Tensor
     return out if bias is None else out + bias[expert]
 
 
-def moefy_model(model: nn.Module, labels: dict[int, torch.Tensor], routers: dict[int, nn.Module], num_experts: int) -> list[MoEFFN]:
+def moefy_model(model: nn.Module, labels: dict[int, torch.Tensor], routers: dict[int, nn.Module], num_experts: int,
+                kernels: KernelChoice | None = None) -> list[MoEFFN]:
     """Swap every FFN of `model` for an MoEFFN; returns them in layer order (to set k)."""
     layers = []
     for ffn in find_ffns(model):
         router = routers[ffn.index].to(ffn.w_in.weight.device)
-        moe = MoEFFN(ffn, labels[ffn.index], router, num_experts)
+        moe = MoEFFN(ffn, labels[ffn.index], router, num_experts, kernels)
         ffn.replace(moe)
         layers.append(moe)
     return layers
@@ -245,6 +283,15 @@ def ffn_seconds(layers: list[MoEFFN], reset: bool = True) -> float:
     if reset:
         for layer in layers:
             layer.seconds = 0.0
+    return total
+
+
+def kernel_calls(layers: list[MoEFFN], reset: bool = True) -> Counter[str]:
+    """How often each kernel ran in the layers since the last reset (the dense path is not counted)."""
+    total = sum((layer.kernel_calls for layer in layers), Counter())
+    if reset:
+        for layer in layers:
+            layer.kernel_calls = Counter()
     return total
 
 

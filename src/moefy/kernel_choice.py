@@ -1,0 +1,154 @@
+"""Which MoE kernel is fastest on this machine, measured once per FFN shape.
+
+The MoE layer has three ways to compute the picked experts (moefy.moe): embedding bags, grouped
+matmuls and masked-dense. Which one wins depends on the token count, the share of experts each
+token uses, the expert size and the machine (its BLAS, caches, cores). So the calibrate step times
+all three on a random FFN of the study's shape over a ladder of token counts and densities
+(experts per token / E) and writes the winners to a file. Every evaluate job of the study reads
+that file, so the kernels, and with them the last bits of every output, are the same in every
+rerun on the machine, while another machine measures its own.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from moefy.errors import MoefyError
+from moefy.ffn import FFN
+
+TOKENS = (1, 4, 16, 64, 256, 1024, 4096)
+DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# Embedding bags re-read their expert's weights for every pair: timed only while there are at most
+# this many pairs per expert (beyond, they lose to grouped_mm by far).
+BAG_PAIRS_PER_EXPERT = 16
+# Bags and grouped matmuls only get slower against masked-dense as the density grows: in a row, a
+# kernel this many times slower than the best at two densities in a row is not timed further.
+GIVE_UP_RATIO = 1.5
+FORMAT = "moefy-kernels/1"
+
+
+def shape_key(d_model: int, d_ff: int, num_experts: int, gated: bool) -> str:
+    return f"d{d_model}-ff{d_ff}-E{num_experts}" + ("-gated" if gated else "")
+
+
+def _nearest(ladder: tuple[float, ...], value: float) -> int:
+    i = bisect.bisect_left(ladder, value)
+    if i == 0:
+        return 0
+    if i == len(ladder):
+        return len(ladder) - 1
+    return i if ladder[i] - value < value - ladder[i - 1] else i - 1
+
+
+@dataclass(frozen=True)
+class KernelTable:
+    """The fastest kernel per (token count, density) cell of one FFN shape. A batch takes the
+    winner of its nearest cell (token counts compared on a log scale)."""
+
+    num_experts: int
+    tokens: tuple[int, ...]
+    densities: tuple[float, ...]
+    winners: tuple[tuple[str, ...], ...]  # [token row][density column]
+    milliseconds: dict[str, list[list[float | None]]] | None = None  # per kernel, as measured (None: not timed)
+
+    def choose(self, tokens: int, pairs: int) -> str:
+        row = _nearest(tuple(math.log(t) for t in self.tokens), math.log(max(tokens, 1)))
+        density = pairs / max(tokens, 1) / self.num_experts
+        return self.winners[row][_nearest(self.densities, density)]
+
+    def to_json(self) -> dict:
+        return {"num_experts": self.num_experts, "tokens": list(self.tokens), "densities": list(self.densities),
+                "winners": [list(row) for row in self.winners], "milliseconds": self.milliseconds}
+
+    @classmethod
+    def from_json(cls, entry: dict) -> KernelTable:
+        try:
+            return cls(int(entry["num_experts"]), tuple(entry["tokens"]), tuple(entry["densities"]),
+                       tuple(tuple(row) for row in entry["winners"]), entry.get("milliseconds"))
+        except (KeyError, TypeError, ValueError) as err:
+            raise MoefyError(f"a kernel table is damaged ({err!r}); delete the calibrate step's file and rerun it") from None
+
+
+def table_for(document: dict, d_model: int, d_ff: int, num_experts: int, gated: bool, source: str) -> KernelTable:
+    """The table of one FFN shape from the calibrate step's file (read as `document`)."""
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise MoefyError(f"{source} is not a kernel calibration of this moefy ({FORMAT}); delete it and rerun the calibrate step")
+    key = shape_key(d_model, d_ff, num_experts, gated)
+    if key not in document.get("shapes", {}):
+        raise MoefyError(f"{source} has no kernel table for FFN shape {key} (it has {', '.join(document.get('shapes', {})) or 'none'}); "
+                         "rerun the calibrate step for this model and expert count")
+    return KernelTable.from_json(document["shapes"][key])
+
+
+def _milliseconds(call, sync, repeats: int) -> float:
+    """Best of `repeats` timed calls after one warm-up."""
+    call()
+    best = math.inf
+    for _ in range(repeats):
+        sync()
+        started = time.perf_counter()
+        call()
+        sync()
+        best = min(best, time.perf_counter() - started)
+    return best * 1e3
+
+
+def measure(ffn: FFN, num_experts: int, device: torch.device, repeats: int = 3,
+            max_seconds_per_call: float = 0.5) -> KernelTable:
+    """Time every kernel in every (tokens, density) cell of the ladders on this FFN (its weights do
+    not matter, its shape and activation do).
+
+    Picks are random distinct experts per token (the kernels' cost depends on how many, not which).
+    Token counts whose dense FFN takes longer than `max_seconds_per_call` are not measured; they take
+    the largest measured row, as the winner no longer changes with the token count there.
+    """
+    from moefy.moe import MoEFFN
+
+    d_model, d_ff, gated = ffn.d_model, ffn.d_ff, ffn.w_gate is not None
+    layer = MoEFFN(ffn, torch.arange(d_ff, device=device) % num_experts, nn.Identity(), num_experts)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    generator = torch.Generator().manual_seed(1)
+    usable = [k for k in ("bags", "grouped", "masked") if k != "grouped" or layer._grouped_ok]
+    tokens_measured, winners = [], []
+    timings: dict[str, list[list[float | None]]] = {k: [] for k in usable}
+    cells = [(t, density) for t in TOKENS for density in DENSITIES]
+    with torch.no_grad(), tqdm(cells, desc=f"kernels {shape_key(d_model, d_ff, num_experts, gated)}", unit="cell",
+                                 mininterval=2, leave=False) as bar:
+        for tokens in TOKENS:
+            x = torch.randn(tokens, d_model, generator=generator).to(device)
+            if _milliseconds(partial(layer._dense, x), sync, 1) / 1e3 > max_seconds_per_call:
+                break
+            row, row_times = [], {k: [] for k in usable}
+            losses = {k: 0 for k in usable}  # densities in a row at which the kernel lost by GIVE_UP_RATIO
+            for density in DENSITIES:
+                k = max(1, min(num_experts, round(density * num_experts)))
+                scores = torch.rand(tokens, num_experts, generator=generator).to(device)
+                picked = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(k, dim=-1).indices, True)
+                measured = {}
+                for kernel in usable:
+                    too_many = kernel == "bags" and tokens * k > BAG_PAIRS_PER_EXPERT * num_experts
+                    if kernel != "masked" and (too_many or losses[kernel] >= 2):
+                        continue
+                    measured[kernel] = _milliseconds(partial(layer.experts_forward, x, picked, kernel=kernel), sync, repeats)
+                best = min(measured, key=measured.get)
+                for kernel in usable:
+                    row_times[kernel].append(round(measured[kernel], 4) if kernel in measured else None)
+                    if kernel in measured:
+                        losses[kernel] = losses[kernel] + 1 if measured[kernel] > GIVE_UP_RATIO * measured[best] else 0
+                row.append(best)
+                bar.update()
+            tokens_measured.append(tokens)
+            winners.append(tuple(row))
+            for kernel in usable:
+                timings[kernel].append(row_times[kernel])
+    if not winners:
+        raise MoefyError(f"not even one token fits a {max_seconds_per_call} s call of a {d_model}x{d_ff} FFN on {device}")
+    return KernelTable(num_experts, tuple(tokens_measured), DENSITIES, tuple(winners), timings)

@@ -1,0 +1,81 @@
+"""The MoE kernel measured fastest here: the table, its lookups, and the layer following it."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from moefy.errors import MoefyError
+from moefy.ffn import FFN
+from moefy.kernel_choice import FORMAT, KernelTable, measure, shape_key, table_for
+from moefy.moe import MoEFFN, default_kernel, kernel_calls
+from moefy.routers import MLPRouter
+
+TABLE = KernelTable(num_experts=8, tokens=(1, 64, 4096), densities=(0.1, 0.5, 0.9),
+                    winners=(("bags", "bags", "masked"), ("grouped", "grouped", "masked"), ("grouped", "masked", "masked")))
+
+
+def ffn(d=16, d_ff=64, gated=False):
+    torch.manual_seed(0)
+    return FFN(0, nn.Linear(d, d_ff, bias=not gated), nn.ReLU(), nn.Linear(d_ff, d, bias=not gated), lambda m: None,
+               nn.Linear(d, d_ff, bias=False) if gated else None)
+
+
+def test_a_batch_takes_the_winner_of_its_nearest_cell():
+    assert TABLE.choose(tokens=1, pairs=1) == "bags"  # density 1/8: nearest 0.1
+    assert TABLE.choose(tokens=2, pairs=14) == "masked"  # 2 tokens ~ 1 on a log scale; density 0.875 -> 0.9
+    assert TABLE.choose(tokens=100, pairs=100 * 4) == "grouped"  # ~64 tokens, density 0.5
+    assert TABLE.choose(tokens=3000, pairs=3000 * 4) == "masked"  # ~4096 tokens (log scale), density 0.5
+    assert TABLE.choose(tokens=10**6, pairs=10**6) == "grouped"  # beyond the ladder: its last row
+
+
+def test_tables_round_trip_and_bad_files_say_what_to_do():
+    document = {"format": FORMAT, "shapes": {shape_key(16, 64, 8, False): TABLE.to_json()}}
+    assert table_for(json.loads(json.dumps(document)), 16, 64, 8, False, "k.json") == TABLE
+    with pytest.raises(MoefyError, match="no kernel table for FFN shape d16-ff64-E8-gated.*rerun the calibrate step"):
+        table_for(document, 16, 64, 8, True, "k.json")
+    with pytest.raises(MoefyError, match="not a kernel calibration"):
+        table_for({"shapes": {}}, 16, 64, 8, False, "k.json")
+    broken = {"format": FORMAT, "shapes": {shape_key(16, 64, 8, False): {"tokens": [1]}}}
+    with pytest.raises(MoefyError, match="damaged"):
+        table_for(broken, 16, 64, 8, False, "k.json")
+
+
+def test_the_layer_runs_the_kernel_its_table_chooses(monkeypatch):
+    layer = MoEFFN(ffn(), torch.arange(64) % 8, MLPRouter(16, 8), 8, kernels=TABLE)
+    x = torch.randn(64, 16)
+    reference = MoEFFN(ffn(), torch.arange(64) % 8, MLPRouter(16, 8), 8)
+    with torch.no_grad():
+        for k, expected in ((4, "grouped"), (7, "masked")):  # 64 tokens at densities 0.5 and 0.875
+            layer.k = reference.k = k
+            kernel_calls([layer])
+            torch.testing.assert_close(layer(x), reference(x), rtol=0, atol=1e-5)
+            assert kernel_calls([layer]) == {expected: 1}
+        layer.k = 8
+        layer(x)
+        assert kernel_calls([layer]) == {}, "every expert: the dense matmuls, no kernel"
+
+
+def test_without_a_table_fixed_rules_choose():
+    assert default_kernel(tokens=1, pairs=4, num_experts=8, expert_size=32, grouped_ok=True) == "bags"
+    assert default_kernel(tokens=1024, pairs=1024 * 2, num_experts=8, expert_size=32, grouped_ok=True) == "grouped"
+    assert default_kernel(tokens=1024, pairs=1024 * 6, num_experts=8, expert_size=32, grouped_ok=True) == "masked"
+    assert default_kernel(tokens=1024, pairs=1024 * 2, num_experts=8, expert_size=4, grouped_ok=True) == "masked"
+    assert default_kernel(tokens=1024, pairs=1024 * 2, num_experts=8, expert_size=32, grouped_ok=False) == "bags"
+
+
+def test_an_unaligned_layer_never_runs_grouped_mm_whatever_the_table_says():
+    layer = MoEFFN(ffn(6, 18), torch.arange(18) % 6, MLPRouter(6, 6), 6, kernels=TABLE)  # 6-float rows: not aligned
+    assert layer.choose_kernel(tokens=100, pairs=100 * 3) == "bags"
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_measuring_fills_every_cell_with_its_fastest_kernel(gated):
+    table = measure(ffn(gated=gated), 8, torch.device("cpu"), repeats=1)
+    assert table.num_experts == 8 and len(table.winners) == len(table.tokens) and all(len(r) == len(table.densities) for r in table.winners)
+    for row, winners in enumerate(table.winners):
+        for column, winner in enumerate(winners):
+            timed = {k: ms[row][column] for k, ms in table.milliseconds.items() if ms[row][column] is not None}
+            assert "masked" in timed and winner == min(timed, key=timed.get)
+    assert table.milliseconds["bags"][-1][-1] is None, "bags are not timed on thousands of tokens"
