@@ -1,11 +1,9 @@
-# Two entry points, both self-contained from a fresh clone: `make study` and `make test`.
+# Entry points, each self-contained from a fresh clone: `make study` and `make test` (CI runs these).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
-# Rules call `python` and `torchrun`: they must be the virtualenv's.
-export PATH := $(BIN):$(PATH)
 
-.PHONY: study test lint report bench
+.PHONY: study test test-fast lint format report bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,11 +14,21 @@ $(VENV)/.installed: pyproject.toml
 study: $(VENV)/.installed  ## install, then run the default study in config.yaml
 	$(BIN)/snakemake --cores all
 
-test: $(VENV)/.installed  ## install, then run every test (unit and end-to-end)
+test: $(VENV)/.installed  ## install, then run every test (unit and end-to-end), slowest 30 and total printed
 	$(BIN)/python -m pytest
 
-lint: $(VENV)/.installed
+test-fast: $(VENV)/.installed  ## the unit tests alone, for the inner loop
+	$(BIN)/python -m pytest -m "not e2e"
+
+lint: $(VENV)/.installed  ## ruff (lint and format), snakefmt, snakemake --lint
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/snakefmt --check Snakefile rules
 	$(BIN)/snakemake --lint
+
+format: $(VENV)/.installed  ## apply ruff format and snakefmt
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/snakefmt Snakefile rules
 
 report: $(VENV)/.installed  ## the Snakemake HTML report of the last study run
 	$(BIN)/snakemake --report report.html

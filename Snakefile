@@ -17,6 +17,7 @@ report: "report/workflow.rst"
 
 include: "rules/common.smk"
 include: "rules/data.smk"
+include: "rules/calibrate.smk"
 include: "rules/finetune.smk"
 include: "rules/activations.smk"
 include: "rules/split.smk"
@@ -29,13 +30,12 @@ include: "rules/report.smk"
 
 rule all:
     input:
-        summary=results("report", "summary.csv"),
-        plot=results("report", "accuracy_vs_flops.png"),
+        rules.report.output,
     default_target: True
 
 
 onstart:
-    start_mlflow_workflow_run()
+    check_before_jobs()
 
 
 onsuccess:

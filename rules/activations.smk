@@ -3,25 +3,25 @@ rule activations:
         model=rules.finetune.output.model,
         train=rules.data.output.train,
     output:
-        hidden=results("activations", "{penalty}", "hidden.safetensors"),
-        coactivation=results("activations", "{penalty}", "coactivation.safetensors"),
-        metrics=results("activations", "{penalty}", "metrics.json"),
+        hidden=results("activations", VARIANT, "hidden.safetensors"),
+        coactivation=results("activations", VARIANT, "coactivation.safetensors"),
+        metrics=results("activations", VARIANT, "metrics.json"),
     log:
-        logs("activations", "{penalty}"),
-    benchmark:
-        results("benchmarks", "activations", "{penalty}.tsv")
+        logs("activations", VARIANT),
     conda:
-        "../envs/moefy.yaml"
-    threads: COMPUTE["threads"]["activations"]
+        CONDA_ENV
+    benchmark:
+        results("benchmarks", "activations", f"{VARIANT}.tsv")
+    threads: variant_threads("activations")
     params:
-        tags=wildcard_tags,
-        task=config["task"],
-        launch=torchrun("activations"),
+        launch=launch("activations"),
         omp=omp_threads,
+        ablation=ablation_flags,
+        task=config["task"],
         data=folder_of("train"),
         out=folder_of("metrics", "output"),
-        seed=config["seed"],
+        device=COMPUTE["device"],
         settings=step_settings("activations"),
     shell:
-        "{params.tags} OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --task {params.task} --data {params.data} "
-        "--out {params.out} --seed {params.seed} {params.settings} > {log} 2>&1"
+        "OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --task {params.task} {params.ablation} "
+        "--data {params.data} --out {params.out} --device {params.device} {params.settings} > {log} 2>&1"

@@ -4,20 +4,22 @@ rule balance:
         labels=rules.split.output.labels,
         coactivation=rules.activations.output.coactivation,
     output:
-        labels=results("balance", "{penalty}", "{split}-E{num_experts}", "labels.safetensors"),
-        metrics=results("balance", "{penalty}", "{split}-E{num_experts}", "metrics.json"),
+        labels=results("balance", VARIANT, CONVERSION, "labels.safetensors"),
+        metrics=results("balance", VARIANT, CONVERSION, "metrics.json"),
     log:
-        logs("balance", "{penalty}/{split}-E{num_experts}"),
+        logs("balance", f"{VARIANT}/{CONVERSION}"),
     conda:
-        "../envs/moefy.yaml"
+        CONDA_ENV
+    benchmark:
+        results("benchmarks", "balance", VARIANT, f"{CONVERSION}.tsv")
     threads: COMPUTE["threads"]["balance"]
     params:
-        tags=wildcard_tags,
+        launch=plain("balance"),
+        ablation=ablation_flags,
         task=config["task"],
         out=folder_of("labels", "output"),
         neighbors=config["split"]["coact_neighbors"],
-        seed=config["seed"],
     shell:
-        "{params.tags} OMP_NUM_THREADS={threads} python -m moefy.steps.balance --model {input.model} --task {params.task} --labels {input.labels} "
-        "--coactivation {input.coactivation} --split {wildcards.split} --num-experts {wildcards.num_experts} "
-        "--coact-neighbors {params.neighbors} --out {params.out} --seed {params.seed} > {log} 2>&1"
+        "OMP_NUM_THREADS={threads} {params.launch} --model {input.model} --task {params.task} {params.ablation} "
+        "--labels {input.labels} --coactivation {input.coactivation} --coact-neighbors {params.neighbors} "
+        "--out {params.out} > {log} 2>&1"

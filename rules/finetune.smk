@@ -3,27 +3,26 @@ rule finetune:
         model=model_input(),
         data=rules.data.output.labels,
     output:
-        model=directory(results("finetune", "{penalty}", "model")),
-        metrics=results("finetune", "{penalty}", "metrics.json"),
+        model=directory(results("finetune", VARIANT, "model")),
+        metrics=results("finetune", VARIANT, "metrics.json"),
     log:
-        logs("finetune", "{penalty}"),
-    benchmark:
-        results("benchmarks", "finetune", "{penalty}.tsv")
+        logs("finetune", VARIANT),
     conda:
-        "../envs/moefy.yaml"
-    threads: COMPUTE["threads"]["finetune"]
+        CONDA_ENV
+    benchmark:
+        results("benchmarks", "finetune", f"{VARIANT}.tsv")
+    threads: variant_threads("finetune")
     params:
-        task=config["task"],
-        launch=torchrun("finetune"),
+        launch=launch("finetune"),
         omp=omp_threads,
+        ablation=ablation_flags,
+        task=config["task"],
         model=model_source,
         remote_code="--trust-remote-code" if config["model"]["trust_remote_code"] else "",
         data=folder_of("data"),
         out=folder_of("metrics", "output"),
-        seed=config["seed"],
+        device=COMPUTE["device"],
         settings=step_settings("finetune"),
-        tags=wildcard_tags,
     shell:
-        "{params.tags} OMP_NUM_THREADS={params.omp} {params.launch} --model {params.model} --task {params.task} {params.remote_code} "
-        "--data {params.data} --out {params.out} --seed {params.seed} --sparsity-penalty {wildcards.penalty} "
-        "{params.settings} > {log} 2>&1"
+        "OMP_NUM_THREADS={params.omp} {params.launch} --model {params.model} --task {params.task} {params.ablation} "
+        "{params.remote_code} --data {params.data} --out {params.out} --device {params.device} {params.settings} > {log} 2>&1"

@@ -3,6 +3,8 @@ rule report:
         evaluations(),
     output:
         summary=results("report", "summary.csv"),
+        by_method=results("report", "by_method.csv"),
+        flops_at_99pct=results("report", "flops_at_99pct.csv"),
         plot=report(
             results("report", "accuracy_vs_flops.png"),
             caption="../report/accuracy_vs_flops.rst",
@@ -11,9 +13,10 @@ rule report:
     log:
         logs("report"),
     conda:
-        "../envs/moefy.yaml"
+        CONDA_ENV
     params:
+        launch=plain("report"),
         out=folder_of("summary", "output"),
         title=f"{STUDY}: accuracy against FFN compute",
     shell:
-        "python -m moefy.steps.report --evaluations {input} --out {params.out} --title {params.title:q} > {log} 2>&1"
+        "{params.launch} --evaluations {input} --out {params.out} --title {params.title:q} > {log} 2>&1"

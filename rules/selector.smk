@@ -4,24 +4,25 @@ rule selector:
         labels=rules.balance.output.labels,
         hidden=rules.activations.output.hidden,
     output:
-        router=results("selector", "{penalty}", "{split}-E{num_experts}-{selector}", "router.safetensors"),
-        metrics=results("selector", "{penalty}", "{split}-E{num_experts}-{selector}", "metrics.json"),
+        router=results("selector", VARIANT, f"{CONVERSION}-{{selector}}", "router.safetensors"),
+        metrics=results("selector", VARIANT, f"{CONVERSION}-{{selector}}", "metrics.json"),
     log:
-        logs("selector", "{penalty}/{split}-E{num_experts}-{selector}"),
+        logs("selector", f"{VARIANT}/{CONVERSION}-{{selector}}"),
     conda:
-        "../envs/moefy.yaml"
+        CONDA_ENV
+    benchmark:
+        results("benchmarks", "selector", VARIANT, f"{CONVERSION}-{{selector}}.tsv")
     threads: COMPUTE["threads"]["selector"]
     params:
-        tags=wildcard_tags,
-        task=config["task"],
-        launch=torchrun("selector"),
+        launch=launch("selector"),
         omp=omp_threads,
-        out=folder_of("router", "output"),
+        ablation=ablation_flags,
+        task=config["task"],
         budgets=settings_flags({"budgets": config["evaluate"]["budgets"]}),
-        seed=config["seed"],
+        out=folder_of("router", "output"),
+        device=COMPUTE["device"],
         settings=step_settings("selector"),
     shell:
-        "{params.tags} OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --task {params.task} --labels {input.labels} "
-        "--hidden {input.hidden} --split {wildcards.split} --num-experts {wildcards.num_experts} "
-        "--selector {wildcards.selector} {params.budgets} --out {params.out} --seed {params.seed} "
+        "OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --task {params.task} {params.ablation} "
+        "--labels {input.labels} --hidden {input.hidden} {params.budgets} --out {params.out} --device {params.device} "
         "{params.settings} > {log} 2>&1"

@@ -3,23 +3,24 @@ rule split:
         model=rules.finetune.output.model,
         coactivation=coactivation_for_split,
     output:
-        labels=results("split", "{penalty}", "{split}-E{num_experts}", "labels.safetensors"),
-        metrics=results("split", "{penalty}", "{split}-E{num_experts}", "metrics.json"),
+        labels=results("split", VARIANT, CONVERSION, "labels.safetensors"),
+        metrics=results("split", VARIANT, CONVERSION, "metrics.json"),
     log:
-        logs("split", "{penalty}/{split}-E{num_experts}"),
+        logs("split", f"{VARIANT}/{CONVERSION}"),
     conda:
-        "../envs/moefy.yaml"
+        CONDA_ENV
+    benchmark:
+        results("benchmarks", "split", VARIANT, f"{CONVERSION}.tsv")
     threads: COMPUTE["threads"]["split"]
     params:
-        tags=wildcard_tags,
-        task=config["task"],
-        launch=torchrun("split"),
+        launch=launch("split"),
         omp=omp_threads,
-        out=folder_of("labels", "output"),
+        ablation=ablation_flags,
+        task=config["task"],
         coactivation=coactivation_flag,
-        seed=config["seed"],
+        out=folder_of("labels", "output"),
+        device=COMPUTE["device"],
         settings=step_settings("split"),
     shell:
-        "{params.tags} OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --task {params.task} --method {wildcards.split} "
-        "--num-experts {wildcards.num_experts} {params.coactivation} "
-        "--out {params.out} --seed {params.seed} {params.settings} > {log} 2>&1"
+        "OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --task {params.task} {params.ablation} "
+        "{params.coactivation} --out {params.out} --device {params.device} {params.settings} > {log} 2>&1"

@@ -1,16 +1,25 @@
-"""Tiny models and data, built in the tests: a random 2-layer BERT and a learnable toy sentiment CSV."""
+"""Tiny models and data, built in the tests (a random 2-layer BERT, a learnable toy sentiment CSV),
+and the one tiny study that every end-to-end test reading a finished study shares.
+
+The tiny study runs once per test session through the real Snakefile; tests that only read its
+outputs (contracts, MLflow runs, seeds, parallel writers) share it, and the few that need a run
+of their own (kills, locks, Ctrl-C) reuse its config and copy what they compare against.
+"""
 
 from __future__ import annotations
 
+import copy
 import csv
 import os
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 POSITIVE = "good great fine superb lovely moving funny smart charming brilliant".split()
 NEGATIVE = "bad awful dull boring weak messy tedious stupid bland clumsy".split()
@@ -146,11 +155,102 @@ def snakemake_command(workdir: Path, *args: str, cores: int = 2) -> list[str]:
             "--configfile", str(workdir / "config.yaml"), "--cores", str(cores), *args]
 
 
-def snakemake(workdir: Path, *args: str, cores: int = 2) -> subprocess.CompletedProcess:
+def snakemake(workdir: Path, *args: str, cores: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real Snakefile in `workdir`; on failure, fail the test with the job logs."""
-    done = subprocess.run(snakemake_command(workdir, *args, cores=cores), cwd=workdir, env=environment(workdir),
+    done = subprocess.run(snakemake_command(workdir, *args, cores=cores), cwd=workdir, env=env or environment(workdir),
                           capture_output=True, text=True)
     if done.returncode != 0:
         logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "results").glob("*/logs/**/*.log")))
         pytest.fail(f"snakemake {' '.join(args)} failed:\n{done.stderr[-5000:]}\n{logs}")
     return done
+
+
+# --- the shared tiny study ------------------------------------------------------------------------
+
+TINY = "tiny"
+E, D_FF, LAYERS = 4, 64, 2
+SPLITS, SELECTORS = ["random", "kmeans", "coact"], ["groundtruth", "similarity", "mlp", "norm"]
+# Every split and every selector runs end to end; their cross product adds no path to test (each
+# step handles one split or one selector), so the study is its diagonal, plus norm (D2DMoE) on kmeans.
+CONVERSIONS = [("random", "groundtruth"), ("kmeans", "similarity"), ("coact", "mlp"), ("kmeans", "norm")]
+BUDGETS, THRESHOLDS = [0.25, 0.5, 0.75, 1.0], [0.0, 0.5, 1.0]
+VARIANT = "hoyer-seed0"  # D2DMoE's penalty: its fine-tuning path is the one with most to test
+REPLICATE = "hoyer-seed1"  # a second seed of one ablation: replicates and the report's spread
+
+
+def diagonal(conversions, **arm) -> dict:
+    """One grid arm per (split, selector): every split and selector of `conversions`, not their product."""
+    return {f"{split}-{selector}": {"split": [split], "num_experts": [E], "selector": [selector], **arm}
+            for split, selector in conversions}
+
+
+def tiny_config(**overrides) -> dict:
+    """Every split and selector on one Hoyer-fine-tuned tiny BERT, budgets and thresholds, plus a
+    second seed of coact / mlp."""
+    config = {
+        "study": TINY,
+        "model": {"name_or_path": "model"},
+        "dataset": {"path": "reviews.csv", "text_column": "text", "label_column": "category", "labels": ["rotten", "fresh"]},
+        "grid": {
+            **diagonal(CONVERSIONS, penalty=["hoyer"], thresholds=THRESHOLDS),
+            "replicate": {"penalty": ["hoyer"], "seed": [1], "split": ["coact"], "num_experts": [E], "selector": ["mlp"]},
+        },
+        "finetune": {"epochs": 3, "batch_size": 16, "max_length": 32, "learning_rate": 3e-3, "freeze_embeddings": False,
+                     "sparsity_weight": 0.05, "precision": "fp32"},
+        "activations": {"max_tokens": 3000, "sample_tokens": 1500, "batch_size": 32},
+        "selector": {"mlp_epochs": 5, "norm_hidden": 16},
+        "evaluate": {"budgets": BUDGETS, "batch_size": 32},
+    }
+    config.update(copy.deepcopy(overrides))
+    return config
+
+
+def make_workdir(root: Path, config: dict | None = None) -> Path:
+    """A study folder: the tiny random BERT, the toy CSV (mixed sentiments, so small budgets change
+    some predictions) and config.yaml."""
+    build_tiny_bert(root / "model", layers=LAYERS, d_ff=D_FF)
+    write_toy_sentiment(root / "reviews.csv", rows=400, mixed=True)
+    (root / "config.yaml").write_text(yaml.safe_dump(config or tiny_config()))
+    return root
+
+
+def in_study(workdir: Path, step: str, *parts: str, variant: str = VARIANT) -> Path:
+    """results/tiny/<step>/[<variant>/]...: every step after data and calibrate is per variant."""
+    per_variant = step not in ("data", "calibrate", "report", "logs")
+    return workdir.joinpath("results", TINY, step, *([variant] if per_variant else []), *parts)
+
+
+@pytest.fixture(scope="session")
+def tiny_study(tmp_path_factory) -> Path:
+    """The shared tiny study, run once with 4 jobs at a time: its selector and evaluate jobs become
+    ready together and write to one fresh SQLite MLflow store."""
+    workdir = make_workdir(tmp_path_factory.mktemp("tiny-study"))
+    started = time.time()
+    snakemake(workdir, cores=4)
+    (workdir / "wall_seconds").write_text(f"{time.time() - started:.1f}")
+    return workdir
+
+
+# --- the suite's time budget -----------------------------------------------------------------------
+
+# CI stops a submission after 90 minutes; the suite keeps to a third of that, or says so loudly.
+SUITE_BUDGET_MINUTES = 30
+
+
+def pytest_sessionstart(session):
+    session.config.stash[_STARTED] = time.time()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    minutes = (time.time() - config.stash[_STARTED]) / 60
+    reports = [r for kind in ("passed", "failed", "error", "skipped") for r in terminalreporter.stats.get(kind, [])
+               if hasattr(r, "duration")]
+    terminalreporter.write_line(f"moefy: the suite took {minutes:.1f} min ({len(reports)} tests)")
+    if minutes > SUITE_BUDGET_MINUTES:
+        slowest = sorted(reports, key=lambda r: r.duration, reverse=True)[:5]
+        named = ", ".join(f"{r.nodeid} ({r.when}, {r.duration:.0f} s)" for r in slowest)
+        terminalreporter.write_line(f"WARNING: the suite took {minutes:.1f} min, over its {SUITE_BUDGET_MINUTES}-minute budget "
+                                    f"(a third of CI's limit); slowest: {named}", yellow=True, bold=True)
+
+
+_STARTED = pytest.StashKey[float]()

@@ -1,6 +1,7 @@
 """End to end on the other families: the real Snakefile on a tiny T5 (classification, ReLU FFNs
 in encoder and decoder) and a tiny LLaMA (causal language modelling, gated SiLU FFNs kept),
-every split and selector, then what each task's evaluations must satisfy."""
+every split and every selector once (the diagonal of their grid), then what each task's
+evaluations must satisfy."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import build_tiny, snakemake, write_toy_sentiment
+from conftest import build_tiny, diagonal, snakemake, write_toy_sentiment
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
-SPLITS, SELECTORS, E, D_FF = ["random", "kmeans", "coact"], ["groundtruth", "similarity", "mlp"], 4, 64
+E, D_FF = 4, 64
+CONVERSIONS = [("random", "groundtruth"), ("kmeans", "similarity"), ("coact", "mlp")]
 BUDGETS = [0.5, 1.0]
+VARIANT = "none-seed0"
 
 
 def run_study(workdir: Path, family: str, task: str, finetune: dict) -> Path:
@@ -29,8 +32,8 @@ def run_study(workdir: Path, family: str, task: str, finetune: dict) -> Path:
         "task": task,
         "model": {"name_or_path": "model"},
         "dataset": {"path": "reviews.csv", "text_column": "text", "label_column": "category", "labels": ["rotten", "fresh"]},
-        "grid": {"split": SPLITS, "num_experts": [E], "selector": SELECTORS},
-        "finetune": {"batch_size": 16, "max_length": 32, "learning_rate": 3e-3, "freeze_embeddings": False, **finetune},
+        "grid": diagonal(CONVERSIONS),
+        "finetune": {"batch_size": 16, "max_length": 32, "learning_rate": 3e-3, "freeze_embeddings": False, "precision": "fp32", **finetune},
         "activations": {"max_tokens": 2000, "sample_tokens": 1000, "batch_size": 32},
         "selector": {"mlp_epochs": 3},
         "evaluate": {"budgets": BUDGETS, "batch_size": 32},
@@ -51,43 +54,42 @@ def llama_study(tmp_path_factory) -> Path:
 
 
 def test_t5_labels_cover_encoder_and_decoder_layers(t5_study):
-    labels = load_file(t5_study / "balance" / "none" / f"kmeans-E{E}" / "labels.safetensors")
+    labels = load_file(t5_study / "balance" / VARIANT / f"kmeans-E{E}" / "labels.safetensors")
     assert sorted(labels) == [f"layer.{i}" for i in range(4)]  # 2 encoder + 2 decoder blocks
-    metrics = json.loads((t5_study / "finetune" / "none" / "metrics.json").read_text())
-    assert metrics["task"] == "classification" and 0 <= metrics["test_accuracy"] <= 1
-    assert json.loads((t5_study / "finetune" / "none" / "model" / "config.json").read_text())["feed_forward_proj"] == "relu"
+    metrics = json.loads((t5_study / "finetune" / VARIANT / "metrics.json").read_text())
+    dense = json.loads((t5_study / "evaluate" / VARIANT / f"coact-E{E}-mlp.json").read_text())[-1]
+    assert metrics["task"] == "classification" and metrics["test_accuracy"] == dense["test_accuracy"] == dense["dense_test_accuracy"]
+    assert json.loads((t5_study / "finetune" / VARIANT / "model" / "config.json").read_text())["feed_forward_proj"] == "relu"
 
 
 def test_t5_evaluations_match_dense_at_full_budget(t5_study):
-    for split in SPLITS:
-        for selector in SELECTORS:
-            records = json.loads((t5_study / "evaluate" / "none" / f"{split}-E{E}-{selector}.json").read_text())
-            assert [r["budget"] for r in records] == BUDGETS
-            assert records[-1]["relative_accuracy"] == 1.0 and records[-1]["dense_agreement"] == 1.0
-            assert records[0]["experts_per_token"] == E // 2
+    for split, selector in CONVERSIONS:
+        records = json.loads((t5_study / "evaluate" / VARIANT / f"{split}-E{E}-{selector}.json").read_text())
+        assert [r["budget"] for r in records] == BUDGETS
+        assert records[-1]["relative_accuracy"] == 1.0 and records[-1]["dense_agreement"] == 1.0
+        assert records[0]["experts_per_token"] == E // 2
 
 
 def test_llama_causal_lm_reports_perplexity(llama_study):
-    metrics = json.loads((llama_study / "finetune" / "none" / "metrics.json").read_text())
+    metrics = json.loads((llama_study / "finetune" / VARIANT / "metrics.json").read_text())
     assert metrics["task"] == "causal_lm" and "test_accuracy" not in metrics
     assert 1 < metrics["test_perplexity"] < 39  # learned something over a uniform guess on 39 tokens
-    sparsity = json.loads((llama_study / "activations" / "none" / "metrics.json").read_text())["sparsity_per_layer"]
+    sparsity = json.loads((llama_study / "activations" / VARIANT / "metrics.json").read_text())["sparsity_per_layer"]
     assert sparsity == pytest.approx([0.9, 0.9], abs=0.02)  # SiLU never 0: the top 10% by |h| fire
-    for split in SPLITS:
-        for selector in SELECTORS:
-            records = json.loads((llama_study / "evaluate" / "none" / f"{split}-E{E}-{selector}.json").read_text())
-            full = records[-1]
-            assert full["relative_perplexity"] == 1.0 and full["dense_agreement"] == 1.0
-            assert full["test_perplexity"] == pytest.approx(metrics["test_perplexity"], rel=1e-4)
-            assert records[0]["test_perplexity"] != full["test_perplexity"]  # half the experts change the model
+    for split, selector in CONVERSIONS:
+        records = json.loads((llama_study / "evaluate" / VARIANT / f"{split}-E{E}-{selector}.json").read_text())
+        full = records[-1]
+        assert full["relative_perplexity"] == 1.0 and full["dense_agreement"] == 1.0
+        assert full["test_perplexity"] == pytest.approx(metrics["test_perplexity"], rel=1e-4)
+        assert records[0]["test_perplexity"] != full["test_perplexity"]  # half the experts change the model
     table = pd.read_csv(llama_study / "report" / "summary.csv")
     assert {"test_perplexity", "relative_perplexity", "dense_test_perplexity"} <= set(table.columns)
-    assert len(table) == len(SPLITS) * len(SELECTORS) * len(BUDGETS)
+    assert len(table) == len(CONVERSIONS) * len(BUDGETS)
     assert (llama_study / "report" / "accuracy_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_llama_data_has_texts_only(llama_study):
     first = json.loads((llama_study / "data" / "train.jsonl").read_text().splitlines()[0])
     assert set(first) == {"text"}
-    router = load_file(llama_study / "selector" / "none" / f"kmeans-E{E}-mlp" / "router.safetensors")
+    router = load_file(llama_study / "selector" / VARIANT / f"coact-E{E}-mlp" / "router.safetensors")
     assert router["layer.0.fc1.weight"].shape == (E, 32) and torch.isfinite(router["layer.0.fc1.weight"]).all()

@@ -43,3 +43,66 @@ def test_user_error_is_one_line_and_exit_2(capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "config key x: bad" in err and "Traceback" not in err
+
+
+def test_shared_flags_read_the_same_in_every_step():
+    from moefy.cli import ablation, step_parser
+
+    parser = step_parser("split", "Step split: doc.", "model", "penalty", "seed", "split", "num_experts")
+    args = parser.parse_args(["--model", "m", "--penalty", "hoyer", "--seed", "2", "--split", "coact", "--num-experts", "8",
+                              "--out", "o"])
+    assert ablation(args) == {"penalty": "hoyer", "seed": 2, "split": "coact", "num_experts": 8}
+    with pytest.raises(SystemExit):  # names come from the schema's vocabulary
+        parser.parse_args(["--model", "m", "--split", "kmean", "--num-experts", "8", "--out", "o"])
+
+
+@pytest.mark.parametrize("step", ["data", "finetune", "activations", "split", "balance", "selector", "evaluate", "export", "report", "fetch"])
+def test_every_step_has_one_parser_with_out(step):
+    import importlib
+
+    module = importlib.import_module(f"moefy.steps.{step}")
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    source = importlib.util.find_spec(f"moefy.steps.{step}").loader.get_source(f"moefy.steps.{step}")
+    assert "step_parser(" in source and "argparse.ArgumentParser(" not in source
+    assert "--method" not in source and "MOEFY_WILDCARDS" not in source
+
+
+def test_one_rank_runs_a_plain_process_and_more_use_torch_distributed_run():
+    from moefy.launch import step_command, threads_per_rank
+
+    assert step_command("evaluate", 1, python="/venv/bin/python") == "/venv/bin/python -m moefy.steps.evaluate"
+    assert step_command("finetune", 2, python="/my venv/python") == (
+        "'/my venv/python' -m torch.distributed.run --standalone --nproc_per_node=2 -m moefy.steps.finetune")
+    assert threads_per_rank(8, 2) == 4 and threads_per_rank(1, 4) == 1
+
+
+def test_jobs_find_the_interpreter_that_runs_snakemake_first(monkeypatch):
+    from moefy.launch import interpreter_first_on_path
+
+    monkeypatch.setenv("PATH", "/usr/bin:/venv/bin:/bin")
+    interpreter_first_on_path("/venv/bin/python")
+    import os
+
+    assert os.environ["PATH"] == "/venv/bin:/usr/bin:/bin"
+
+
+def test_the_conda_environment_installs_this_checkout(tmp_path, monkeypatch):
+    """envs/moefy.yaml's pip line names ${MOEFY_SOURCE}; pip expands it to the folder the workflow exports."""
+    import os
+
+    import yaml
+
+    from moefy.launch import SOURCE_ENV, export_source_folder
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    env = yaml.safe_load((root / "envs" / "moefy.yaml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert pip == ["-e ${MOEFY_SOURCE}"]
+    monkeypatch.setenv(SOURCE_ENV, "")
+    export_source_folder(root)
+    assert os.environ[SOURCE_ENV] == str(root) and (root / "pyproject.toml").is_file()
+    for rule in (root / "rules").glob("*.smk"):
+        if rule.name != "common.smk":
+            assert rule.read_text().count("conda:") == rule.read_text().count("rule "), f"{rule.name}: a rule without conda:"

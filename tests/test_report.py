@@ -3,16 +3,20 @@ import json
 import pytest
 
 from moefy.errors import MoefyError
-from moefy.report import flops_at_99, plot_accuracy_vs_flops, summarise
+from moefy.report import by_method, flops_at_99, flops_at_99_by_method, plot_relative_vs_flops, summarise, summary_files
 
 
-def write_eval(folder, name, accuracies, penalty="none", rule="top_k"):
-    records = [{"rule": rule, "budget": b if rule == "top_k" else None, "tau": None if rule == "top_k" else b,
-                "k": int(b * 8), "experts_per_token": b * 8, "test_accuracy": a, "relative_accuracy": a / 0.9,
-                "ffn_flops_fraction": b, "dense_agreement": 1.0, "dense_test_accuracy": 0.9,
-                "ffn_ms_dense": 10.0, "ffn_ms_moe": 5.0, "ffn_speedup": 2.0} for b, a in accuracies]
-    (folder / penalty).mkdir(exist_ok=True)
-    path = folder / penalty / name
+def write_eval(folder, name, accuracies, penalty="none", rule="top_k", seed=0, dense=0.9):
+    """Records as the evaluate step writes them: each names its place in the grid."""
+    split, experts, selector = name.removesuffix(".json").split("-")
+    records = [{"penalty": penalty, "seed": seed, "split": split, "num_experts": int(experts[1:]), "selector": selector,
+                "rule": rule, "budget": b if rule == "top_k" else None, "tau": None if rule == "top_k" else b,
+                "k": int(b * 8) if rule == "top_k" else None, "experts_per_token": b * 8, "experts_per_token_std": 0.0,
+                "test_accuracy": a, "relative_accuracy": a / dense, "ffn_flops_fraction": b, "dense_agreement": 1.0,
+                "dense_test_accuracy": dense, "ffn_ms_dense": 10.0, "ffn_ms_moe": 5.0, "ffn_speedup": 2.0, "precision": "fp32"}
+               for b, a in accuracies]
+    path = folder / f"{penalty}-seed{seed}" / name
+    path.parent.mkdir(exist_ok=True)
     existing = json.loads(path.read_text()) if path.exists() else []
     path.write_text(json.dumps(existing + records))
     return path
@@ -22,52 +26,81 @@ def test_summary_has_one_row_per_budget_with_grid_columns(tmp_path):
     files = [write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.5, 0.85), (1.0, 0.9)]),
              write_eval(tmp_path, "random-E8-similarity.json", [(0.5, 0.7), (1.0, 0.9)])]
     table = summarise(files)
-    assert list(table.columns[:5]) == ["penalty", "split", "num_experts", "selector", "rule"]
+    assert list(table.columns[:6]) == ["penalty", "seed", "split", "num_experts", "selector", "rule"]
     assert len(table) == 4 and set(table["split"]) == {"kmeans", "random"}
     assert table.loc[(table.split == "kmeans") & (table.budget == 0.5), "test_accuracy"].item() == 0.85
-    plot_accuracy_vs_flops(table, tmp_path / "plot.png")
+    assert set(table["precision"]) == {"fp32"}
+    plot_relative_vs_flops(table, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_badly_named_evaluation_is_rejected(tmp_path):
-    with pytest.raises(MoefyError, match="not named"):
-        summarise([write_eval(tmp_path, "kmeans.json", [(1.0, 0.9)])])
+def test_records_that_do_not_name_their_place_in_the_grid_are_rejected(tmp_path):
+    path = write_eval(tmp_path, "kmeans-E8-mlp.json", [(1.0, 0.9)])
+    records = json.loads(path.read_text())
+    del records[0]["seed"]
+    path.write_text(json.dumps(records))
+    with pytest.raises(MoefyError, match="records without seed .*rerun its evaluate job"):
+        summarise([path])
+    path.write_text(json.dumps({"budget": 1.0}))
+    with pytest.raises(MoefyError, match="not a list of evaluation records"):
+        summarise([path])
 
 
 def test_flops_at_99_is_the_cheapest_point_keeping_99_percent_per_rule_and_penalty(tmp_path):
     write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.2, 0.85), (0.4, 0.893), (0.6, 0.9), (1.0, 0.9)])
     write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.3, 0.895), (0.5, 0.9)], rule="dynamic")
     hoyer = write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.2, 0.7), (1.0, 0.9)], penalty="hoyer")
-    table = summarise([tmp_path / "none" / "kmeans-E8-mlp.json", hoyer])
+    table = summarise([tmp_path / "none-seed0" / "kmeans-E8-mlp.json", hoyer])
     best = flops_at_99(table).set_index(["penalty", "rule"])["flops_at_99pct"]
     assert best[("none", "top_k")] == 0.4  # 0.893 / 0.9 = 99.2%; 0.85 / 0.9 is not enough
     assert best[("none", "dynamic")] == 0.3
     assert best[("hoyer", "top_k")] == 1.0
-    plot_accuracy_vs_flops(table, tmp_path / "plot.png")
+    plot_relative_vs_flops(table, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_seeds_of_one_method_give_mean_and_spread(tmp_path):
+    files = [write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.2, 0.892), (0.4, 0.9), (1.0, 0.9)], seed=0),
+             write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.2, 0.80), (0.4, 0.895), (1.0, 0.9)], seed=1),
+             write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.2, 0.70), (0.4, 0.80), (1.0, 0.9)], seed=2)]
+    table = summarise(files)
+    per_method = flops_at_99_by_method(table).iloc[0]
+    assert per_method["seeds"] == 3 and per_method["flops_at_99pct_per_seed"] == "0.200 0.400 1.000"
+    assert per_method["flops_at_99pct_mean"] == pytest.approx((0.2 + 0.4 + 1.0) / 3)
+    assert per_method["flops_at_99pct_std"] == pytest.approx(0.4163, abs=1e-4)
+    points = by_method(table).set_index("budget")
+    assert points.loc[0.2, "seeds"] == 3
+    assert points.loc[0.2, "relative_accuracy_mean"] == pytest.approx((0.892 + 0.80 + 0.70) / 3 / 0.9)
+    assert points.loc[1.0, "relative_accuracy_std"] == 0.0 and points.loc[0.2, "relative_accuracy_std"] > 0.1
+    files = summary_files(table, tmp_path / "report", "title")
+    assert sorted(files) == ["by_method", "flops_at_99pct", "plot", "summary"] and all(p.is_file() for p in files.values())
+
+
+def test_a_seed_that_never_keeps_99_percent_makes_the_method_mean_nan(tmp_path):
+    files = [write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.2, 0.9)], seed=0),
+             write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.2, 0.5)], seed=1)]  # no budget 1.0: no point keeps 99%
+    per_method = flops_at_99_by_method(summarise(files)).iloc[0]
+    assert per_method["flops_at_99pct_per_seed"] == "0.200 nan"
+    assert per_method["flops_at_99pct_mean"] != per_method["flops_at_99pct_mean"]  # NaN, not 0.2
 
 
 def test_perplexity_evaluations_are_summarised_and_plotted(tmp_path):
-    records = [{"budget": b, "k": int(b * 8), "experts_per_token": b * 8, "test_perplexity": p, "relative_perplexity": p / 20,
-                "ffn_flops_fraction": b, "dense_agreement": 1.0, "dense_test_perplexity": 20.0}
+    records = [{"penalty": "none", "seed": 0, "split": "kmeans", "num_experts": 8, "selector": "mlp", "rule": "top_k",
+                "budget": b, "k": int(b * 8), "experts_per_token": b * 8, "test_perplexity": p, "relative_perplexity": p / 20,
+                "ffn_flops_fraction": b, "dense_agreement": 1.0, "dense_test_perplexity": 20.0, "ffn_speedup": 1.0}
                for b, p in [(0.3, 25.0), (0.5, 20.1), (1.0, 20.0)]]
-    (tmp_path / "none").mkdir()
-    (tmp_path / "none" / "kmeans-E8-mlp.json").write_text(json.dumps(records))
-    table = summarise([tmp_path / "none" / "kmeans-E8-mlp.json"])
-    assert list(table.columns[10:13]) == ["test_perplexity", "relative_perplexity", "ffn_flops_fraction"]
+    (tmp_path / "kmeans-E8-mlp.json").write_text(json.dumps(records))
+    table = summarise([tmp_path / "kmeans-E8-mlp.json"])
+    assert list(table.columns[11:14]) == ["test_perplexity", "relative_perplexity", "ffn_flops_fraction"]
     assert flops_at_99(table)["flops_at_99pct"].item() == 0.5  # 20.1 <= 20 / 0.99; 25 is not
-    plot_accuracy_vs_flops(table, tmp_path / "plot.png")
+    plot_relative_vs_flops(table, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
-
-
-def test_an_evaluation_outside_a_penalty_folder_is_rejected(tmp_path):
-    (tmp_path / "kmeans-E8-mlp.json").write_text("[]")
-    with pytest.raises(MoefyError, match="evaluate/<penalty>/"):
-        summarise([tmp_path / "kmeans-E8-mlp.json"])
 
 
 def test_mixed_metrics_are_refused(tmp_path):
     path = write_eval(tmp_path, "kmeans-E8-mlp.json", [(1.0, 0.9)])
-    (tmp_path / "none" / "random-E8-mlp.json").write_text(json.dumps([{"budget": 1.0, "test_perplexity": 20.0}]))
+    other = json.loads(path.read_text())[0]
+    other = {k: v for k, v in other.items() if "accuracy" not in k} | {"split": "random", "test_perplexity": 20.0}
+    (tmp_path / "random.json").write_text(json.dumps([other]))
     with pytest.raises(MoefyError, match="exactly one of test_accuracy, test_perplexity"):
-        summarise([path, tmp_path / "none" / "random-E8-mlp.json"])
+        summarise([path, tmp_path / "random.json"])

@@ -10,9 +10,9 @@ from moefy.routers import (
     build_routers,
     expert_centroids,
     expert_mass,
+    expert_output_norms,
     router_tensors,
     scaled_mass,
-    expert_output_norms,
     topk_recall,
     train_router,
 )

@@ -59,9 +59,10 @@ def test_hoyer_fine_tuning_gives_sparser_activations(tiny_bert, tmp_path, mlflow
         out = tmp_path / penalty
         finetune_step.main(["--model", str(tiny_bert), "--data", str(tmp_path / "data"), "--out", str(out), "--device", "cpu",
                             "--epochs", "2", "--batch-size", "16", "--max-length", "32", "--learning-rate", "3e-3",
-                            "--sparsity-penalty", penalty, "--sparsity-weight", "5", "--sparsity-ramp", "0.2",
+                            "--penalty", penalty, "--sparsity-weight", "5", "--sparsity-ramp", "0.2",
                             "--precision", "fp32"])
         metrics = json.loads((out / "metrics.json").read_text())
-        assert metrics["sparsity_penalty"] == penalty
+        training = json.loads((out / "model" / "training.json").read_text())
+        assert metrics["penalty"] == training["penalty"] == penalty and training["precision"] == "fp32"
         sparsity[penalty] = metrics["sparsity_mean"]
     assert sparsity["hoyer"] > sparsity["none"] + 0.05, sparsity

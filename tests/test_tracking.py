@@ -30,9 +30,14 @@ def test_a_failing_job_is_marked_failed(mlflow_store):
 
 
 def test_disabled_runs_log_nothing(mlflow_store):
-    with tracking.job_run("finetune", {}, enabled=False) as run:
+    """Ranks other than 0 get a run that records nothing, so a job logs exactly once."""
+    with tracking.job_run("finetune", {"x": 1}, enabled=False) as run:
         run.log_metrics({"a": 1.0})
-    assert not run.active
+        run.set_tags({"t": "v"})
+        run.log_artifact(__file__)
+    client = MlflowClient(mlflow_store)
+    experiment = client.get_experiment_by_name("test")
+    assert experiment is None or client.search_runs([experiment.experiment_id]) == []
 
 
 def test_experiment_creation_is_idempotent(mlflow_store):
@@ -78,3 +83,10 @@ def test_runs_of_killed_processes_are_closed_by_the_next_invocation(mlflow_store
         runs = client.search_runs([experiment])
         assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED", "RUNNING", "RUNNING", "RUNNING"]
     assert client.get_run(alive).info.status == "RUNNING"
+
+
+def test_run_names_read_like_the_job_s_paths():
+    assert tracking.run_name("evaluate", {"penalty": "hoyer", "seed": 0, "split": "kmeans", "num_experts": 48, "selector": "norm"}) \
+        == "evaluate hoyer-seed0 kmeans-E48-norm"
+    assert tracking.run_name("finetune", {"penalty": "none", "seed": 1}) == "finetune none-seed1"
+    assert tracking.run_name("data", {}) == "data"

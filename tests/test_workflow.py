@@ -1,5 +1,6 @@
-"""End to end: the real Snakefile on a tiny random BERT and a toy CSV, then the contracts other
-tools rely on, the MLflow runs, a one-file rerun, and torchrun with 2 CPU ranks against 1."""
+"""End to end: the real Snakefile on the shared tiny study (a random BERT, a toy CSV), then the
+contracts other tools rely on, the MLflow runs, a one-file rerun, an export, and torchrun with
+2 CPU ranks against the plain single process."""
 
 from __future__ import annotations
 
@@ -12,170 +13,227 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import ROOT, build_tiny_bert, environment, snakemake, write_toy_sentiment
+from conftest import (
+    BUDGETS,
+    CONVERSIONS,
+    D_FF,
+    LAYERS,
+    REPLICATE,
+    ROOT,
+    SPLITS,
+    THRESHOLDS,
+    TINY,
+    VARIANT,
+    E,
+    environment,
+    in_study,
+    snakemake,
+)
 from moefy.export import load_moe
 from moefy.report import reproducible
 
-STUDY = "tiny"
-SPLITS, SELECTORS, E, D_FF, LAYERS = ["random", "kmeans", "coact"], ["groundtruth", "similarity", "mlp", "norm"], 4, 64, 2
-BUDGETS, THRESHOLDS = [0.5, 1.0], [0.0, 0.5, 1.0]
-PENALTY = "hoyer"  # the default study's none is the reliability tests' study
-RECORD_KEYS = {"budget", "experts_per_token", "test_accuracy", "relative_accuracy", "ffn_flops_fraction",
-               "ffn_ms_dense", "ffn_ms_moe", "ffn_speedup"}
+RECORD_KEYS = {"penalty", "seed", "split", "num_experts", "selector", "budget", "experts_per_token", "test_accuracy",
+               "relative_accuracy", "ffn_flops_fraction", "ffn_ms_dense", "ffn_ms_moe", "ffn_speedup", "kernels", "precision"}
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture(scope="module")
-def study(tmp_path_factory) -> Path:
-    workdir = tmp_path_factory.mktemp("study")
-    build_tiny_bert(workdir / "model", layers=LAYERS, d_ff=D_FF)
-    write_toy_sentiment(workdir / "reviews.csv", rows=400)
-    config = {
-        "study": STUDY,
-        "model": {"name_or_path": "model"},
-        "dataset": {"path": "reviews.csv", "text_column": "text", "label_column": "category", "labels": ["rotten", "fresh"]},
-        "grid": {"split": SPLITS, "num_experts": [E], "selector": SELECTORS, "sparsity_penalty": [PENALTY]},
-        "finetune": {"epochs": 3, "batch_size": 16, "max_length": 32, "learning_rate": 3e-3, "freeze_embeddings": False,
-                     "sparsity_weight": 0.05},
-        "activations": {"max_tokens": 3000, "sample_tokens": 1500, "batch_size": 32},
-        "selector": {"mlp_epochs": 5, "norm_hidden": 16},
-        "evaluate": {"budgets": BUDGETS, "thresholds": THRESHOLDS, "batch_size": 32},
-    }
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    snakemake(workdir)
-    return workdir
-
-
-def results(study: Path, step: str, *parts: str) -> Path:
-    """results/<study>/<step>/[<penalty>/]...: every step after data is per fine-tuning variant."""
-    per_variant = step not in ("data", "report", "logs", "mlflow")
-    return study.joinpath("results", STUDY, step, *([PENALTY] if per_variant else []), *parts)
-
-
-def test_finetune_contract(study):
-    model = results(study, "finetune", "model")
+def test_finetune_contract(tiny_study):
+    model = in_study(tiny_study, "finetune", "model")
     assert (model / "config.json").is_file() and (model / "model.safetensors").is_file()
     assert json.loads((model / "config.json").read_text())["hidden_act"] == "relu"
-    metrics = json.loads(results(study, "finetune", "metrics.json").read_text())
+    training = json.loads((model / "training.json").read_text())
+    assert training["penalty"] == "hoyer" and training["seed"] == 0 and training["precision"] == "fp32"
+    metrics = json.loads(in_study(tiny_study, "finetune", "metrics.json").read_text())
     assert 0.5 < metrics["test_accuracy"] <= 1.0, "the toy task is learnable; the dense model should beat chance"
-    assert metrics["sparsity_penalty"] == PENALTY
+    assert metrics["penalty"] == "hoyer" and metrics["machine"]["cpu_capability"]
     assert len(metrics["sparsity_per_layer"]) == LAYERS and all(0 < s < 1 for s in metrics["sparsity_per_layer"])
 
 
-def test_balanced_labels_contract(study):
+def test_calibration_contract(tiny_study):
+    document = json.loads(in_study(tiny_study, "calibrate", "moe_kernels.json").read_text())
+    table = document["shapes"][f"d32-ff{D_FF}-E{E}"]
+    assert document["threads"] == 1 and document["machine"]["cores"] >= 1
+    assert len(table["winners"]) == len(table["tokens"]) and {w for row in table["winners"] for w in row} <= {"bags", "grouped", "masked"}
+    assert all(len(times) == len(table["tokens"]) for times in table["milliseconds"].values())
+
+
+def test_activations_record_the_co_activation_kernel_they_measured(tiny_study):
+    metrics = json.loads(in_study(tiny_study, "activations", "metrics.json").read_text())
+    assert metrics["coactivation_kernel"] in ("int8", "float32") and "float32" in metrics["coactivation_probe_seconds"]
+
+
+def test_balanced_labels_contract(tiny_study):
     for split in SPLITS:
-        labels = load_file(results(study, "balance", f"{split}-E{E}", "labels.safetensors"))
+        labels = load_file(in_study(tiny_study, "balance", f"{split}-E{E}", "labels.safetensors"))
         assert sorted(labels) == [f"layer.{i}" for i in range(LAYERS)]
         for tensor in labels.values():
             assert tensor.dtype == torch.int64 and tensor.shape == (D_FF,)
             assert torch.equal(torch.bincount(tensor, minlength=E), torch.full((E,), D_FF // E))
-        metrics = json.loads(results(study, "balance", f"{split}-E{E}", "metrics.json").read_text())
+        metrics = json.loads(in_study(tiny_study, "balance", f"{split}-E{E}", "metrics.json").read_text())
         assert {"coact_kept", "excess_coact_kept", "kmeans_objective"} <= set(metrics)
 
 
-def test_evaluation_contract(study):
-    for split in SPLITS:
-        for selector in SELECTORS:
-            records = json.loads(results(study, "evaluate", f"{split}-E{E}-{selector}.json").read_text())
-            top_k, dynamic = records[:len(BUDGETS)], records[len(BUDGETS):]
-            assert [r["budget"] for r in top_k] == BUDGETS and {r["rule"] for r in top_k} == {"top_k"}
-            assert [r["tau"] for r in dynamic] == THRESHOLDS and {r["rule"] for r in dynamic} == {"dynamic"}
-            assert all(RECORD_KEYS <= set(r) for r in records)
-            for full in (top_k[-1], dynamic[-1]):  # budget 1.0 and tau 1 run every expert: the dense model
-                assert full["relative_accuracy"] == 1.0 and full["ffn_flops_fraction"] == 1.0 and full["experts_per_token"] == E
-            assert top_k[0]["experts_per_token"] == E // 2 and 0.5 <= top_k[0]["ffn_flops_fraction"] < 0.7  # + the router, if any
-            assert top_k[0]["experts_per_token_std"] == 0
-            tau0 = dynamic[0]  # only the top expert(s) of each token
-            assert tau0["experts_per_token"] <= dynamic[1]["experts_per_token"] <= E and tau0["experts_per_token"] < 2
+def test_evaluation_contract(tiny_study):
+    for split, selector in CONVERSIONS:
+        records = json.loads(in_study(tiny_study, "evaluate", f"{split}-E{E}-{selector}.json").read_text())
+        top_k, dynamic = records[:len(BUDGETS)], records[len(BUDGETS):]
+        assert [r["budget"] for r in top_k] == BUDGETS and {r["rule"] for r in top_k} == {"top_k"}
+        assert [r["tau"] for r in dynamic] == THRESHOLDS and {r["rule"] for r in dynamic} == {"dynamic"}
+        assert all(RECORD_KEYS <= set(r) for r in records)
+        assert {(r["penalty"], r["seed"], r["split"], r["num_experts"], r["selector"]) for r in records} == {("hoyer", 0, split, E, selector)}
+        for full in (top_k[-1], dynamic[-1]):  # budget 1.0 and tau 1 run every expert: the dense model
+            assert full["relative_accuracy"] == 1.0 and full["ffn_flops_fraction"] == 1.0 and full["experts_per_token"] == E
+            assert full["kernels"] == "dense"
+        half = top_k[1]
+        assert half["experts_per_token"] == E // 2 and half["experts_per_token_std"] == 0
+        # half the experts, plus the router's cost if it has one (the oracle has none)
+        assert half["ffn_flops_fraction"] == 0.5 if selector == "groundtruth" else 0.5 < half["ffn_flops_fraction"] < 0.7
+        assert half["kernels"] != "dense" and all(k.split()[0] in ("bags", "grouped", "masked") for k in half["kernels"].split(", "))
+        tau0 = dynamic[0]  # only the top expert(s) of each token
+        assert tau0["experts_per_token"] <= dynamic[1]["experts_per_token"] <= E and tau0["experts_per_token"] < 2
 
 
-def test_summary_contract(study):
-    table = pd.read_csv(results(study, "report", "summary.csv"))
-    assert {"penalty", "split", "num_experts", "selector", "rule", "flops_at_99pct", *RECORD_KEYS} <= set(table.columns)
-    assert len(table) == len(SPLITS) * len(SELECTORS) * (len(BUDGETS) + len(THRESHOLDS))
-    assert set(table["penalty"]) == {PENALTY}
-    assert (table.groupby(["split", "selector", "rule"])["flops_at_99pct"].nunique() <= 1).all()
-    assert results(study, "report", "accuracy_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
+def test_summary_contract(tiny_study):
+    table = pd.read_csv(in_study(tiny_study, "report", "summary.csv"))
+    assert {"penalty", "seed", "split", "num_experts", "selector", "rule", "flops_at_99pct", "precision", *RECORD_KEYS} <= set(table.columns)
+    main = len(CONVERSIONS) * (len(BUDGETS) + len(THRESHOLDS))
+    assert len(table) == main + len(BUDGETS)  # + the second seed of coact / mlp, top-k only
+    assert set(table["penalty"]) == {"hoyer"} and set(table["seed"]) == {0, 1}
+    assert (table.groupby(["seed", "split", "selector", "rule"])["flops_at_99pct"].nunique() <= 1).all()
+    assert in_study(tiny_study, "report", "accuracy_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
+    methods = pd.read_csv(in_study(tiny_study, "report", "flops_at_99pct.csv"))
+    two_seeds = methods[(methods.split == "coact") & (methods.selector == "mlp") & (methods.rule == "top_k")].iloc[0]
+    assert two_seeds["seeds"] == 2 and len(two_seeds["flops_at_99pct_per_seed"].split()) == 2
+    points = pd.read_csv(in_study(tiny_study, "report", "by_method.csv"))
+    assert set(points[(points.split == "coact") & (points.selector == "mlp") & (points.rule == "top_k")]["seeds"]) == {2}
+
+
+def test_a_second_seed_is_a_model_and_conversion_of_its_own(tiny_study):
+    """Same config, seed 1: another fine-tune, another split, other numbers; the test texts are the same."""
+    labels = [load_file(in_study(tiny_study, "balance", "coact-E4", "labels.safetensors", variant=v)) for v in (VARIANT, REPLICATE)]
+    assert not any(torch.equal(labels[0][k], labels[1][k]) for k in labels[0])
+    evaluations = [reproducible(json.loads(in_study(tiny_study, "evaluate", "coact-E4-mlp.json", variant=v).read_text()))
+                   for v in (VARIANT, REPLICATE)]
+    assert [r["seed"] for r in evaluations[1]] == [1] * len(BUDGETS)
+    assert [r["test_accuracy"] for r in evaluations[0][:len(BUDGETS)]] != [r["test_accuracy"] for r in evaluations[1]]
+    assert json.loads(in_study(tiny_study, "finetune", "model", "training.json", variant=REPLICATE).read_text())["seed"] == 1
 
 
 def mlflow_runs(study: Path):
     client = MlflowClient(environment(study)["MLFLOW_TRACKING_URI"])
-    experiment = client.get_experiment_by_name(STUDY)
+    experiment = client.get_experiment_by_name(TINY)
     return client.search_runs([experiment.experiment_id], max_results=1000)
 
 
-def test_mlflow_parent_and_job_runs(study):
+def first_invocation(study: Path):
+    """The parent run of the study's first snakemake invocation and its job runs (later tests add more)."""
     runs = mlflow_runs(study)
-    parents = [r for r in runs if r.data.tags.get("moefy.kind") == "workflow"]
-    first = min(parents, key=lambda r: r.info.start_time)
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first.info.run_id]
+    first = min((r for r in runs if r.data.tags.get("moefy.kind") == "workflow"), key=lambda r: r.info.start_time)
+    return first, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first.info.run_id]
+
+
+def test_mlflow_parent_and_job_runs(tiny_study):
+    first, children = first_invocation(tiny_study)
     rules = sorted(r.data.tags["rule"] for r in children)
-    expected = {"data": 1, "finetune": 1, "activations": 1, "split": 3, "balance": 3, "selector": 12, "evaluate": 12, "report": 1}
+    evaluations = len(CONVERSIONS) + 1
+    expected = {"data": 1, "calibrate": 1, "finetune": 2, "activations": 2, "split": len(SPLITS) + 1, "balance": len(SPLITS) + 1,
+                "selector": evaluations, "evaluate": evaluations, "report": 1}
     assert {rule: rules.count(rule) for rule in set(rules)} == expected
     assert first.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in children)
-    evaluations = {(r.data.tags["wildcard.split"], r.data.tags["wildcard.selector"]): r for r in children if r.data.tags["rule"] == "evaluate"}
-    assert set(evaluations) == {(s, q) for s in SPLITS for q in SELECTORS}
-    kmeans_mlp = evaluations[("kmeans", "mlp")]
-    assert kmeans_mlp.data.params["batch_size"] == "32" and kmeans_mlp.data.params["wildcard.num_experts"] == str(E)
+    seeded = {(r.data.tags["wildcard.seed"], r.data.tags["wildcard.split"], r.data.tags["wildcard.selector"]): r
+              for r in children if r.data.tags["rule"] == "evaluate"}
+    assert set(seeded) == {("0", s, q) for s, q in CONVERSIONS} | {("1", "coact", "mlp")}
+    coact_mlp = seeded[("0", "coact", "mlp")]
+    assert coact_mlp.info.run_name == f"evaluate {VARIANT} coact-E{E}-mlp"
+    assert coact_mlp.data.params["batch_size"] == "32" and coact_mlp.data.params["wildcard.num_experts"] == str(E)
     assert {"test_accuracy/budget_0.5", "relative_accuracy/budget_1", "ffn_flops_fraction/budget_0.5",
-            "experts_per_token/tau_0.5"} <= set(kmeans_mlp.data.metrics)
-    assert kmeans_mlp.data.tags["wildcard.penalty"] == PENALTY
-    finetune = next(r for r in children if r.data.tags["rule"] == "finetune")
+            "experts_per_token/tau_0.5"} <= set(coact_mlp.data.metrics)
+    assert coact_mlp.data.tags["wildcard.penalty"] == "hoyer"
+    finetune = next(r for r in children if r.data.tags["rule"] == "finetune" and r.data.tags["wildcard.seed"] == "0")
     assert "test_accuracy" in finetune.data.metrics and "sparsity/layer_1" in finetune.data.metrics
+    assert finetune.data.tags["precision"] == "fp32"
 
 
-def test_asking_for_one_file_reruns_one_ablation(study):
-    target = results(study, "evaluate", f"kmeans-E{E}-mlp.json")
+def test_parallel_jobs_lose_no_mlflow_run_or_metric(tiny_study):
+    """The study ran 4 jobs at a time against one fresh SQLite store: one run per job, none twice."""
+    jobs = first_invocation(tiny_study)[1]
+    keys = [(r.data.tags["rule"], r.data.tags.get("wildcard.seed"), r.data.tags.get("wildcard.split"), r.data.tags.get("wildcard.selector"))
+            for r in jobs]
+    conversions = len(CONVERSIONS) + 1
+    assert len(keys) == len(set(keys)) == 1 + 1 + 2 + 2 + 4 + 4 + 2 * conversions + 1, "one run per job, none lost, none twice"
+    for run in jobs:
+        if run.data.tags["rule"] == "evaluate" and run.data.tags["wildcard.seed"] == "0":
+            assert len(run.data.metrics) == (len(BUDGETS) + len(THRESHOLDS)) * 9, run.info.run_name  # rules x 9 metrics
+        if run.data.tags["rule"] == "selector":
+            assert {f"recall_at_{b:g}" for b in BUDGETS} <= set(run.data.metrics)
+
+
+def test_asking_for_one_file_reruns_one_ablation(tiny_study):
+    target = in_study(tiny_study, "evaluate", f"coact-E{E}-mlp.json")
     before = reproducible(json.loads(target.read_text()))
     target.unlink()
-    done = snakemake(study, str(target.relative_to(study)))
-    assert "evaluate" in done.stderr and "finetune:" not in done.stderr
+    done = snakemake(tiny_study, str(target.relative_to(tiny_study)))
+    assert "evaluate" in done.stderr and "rule finetune:" not in done.stderr and "rule calibrate:" not in done.stderr
     assert reproducible(json.loads(target.read_text())) == before, "the same inputs must give the same evaluation"
-    newest = max((r for r in mlflow_runs(study) if r.data.tags.get("moefy.kind") == "workflow"), key=lambda r: r.info.start_time)
-    reran = [r for r in mlflow_runs(study) if r.data.tags.get("mlflow.parentRunId") == newest.info.run_id]
+    newest = max((r for r in mlflow_runs(tiny_study) if r.data.tags.get("moefy.kind") == "workflow"), key=lambda r: r.info.start_time)
+    reran = [r for r in mlflow_runs(tiny_study) if r.data.tags.get("mlflow.parentRunId") == newest.info.run_id]
     assert [r.data.tags["rule"] for r in reran] == ["evaluate"]
 
 
-def test_an_exported_model_predicts_what_evaluate_measured(study):
-    target = results(study, "export", f"kmeans-E{E}-mlp-b0.5")
-    snakemake(study, str(target.relative_to(study)))
+def test_an_exported_model_predicts_what_evaluate_measured(tiny_study):
+    target = in_study(tiny_study, "export", f"coact-E{E}-mlp-b0.5")
+    snakemake(tiny_study, str(target.relative_to(tiny_study)))
     model, tokenizer = load_moe(target)
-    rows = [json.loads(line) for line in results(study, "data", "test.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in in_study(tiny_study, "data", "test.jsonl").read_text().splitlines()]
     with torch.no_grad():
         batch = tokenizer([r["text"] for r in rows], padding=True, truncation=True, return_tensors="pt")
         predicted = model(**batch).logits.argmax(-1)
     accuracy = float((predicted == torch.tensor([r["label"] for r in rows])).double().mean())
-    measured = next(r for r in json.loads(results(study, "evaluate", f"kmeans-E{E}-mlp.json").read_text()) if r["budget"] == 0.5)
+    measured = next(r for r in json.loads(in_study(tiny_study, "evaluate", f"coact-E{E}-mlp.json").read_text()) if r["budget"] == 0.5)
     assert accuracy == pytest.approx(measured["test_accuracy"])
 
 
-def torchrun(module: str, nproc: int, *args: str, cwd: Path) -> None:
+def run_step(module: str, nproc: int, *args: str, cwd: Path) -> None:
+    """A step on one thread per rank: as the workflow runs it on 2 ranks (torch.distributed.run), and
+    for one rank its main in this process, which is what the workflow's plain process runs."""
+    import importlib
+
+    from moefy.launch import step_command
+
+    if nproc == 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            importlib.import_module(f"moefy.steps.{module}").main(["--device", "cpu", *args])
+        finally:
+            torch.set_num_threads(threads)
+        return
     env = environment(cwd) | {"OMP_NUM_THREADS": "1"}
-    cmd = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", "-m", f"moefy.steps.{module}",
-           "--device", "cpu", *args]
+    cmd = [*step_command(module, nproc, python=sys.executable).split(), "--device", "cpu", *args]
     done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
-def test_two_cpu_ranks_give_the_same_results_as_one(study, tmp_path):
-    model, data = results(study, "finetune", "model"), results(study, "data")
+def test_two_cpu_ranks_give_the_same_results_as_one(tiny_study, tmp_path, mlflow_store):
+    model, data = in_study(tiny_study, "finetune", "model"), in_study(tiny_study, "data")
     for nproc in (1, 2):
         out = tmp_path / f"ranks{nproc}"
-        torchrun("activations", nproc, "--model", str(model), "--data", str(data), "--out", str(out / "activations"),
-                 "--max-tokens", "3000", "--sample-tokens", "1500", "--batch-size", "8", cwd=study)
+        run_step("activations", nproc, "--model", str(model), "--data", str(data), "--out", str(out / "activations"),
+                 "--max-tokens", "3000", "--sample-tokens", "1500", "--batch-size", "8", cwd=tiny_study)
         for method in ("coact", "kmeans"):  # layer-parallel: each rank splits its own layers
-            torchrun("split", nproc, "--model", str(model), "--method", method, "--num-experts", str(E),
+            run_step("split", nproc, "--model", str(model), "--split", method, "--num-experts", str(E),
                      "--coactivation", str(out / "activations" / "coactivation.safetensors"),
-                     "--out", str(out / "split" / method), cwd=study)
-        torchrun("evaluate", nproc, "--model", str(model), "--data", str(data), "--labels", str(results(study, "balance", f"kmeans-E{E}", "labels.safetensors")),
-                 "--router", str(results(study, "selector", f"kmeans-E{E}-mlp", "router.safetensors")),
-                 "--split", "kmeans", "--num-experts", str(E), "--selector", "mlp", "--budgets", "0.25", "0.5", "--thresholds", "0.5",
-                 "--batch-size", "8", "--out", str(out / "evaluate.json"), cwd=study)
+                     "--out", str(out / "split" / method), cwd=tiny_study)
+        run_step("evaluate", nproc, "--model", str(model), "--data", str(data),
+                 "--labels", str(in_study(tiny_study, "balance", f"coact-E{E}", "labels.safetensors")),
+                 "--router", str(in_study(tiny_study, "selector", f"coact-E{E}-mlp", "router.safetensors")),
+                 "--kernels", str(in_study(tiny_study, "calibrate", "moe_kernels.json")),
+                 "--split", "coact", "--num-experts", str(E), "--selector", "mlp", "--budgets", "0.25", "0.5", "--thresholds", "0.5",
+                 "--batch-size", "8", "--out", str(out / "evaluate.json"), cwd=tiny_study)
     one, two = tmp_path / "ranks1", tmp_path / "ranks2"
     for name in ("activations/coactivation.safetensors", "activations/hidden.safetensors",
                  "split/coact/labels.safetensors", "split/kmeans/labels.safetensors"):

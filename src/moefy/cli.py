@@ -1,8 +1,12 @@
-"""Step command lines: flags generated from a config section, and the user-error boundary.
+"""Step command lines: one parser for the flags steps share, flags generated from a config section,
+and the user-error boundary.
 
-A rule passes `settings_flags(config[section])`; the step parses them back with
-`add_section_flags(parser, section)`. Key `max_length` is flag `--max-length`, so a step run by
-hand takes the same flags that Snakemake gives it.
+Every flag that means the same thing in several steps (--model, --task, --penalty, --seed, --split,
+--num-experts, --selector, --device, --out) is defined once here, with its names from the schema, so
+`python -m moefy.steps.<step> --help` reads the same in every step. A rule passes
+`settings_flags(config[section])`; the step parses them back with `add_section_flags(parser,
+section)`. Key `max_length` is flag `--max-length`, so a step run by hand takes the same flags
+that Snakemake gives it.
 """
 
 from __future__ import annotations
@@ -10,16 +14,46 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-from moefy.config import section_properties
+from moefy.config import DEVICES, PENALTIES, SELECTORS, SPLITS, TASKS, section_properties
 from moefy.errors import MoefyError
 
 _TYPES = {"integer": int, "number": float, "string": str}
 
+# The flags several steps take, each defined once.
+SHARED_FLAGS: dict[str, dict[str, Any]] = {
+    "model": dict(required=True, help="model folder: the fine-tuned model (finetune/<variant>/model), or for finetune the pretrained model (hub id or folder)"),
+    "task": dict(choices=TASKS, default="classification", help="the task the model is trained and measured on"),
+    "penalty": dict(choices=PENALTIES, default="none", help="the fine-tuning variant's activation-sparsity penalty"),
+    "seed": dict(type=int, default=0, help="replicate seed (for data: the seed of the train/validation/test split)"),
+    "split": dict(choices=SPLITS, required=True, help="how the FFN neurons were grouped into experts"),
+    "num_experts": dict(type=int, required=True, help="experts per FFN layer"),
+    "selector": dict(choices=SELECTORS, required=True, help="the router that picks experts per token"),
+    "device": dict(choices=DEVICES, default="auto", help="auto: CUDA when available, else CPU"),
+}
+# What identifies one job of the ablation grid: its MLflow tags and the fields of its records.
+ABLATION = ("penalty", "seed", "split", "num_experts", "selector")
+
 
 def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
+
+
+def step_parser(step: str, doc: str, *shared: str, out: str = "output folder") -> argparse.ArgumentParser:
+    """The parser of `python -m moefy.steps.<step>`: --out, plus the named SHARED_FLAGS."""
+    parser = argparse.ArgumentParser(prog=f"python -m moefy.steps.{step}", description=doc.strip().splitlines()[0])
+    for name in shared:
+        parser.add_argument(_flag(name), dest=name, **SHARED_FLAGS[name])
+    parser.add_argument("--out", required=True, type=Path, help=out)
+    return parser
+
+
+def ablation(args: argparse.Namespace) -> dict[str, Any]:
+    """The job's place in the grid (those of penalty, seed, split, num_experts, selector it has)."""
+    return {name: getattr(args, name) for name in ABLATION if getattr(args, name, None) is not None}
 
 
 def _scalar_type(prop: dict[str, Any]):

@@ -1,19 +1,20 @@
-"""The study config: its schema is the single source of keys, defaults and descriptions.
+"""The study config: its schema is the single source of keys, defaults, descriptions and names.
 
-The Snakefile validates config.yaml with `validate`; step command-line flags and the README's
-config table are generated from the same schema, so the three cannot drift apart.
+The Snakefile validates config.yaml with `validate`; step command-line flags and the config
+reference in docs/configuration.md are generated from the same schema, so they cannot drift
+apart. The names a split, selector, penalty, task, device or precision can have (the schema's
+`$defs`) are read here once; every other module takes them from this module.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from functools import cache
 from importlib.resources import files
-from typing import Any, Iterator
+from typing import Any
 
-import jsonschema
 import yaml
-from jsonschema import Draft202012Validator, validators
 
 from moefy.errors import MoefyError
 
@@ -28,8 +29,22 @@ def schema() -> dict[str, Any]:
     return yaml.safe_load(SCHEMA_PATH.read_text())
 
 
+def _names(definition: str) -> tuple[str, ...]:
+    return tuple(schema()["$defs"][definition]["enum"])
+
+
+SPLITS = _names("split")
+SELECTORS = _names("selector")
+PENALTIES = _names("penalty")
+TASKS = _names("task")
+DEVICES = _names("device")
+PRECISIONS = _names("precision")
+
+
 def _with_defaults(validator_class):
     """A validator that also fills in schema defaults (the jsonschema FAQ recipe)."""
+    from jsonschema import validators
+
     validate_properties = validator_class.VALIDATORS["properties"]
 
     def set_defaults(validator, properties, instance, subschema):
@@ -42,7 +57,7 @@ def _with_defaults(validator_class):
     return validators.extend(validator_class, {"properties": set_defaults})
 
 
-def _describe(error: jsonschema.ValidationError) -> str:
+def _describe(error) -> str:
     key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
@@ -51,12 +66,16 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"config key {key}: {error.instance!r} is not allowed; choose one of {error.validator_value}"
     if error.validator == "oneOf" and key == "dataset":
         return "config key dataset: give exactly one of `path` (a local file) or `hub` (a Hugging Face dataset)"
+    if error.validator == "minProperties" and key == "grid":
+        return "config key grid: name at least one arm, e.g. grid: {moefication: {split: [kmeans], num_experts: [48], selector: [mlp]}}"
     hint = error.schema.get("description") if isinstance(error.schema, dict) else None
     return f"config key {key}: {error.message}" + (f" ({hint})" if hint else "")
 
 
 def validate(config: dict[str, Any]) -> dict[str, Any]:
     """Check `config` against the schema and fill in defaults, in place; raise one clear MoefyError."""
+    from jsonschema import Draft202012Validator
+
     validator = _with_defaults(Draft202012Validator)(schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
     if errors:
@@ -64,15 +83,17 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _resolved(prop: dict[str, Any]) -> dict[str, Any]:
+    """A property with its $ref merged in (the property's own keys win)."""
+    if "$ref" not in prop:
+        return prop
+    target = schema()["$defs"][prop["$ref"].rsplit("/", 1)[-1]]
+    return {**_resolved(target), **{k: v for k, v in prop.items() if k != "$ref"}}
+
+
 def section_properties(section: str) -> dict[str, dict[str, Any]]:
     """The keys of one config section with their schema (refs resolved)."""
-    defs = schema()["$defs"]
-    props = {}
-    for key, prop in schema()["properties"][section]["properties"].items():
-        if "$ref" in prop:
-            prop = {**defs[prop["$ref"].rsplit("/", 1)[-1]], **{k: v for k, v in prop.items() if k != "$ref"}}
-        props[key] = prop
-    return props
+    return {key: _resolved(prop) for key, prop in schema()["properties"][section]["properties"].items()}
 
 
 def section_defaults(section: str) -> dict[str, Any]:
@@ -80,27 +101,37 @@ def section_defaults(section: str) -> dict[str, Any]:
 
 
 def iter_keys(node: dict[str, Any] | None = None, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
-    """Every documented key as (dotted key, default or None, description), schema order."""
+    """Every documented key as (dotted key, default or None, description), schema order.
+
+    The arms of `grid` are documented once, as grid.<arm>.<key>."""
     node = schema() if node is None else node
-    defs = schema()["$defs"]
     for key, prop in node.get("properties", {}).items():
         name = f"{prefix}{key}"
-        if "$ref" in prop:
-            prop = {**defs[prop["$ref"].rsplit("/", 1)[-1]], **{k: v for k, v in prop.items() if k != "$ref"}}
+        prop = _resolved(prop)
         children = prop.get("properties")
         default = prop.get("default") if not children else None
         yield name, default, " ".join(str(prop.get("description", "")).split())
         if children:
             yield from iter_keys(prop, prefix=f"{name}.")
+        arm = prop.get("additionalProperties")
+        if isinstance(arm, dict):
+            yield from iter_keys(_resolved(arm), prefix=f"{name}.<arm>.")
 
 
 def markdown_table() -> str:
-    """The README's config reference; `python -m moefy.config` prints it."""
+    """The config reference of docs/configuration.md; `python -m moefy.config` prints it."""
     rows = ["| key | default | what it does |", "|---|---|---|"]
     for key, default, description in iter_keys():
         shown = "" if default is None else f"`{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}`"
         rows.append(f"| `{key}` | {shown} | {description.replace('|', '/')} |")
     return "\n".join(rows)
+
+
+def check_names(kind: str, value: str, allowed: tuple[str, ...]) -> str:
+    """`value` if it is one of the `allowed` names of `kind`, else a MoefyError listing them."""
+    if value not in allowed:
+        raise MoefyError(f"{kind} {value!r} is unknown; choose one of {', '.join(allowed)}")
+    return value
 
 
 if __name__ == "__main__":

@@ -1,30 +1,25 @@
-"""The text-classification task: reading the user's table, splitting it without leakage, batching.
+"""The task's data: reading the user's table (CSV, JSONL, Parquet or a Hugging Face dataset) and
+splitting it into train / validation / test without leakage.
 
-Everything downstream reads the three jsonl splits written here, so label ids and the split are
-decided once, from the seed, and never recomputed by later steps.
+Everything downstream reads the three jsonl files that moefy.datafiles writes from these splits,
+so label ids and the split are decided once, from the seed, and never recomputed by later steps.
 """
 
 from __future__ import annotations
 
-import json
 import lzma
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
+from moefy.datafiles import SPLITS
 from moefy.errors import MoefyError
-from moefy.files import atomic_path, read_json, write_json
 
-SPLITS = ("train", "validation", "test")
 FORMATS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zip")
-
-
-def _rerun_hint(path: Path) -> str:
-    return f"delete it and rerun the data step (`snakemake --cores all {path}`)"
 
 
 def _format_of(path: Path) -> tuple[str, str | None]:
@@ -130,8 +125,7 @@ def load_hub(name: str, config: str | None, text_column: str, label_column: str 
         feature = ds.features[label_column] if label_column is not None else None
         if isinstance(feature, datasets.ClassLabel):
             # -1 marks unlabeled rows (e.g. GLUE test sets); they become missing and are dropped later.
-            names = feature.names
-            frame["label"] = frame["label"].map(lambda i: names[i] if 0 <= i < len(names) else None)
+            frame["label"] = frame["label"].map(dict(enumerate(feature.names)))
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 
@@ -251,109 +245,3 @@ def prepare_splits(
         for split in SPLITS
     }
     return splits, names
-
-
-def write_splits(out_dir: str | Path, splits: dict[str, pd.DataFrame], label_names: Sequence[str]) -> None:
-    """Write train/validation/test.jsonl and labels.json, each appearing only once complete.
-
-    Frames without a label column (causal LM) give rows {"text"} and no label names."""
-    out_dir = Path(out_dir)
-    for split in SPLITS:
-        frame = splits[split]
-        with atomic_path(out_dir / f"{split}.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
-            labels = frame["label"] if "label" in frame else [None] * len(frame)
-            for text, label in zip(frame["text"], labels):
-                row = {"text": str(text)} if label is None else {"text": str(text), "label": int(label)}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    write_json(
-        out_dir / "labels.json",
-        {"names": [str(n) for n in label_names], "sizes": {split: int(len(splits[split])) for split in SPLITS}},
-    )
-
-
-def read_split(path: str | Path) -> tuple[list[str], list[int] | None]:
-    """Read one split written by write_splits: (texts, labels), labels None for a text-only split.
-
-    A damaged file is an error, never a silently shorter split."""
-    path = Path(path)
-    if not path.is_file():
-        raise MoefyError(f"{path} does not exist; run the data step first (`snakemake --cores all {path}`)")
-    texts: list[str] = []
-    labels: list[int] = []
-    labelled = None
-    lineno = 0
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.endswith("\n"):
-                    raise ValueError("last line is cut off")
-                row = json.loads(line)
-                if labelled is None:
-                    labelled = isinstance(row, dict) and "label" in row
-                if not isinstance(row.get("text"), str):
-                    raise ValueError('expected {"text": string} or {"text": string, "label": integer}')
-                if labelled:
-                    if isinstance(row.get("label"), bool) or not isinstance(row.get("label"), int):
-                        raise ValueError('expected {"text": string, "label": integer}')
-                    labels.append(row["label"])
-                elif "label" in row:
-                    raise ValueError("a label in a split whose first row has none")
-                texts.append(row["text"])
-    except (UnicodeDecodeError, ValueError, AttributeError) as err:
-        raise MoefyError(f"{path} is damaged at line {lineno} ({err}); {_rerun_hint(path)}") from None
-    return texts, (labels if labelled else None)
-
-
-def read_label_names(data_dir: str | Path) -> list[str]:
-    path = Path(data_dir) / "labels.json"
-    obj = read_json(path)
-    names = obj.get("names") if isinstance(obj, dict) else None
-    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-        raise MoefyError(f"{path} has no list of label names under 'names'; {_rerun_hint(path)}")
-    return names
-
-
-def length_grouped_batches(
-    lengths: Sequence[int] | np.ndarray,
-    batch_size: int,
-    seed: int | None = None,
-    pool: int = 50,
-) -> list[np.ndarray]:
-    """Batches of indices whose examples have similar lengths, so little compute goes to padding.
-
-    Without a seed (evaluation) the order is simply by length. With a seed (training) examples are
-    shuffled, sorted by length only within pools of `pool * batch_size`, and the batches shuffled,
-    so batches stay random across epochs while padding stays small.
-    """
-    if batch_size < 1:
-        raise MoefyError(f"batch size must be at least 1, got {batch_size}")
-    lengths = np.asarray(lengths)
-    n = len(lengths)
-    if seed is None:
-        order = np.argsort(lengths, kind="stable")
-        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    rng = np.random.default_rng(seed)
-    shuffled = rng.permutation(n)
-    pool_size = max(1, pool) * batch_size
-    batches = []
-    for start in range(0, n, pool_size):
-        chunk = shuffled[start:start + pool_size]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-def shard_batches(batches: Sequence[np.ndarray], rank: int, world_size: int) -> list[np.ndarray]:
-    """This rank's share of every batch, for data-parallel training.
-
-    Each global batch is cut into `world_size` contiguous, nearly equal parts (sizes differ by at
-    most one) and rank r takes part r. All ranks therefore step through the same global batches, so
-    one optimizer step sees the same examples whatever the world size — results do not depend on the
-    number of processes. For the gradients to match exactly, weight by the global batch, not the
-    part: DDP averages gradients over ranks, so each rank's loss should be the sum of its per-example
-    losses times world_size / len(global batch). A part is empty when a batch has fewer examples
-    than ranks; that rank must still take part in the step (with a zero loss).
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-    return [np.array_split(np.asarray(batch), world_size)[rank] for batch in batches]

@@ -7,8 +7,9 @@ selector), combine with `all_gather` / `all_reduce_sum`, and let only rank 0 wri
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
+from moefy.config import TASKS
 from moefy.errors import MoefyError
 from moefy.files import atomic_dir, load_tensors, save_tensors, tensors_metadata
-from moefy.models import TASKS, load_model, load_tokenizer
+from moefy.models import load_model, load_tokenizer
 from moefy.moe import MoEFFN, moefy_model, set_experts_per_token
 from moefy.routers import budget_to_k, build_routers, router_tensors
 

@@ -8,9 +8,10 @@ w_out). Supporting a new family means adding one `Family` to `_FAMILIES`.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,7 +89,7 @@ class TransposedLinear(nn.Linear):
     """
 
     @classmethod
-    def from_conv1d(cls, conv: nn.Module) -> "TransposedLinear":
+    def from_conv1d(cls, conv: nn.Module) -> TransposedLinear:
         d_in, d_out = conv.weight.shape
         linear = cls(d_in, d_out, bias=conv.bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():

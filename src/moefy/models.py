@@ -15,13 +15,18 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from moefy.config import TASKS
 from moefy.errors import MoefyError
 from moefy.ffn import causal_lm_families, family
+from moefy.files import read_json
 
 hf_logging.disable_progress_bar()  # a bar per load/save would drown the steps' own progress in the logs
 
-TASKS = ("classification", "causal_lm")
 _HEADS = {"classification": AutoModelForSequenceClassification, "causal_lm": AutoModelForCausalLM}
+assert set(_HEADS) == set(TASKS)
+# Written by the finetune step into the model folder: how the model was trained (task, penalty,
+# seed, precision, machine), so every later step and record can say so.
+TRAINING_FILE = "training.json"
 
 
 def _source(name_or_path: str) -> tuple[str, dict]:
@@ -93,7 +98,7 @@ def load_model(
 ) -> torch.nn.Module:
     """The model with the task's head: a sequence classifier (with `label_names`, a fresh head for
     those classes) or a causal LM. With `activation` the FFN activation is swapped before the
-    weights are loaded. FFNs come back in the adapter's form (GPT-2's Conv1D as nn.Linear)."""
+    weights are loaded. FFNs come back in the adapter's form (plain nn.Linear projections)."""
     if task not in _HEADS:
         raise MoefyError(f"task {task!r} is unknown; choose one of {', '.join(TASKS)}")
     where, extra = _source(name_or_path)
@@ -148,3 +153,9 @@ def save_model(model: torch.nn.Module, tokenizer, folder: str | os.PathLike) -> 
 
 
 save_classifier = save_model
+
+
+def read_training(folder: str | os.PathLike) -> dict:
+    """The finetune step's training.json of a model folder ({} for a folder it did not write)."""
+    path = Path(folder) / TRAINING_FILE
+    return read_json(path) if path.is_file() else {}

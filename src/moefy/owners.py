@@ -1,22 +1,21 @@
-"""Who owns a lock or an MLflow run, and whether that process is still alive.
+"""Who owns a study's lock or an MLflow run, and whether that process is still alive.
 
-After a crash (SIGKILL, power loss) Snakemake leaves its working-directory lock and MLflow leaves
-runs RUNNING forever. Both are stamped with an owner token, host:pid:start-time, so a later
-invocation can tell a dead owner from a live one (even if the pid was reused) and clean up only
-after the dead.
+After a crash (SIGKILL, power loss) MLflow leaves runs RUNNING forever. They are stamped with an
+owner token, host:pid:start-time, so a later invocation can tell a dead owner from a live one
+(even if the pid was reused) and close only the runs of the dead. A study's lock needs no such
+cleaning: it is an flock, which the kernel releases with its process.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
-import shutil
 import socket
 from pathlib import Path
 
 import psutil
 
-LOCKS = Path(".snakemake") / "locks"
-OWNER_SUFFIX = ".moefy-owner"
+from moefy.errors import MoefyError
 
 
 def token(pid: int | None = None) -> str:
@@ -39,23 +38,28 @@ def is_dead(owner: str) -> bool:
         return True
 
 
-def claim_lock(workdir: Path = Path(".")) -> None:
-    """Stamp the lock this Snakemake process holds with its owner token (from onstart)."""
-    locks = workdir / LOCKS
-    if locks.is_dir():
-        (locks / f"{os.getpid()}{OWNER_SUFFIX}").write_text(token())
+_held: list = []  # this process's open lock files: the kernel releases a lock when its process ends
 
 
-def clear_dead_lock(workdir: Path = Path(".")) -> str | None:
-    """Remove the working-directory lock if every process that stamped it is dead.
+def hold_lock(path: Path, what: str) -> None:
+    """Take an exclusive lock on `path` for the rest of this process, or raise a MoefyError naming
+    the process that holds it.
 
-    A lock nobody stamped (taken before onstart, or by another tool) is left for `--unlock`.
-    Returns a message when a lock was removed.
+    The lock is an flock: the kernel drops it when its process ends, however it ends (a SIGKILL, a
+    power loss), so a crashed run never leaves a stale lock behind for the next one to clear.
     """
-    locks = workdir / LOCKS
-    owners = list(locks.glob(f"*{OWNER_SUFFIX}")) if locks.is_dir() else []
-    tokens = [p.read_text().strip() for p in owners]
-    if not owners or not all(is_dead(t) for t in tokens):
-        return None
-    shutil.rmtree(locks, ignore_errors=True)
-    return f"removed the lock of a snakemake that was killed ({', '.join(tokens)})"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise MoefyError(f"{what} is locked by a running process ({holder}, host:pid:start); wait for it to finish, "
+                         f"or stop it, then run again") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(token() + "\n")
+    handle.flush()
+    _held.append(handle)

@@ -1,4 +1,5 @@
-"""Checks of a study that need the model or the data, run when Snakemake reads the config.
+"""Checks of a study that need the model or the data, run once per real invocation (from the
+Snakefile's onstart, never for a dry run, --lint or --report).
 
 A wrong expert count or a misnamed column should stop the study before a 4-minute fine-tune,
 not after it. Model and data that a fetch rule has not extracted yet are checked by their steps.
@@ -63,11 +64,12 @@ def check_model(config: dict[str, Any]) -> None:
             f"{model_config.model_type!r} model; use task: classification or one of {', '.join(causal_lm_families())}"
         )
     d_ff = adapter.d_ff(model_config)
-    for num_experts in config["grid"]["num_experts"]:
-        try:
-            check_num_experts(d_ff, num_experts)
-        except MoefyError as err:
-            raise MoefyError(f"config key grid.num_experts: {err}") from None
+    for name, arm in config["grid"].items():
+        for num_experts in arm["num_experts"]:
+            try:
+                check_num_experts(d_ff, num_experts)
+            except MoefyError as err:
+                raise MoefyError(f"config key grid.{name}.num_experts: {err}") from None
 
 
 def check_dataset(config: dict[str, Any]) -> None:
@@ -84,10 +86,10 @@ def check_dataset(config: dict[str, Any]) -> None:
         raise MoefyError(f"config key dataset.path: data file {str(path)!r} does not exist")
     if config.get("task", "classification") == "causal_lm":
         table = load_table(path, dataset["text_column"], None)
-        prepare_texts(table, dataset["validation_fraction"], dataset["test_fraction"], config["seed"])
+        prepare_texts(table, dataset["validation_fraction"], dataset["test_fraction"], dataset["seed"])
         return
     table = load_table(path, dataset["text_column"], dataset["label_column"])
-    prepare_splits(table, dataset["labels"], dataset["validation_fraction"], dataset["test_fraction"], config["seed"])
+    prepare_splits(table, dataset["labels"], dataset["validation_fraction"], dataset["test_fraction"], dataset["seed"])
 
 
 def check_study(config: dict[str, Any]) -> None:

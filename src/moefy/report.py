@@ -1,23 +1,29 @@
-"""The study's summary: one table of every evaluation, and the task metric against FFN compute.
+"""The study's summary: every evaluation in one table, each method over its seeds, and the task
+metric against FFN compute.
 
-The metric is whatever the evaluate step recorded as test_<metric> (accuracy, or perplexity for
-causal language modelling), so the report needs no task of its own."""
+Every record names its place in the grid (penalty, seed, split, num_experts, selector) and its
+rule, so the report reads no file names. The metric is whatever the evaluate step recorded as
+test_<metric> (accuracy, or perplexity for causal language modelling), so the report needs no
+task of its own. A method is a grid point without its seed: its numbers over seeds are given as
+mean and spread, because one seed on a small test set cannot rank methods at the 99% line.
+"""
 
 from __future__ import annotations
 
-import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import pandas as pd
 
+from moefy.config import PENALTIES
 from moefy.errors import MoefyError
 from moefy.files import atomic_path, read_json
 
-EVALUATION_NAME = re.compile(r"^(?P<split>[a-z]+)-E(?P<num_experts>\d+)-(?P<selector>[a-z]+)\.json$")
-PENALTIES = ("none", "l1", "hoyer")
+IDENTITY = ("penalty", "seed", "split", "num_experts", "selector")
 METRICS = ("accuracy", "perplexity")
-GROUP = ["penalty", "split", "num_experts", "selector", "rule"]
+GROUP = [*IDENTITY, "rule"]  # one curve of one seed
+METHOD = ["penalty", "split", "num_experts", "selector", "rule"]  # one curve over seeds
+POINT = ["budget", "tau"]  # one point of a curve
 WALL_CLOCK = ("ffn_ms_dense", "ffn_ms_moe", "ffn_speedup")  # measured, so never bit-identical across runs
 KEEP = 0.99  # flops_at_99pct: the smallest FLOPs fraction keeping 99% of the dense model's quality
 
@@ -39,22 +45,31 @@ def metric_of(table: pd.DataFrame) -> str:
 def columns(metric: str) -> list[str]:
     return GROUP + ["budget", "tau", "k", "experts_per_token", "experts_per_token_std", f"test_{metric}",
                     f"relative_{metric}", "ffn_flops_fraction", "flops_at_99pct", "dense_agreement", f"dense_test_{metric}",
-                    *WALL_CLOCK]
+                    *WALL_CLOCK, "precision"]
+
+
+def _records(path: Path) -> list[dict]:
+    records = read_json(path)
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise MoefyError(f"{path} is not a list of evaluation records; delete it and rerun its evaluate job")
+    for record in records:
+        missing = [key for key in (*IDENTITY, "rule", "ffn_flops_fraction") if key not in record]
+        if missing:
+            raise MoefyError(f"{path} has records without {', '.join(missing)} (written by an older moefy?); "
+                             "delete it and rerun its evaluate job")
+    return records
+
+
+def _keeps(table: pd.DataFrame, metric: str) -> pd.Series:
+    relative = table[f"relative_{metric}"]
+    return relative >= KEEP if metric == "accuracy" else relative <= 1 / KEEP
 
 
 def summarise(evaluation_files: Iterable[str | Path]) -> pd.DataFrame:
-    """All evaluation records as rows, with the grid's wildcards from the paths
-    (evaluate/<penalty>/<split>-E<E>-<selector>.json), and per (penalty, split, E, selector, rule)
-    the smallest FFN FLOPs fraction that keeps 99% of the dense model's quality (accuracy at least
+    """All evaluation records as rows, and per curve (penalty, seed, split, E, selector, rule) the
+    smallest FFN FLOPs fraction that keeps 99% of the dense model's quality (accuracy at least
     0.99 x dense, or perplexity at most dense / 0.99; NaN if no point does)."""
-    rows = []
-    for path in map(Path, evaluation_files):
-        match = EVALUATION_NAME.match(path.name)
-        if match is None or path.parent.name not in PENALTIES:
-            raise MoefyError(f"{path} is not named evaluate/<penalty>/<split>-E<num_experts>-<selector>.json as the evaluate step writes")
-        for record in read_json(path):
-            rows.append({"penalty": path.parent.name, "split": match["split"], "num_experts": int(match["num_experts"]),
-                         "selector": match["selector"], "rule": "top_k", "tau": None, **record})
+    rows = [record for path in map(Path, evaluation_files) for record in _records(path)]
     if not rows:
         raise MoefyError("no evaluation records to summarise; check the grid in config.yaml")
     table = pd.DataFrame(rows)
@@ -63,49 +78,105 @@ def summarise(evaluation_files: Iterable[str | Path]) -> pd.DataFrame:
     for column in wanted:
         if column not in table:
             table[column] = float("nan")
-    relative = table[f"relative_{metric}"]
-    keeps = relative >= KEEP if metric == "accuracy" else relative <= 1 / KEEP
-    table["flops_at_99pct"] = table["ffn_flops_fraction"].where(keeps).groupby([table[c] for c in GROUP]).transform("min")
+    table["flops_at_99pct"] = table["ffn_flops_fraction"].where(_keeps(table, metric)).groupby(
+        [table[c] for c in GROUP]).transform("min")
     return table[wanted + [c for c in table.columns if c not in wanted]].sort_values(
         GROUP + ["ffn_flops_fraction"], ignore_index=True
     )
 
 
 def flops_at_99(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per (penalty, split, E, selector, rule): the smallest FLOPs fraction keeping 99%."""
+    """One row per curve of one seed: the smallest FLOPs fraction keeping 99%."""
     return table.groupby(GROUP, as_index=False)["flops_at_99pct"].first()
 
 
-def plot_accuracy_vs_flops(table: pd.DataFrame, path: str | Path, title: str = "") -> None:
-    """The test metric against FFN FLOPs fraction, one panel per fine-tuning penalty: colour =
-    split / selector, solid = top-k, dashed = dynamic-k; the dense model as a black line."""
+def _spread(values: pd.Series) -> float:
+    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def flops_at_99_by_method(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per method: flops_at_99pct over its seeds (mean, std, and each seed's value). A seed
+    whose curve never keeps 99% makes the mean NaN: the method does not reliably get there."""
+    per_seed = flops_at_99(table)
+    rows = []
+    for key, group in per_seed.groupby(METHOD, sort=True):
+        values = group.sort_values("seed")["flops_at_99pct"]
+        rows.append({**dict(zip(METHOD, key)), "seeds": len(values),
+                     "flops_at_99pct_mean": float(values.mean(skipna=False)), "flops_at_99pct_std": _spread(values),
+                     "flops_at_99pct_per_seed": " ".join(f"{v:.3f}" for v in values)})
+    return pd.DataFrame(rows)
+
+
+def by_method(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per method and point (budget or tau): the relative metric, FLOPs fraction, experts per
+    token and agreement with dense as mean (and std) over seeds."""
+    metric = metric_of(table)
+    relative = f"relative_{metric}"
+    keys = METHOD + POINT
+    grouped = table.assign(**{c: table[c].fillna(-1.0) for c in POINT}).groupby(keys, sort=True)
+    out = grouped.agg(seeds=("seed", "nunique"), **{f"{relative}_mean": (relative, "mean")},
+                      **{f"{relative}_std": (relative, _spread)}, ffn_flops_fraction_mean=("ffn_flops_fraction", "mean"),
+                      experts_per_token_mean=("experts_per_token", "mean"), dense_agreement_mean=("dense_agreement", "mean"),
+                      ffn_speedup_mean=("ffn_speedup", "mean")).reset_index()
+    for column in POINT:
+        out[column] = out[column].where(out[column] >= 0)
+    return out.sort_values(METHOD + ["ffn_flops_fraction_mean"], ignore_index=True)
+
+
+def write_csv(table: pd.DataFrame, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+
+
+def plot_relative_vs_flops(table: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """The relative metric (mean over seeds, with their spread as error bars) against the FFN FLOPs
+    fraction, one panel per fine-tuning penalty: colour = split / selector, solid = top-k, dashed =
+    dynamic-k; the 99% line dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metric = metric_of(table)
-    penalties = sorted(table["penalty"].unique(), key=PENALTIES.index)
+    curves = by_method(table)
+    relative = f"relative_{metric}"
+    penalties = sorted(curves["penalty"].unique(), key=PENALTIES.index)
     fig, axes = plt.subplots(1, len(penalties), figsize=(7.5 * len(penalties), 5.5), squeeze=False, sharey=True)
-    pairs = sorted({(r.split, r.selector) for r in table.itertuples()})
+    pairs = sorted({(r.split, r.selector) for r in curves.itertuples()})
     colours = {pair: plt.get_cmap("tab20")(i % 20) for i, pair in enumerate(pairs)}
     styles = {"top_k": "-", "dynamic": "--"}
-    markers = {e: m for e, m in zip(sorted(table["num_experts"].unique()), "os^Dv<>p")}
+    markers = {e: m for e, m in zip(sorted(curves["num_experts"].unique()), "os^Dv<>p")}
+    seeds = int(table["seed"].nunique())
     for ax, penalty in zip(axes[0], penalties):
-        part = table[table["penalty"] == penalty]
+        part = curves[curves["penalty"] == penalty]
         for (split, num_experts, selector, rule), group in part.groupby(["split", "num_experts", "selector", "rule"], sort=True):
-            group = group.sort_values("ffn_flops_fraction")
             label = f"{split} / {selector}" + (f" E={num_experts}" if len(markers) > 1 else "") + (" dynamic-k" if rule == "dynamic" else "")
-            ax.plot(group["ffn_flops_fraction"], group[f"test_{metric}"], styles.get(rule, "-"), color=colours[(split, selector)],
-                    marker=markers.get(num_experts, "o"), markersize=3, label=label)
-        ax.axhline(part[f"dense_test_{metric}"].iloc[0], color="black", linewidth=1, label="dense")
+            ax.errorbar(group["ffn_flops_fraction_mean"], group[f"{relative}_mean"], yerr=group[f"{relative}_std"] if seeds > 1 else None,
+                        fmt=styles.get(rule, "-"), color=colours[(split, selector)], marker=markers.get(num_experts, "o"),
+                        markersize=3, capsize=2, linewidth=1.2, label=label)
+        ax.axhline(1.0, color="black", linewidth=1, label="dense")
+        ax.axhline(KEEP if metric == "accuracy" else 1 / KEEP, color="grey", linestyle=":", linewidth=1, label="99% of dense")
         ax.set_xlabel("FFN FLOPs fraction (router included)")
         ax.set_title(f"fine-tuning penalty: {penalty}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
-    axes[0][0].set_ylabel(f"test {metric}" + (" (lower is better)" if metric == "perplexity" else ""))
+    spread = f" (mean ± std over {seeds} seeds)" if seeds > 1 else ""
+    axes[0][0].set_ylabel(f"{metric} relative to dense{spread}" + (" (lower is better)" if metric == "perplexity" else ""))
     fig.suptitle(title or f"{metric.capitalize()} against FFN compute")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
+
+
+def summary_files(table: pd.DataFrame, folder: str | Path, title: str = "") -> dict[str, Path]:
+    """Write every report file into `folder`; returns them by name."""
+    folder = Path(folder)
+    files = {"summary": folder / "summary.csv", "by_method": folder / "by_method.csv",
+             "flops_at_99pct": folder / "flops_at_99pct.csv", "plot": folder / "accuracy_vs_flops.png"}
+    write_csv(table, files["summary"])
+    write_csv(by_method(table), files["by_method"])
+    write_csv(flops_at_99_by_method(table), files["flops_at_99pct"])
+    plot_relative_vs_flops(table, files["plot"], title)
+    return files
+

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-SELECTORS = ("groundtruth", "similarity", "mlp", "norm")
+from moefy.config import SELECTORS, check_names
 
 
 def expert_mass(h: torch.Tensor, labels: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -170,6 +172,7 @@ class TrainResult:
 
 
 LOSSES = {"mlp": F.binary_cross_entropy_with_logits, "norm": F.mse_loss}
+LOSS_NAMES = {"mlp": "bce", "norm": "mse"}
 
 
 def train_router(
@@ -245,3 +248,60 @@ def build_routers(
             routers[i] = MLPRouter(own["fc1.weight"].shape[1], num_experts)
         routers[i].load_state_dict(own)
     return routers
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """How trained routers are fitted: the config section `selector`."""
+
+    heldout_fraction: float = 0.1
+    mlp_epochs: int = 30
+    mlp_batch_size: int = 512
+    mlp_learning_rate: float = 1.0e-3
+    mlp_patience: int = 3
+    norm_hidden: int = 128
+
+    @classmethod
+    def of(cls, values: Mapping[str, Any]) -> RouterSettings:
+        """The settings among `values` (parsed step flags, or a config section)."""
+        return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
+
+
+def fit_router(selector: str, ffn, labels: torch.Tensor, x: torch.Tensor, num_experts: int, settings: RouterSettings,
+               budgets: Sequence[float], seed: int) -> tuple[nn.Module, dict[str, float]]:
+    """One layer's router for `selector`, built from the FFN inputs x [N, d] sampled by the
+    activations step, and its held-out statistics: training curve for the trained routers, and
+    recall of the oracle's activation mass at each budget (on the last heldout_fraction of x)."""
+    check_names("selector", selector, SELECTORS)
+    E = num_experts
+    with torch.no_grad():
+        h = ffn.activations(x)
+        mass = expert_mass(h, labels, E)
+    heldout = max(1, int(round(len(x) * settings.heldout_fraction)))
+    x_fit, x_val, mass_val = x[:-heldout], x[-heldout:], mass[-heldout:]
+    centroids = expert_centroids(ffn.keys, labels, E)
+    stats: dict[str, float] = {}
+    if selector == "groundtruth":
+        router: nn.Module = GroundTruthRouter(labels, E)
+    elif selector == "similarity":
+        router = SimilarityRouter(centroids)
+    else:
+        torch.manual_seed(seed)
+        if selector == "mlp":
+            router, target = MLPRouter(x.shape[1], E, centroids), scaled_mass(mass)
+        else:
+            with torch.no_grad():
+                norms = expert_output_norms(h, ffn.w_out.weight.detach(), labels, E)
+            router, target = NormRouter(x.shape[1], E, settings.norm_hidden), norms / norms[:-heldout].mean().clamp(min=1e-12)
+        fit = train_router(router.to(x.device), LOSSES[selector], x_fit, target[:-heldout], x_val, target[-heldout:],
+                           epochs=settings.mlp_epochs, batch_size=settings.mlp_batch_size,
+                           learning_rate=settings.mlp_learning_rate, patience=settings.mlp_patience, seed=seed,
+                           desc=f"layer {ffn.index}")
+        router, loss = fit.router, LOSS_NAMES[selector]
+        stats = {"epochs_run": fit.epochs_run, "best_epoch": fit.best_epoch,
+                 f"heldout_{loss}": fit.best_heldout_loss, f"heldout_{loss}_initial": fit.initial_heldout_loss}
+    with torch.no_grad():
+        scores = router(x_val, h[-heldout:])
+    for budget in budgets:
+        stats[f"recall@{budget:g}"] = topk_recall(scores, mass_val, budget_to_k(budget, E))
+    return router.cpu(), stats

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-PENALTIES = ("none", "l1", "hoyer")
+from moefy.config import PENALTIES
 
 
 def token_penalty(h: torch.Tensor, kind: str) -> torch.Tensor:
@@ -23,7 +23,7 @@ def token_penalty(h: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "hoyer":
         l1, l2sq = h.abs().sum(-1), h.square().sum(-1)
         return l1.square() / l2sq.clamp(min=1e-12) / h.shape[-1]
-    raise ValueError(f"unknown sparsity penalty {kind!r}; choose one of {', '.join(PENALTIES[1:])}")
+    raise ValueError(f"unknown sparsity penalty {kind!r}; choose one of {', '.join(p for p in PENALTIES if p != 'none')}")
 
 
 def layers_penalty(activations: list[torch.Tensor], mask: torch.Tensor, kind: str) -> torch.Tensor:

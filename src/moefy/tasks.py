@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moefy.config import TASKS
 from moefy.errors import MoefyError
-from moefy.models import TASKS
 
 
 @dataclass(frozen=True)

@@ -11,15 +11,14 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from moefy import owners
 
 PARENT_RUN_ENV = "MOEFY_MLFLOW_PARENT_RUN_ID"
-# Wildcards a rule knows but its step does not take as flags (e.g. "penalty=hoyer"), for the run's tags.
-WILDCARDS_ENV = "MOEFY_WILDCARDS"
 OWNER_TAG = "moefy.owner"  # host:pid:start of the process that logs the run (see owners.py)
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 URI_ENV = "MLFLOW_TRACKING_URI"
@@ -62,13 +61,14 @@ def _client(uri: str):
     return client
 
 
-def _retry(call: Callable[[], T], attempts: int = 8) -> T:
-    """SQLite refuses writers while another process holds the lock; wait and try again."""
+def _retry(call: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any) -> T:
+    """call(*args, **kwargs), again after a pause while SQLite refuses writers because another
+    process holds its lock."""
     from mlflow.exceptions import MlflowException
 
     for attempt in range(attempts):
         try:
-            return call()
+            return call(*args, **kwargs)
         except MlflowException as err:
             if "locked" not in str(err).lower() or attempt == attempts - 1:
                 raise
@@ -81,11 +81,11 @@ def ensure_experiment(uri: str, name: str) -> str:
     from mlflow.exceptions import MlflowException
 
     client = _client(uri)
-    experiment = _retry(lambda: client.get_experiment_by_name(name))
+    experiment = _retry(client.get_experiment_by_name, name)
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return _retry(lambda: client.create_experiment(name, artifact_location=_artifact_location(uri)))
+        return _retry(client.create_experiment, name, artifact_location=_artifact_location(uri))
     except MlflowException:  # another process created it first
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -96,11 +96,11 @@ def ensure_experiment(uri: str, name: str) -> str:
 def close_interrupted_runs(client, experiment_id: str) -> int:
     """Mark runs whose process was killed (left RUNNING forever) as KILLED, so the UI does not show
     them as live; runs of processes still alive, here or on other hosts, are left alone."""
-    running = _retry(lambda: client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=5000))
+    running = _retry(client.search_runs, [experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
     stale = [run for run in running if owners.is_dead(run.data.tags.get(OWNER_TAG, ""))]
     for run in stale:
-        _retry(lambda: client.set_tag(run.info.run_id, "moefy.interrupted", "its process died while it ran"))
-        _retry(lambda: client.set_terminated(run.info.run_id, status="KILLED"))
+        _retry(client.set_tag, run.info.run_id, "moefy.interrupted", "its process died while it ran")
+        _retry(client.set_terminated, run.info.run_id, status="KILLED")
     return len(stale)
 
 
@@ -110,14 +110,14 @@ def start_workflow_run(uri: str, experiment: str, run_name: str, tags: Mapping[s
     experiment_id = ensure_experiment(uri, experiment)
     close_interrupted_runs(client, experiment_id)
     tags = {"moefy.kind": "workflow", OWNER_TAG: owners.token(), **tags}
-    run = _retry(lambda: client.create_run(experiment_id, run_name=run_name, tags=tags))
+    run = _retry(client.create_run, experiment_id, run_name=run_name, tags=tags)
     os.environ[PARENT_RUN_ENV] = run.info.run_id
     return run.info.run_id
 
 
 def end_workflow_run(uri: str, run_id: str, succeeded: bool) -> None:
     client = _client(uri)
-    _retry(lambda: client.set_terminated(run_id, status="FINISHED" if succeeded else "FAILED"))
+    _retry(client.set_terminated, run_id, status="FINISHED" if succeeded else "FAILED")
 
 
 def log_workflow_artifact(path: str | os.PathLike) -> None:
@@ -125,7 +125,7 @@ def log_workflow_artifact(path: str | os.PathLike) -> None:
     parent = os.environ.get(PARENT_RUN_ENV)
     if parent:
         client = _client(resolve_uri())
-        _retry(lambda: client.log_artifact(parent, str(path)))
+        _retry(client.log_artifact, parent, str(path))
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
@@ -155,17 +155,25 @@ class JobRun:
         now = int(time.time() * 1000)
         batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
         for start in range(0, len(batch), 1000):
-            _retry(lambda: self._client.log_batch(self.run_id, metrics=batch[start : start + 1000]))
+            _retry(self._client.log_batch, self.run_id, metrics=batch[start : start + 1000])
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
         if self.active:
-            _retry(lambda: self._client.log_artifact(self.run_id, str(path), artifact_path))
+            _retry(self._client.log_artifact, self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.active:
             from mlflow.entities import RunTag
 
-            _retry(lambda: self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+            _retry(self._client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def run_name(step: str, wildcards: Mapping[str, Any]) -> str:
+    """`evaluate hoyer-seed0 kmeans-E48-norm`: the job's step and its place in the grid, as in its paths."""
+    variant = "-".join(str(wildcards[k]) if k == "penalty" else f"seed{wildcards[k]}" for k in ("penalty", "seed") if k in wildcards)
+    conversion = "-".join(f"E{wildcards[k]}" if k == "num_experts" else str(wildcards[k])
+                          for k in ("split", "num_experts", "selector") if k in wildcards)
+    return " ".join(part for part in (step, variant, conversion) if part)
 
 
 @contextmanager
@@ -175,7 +183,8 @@ def job_run(
     wildcards: Mapping[str, Any] | None = None,
     enabled: bool = True,
 ) -> Iterator[JobRun]:
-    """One MLflow run for one job: tagged with its rule and wildcards, params = its resolved settings.
+    """One MLflow run for one job: tagged with its rule and its place in the grid (`wildcards`: the
+    step's penalty, seed, split, num_experts, selector flags), params = its resolved settings.
 
     The run is nested under $MOEFY_MLFLOW_PARENT_RUN_ID when the workflow set it. It ends
     FAILED if the block raises, so a crashed job is visible in the UI.
@@ -190,25 +199,22 @@ def job_run(
     client = _client(uri)
     experiment_id = ensure_experiment(uri, os.environ.get(EXPERIMENT_ENV, "moefy"))
     wildcards = dict(wildcards or {})
-    for item in filter(None, os.environ.get(WILDCARDS_ENV, "").split(",")):
-        key, _, value = item.partition("=")
-        wildcards.setdefault(key, value)
     tags = {"rule": step, OWNER_TAG: owners.token(), **{f"wildcard.{k}": str(v) for k, v in wildcards.items()}}
     parent = os.environ.get(PARENT_RUN_ENV)
     if parent:
         tags[MLFLOW_PARENT_RUN_ID] = parent
-    name = " ".join([step, "-".join(f"E{v}" if k == "num_experts" else str(v) for k, v in wildcards.items())]).strip()
-    run = _retry(lambda: client.create_run(experiment_id, run_name=name, tags=tags))
+    name = run_name(step, wildcards)
+    run = _retry(client.create_run, experiment_id, run_name=name, tags=tags)
     flat: dict[str, str] = {}
     _flatten("", dict(params), flat)
     flat.update({f"wildcard.{k}": str(v) for k, v in wildcards.items()})
     param_list = [Param(k, v) for k, v in flat.items()]
     for start in range(0, len(param_list), 100):
-        _retry(lambda: client.log_batch(run.info.run_id, params=param_list[start : start + 100]))
+        _retry(client.log_batch, run.info.run_id, params=param_list[start : start + 100])
     job = JobRun(client, run.info.run_id)
     try:
         yield job
     except BaseException:
-        _retry(lambda: client.set_terminated(run.info.run_id, status="FAILED"))
+        _retry(client.set_terminated, run.info.run_id, status="FAILED")
         raise
-    _retry(lambda: client.set_terminated(run.info.run_id, status="FINISHED"))
+    _retry(client.set_terminated, run.info.run_id, status="FINISHED")

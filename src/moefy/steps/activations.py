@@ -1,4 +1,4 @@
-"""Step 2, activations: what the fine-tuned FFNs see and how their neurons fire together.
+"""Step activations: what the fine-tuned FFNs see and how their neurons fire together.
 
 Runs the fine-tuned model over a seeded sample of training texts and writes
   <out>/hidden.safetensors        per layer `layer.{i}`: FFN inputs of `sample_tokens` tokens
@@ -6,37 +6,32 @@ Runs the fine-tuned model over a seeded sample of training texts and writes
   <out>/coactivation.safetensors  per layer `layer.{i}`: d_ff x d_ff co-activation counts (a neuron
                                    fires when h != 0 for ReLU-like activations, else when its |h|
                                    is in the token's top `fire_fraction`)
-  <out>/metrics.json              tokens counted, per-layer activation sparsity
+  <out>/metrics.json              tokens counted, per-layer activation sparsity, the co-activation
+                                   kernel measured fastest here (int8 or float32: same counts)
 Texts are sharded over torchrun ranks; counts are all-reduced and the sample gathered on rank 0,
 so the outputs do not depend on the number of ranks.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from moefy import dist, tracking
-from moefy.batches import Encoded, iterate
-from moefy.cli import add_section_flags, run_step
-from moefy.coactivation import CoactivationCounter
-from moefy.data import length_grouped_batches, read_split
+from moefy.batches import Encoded, iterate, length_grouped_batches
+from moefy.cli import ablation, add_section_flags, run_step, step_parser
+from moefy.coactivation import CoactivationCounter, fastest_kernel
+from moefy.datafiles import read_split
 from moefy.ffn import capture, find_ffns
 from moefy.files import save_tensors, write_json
-from moefy.models import TASKS, load_model, load_tokenizer
+from moefy.models import load_model, load_tokenizer
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m moefy.steps.activations", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="fine-tuned model folder (finetune/model)")
+def parse_args(argv: list[str] | None):
+    parser = step_parser("activations", __doc__, "model", "task", "penalty", "seed", "device")
     parser.add_argument("--data", required=True, type=Path, help="folder with train.jsonl")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--task", choices=TASKS, default="classification")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     add_section_flags(parser, "activations")
     return parser.parse_args(argv)
 
@@ -63,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     counters = [CoactivationCounter(f.d_ff, ctx.device) for f in ffns]
     sample: dict[int, list[torch.Tensor]] = {}  # position -> per-layer FFN inputs of that text
     batches = dist.shard(length_grouped_batches(encoded.lengths, args.batch_size), ctx)
-    with tracking.job_run("activations", vars(args), enabled=ctx.is_main) as run, capture(ffns) as seen:
+    with tracking.job_run("activations", vars(args), ablation(args), enabled=ctx.is_main) as run, capture(ffns) as seen:
         for idx, inputs, _ in iterate(model, encoded, batches, ctx, "activations"):
             real = inputs["attention_mask"].bool()
             for ffn, counter in zip(ffns, counters):
@@ -88,7 +83,10 @@ def main(argv: list[str] | None = None) -> None:
             meta = {"tokens": str(counters[0].tokens), "texts": str(len(encoded))}
             save_tensors(args.out / "hidden.safetensors", hidden, {"sample_texts": str(len(positions))})
             save_tensors(args.out / "coactivation.safetensors", {f"layer.{f.index}": c.counts for f, c in zip(ffns, counters)}, meta)
+            _, probe = fastest_kernel(ctx.device.type, ffns[0].d_ff)
             metrics = {
+                "coactivation_kernel": counters[0].kernel,
+                "coactivation_probe_seconds": dict(probe),
                 "tokens_counted": counters[0].tokens,
                 "texts_counted": len(encoded),
                 "sample_tokens": int(hidden["layer.0"].shape[0]),
@@ -96,10 +94,11 @@ def main(argv: list[str] | None = None) -> None:
                 "sparsity_per_layer": sparsity,
             }
             write_json(args.out / "metrics.json", metrics)
-            run.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, list)})
+            run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+            run.set_tags({"coactivation_kernel": counters[0].kernel})
             run.log_metrics({f"sparsity/layer_{i}": s for i, s in enumerate(sparsity)})
             print(f"counted {metrics['tokens_counted']} tokens, kept {metrics['sample_tokens']} for routers; "
-                  f"mean sparsity {metrics['sparsity_mean']:.3f}", flush=True)
+                  f"mean sparsity {metrics['sparsity_mean']:.3f}; co-activations counted in {counters[0].kernel}", flush=True)
     dist.teardown()
 
 

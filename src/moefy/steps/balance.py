@@ -1,4 +1,4 @@
-"""Step 4, balance: every expert gets exactly d_ff / E neurons, and every split is scored.
+"""Step balance: every expert gets exactly d_ff / E neurons, and every split is scored.
 
 Splits that are balanced already (random, kmeans) pass through unchanged. METIS parts (coact)
 are evened out by the moves that lose the least association weight; the MoEfication baseline
@@ -10,7 +10,6 @@ and <out>/metrics.json.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -18,32 +17,23 @@ import torch
 
 from moefy import tracking
 from moefy.balance import balance_least_loss, balance_random, is_balanced, weight_kept
-from moefy.cli import run_step
+from moefy.cli import ablation, run_step, step_parser
+from moefy.coactivation import excess
+from moefy.config import section_defaults
 from moefy.errors import MoefyError
 from moefy.ffn import find_ffns
 from moefy.files import load_tensors, save_tensors, tensors_metadata, write_json
-from moefy.models import TASKS, load_model
+from moefy.models import load_model
 from moefy.split import association_graph, check_num_experts, kmeans_objective
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m moefy.steps.balance", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="fine-tuned model folder (finetune/model)")
-    parser.add_argument("--labels", required=True, type=Path, help="split/<split>-E<E>/labels.safetensors")
-    parser.add_argument("--coactivation", required=True, type=Path, help="activations/coactivation.safetensors")
-    parser.add_argument("--num-experts", required=True, type=int)
-    parser.add_argument("--split", required=True, choices=["random", "kmeans", "coact"], help="split method (for tags)")
-    parser.add_argument("--coact-neighbors", type=int, default=64, help="association graph edges per neuron, as in the split")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--task", choices=TASKS, default="classification", help="the task the model was fine-tuned for")
-    parser.add_argument("--seed", type=int, default=0)
+def parse_args(argv: list[str] | None):
+    parser = step_parser("balance", __doc__, "model", "task", "penalty", "seed", "split", "num_experts")
+    parser.add_argument("--labels", required=True, type=Path, help="split/<variant>/<split>-E<E>/labels.safetensors")
+    parser.add_argument("--coactivation", required=True, type=Path, help="activations/<variant>/coactivation.safetensors")
+    parser.add_argument("--coact-neighbors", type=int, default=section_defaults("split")["coact_neighbors"],
+                        help="association graph edges per neuron, as in the split (config split.coact_neighbors)")
     return parser.parse_args(argv)
-
-
-def excess_coactivation(counts: torch.Tensor, tokens: int) -> torch.Tensor:
-    """Co-activation above what independent firing would give: max(0, C_ij - C_ii C_jj / N)."""
-    fired = counts.diagonal().double()
-    return (counts.double() - torch.outer(fired, fired) / max(tokens, 1)).clamp(min=0).float()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -54,8 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     coactivation = load_tensors(args.coactivation)
     tokens = int(tensors_metadata(args.coactivation)["tokens"])
 
-    wildcards = {"split": args.split, "num_experts": args.num_experts}
-    with tracking.job_run("balance", vars(args), wildcards) as run:
+    with tracking.job_run("balance", vars(args), ablation(args)) as run:
         per_layer: dict[str, list[float]] = {}
         balanced = {}
         for ffn in ffns:
@@ -64,18 +53,18 @@ def main(argv: list[str] | None = None) -> None:
                 raise MoefyError(f"{args.labels} has no {ffn.d_ff}-neuron labels for {key}; rerun the split step for this model")
             split = split_labels[key].numpy().astype(np.int64)
             counts = coactivation[key]
-            excess = excess_coactivation(counts, tokens)
+            above_chance = excess(counts, tokens)
             labels = split
             if not is_balanced(split, args.num_experts):
                 labels = balance_least_loss(split, association_graph(counts, tokens, args.coact_neighbors), args.num_experts)
             row = {
                 "coact_kept": weight_kept(counts, labels),
-                "excess_coact_kept": weight_kept(excess, labels),
+                "excess_coact_kept": weight_kept(above_chance, labels),
                 "kmeans_objective": kmeans_objective(ffn.keys, labels),
                 "moved_neurons": int(np.sum(np.maximum(np.bincount(split, minlength=args.num_experts) - size, 0))),
-                "excess_coact_kept_before": weight_kept(excess, split),
+                "excess_coact_kept_before": weight_kept(above_chance, split),
                 # MoEfication's rule, moving random surplus neurons, for comparison
-                "excess_coact_kept_random_balance": weight_kept(excess, balance_random(split, args.num_experts, seed=args.seed * 1000 + ffn.index)),
+                "excess_coact_kept_random_balance": weight_kept(above_chance, balance_random(split, args.num_experts, seed=args.seed * 1000 + ffn.index)),
             }
             for name, value in row.items():
                 per_layer.setdefault(name, []).append(float(value))
@@ -83,10 +72,11 @@ def main(argv: list[str] | None = None) -> None:
 
         metrics = {name: float(np.mean(values)) for name, values in per_layer.items()}
         metrics["per_layer"] = per_layer
-        save_tensors(args.out / "labels.safetensors", balanced, {"method": args.split, "num_experts": str(args.num_experts)})
+        save_tensors(args.out / "labels.safetensors", balanced, {"split": args.split, "num_experts": str(args.num_experts)})
         write_json(args.out / "metrics.json", metrics)
         run.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, dict)})
     print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not isinstance(v, dict)), flush=True)
+
 
 if __name__ == "__main__":
     run_step(main)

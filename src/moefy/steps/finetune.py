@@ -1,11 +1,11 @@
-"""Step 1, finetune: train the dense model (ReLU-swapped by default) on the task.
+"""Step finetune: train the dense model (ReLU-swapped by default) on the task.
 
 Classification trains a sequence-classification head and keeps the epoch with the best validation
 accuracy; causal_lm trains next-token prediction and keeps the lowest validation perplexity. With
-0 epochs the model is measured and saved as loaded. Run by the workflow as
-`torchrun --standalone --nproc_per_node=N -m moefy.steps.finetune ...`; runs as a plain process too.
-Data parallel: every rank takes its part of each global batch.
-Writes <out>/model/ (save_pretrained, safetensors, tokenizer) and <out>/metrics.json.
+0 epochs the model is measured and saved as loaded. Runs as a plain process, or data parallel
+under torch.distributed.run (every rank takes its part of each global batch).
+Writes <out>/model/ (save_pretrained, safetensors, tokenizer, and training.json: how it was
+trained, precision included, which every later step reads) and <out>/metrics.json.
 """
 
 from __future__ import annotations
@@ -21,39 +21,25 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from moefy import dist, tracking
-from moefy.batches import Encoded, eval_batches, iterate, measure
-from moefy.cli import add_section_flags, run_step
-from moefy.data import length_grouped_batches, read_label_names, read_split, shard_batches
+from moefy import dist, machine, pause, precision, tracking
+from moefy.batches import Encoded, eval_batches, iterate, length_grouped_batches, measure, shard_batches
+from moefy.cli import ablation, add_section_flags, run_step, step_parser
+from moefy.datafiles import read_label_names, read_split
 from moefy.errors import MoefyError
 from moefy.ffn import capture, find_ffns
 from moefy.files import atomic_dir, write_json
-from moefy.models import TASKS, load_model, load_tokenizer, save_model
-from moefy.sparsity import PENALTIES, layers_penalty, ramped_weight
+from moefy.models import TRAINING_FILE, load_model, load_tokenizer, save_model
+from moefy.sparsity import layers_penalty, ramped_weight
 from moefy.tasks import get_task
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m moefy.steps.finetune", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="pretrained model: hub id or local folder")
+def parse_args(argv: list[str] | None):
+    parser = step_parser("finetune", __doc__, "model", "task", "penalty", "seed", "device",
+                         out="output folder (gets model/ and metrics.json)")
     parser.add_argument("--data", required=True, type=Path, help="folder with train/validation/test.jsonl and labels.json")
-    parser.add_argument("--out", required=True, type=Path, help="output folder (gets model/ and metrics.json)")
-    parser.add_argument("--task", choices=TASKS, default="classification")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False)
-    parser.add_argument("--sparsity-penalty", choices=PENALTIES, default="none",
-                        help="activation-sparsity penalty on the FFN activations (D2DMoE): none, l1 or hoyer")
     add_section_flags(parser, "finetune")
     return parser.parse_args(argv)
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def activation_sparsity(model, encoded: Encoded, batch_size: int, ctx: dist.Context) -> list[float]:
@@ -107,7 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     test_texts, test_labels = split("test")
     validation, test = Encoded(tokenizer, val_texts), Encoded(tokenizer, test_texts)
 
-    bf16 = use_bf16(args.precision, ctx.device)
+    ffns = find_ffns(model)
+    chosen, probe = precision.resolve(args.precision, ctx.device, ffns[0].d_model, ffns[0].d_ff)
+    bf16 = chosen == "bf16"
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
     steps_per_epoch = len(length_grouped_batches(train.lengths, args.batch_size, seed=0))
@@ -115,17 +103,17 @@ def main(argv: list[str] | None = None) -> None:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
     ddp = DistributedDataParallel(model) if ctx.distributed else model
 
-    penalised = args.sparsity_penalty != "none"
-    ffns = find_ffns(model)
-    with tracking.job_run("finetune", vars(args), enabled=ctx.is_main) as run, \
+    penalised = args.penalty != "none"
+    with tracking.job_run("finetune", vars(args), ablation(args), enabled=ctx.is_main) as run, \
             capture(ffns, inputs=False, activations=penalised) as seen:
-        run.set_tags({"precision": "bf16" if bf16 else "fp32", "world_size": ctx.world_size})
+        run.set_tags({"precision": chosen, "world_size": ctx.world_size})
         metric = task.metric
         best: dict = {f"validation_{metric}": None, "epoch": 0, "state": None}
         step, started = 0, time.time()
         if args.epochs == 0:  # the model as loaded
             best[f"validation_{metric}"] = measure(model, task, validation, val_labels, args.eval_batch_size, ctx, "validation")
         for epoch in range(1, args.epochs + 1):
+            pause.point(f"finetune epoch {epoch}")
             penalty_sum, penalty_steps = 0.0, 0
             model.train()
             batches = length_grouped_batches(train.lengths, args.batch_size, seed=args.seed * 1000 + epoch)
@@ -142,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
                 loss = task.loss_sum(logits, inputs, targets)
                 total = loss * ctx.world_size / max(1, task.loss_weight(train.lengths[full]))
                 if penalised:
-                    penalty = layers_penalty([seen[f.index]["h"] for f in ffns], inputs["attention_mask"].bool(), args.sparsity_penalty)
+                    penalty = layers_penalty([seen[f.index]["h"] for f in ffns], inputs["attention_mask"].bool(), args.penalty)
                     total = total + ramped_weight(args.sparsity_weight, step, total_steps, args.sparsity_ramp) * penalty
                     penalty_sum, penalty_steps = penalty_sum + penalty.item(), penalty_steps + 1
                 total.backward()
@@ -157,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
             value = measure(model, task, validation, val_labels, args.eval_batch_size, ctx, "validation")
             epoch_metrics = {f"validation_{metric}": value, "epoch_seconds": time.time() - started}
             if penalised:
-                epoch_metrics[f"{args.sparsity_penalty}_penalty"] = penalty_sum / max(1, penalty_steps)
+                epoch_metrics[f"{args.penalty}_penalty"] = penalty_sum / max(1, penalty_steps)
                 epoch_metrics["validation_sparsity_mean"] = float(np.mean(activation_sparsity(model, validation, args.eval_batch_size, ctx)))
             run.log_metrics(epoch_metrics, step=epoch)
             if ctx.is_main:
@@ -170,16 +158,22 @@ def main(argv: list[str] | None = None) -> None:
             model.load_state_dict(best["state"])
         test_value = measure(model, task, test, test_labels, args.eval_batch_size, ctx, "test")
         sparsity = activation_sparsity(model, validation, args.eval_batch_size, ctx)
-        metrics = {
+        training = {
             "task": task.name,
+            "penalty": args.penalty,
+            "seed": args.seed,
+            "activation": args.activation,
+            "precision": chosen,
+            "precision_probe_seconds": probe,
+            "machine": machine.describe(ctx.device),
+        }
+        metrics = {
+            **training,
             f"validation_{metric}": best[f"validation_{metric}"],
             f"test_{metric}": test_value,
             "best_epoch": best["epoch"],
             "train_seconds": time.time() - started,
             "train_examples": len(train),
-            "activation": args.activation,
-            "sparsity_penalty": args.sparsity_penalty,
-            "precision": "bf16" if bf16 else "fp32",
             "sparsity_mean": float(np.mean(sparsity)),
             "sparsity_per_layer": sparsity,
         }
@@ -187,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"test {metric} {test_value:.4f}, mean FFN activation sparsity {metrics['sparsity_mean']:.3f}", flush=True)
             with atomic_dir(args.out / "model") as folder:
                 save_model(model, tokenizer, folder)
+                write_json(folder / TRAINING_FILE, training)
             write_json(args.out / "metrics.json", metrics)
             run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             run.log_metrics({f"sparsity/layer_{i}": s for i, s in enumerate(sparsity)})

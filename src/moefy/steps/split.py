@@ -1,4 +1,4 @@
-"""Step 3, split: group each FFN layer's neurons into experts.
+"""Step split: group each FFN layer's neurons into experts.
 
   random  seeded equal groups (the baseline)
   kmeans  balanced k-means on the L2-normalised key rows, W_in or a gated FFN's gate projection
@@ -10,7 +10,6 @@ Layers are spread over torchrun ranks and gathered on rank 0, which writes
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -19,34 +18,27 @@ import torch
 
 from moefy import dist, tracking
 from moefy.balance import expert_sizes
-from moefy.cli import add_section_flags, run_step
+from moefy.cli import ablation, add_section_flags, run_step, step_parser
 from moefy.errors import MoefyError
 from moefy.ffn import find_ffns
 from moefy.files import load_tensors, save_tensors, tensors_metadata, write_json
-from moefy.models import TASKS, load_model
+from moefy.models import load_model
 from moefy.split import balanced_kmeans, check_num_experts, coact_split, random_split
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m moefy.steps.split", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="fine-tuned model folder (finetune/model)")
-    parser.add_argument("--method", required=True, choices=["random", "kmeans", "coact"])
-    parser.add_argument("--num-experts", required=True, type=int)
-    parser.add_argument("--coactivation", type=Path, help="activations/coactivation.safetensors (coact only)")
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--task", choices=TASKS, default="classification", help="the task the model was fine-tuned for")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+def parse_args(argv: list[str] | None):
+    parser = step_parser("split", __doc__, "model", "task", "penalty", "seed", "split", "num_experts", "device")
+    parser.add_argument("--coactivation", type=Path, help="activations/<variant>/coactivation.safetensors (coact only)")
     add_section_flags(parser, "split")
     return parser.parse_args(argv)
 
 
-def split_layer(args: argparse.Namespace, layer: int, w_in: torch.Tensor, coactivation: dict | None, tokens: int,
+def split_layer(args, layer: int, w_in: torch.Tensor, coactivation: dict | None, tokens: int,
                 device: torch.device) -> np.ndarray:
     seed = args.seed * 1000 + layer
-    if args.method == "random":
+    if args.split == "random":
         return random_split(w_in.shape[0], args.num_experts, seed=seed)
-    if args.method == "kmeans":
+    if args.split == "kmeans":
         gpu = device.index if device.type == "cuda" else None
         return balanced_kmeans(w_in, args.num_experts, seed=seed, kmeans_iterations=args.kmeans_iterations,
                                rounds=args.balanced_rounds, gpu=gpu)
@@ -60,14 +52,13 @@ def main(argv: list[str] | None = None) -> None:
     ffns = find_ffns(load_model(args.model, args.task))
     check_num_experts(ffns[0].d_ff, args.num_experts)
     coactivation, tokens = None, 0
-    if args.method == "coact":
+    if args.split == "coact":
         if args.coactivation is None:
             raise MoefyError("the coact split needs --coactivation (the activations step's coactivation.safetensors)")
         coactivation = load_tensors(args.coactivation)
         tokens = int(tensors_metadata(args.coactivation)["tokens"])
 
-    wildcards = {"split": args.method, "num_experts": args.num_experts}
-    with tracking.job_run("split", vars(args), wildcards, enabled=ctx.is_main) as run:
+    with tracking.job_run("split", vars(args), ablation(args), enabled=ctx.is_main) as run:
         mine = {}
         for ffn in dist.shard(ffns, ctx):
             started = time.time()
@@ -88,10 +79,10 @@ def main(argv: list[str] | None = None) -> None:
                 "target_expert_size": ffns[0].d_ff // args.num_experts,
             }
             save_tensors(args.out / "labels.safetensors", {f"layer.{i}": torch.from_numpy(results[i][0]) for i in layers},
-                         {"method": args.method, "num_experts": str(args.num_experts)})
+                         {"split": args.split, "num_experts": str(args.num_experts)})
             write_json(args.out / "metrics.json", metrics)
             run.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, list)})
-            print(f"{args.method} split into {args.num_experts} experts: sizes {metrics['min_expert_size']}-"
+            print(f"{args.split} split into {args.num_experts} experts: sizes {metrics['min_expert_size']}-"
                   f"{metrics['max_expert_size']} (target {metrics['target_expert_size']}), {metrics['seconds_total']:.2f} s", flush=True)
     dist.teardown()
 

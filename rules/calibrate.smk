@@ -1,0 +1,30 @@
+# Which MoE kernel is fastest here, measured once for the study's FFN shape and every expert count.
+# It takes every core so that nothing else runs while it times; the kernels inside use the
+# threads an evaluate job gets.
+
+
+rule calibrate:
+    input:
+        model=model_input(),
+    output:
+        results("calibrate", "moe_kernels.json"),
+    log:
+        logs("calibrate"),
+    conda:
+        CONDA_ENV
+    benchmark:
+        results("benchmarks", "calibrate.tsv")
+    threads: workflow.cores
+    params:
+        launch=plain("calibrate"),
+        omp=threads_per_rank(COMPUTE["threads"]["evaluate"], COMPUTE["nproc_per_node"]),
+        task=config["task"],
+        model=model_source,
+        remote_code="--trust-remote-code" if config["model"]["trust_remote_code"] else "",
+        experts=settings_flags({"num_experts": GRID.expert_counts}),
+        activation=config["finetune"]["activation"],
+        out=folder_of(0, "output"),
+        device=COMPUTE["device"],
+    shell:
+        "OMP_NUM_THREADS={params.omp} {params.launch} --model {params.model} --task {params.task} {params.experts} "
+        "--activation {params.activation} {params.remote_code} --out {params.out} --device {params.device} > {log} 2>&1"

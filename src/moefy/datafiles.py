@@ -1,0 +1,82 @@
+"""The data step's files: train/validation/test.jsonl and labels.json.
+
+They are written once by the data step and read by every later step, so reading them needs
+nothing heavier than json (no pandas in the steps that only read texts).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from moefy.errors import MoefyError
+from moefy.files import atomic_path, read_json, write_json
+
+SPLITS = ("train", "validation", "test")
+
+
+def _rerun_hint(path: Path) -> str:
+    return f"delete it and rerun the data step (`snakemake --cores all {path}`)"
+
+
+def write_splits(out_dir: str | Path, splits: Mapping[str, Mapping[str, Any]], label_names: Sequence[str]) -> None:
+    """Write train/validation/test.jsonl and labels.json, each appearing only once complete.
+
+    Each split is a table with columns text and, for classification, label (label ids); without a
+    label column (causal LM) rows are {"text"} and there are no label names."""
+    out_dir = Path(out_dir)
+    for split in SPLITS:
+        frame = splits[split]
+        with atomic_path(out_dir / f"{split}.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
+            labels = frame["label"] if "label" in frame else [None] * len(frame["text"])
+            for text, label in zip(frame["text"], labels):
+                row = {"text": str(text)} if label is None else {"text": str(text), "label": int(label)}
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_json(
+        out_dir / "labels.json",
+        {"names": [str(n) for n in label_names], "sizes": {split: len(splits[split]["text"]) for split in SPLITS}},
+    )
+
+
+def read_split(path: str | Path) -> tuple[list[str], list[int] | None]:
+    """Read one split written by write_splits: (texts, labels), labels None for a text-only split.
+
+    A damaged file is an error, never a silently shorter split."""
+    path = Path(path)
+    if not path.is_file():
+        raise MoefyError(f"{path} does not exist; run the data step first (`snakemake --cores all {path}`)")
+    texts: list[str] = []
+    labels: list[int] = []
+    labelled = None
+    lineno = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):  # noqa: B007 (the error below names the line)
+                if not line.endswith("\n"):
+                    raise ValueError("last line is cut off")
+                row = json.loads(line)
+                if labelled is None:
+                    labelled = isinstance(row, dict) and "label" in row
+                if not isinstance(row.get("text"), str):
+                    raise ValueError('expected {"text": string} or {"text": string, "label": integer}')
+                if labelled:
+                    if isinstance(row.get("label"), bool) or not isinstance(row.get("label"), int):
+                        raise ValueError('expected {"text": string, "label": integer}')
+                    labels.append(row["label"])
+                elif "label" in row:
+                    raise ValueError("a label in a split whose first row has none")
+                texts.append(row["text"])
+    except (UnicodeDecodeError, ValueError, AttributeError) as err:
+        raise MoefyError(f"{path} is damaged at line {lineno} ({err}); {_rerun_hint(path)}") from None
+    return texts, (labels if labelled else None)
+
+
+def read_label_names(data_dir: str | Path) -> list[str]:
+    path = Path(data_dir) / "labels.json"
+    obj = read_json(path)
+    names = obj.get("names") if isinstance(obj, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise MoefyError(f"{path} has no list of label names under 'names'; {_rerun_hint(path)}")
+    return names

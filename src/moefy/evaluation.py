@@ -1,0 +1,149 @@
+"""Measuring an MoEfied model: selection rules, one pass over the test set, and its record.
+
+A selection rule is top-k at a budget (k = budget * E experts per token) or dynamic-k at a
+threshold tau (every expert whose router contribution is at least (1 - tau) * the token's
+largest). A pass runs the test set under one rule and adds up what the record needs; the record
+compares it with the dense pass (the MoE with every expert) on the same batches.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass
+
+import torch
+
+from moefy import dist
+from moefy.batches import Encoded, iterate
+from moefy.moe import MoEFFN, ffn_flops_fraction, ffn_seconds, kernel_calls, set_experts_per_token, set_threshold
+from moefy.routers import budget_to_k
+from moefy.tasks import Task
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    kind: str  # "top_k" or "dynamic"
+    budget: float | None = None
+    tau: float | None = None
+    k: int | None = None
+
+    @property
+    def label(self) -> str:
+        """`budget 0.2` or `tau 0.5`: how logs and MLflow metric names call it."""
+        return f"budget {self.budget:g}" if self.kind == "top_k" else f"tau {self.tau:g}"
+
+    def runs_dense(self, num_experts: int) -> bool:
+        """Every expert for every token: the dense model, measured once in the dense pass."""
+        return self.k >= num_experts if self.kind == "top_k" else self.tau >= 1
+
+    def apply(self, layers: list[MoEFFN]) -> None:
+        if self.kind == "top_k":
+            set_experts_per_token(layers, self.k)
+        else:
+            set_threshold(layers, self.tau)
+
+
+def selection_rules(budgets: Sequence[float], thresholds: Sequence[float], num_experts: int) -> list[SelectionRule]:
+    """Top-k at each budget, then dynamic-k at each threshold, each in increasing order."""
+    top_k = [SelectionRule("top_k", budget=b, k=budget_to_k(b, num_experts)) for b in sorted(budgets)]
+    return top_k + [SelectionRule("dynamic", tau=t) for t in sorted(thresholds)]
+
+
+@dataclass
+class PassTotals:
+    """What one pass adds up (over batches, then over ranks)."""
+
+    score: float = 0.0  # the task metric's numerator: correct texts, or summed next-token loss
+    count: float = 0.0  # its denominator: texts, or predicted tokens
+    experts: float = 0.0  # experts per real token (mean over layers), summed over real tokens
+    experts_squared: float = 0.0
+    tokens: float = 0.0  # real (non-padding) tokens
+    agreeing: float = 0.0  # predictions equal to the dense model's
+    ffn_ms: float = 0.0  # wall-clock of every FFN layer, router included
+
+    def all_reduced(self, ctx: dist.Context) -> PassTotals:
+        # float64: float32 sums of squares over many tokens lose the spread's last digits
+        summed = dist.all_reduce_sum(torch.tensor(astuple(self), dtype=torch.float64), ctx)
+        return PassTotals(*map(float, summed))
+
+    @property
+    def experts_mean(self) -> float:
+        return self.experts / self.tokens
+
+    @property
+    def experts_std(self) -> float:
+        return max(0.0, self.experts_squared / self.tokens - self.experts_mean**2) ** 0.5
+
+
+def run_pass(model: torch.nn.Module, layers: list[MoEFFN], encoded: Encoded, batches: list, task: Task,
+             targets: torch.Tensor | None, ctx: dist.Context, desc: str,
+             dense_predictions: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], PassTotals, str]:
+    """This rank's predictions per batch, the all-reduced totals of one pass under the layers'
+    current selection rule (agreement counted against `dense_predictions`, per batch), and which
+    kernels the layers ran over all ranks (e.g. "grouped 60, masked 6"; "dense" for the dense path)."""
+    ffn_seconds(layers)
+    kernel_calls(layers)
+    predictions: list[torch.Tensor] = []
+    totals = PassTotals()
+    num_experts = layers[0].num_experts
+    for b, (idx, inputs, logits) in enumerate(iterate(model, encoded, batches, ctx, desc)):
+        batch_targets = None if targets is None else targets[idx].to(logits.device)
+        score, count, predicted = task.batch_stats(logits, inputs, batch_targets)
+        predictions.append(predicted.cpu())
+        real = inputs["attention_mask"].bool()
+        chosen = [layer.experts_per_token for layer in layers]
+        if chosen[0] is None:  # the dense path: every expert
+            experts = torch.full((int(real.sum()),), float(num_experts), dtype=torch.float64)
+        else:
+            experts = torch.stack(chosen).mean(0)[real].cpu().double()
+        totals.score += score
+        totals.count += count
+        totals.experts += float(experts.sum())
+        totals.experts_squared += float(experts.square().sum())
+        totals.tokens += len(experts)
+        totals.agreeing += len(predicted) if dense_predictions is None else float((predictions[-1] == dense_predictions[b]).sum())
+    totals.ffn_ms = ffn_seconds(layers) * 1e3
+    used = sum((Counter(part) for part in dist.all_gather(dict(kernel_calls(layers)), ctx)), Counter())
+    kernels = ", ".join(f"{name} {count}" for name, count in sorted(used.items())) or "dense"
+    return predictions, totals.all_reduced(ctx), kernels
+
+
+def record(rule: SelectionRule, totals: PassTotals, dense: PassTotals, task: Task, layers: list[MoEFFN], kernels: str) -> dict:
+    """One evaluation record: the rule, the task metric and the same relative to dense, agreement
+    with dense, experts per token, FFN FLOPs fraction (router included), measured FFN time and
+    the kernels that took it."""
+    first = layers[0]
+    metric, num_experts = task.metric, first.num_experts
+    value, dense_value = task.metric_of(totals.score, totals.count), task.metric_of(dense.score, dense.count)
+    runs_dense = rule.runs_dense(num_experts)
+    return {
+        "rule": rule.kind,
+        "budget": rule.budget,
+        "tau": rule.tau,
+        "k": rule.k,
+        "experts_per_token": totals.experts_mean,
+        "experts_per_token_std": totals.experts_std,
+        f"test_{metric}": value,
+        f"relative_{metric}": value / dense_value,
+        "ffn_flops_fraction": ffn_flops_fraction(first.d_model, num_experts * first.expert_size, num_experts,
+                                                 totals.experts_mean, first.router.flops_per_token(),
+                                                 router_runs=not runs_dense, gated=first.w_gate is not None),
+        "dense_agreement": totals.agreeing / totals.count,
+        f"dense_test_{metric}": dense_value,
+        "ffn_ms_dense": dense.ffn_ms,
+        "ffn_ms_moe": totals.ffn_ms,
+        "ffn_speedup": dense.ffn_ms / totals.ffn_ms,
+        "kernels": kernels,
+    }
+
+
+MEASURES = ("dense_agreement", "ffn_flops_fraction", "experts_per_token", "experts_per_token_std",
+            "ffn_ms_dense", "ffn_ms_moe", "ffn_speedup")
+
+
+def logged_metrics(rule: SelectionRule, record_: dict, metric: str) -> dict[str, float]:
+    """The record as MLflow metrics, `<name>/<rule label>` (e.g. test_accuracy/budget_0.2)."""
+    names = (f"test_{metric}", f"relative_{metric}", *MEASURES)
+    return {f"{name}/{rule.label.replace(' ', '_')}": record_[name] for name in names}
+
