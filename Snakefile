@@ -29,9 +29,9 @@ include: "rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         rules.report.output,
-    default_target: True
 
 
 onstart:

@@ -78,8 +78,17 @@ def dense_ffn(d: int, d_ff: int, seed: int = 0) -> FFN:
     return FFN(0, w_in, nn.ReLU(), w_out, lambda module: None)
 
 
-def shape_cases(d: int, d_ff: int, num_experts: int, batches: list[int], budgets: list[float], device: torch.device,
-                flush: CacheFlusher, calls: int, calibrate: bool = True) -> list[dict]:
+def shape_cases(
+    d: int,
+    d_ff: int,
+    num_experts: int,
+    batches: list[int],
+    budgets: list[float],
+    device: torch.device,
+    flush: CacheFlusher,
+    calls: int,
+    calibrate: bool = True,
+) -> list[dict]:
     ffn = dense_ffn(d, d_ff)
     labels = torch.randperm(d_ff, generator=torch.Generator().manual_seed(1)) % num_experts
     torch.manual_seed(2)
@@ -98,23 +107,46 @@ def shape_cases(d: int, d_ff: int, num_experts: int, batches: list[int], budgets
                 moe_ms = timed(moe, inputs, flush, device)
                 used = ", ".join(sorted(kernel_calls([moe]))) or "dense"
                 check = inputs[0]
-                picked = moe.select(check)[0] if moe.k < num_experts else torch.ones(tokens, num_experts, dtype=torch.bool, device=device)
+                picked = (
+                    moe.select(check)[0]
+                    if moe.k < num_experts
+                    else torch.ones(tokens, num_experts, dtype=torch.bool, device=device)
+                )
                 reference = ffn.w_out(ffn.activations(check) * picked[:, labels.to(device)])
                 error = float((moe(check) - reference).abs().max())
-                rows.append({"case": f"{d}x{d_ff} E={num_experts} T={tokens} b={budget:g}", "device": device.type,
-                             "d_model": d, "d_ff": d_ff, "num_experts": num_experts, "tokens": tokens, "budget": budget,
-                             "k": moe.k, "dense_ms": dense_ms, "moe_ms": moe_ms, "speedup": dense_ms / moe_ms,
-                             "kernel": used, "calibrated": calibrate, "max_abs_error": error})
-                print(f"{rows[-1]['case']:>36} {device.type:>4}  dense {dense_ms:9.3f} ms  moe {moe_ms:9.3f} ms  "
-                      f"{dense_ms / moe_ms:5.2f}x  {used:>8}  (max |diff| {error:.1e})", flush=True)
+                rows.append(
+                    {
+                        "case": f"{d}x{d_ff} E={num_experts} T={tokens} b={budget:g}",
+                        "device": device.type,
+                        "d_model": d,
+                        "d_ff": d_ff,
+                        "num_experts": num_experts,
+                        "tokens": tokens,
+                        "budget": budget,
+                        "k": moe.k,
+                        "dense_ms": dense_ms,
+                        "moe_ms": moe_ms,
+                        "speedup": dense_ms / moe_ms,
+                        "kernel": used,
+                        "calibrated": calibrate,
+                        "max_abs_error": error,
+                    }
+                )
+                print(
+                    f"{rows[-1]['case']:>36} {device.type:>4}  dense {dense_ms:9.3f} ms  moe {moe_ms:9.3f} ms  "
+                    f"{dense_ms / moe_ms:5.2f}x  {used:>8}  (max |diff| {error:.1e})",
+                    flush=True,
+                )
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     print("\n| shape | E | tokens | budget | dense ms | MoE ms | speed-up | kernel |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['d_model']}x{r['d_ff']} | {r['num_experts']} | {r['tokens']} | {r['budget']:g} | "
-              f"{r['dense_ms']:.3f} | {r['moe_ms']:.3f} | {r['speedup']:.2f}x | {r['kernel']} |")
+        print(
+            f"| {r['d_model']}x{r['d_ff']} | {r['num_experts']} | {r['tokens']} | {r['budget']:g} | "
+            f"{r['dense_ms']:.3f} | {r['moe_ms']:.3f} | {r['speedup']:.2f}x | {r['kernel']} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,10 +170,23 @@ def main(argv: list[str] | None = None) -> None:
         flush = CacheFlusher(device, megabytes=128 if device.type == "cpu" else 256)
         shapes = [SHAPES[-1]] if args.quick else SHAPES
         for d, d_ff, num_experts, batches in shapes:
-            rows += shape_cases(d, d_ff, num_experts, [1] if args.quick else list(batches), [0.25] if args.quick else BUDGETS,
-                                device, flush, args.calls, calibrate=not args.fixed_rules)
+            rows += shape_cases(
+                d,
+                d_ff,
+                num_experts,
+                [1] if args.quick else list(batches),
+                [0.25] if args.quick else BUDGETS,
+                device,
+                flush,
+                args.calls,
+                calibrate=not args.fixed_rules,
+            )
     print_table(rows)
-    here = {"python": platform.python_version(), "omp_threads": os.environ.get("OMP_NUM_THREADS"), **machine.describe(devices[-1])}
+    here = {
+        "python": platform.python_version(),
+        "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+        **machine.describe(devices[-1]),
+    }
     result = {"machine": here, "quick": args.quick, "rows": rows}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -149,8 +194,13 @@ def main(argv: list[str] | None = None) -> None:
     if not args.no_mlflow:
         os.environ.setdefault(tracking.EXPERIMENT_ENV, "moefy-benchmarks")
         with tracking.job_run("moe_speed", {"quick": args.quick, **here}) as run:
-            run.log_metrics({re.sub(r"[^\w\-. /]", "_", f"{r['device']}/{r['case']}/{key}"): float(r[key])
-                             for r in rows for key in ("dense_ms", "moe_ms", "speedup")})
+            run.log_metrics(
+                {
+                    re.sub(r"[^\w\-. /]", "_", f"{r['device']}/{r['case']}/{key}"): float(r[key])
+                    for r in rows
+                    for key in ("dense_ms", "moe_ms", "speedup")
+                }
+            )
             if args.json:
                 run.log_artifact(args.json)
 

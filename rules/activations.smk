@@ -8,10 +8,10 @@ rule activations:
         metrics=results("activations", VARIANT, "metrics.json"),
     log:
         logs("activations", VARIANT),
-    conda:
-        CONDA_ENV
     benchmark:
         results("benchmarks", "activations", f"{VARIANT}.tsv")
+    conda:
+        CONDA_ENV
     threads: variant_threads("activations")
     params:
         launch=launch("activations"),

@@ -8,10 +8,10 @@ rule balance:
         metrics=results("balance", VARIANT, CONVERSION, "metrics.json"),
     log:
         logs("balance", f"{VARIANT}/{CONVERSION}"),
-    conda:
-        CONDA_ENV
     benchmark:
         results("benchmarks", "balance", VARIANT, f"{CONVERSION}.tsv")
+    conda:
+        CONDA_ENV
     threads: COMPUTE["threads"]["balance"]
     params:
         launch=plain("balance"),

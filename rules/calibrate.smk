@@ -10,10 +10,10 @@ rule calibrate:
         results("calibrate", "moe_kernels.json"),
     log:
         logs("calibrate"),
-    conda:
-        CONDA_ENV
     benchmark:
         results("benchmarks", "calibrate.tsv")
+    conda:
+        CONDA_ENV
     threads: workflow.cores
     params:
         launch=plain("calibrate"),

@@ -140,7 +140,9 @@ def ablation_flags(wildcards):
 
 
 def evaluation_of(wildcards):
-    return Evaluation(Variant(wildcards.penalty, int(wildcards.seed)), wildcards.split, int(wildcards.num_experts), wildcards.selector)
+    return Evaluation(
+        Variant(wildcards.penalty, int(wildcards.seed)), wildcards.split, int(wildcards.num_experts), wildcards.selector
+    )
 
 
 def rules_flags(wildcards):
@@ -165,7 +167,9 @@ def check_before_jobs():
         sys.exit(f"moefy: {err}")
     uri = os.environ[tracking.URI_ENV]
     run_id = tracking.start_workflow_run(
-        uri, os.environ[tracking.EXPERIMENT_ENV], run_name=f"snakemake {STUDY}",
+        uri,
+        os.environ[tracking.EXPERIMENT_ENV],
+        run_name=f"snakemake {STUDY}",
         tags={"study": STUDY, "command": " ".join(sys.argv)[:5000]},
     )
     print(f"MLflow: parent run {run_id} in experiment {os.environ[tracking.EXPERIMENT_ENV]!r} at {uri}")

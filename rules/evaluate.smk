@@ -9,10 +9,10 @@ rule evaluate:
         results("evaluate", VARIANT, f"{CONVERSION}-{{selector}}.json"),
     log:
         logs("evaluate", f"{VARIANT}/{CONVERSION}-{{selector}}"),
-    conda:
-        CONDA_ENV
     benchmark:
         results("benchmarks", "evaluate", VARIANT, f"{CONVERSION}-{{selector}}.tsv")
+    conda:
+        CONDA_ENV
     threads: COMPUTE["threads"]["evaluate"]
     params:
         launch=launch("evaluate"),

@@ -11,10 +11,10 @@ rule export:
         directory(results("export", VARIANT, f"{CONVERSION}-{{selector}}-b{{budget}}")),
     log:
         logs("export", f"{VARIANT}/{CONVERSION}-{{selector}}-b{{budget}}"),
-    conda:
-        CONDA_ENV
     wildcard_constraints:
         budget=r"[0-9.]+",
+    conda:
+        CONDA_ENV
     params:
         launch=plain("export"),
         ablation=lambda wildcards: ablation_flags({k: v for k, v in wildcards.items() if k != "budget"}),

@@ -7,10 +7,10 @@ rule finetune:
         metrics=results("finetune", VARIANT, "metrics.json"),
     log:
         logs("finetune", VARIANT),
-    conda:
-        CONDA_ENV
     benchmark:
         results("benchmarks", "finetune", f"{VARIANT}.tsv")
+    conda:
+        CONDA_ENV
     threads: variant_threads("finetune")
     params:
         launch=launch("finetune"),

@@ -8,10 +8,10 @@ rule selector:
         metrics=results("selector", VARIANT, f"{CONVERSION}-{{selector}}", "metrics.json"),
     log:
         logs("selector", f"{VARIANT}/{CONVERSION}-{{selector}}"),
-    conda:
-        CONDA_ENV
     benchmark:
         results("benchmarks", "selector", VARIANT, f"{CONVERSION}-{{selector}}.tsv")
+    conda:
+        CONDA_ENV
     threads: COMPUTE["threads"]["selector"]
     params:
         launch=launch("selector"),

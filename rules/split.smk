@@ -7,10 +7,10 @@ rule split:
         metrics=results("split", VARIANT, CONVERSION, "metrics.json"),
     log:
         logs("split", f"{VARIANT}/{CONVERSION}"),
-    conda:
-        CONDA_ENV
     benchmark:
         results("benchmarks", "split", VARIANT, f"{CONVERSION}.tsv")
+    conda:
+        CONDA_ENV
     threads: COMPUTE["threads"]["split"]
     params:
         launch=launch("split"),

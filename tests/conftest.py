@@ -36,8 +36,13 @@ def build_tiny_bert(folder: Path, hidden_act: str = "gelu", layers: int = 2, d_f
     tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(words)}, do_lower_case=True)
     torch.manual_seed(0)
     config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-        intermediate_size=d_ff, max_position_embeddings=64, hidden_act=hidden_act,
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=d_ff,
+        max_position_embeddings=64,
+        hidden_act=hidden_act,
     )
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -54,27 +59,76 @@ def _family_config(family: str, vocab_size: int, layers: int, d_ff: int, hidden_
 
     special = {"pad_token_id": 0}
     if family == "bert":
-        return tf.BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                             intermediate_size=d_ff, max_position_embeddings=64, hidden_act=hidden_act or "gelu")
+        return tf.BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            intermediate_size=d_ff,
+            max_position_embeddings=64,
+            hidden_act=hidden_act or "gelu",
+        )
     if family == "roberta":
-        return tf.RobertaConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
-                                intermediate_size=d_ff, max_position_embeddings=70, type_vocab_size=1,
-                                hidden_act=hidden_act or "gelu", **special)
+        return tf.RobertaConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            intermediate_size=d_ff,
+            max_position_embeddings=70,
+            type_vocab_size=1,
+            hidden_act=hidden_act or "gelu",
+            **special,
+        )
     if family == "distilbert":
-        return tf.DistilBertConfig(vocab_size=vocab_size, dim=32, n_layers=layers, n_heads=2, hidden_dim=d_ff,
-                                   max_position_embeddings=64, activation=hidden_act or "gelu", **special)
+        return tf.DistilBertConfig(
+            vocab_size=vocab_size,
+            dim=32,
+            n_layers=layers,
+            n_heads=2,
+            hidden_dim=d_ff,
+            max_position_embeddings=64,
+            activation=hidden_act or "gelu",
+            **special,
+        )
     if family in ("t5", "t5-gated"):
         # T5 classifiers read the decoder at the eos token: [SEP] ends every text of the test tokenizer.
         proj = ("gated-" if family == "t5-gated" else "") + (hidden_act or ("gelu" if family == "t5-gated" else "relu"))
-        return tf.T5Config(vocab_size=vocab_size, d_model=32, d_kv=16, d_ff=d_ff, num_layers=layers, num_heads=2,
-                           feed_forward_proj=proj, eos_token_id=SPECIAL.index("[SEP]"), decoder_start_token_id=0, **special)
+        return tf.T5Config(
+            vocab_size=vocab_size,
+            d_model=32,
+            d_kv=16,
+            d_ff=d_ff,
+            num_layers=layers,
+            num_heads=2,
+            feed_forward_proj=proj,
+            eos_token_id=SPECIAL.index("[SEP]"),
+            decoder_start_token_id=0,
+            **special,
+        )
     if family == "gpt2":
-        return tf.GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=layers, n_head=2, n_positions=64, n_inner=d_ff,
-                             activation_function=hidden_act or "gelu_new", bos_token_id=2, eos_token_id=3)
+        return tf.GPT2Config(
+            vocab_size=vocab_size,
+            n_embd=32,
+            n_layer=layers,
+            n_head=2,
+            n_positions=64,
+            n_inner=d_ff,
+            activation_function=hidden_act or "gelu_new",
+            bos_token_id=2,
+            eos_token_id=3,
+        )
     kinds = {"llama": tf.LlamaConfig, "mistral": tf.MistralConfig, "qwen2": tf.Qwen2Config}
-    return kinds[family](vocab_size=vocab_size, hidden_size=32, intermediate_size=d_ff, num_hidden_layers=layers,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         hidden_act=hidden_act or "silu")
+    return kinds[family](
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=d_ff,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        hidden_act=hidden_act or "silu",
+    )
 
 
 def build_tiny(family: str, folder: Path, hidden_act: str | None = None, layers: int = 2, d_ff: int = 64) -> Path:
@@ -86,8 +140,9 @@ def build_tiny(family: str, folder: Path, hidden_act: str | None = None, layers:
 
     folder.mkdir(parents=True, exist_ok=True)
     words = SPECIAL + sorted(set(POSITIVE + NEGATIVE + FILLER))
-    tokenizer = BertTokenizer(vocab={word: i for i, word in enumerate(words)}, do_lower_case=True,
-                              model_input_names=["input_ids", "attention_mask"])
+    tokenizer = BertTokenizer(
+        vocab={word: i for i, word in enumerate(words)}, do_lower_case=True, model_input_names=["input_ids", "attention_mask"]
+    )
     torch.manual_seed(0)
     config = _family_config(family, tokenizer.vocab_size, layers, d_ff, hidden_act)
     (AutoModelForCausalLM if family in DECODERS else AutoModel).from_config(config).save_pretrained(folder)
@@ -151,14 +206,31 @@ def environment(workdir: Path) -> dict[str, str]:
 
 
 def snakemake_command(workdir: Path, *args: str, cores: int = 2) -> list[str]:
-    return [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--directory", str(workdir),
-            "--configfile", str(workdir / "config.yaml"), "--cores", str(cores), *args]
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "-s",
+        str(ROOT / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(workdir / "config.yaml"),
+        "--cores",
+        str(cores),
+        *args,
+    ]
 
 
 def snakemake(workdir: Path, *args: str, cores: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real Snakefile in `workdir`; on failure, fail the test with the job logs."""
-    done = subprocess.run(snakemake_command(workdir, *args, cores=cores), cwd=workdir, env=env or environment(workdir),
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        snakemake_command(workdir, *args, cores=cores),
+        cwd=workdir,
+        env=env or environment(workdir),
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "results").glob("*/logs/**/*.log")))
         pytest.fail(f"snakemake {' '.join(args)} failed:\n{done.stderr[-5000:]}\n{logs}")
@@ -180,8 +252,10 @@ REPLICATE = "hoyer-seed1"  # a second seed of one ablation: replicates and the r
 
 def diagonal(conversions, **arm) -> dict:
     """One grid arm per (split, selector): every split and selector of `conversions`, not their product."""
-    return {f"{split}-{selector}": {"split": [split], "num_experts": [E], "selector": [selector], **arm}
-            for split, selector in conversions}
+    return {
+        f"{split}-{selector}": {"split": [split], "num_experts": [E], "selector": [selector], **arm}
+        for split, selector in conversions
+    }
 
 
 def tiny_config(**overrides) -> dict:
@@ -195,8 +269,15 @@ def tiny_config(**overrides) -> dict:
             **diagonal(CONVERSIONS, penalty=["hoyer"], thresholds=THRESHOLDS),
             "replicate": {"penalty": ["hoyer"], "seed": [1], "split": ["coact"], "num_experts": [E], "selector": ["mlp"]},
         },
-        "finetune": {"epochs": 3, "batch_size": 16, "max_length": 32, "learning_rate": 3e-3, "freeze_embeddings": False,
-                     "sparsity_weight": 0.05, "precision": "fp32"},
+        "finetune": {
+            "epochs": 3,
+            "batch_size": 16,
+            "max_length": 32,
+            "learning_rate": 3e-3,
+            "freeze_embeddings": False,
+            "sparsity_weight": 0.05,
+            "precision": "fp32",
+        },
         "activations": {"max_tokens": 3000, "sample_tokens": 1500, "batch_size": 32},
         "selector": {"mlp_epochs": 5, "norm_hidden": 16},
         "evaluate": {"budgets": BUDGETS, "batch_size": 32},
@@ -243,14 +324,22 @@ def pytest_sessionstart(session):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     minutes = (time.time() - config.stash[_STARTED]) / 60
-    reports = [r for kind in ("passed", "failed", "error", "skipped") for r in terminalreporter.stats.get(kind, [])
-               if hasattr(r, "duration")]
+    reports = [
+        r
+        for kind in ("passed", "failed", "error", "skipped")
+        for r in terminalreporter.stats.get(kind, [])
+        if hasattr(r, "duration")
+    ]
     terminalreporter.write_line(f"moefy: the suite took {minutes:.1f} min ({len(reports)} tests)")
     if minutes > SUITE_BUDGET_MINUTES:
         slowest = sorted(reports, key=lambda r: r.duration, reverse=True)[:5]
         named = ", ".join(f"{r.nodeid} ({r.when}, {r.duration:.0f} s)" for r in slowest)
-        terminalreporter.write_line(f"WARNING: the suite took {minutes:.1f} min, over its {SUITE_BUDGET_MINUTES}-minute budget "
-                                    f"(a third of CI's limit); slowest: {named}", yellow=True, bold=True)
+        terminalreporter.write_line(
+            f"WARNING: the suite took {minutes:.1f} min, over its {SUITE_BUDGET_MINUTES}-minute budget "
+            f"(a third of CI's limit); slowest: {named}",
+            yellow=True,
+            bold=True,
+        )
 
 
 _STARTED = pytest.StashKey[float]()

@@ -33,7 +33,14 @@ def run_study(workdir: Path, family: str, task: str, finetune: dict) -> Path:
         "model": {"name_or_path": "model"},
         "dataset": {"path": "reviews.csv", "text_column": "text", "label_column": "category", "labels": ["rotten", "fresh"]},
         "grid": diagonal(CONVERSIONS),
-        "finetune": {"batch_size": 16, "max_length": 32, "learning_rate": 3e-3, "freeze_embeddings": False, "precision": "fp32", **finetune},
+        "finetune": {
+            "batch_size": 16,
+            "max_length": 32,
+            "learning_rate": 3e-3,
+            "freeze_embeddings": False,
+            "precision": "fp32",
+            **finetune,
+        },
         "activations": {"max_tokens": 2000, "sample_tokens": 1000, "batch_size": 32},
         "selector": {"mlp_epochs": 3},
         "evaluate": {"budgets": BUDGETS, "batch_size": 32},
@@ -58,7 +65,9 @@ def test_t5_labels_cover_encoder_and_decoder_layers(t5_study):
     assert sorted(labels) == [f"layer.{i}" for i in range(4)]  # 2 encoder + 2 decoder blocks
     metrics = json.loads((t5_study / "finetune" / VARIANT / "metrics.json").read_text())
     dense = json.loads((t5_study / "evaluate" / VARIANT / f"coact-E{E}-mlp.json").read_text())[-1]
-    assert metrics["task"] == "classification" and metrics["test_accuracy"] == dense["test_accuracy"] == dense["dense_test_accuracy"]
+    assert (
+        metrics["task"] == "classification" and metrics["test_accuracy"] == dense["test_accuracy"] == dense["dense_test_accuracy"]
+    )
     assert json.loads((t5_study / "finetune" / VARIANT / "model" / "config.json").read_text())["feed_forward_proj"] == "relu"
 
 

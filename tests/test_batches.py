@@ -24,6 +24,7 @@ def test_train_batches_cover_every_index_once_and_depend_on_seed():
     assert all(len(x) <= 8 for x in a)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
     # grouping by length keeps padding well below that of random batches
     def spread(batches):
         return np.mean([lengths[x].max() - lengths[x].min() for x in batches])

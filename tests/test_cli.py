@@ -49,14 +49,17 @@ def test_shared_flags_read_the_same_in_every_step():
     from moefy.cli import ablation, step_parser
 
     parser = step_parser("split", "Step split: doc.", "model", "penalty", "seed", "split", "num_experts")
-    args = parser.parse_args(["--model", "m", "--penalty", "hoyer", "--seed", "2", "--split", "coact", "--num-experts", "8",
-                              "--out", "o"])
+    args = parser.parse_args(
+        ["--model", "m", "--penalty", "hoyer", "--seed", "2", "--split", "coact", "--num-experts", "8", "--out", "o"]
+    )
     assert ablation(args) == {"penalty": "hoyer", "seed": 2, "split": "coact", "num_experts": 8}
     with pytest.raises(SystemExit):  # names come from the schema's vocabulary
         parser.parse_args(["--model", "m", "--split", "kmean", "--num-experts", "8", "--out", "o"])
 
 
-@pytest.mark.parametrize("step", ["data", "finetune", "activations", "split", "balance", "selector", "evaluate", "export", "report", "fetch"])
+@pytest.mark.parametrize(
+    "step", ["data", "finetune", "activations", "split", "balance", "selector", "evaluate", "export", "report", "fetch"]
+)
 def test_every_step_has_one_parser_with_out(step):
     import importlib
 
@@ -74,7 +77,8 @@ def test_one_rank_runs_a_plain_process_and_more_use_torch_distributed_run():
 
     assert step_command("evaluate", 1, python="/venv/bin/python") == "/venv/bin/python -m moefy.steps.evaluate"
     assert step_command("finetune", 2, python="/my venv/python") == (
-        "'/my venv/python' -m torch.distributed.run --standalone --nproc_per_node=2 -m moefy.steps.finetune")
+        "'/my venv/python' -m torch.distributed.run --standalone --nproc_per_node=2 -m moefy.steps.finetune"
+    )
     assert threads_per_rank(8, 2) == 4 and threads_per_rank(1, 4) == 1
 
 

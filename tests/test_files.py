@@ -67,12 +67,17 @@ def test_tensor_files_are_byte_identical_across_processes(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys, torch; from moefy.files import save_tensors; "
-            "save_tensors(sys.argv[1], {'b': torch.ones(2), 'a': torch.arange(3)}, "
-            "{'selector': 'mlp', 'num_experts': '48', 'layers': '6', 'tokens': '7'})")
+    code = (
+        "import sys, torch; from moefy.files import save_tensors; "
+        "save_tensors(sys.argv[1], {'b': torch.ones(2), 'a': torch.arange(3)}, "
+        "{'selector': 'mlp', 'num_experts': '48', 'layers': '6', 'tokens': '7'})"
+    )
     for i in range(4):
-        subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{i}.safetensors")], check=True,
-                       env={"PYTHONHASHSEED": str(i), "PATH": "/usr/bin:/bin"})
+        subprocess.run(
+            [sys.executable, "-c", code, str(tmp_path / f"{i}.safetensors")],
+            check=True,
+            env={"PYTHONHASHSEED": str(i), "PATH": "/usr/bin:/bin"},
+        )
     contents = {(tmp_path / f"{i}.safetensors").read_bytes() for i in range(4)}
     assert len(contents) == 1
     from moefy.files import tensors_metadata

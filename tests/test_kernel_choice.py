@@ -12,14 +12,24 @@ from moefy.kernel_choice import FORMAT, KernelTable, measure, shape_key, table_f
 from moefy.moe import MoEFFN, default_kernel, kernel_calls
 from moefy.routers import MLPRouter
 
-TABLE = KernelTable(num_experts=8, tokens=(1, 64, 4096), densities=(0.1, 0.5, 0.9),
-                    winners=(("bags", "bags", "masked"), ("grouped", "grouped", "masked"), ("grouped", "masked", "masked")))
+TABLE = KernelTable(
+    num_experts=8,
+    tokens=(1, 64, 4096),
+    densities=(0.1, 0.5, 0.9),
+    winners=(("bags", "bags", "masked"), ("grouped", "grouped", "masked"), ("grouped", "masked", "masked")),
+)
 
 
 def ffn(d=16, d_ff=64, gated=False):
     torch.manual_seed(0)
-    return FFN(0, nn.Linear(d, d_ff, bias=not gated), nn.ReLU(), nn.Linear(d_ff, d, bias=not gated), lambda m: None,
-               nn.Linear(d, d_ff, bias=False) if gated else None)
+    return FFN(
+        0,
+        nn.Linear(d, d_ff, bias=not gated),
+        nn.ReLU(),
+        nn.Linear(d_ff, d, bias=not gated),
+        lambda m: None,
+        nn.Linear(d, d_ff, bias=False) if gated else None,
+    )
 
 
 def test_a_batch_takes_the_winner_of_its_nearest_cell():
@@ -73,7 +83,11 @@ def test_an_unaligned_layer_never_runs_grouped_mm_whatever_the_table_says():
 @pytest.mark.parametrize("gated", [False, True])
 def test_measuring_fills_every_cell_with_its_fastest_kernel(gated):
     table = measure(ffn(gated=gated), 8, torch.device("cpu"), repeats=1)
-    assert table.num_experts == 8 and len(table.winners) == len(table.tokens) and all(len(r) == len(table.densities) for r in table.winners)
+    assert (
+        table.num_experts == 8
+        and len(table.winners) == len(table.tokens)
+        and all(len(r) == len(table.densities) for r in table.winners)
+    )
     for row, winners in enumerate(table.winners):
         for column, winner in enumerate(winners):
             timed = {k: ms[row][column] for k, ms in table.milliseconds.items() if ms[row][column] is not None}

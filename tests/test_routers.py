@@ -50,8 +50,19 @@ def test_mlp_router_learns_better_than_its_similarity_start():
     h = torch.relu(x @ w_in.t() + 0.5)
     mass = expert_mass(h, labels, E)
     c = expert_centroids(w_in, labels, E)
-    fit = train_router(MLPRouter(16, E, c), LOSSES["mlp"], x[:2500], scaled_mass(mass[:2500]), x[2500:],
-                       scaled_mass(mass[2500:]), epochs=40, batch_size=256, learning_rate=3e-3, patience=5, seed=0)
+    fit = train_router(
+        MLPRouter(16, E, c),
+        LOSSES["mlp"],
+        x[:2500],
+        scaled_mass(mass[:2500]),
+        x[2500:],
+        scaled_mass(mass[2500:]),
+        epochs=40,
+        batch_size=256,
+        learning_rate=3e-3,
+        patience=5,
+        seed=0,
+    )
     assert fit.best_heldout_loss < fit.initial_heldout_loss
     similarity = SimilarityRouter(c)(x[2500:])
     with torch.no_grad():
@@ -69,8 +80,12 @@ def test_mlp_router_starts_as_the_similarity_ranking():
 def test_routers_round_trip_through_tensors():
     x, w_in, labels, E = synthetic_layer()
     c = expert_centroids(w_in, labels, E)
-    routers = [("similarity", SimilarityRouter(c)), ("mlp", MLPRouter(16, E)), ("groundtruth", GroundTruthRouter(labels, E)),
-               ("norm", NormRouter(16, E, hidden=24))]
+    routers = [
+        ("similarity", SimilarityRouter(c)),
+        ("mlp", MLPRouter(16, E)),
+        ("groundtruth", GroundTruthRouter(labels, E)),
+        ("norm", NormRouter(16, E, hidden=24)),
+    ]
     for name, router in routers:
         rebuilt = build_routers(name, router_tensors({0: router}), {0: labels}, E)[0]
         h = torch.relu(x @ w_in.t())
@@ -98,8 +113,19 @@ def test_norm_router_learns_the_expert_output_norms():
     norms = expert_output_norms(h, torch.randn(16, 64), labels, E)
     target = norms / norms.mean()
     torch.manual_seed(0)
-    fit = train_router(NormRouter(16, E, hidden=64), LOSSES["norm"], x[:2500], target[:2500], x[2500:], target[2500:],
-                       epochs=40, batch_size=256, learning_rate=3e-3, patience=5, seed=0)
+    fit = train_router(
+        NormRouter(16, E, hidden=64),
+        LOSSES["norm"],
+        x[:2500],
+        target[:2500],
+        x[2500:],
+        target[2500:],
+        epochs=40,
+        batch_size=256,
+        learning_rate=3e-3,
+        patience=5,
+        seed=0,
+    )
     assert fit.best_heldout_loss < 0.5 * fit.initial_heldout_loss
     with torch.no_grad():
         predicted = fit.router(x[2500:])

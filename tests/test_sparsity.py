@@ -52,15 +52,52 @@ def test_weight_ramps_in_linearly():
 
 def test_hoyer_fine_tuning_gives_sparser_activations(tiny_bert, tmp_path, mlflow_store):
     csv = write_toy_sentiment(tmp_path / "reviews.csv", rows=300)
-    data_step.main(["--path", str(csv), "--text-column", "text", "--label-column", "category",
-                    "--labels", "rotten", "fresh", "--out", str(tmp_path / "data")])
+    data_step.main(
+        [
+            "--path",
+            str(csv),
+            "--text-column",
+            "text",
+            "--label-column",
+            "category",
+            "--labels",
+            "rotten",
+            "fresh",
+            "--out",
+            str(tmp_path / "data"),
+        ]
+    )
     sparsity = {}
     for penalty in ("none", "hoyer"):
         out = tmp_path / penalty
-        finetune_step.main(["--model", str(tiny_bert), "--data", str(tmp_path / "data"), "--out", str(out), "--device", "cpu",
-                            "--epochs", "2", "--batch-size", "16", "--max-length", "32", "--learning-rate", "3e-3",
-                            "--penalty", penalty, "--sparsity-weight", "5", "--sparsity-ramp", "0.2",
-                            "--precision", "fp32"])
+        finetune_step.main(
+            [
+                "--model",
+                str(tiny_bert),
+                "--data",
+                str(tmp_path / "data"),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "16",
+                "--max-length",
+                "32",
+                "--learning-rate",
+                "3e-3",
+                "--penalty",
+                penalty,
+                "--sparsity-weight",
+                "5",
+                "--sparsity-ramp",
+                "0.2",
+                "--precision",
+                "fp32",
+            ]
+        )
         metrics = json.loads((out / "metrics.json").read_text())
         training = json.loads((out / "model" / "training.json").read_text())
         assert metrics["penalty"] == training["penalty"] == penalty and training["precision"] == "fp32"

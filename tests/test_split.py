@@ -1,4 +1,3 @@
-
 import faiss
 import numpy as np
 import pytest
@@ -118,9 +117,7 @@ def test_balanced_kmeans_beats_random_and_faiss_start():
     # Low-rank plus noise, roughly like trained weights: some directions are shared by many rows.
     rng = np.random.default_rng(2)
     n, d, num_experts = 384, 48, 12
-    weight = (rng.standard_normal((n, 8)) @ rng.standard_normal((8, d)) + 0.5 * rng.standard_normal((n, d))).astype(
-        np.float32
-    )
+    weight = (rng.standard_normal((n, 8)) @ rng.standard_normal((8, d)) + 0.5 * rng.standard_normal((n, d))).astype(np.float32)
     for seed in range(3):
         labels = balanced_kmeans(weight, num_experts, seed=seed)
         objective = kmeans_objective(weight, labels)

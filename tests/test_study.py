@@ -21,10 +21,12 @@ def study(grid: dict) -> Study:
 
 
 def test_each_arm_is_a_cross_product_and_the_study_their_union():
-    grid = study({
-        "moefication": {"split": ["random", "kmeans"], "num_experts": [8], "selector": ["mlp", "groundtruth"]},
-        "d2dmoe": {"penalty": ["hoyer"], "seed": [0, 1], "split": ["kmeans"], "num_experts": [8], "selector": ["norm"]},
-    })
+    grid = study(
+        {
+            "moefication": {"split": ["random", "kmeans"], "num_experts": [8], "selector": ["mlp", "groundtruth"]},
+            "d2dmoe": {"penalty": ["hoyer"], "seed": [0, 1], "split": ["kmeans"], "num_experts": [8], "selector": ["norm"]},
+        }
+    )
     none, hoyer0, hoyer1 = Variant("none", 0), Variant("hoyer", 0), Variant("hoyer", 1)
     assert grid.variants == [hoyer0, hoyer1, none]
     assert len(grid.evaluations) == 4 + 2
@@ -34,10 +36,18 @@ def test_each_arm_is_a_cross_product_and_the_study_their_union():
 
 
 def test_an_evaluation_two_arms_share_runs_once_with_both_arms_rules():
-    grid = study({
-        "a": {"split": ["kmeans"], "num_experts": [8], "selector": ["mlp"]},
-        "b": {"split": ["kmeans"], "num_experts": [8], "selector": ["mlp", "norm"], "budgets": [0.3], "thresholds": [0.5, 0.2]},
-    })
+    grid = study(
+        {
+            "a": {"split": ["kmeans"], "num_experts": [8], "selector": ["mlp"]},
+            "b": {
+                "split": ["kmeans"],
+                "num_experts": [8],
+                "selector": ["mlp", "norm"],
+                "budgets": [0.3],
+                "thresholds": [0.5, 0.2],
+            },
+        }
+    )
     shared = Evaluation(Variant("none", 0), "kmeans", 8, "mlp")
     assert grid.evaluations.count(shared) == 1
     assert grid.rules(shared) == Rules(budgets=(0.1, 0.3, 0.5, 1.0), thresholds=(0.2, 0.5))

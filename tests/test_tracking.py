@@ -7,8 +7,9 @@ from moefy import tracking
 def test_job_runs_nest_under_the_workflow_run(mlflow_store, monkeypatch):
     parent = tracking.start_workflow_run(mlflow_store, "test", "snakemake test", {"study": "t"})
     monkeypatch.setenv(tracking.PARENT_RUN_ENV, parent)
-    with tracking.job_run("evaluate", {"budgets": [0.1, 0.5], "nested": {"a": 1}},
-                          {"split": "kmeans", "num_experts": 8, "selector": "mlp"}) as run:
+    with tracking.job_run(
+        "evaluate", {"budgets": [0.1, 0.5], "nested": {"a": 1}}, {"split": "kmeans", "num_experts": 8, "selector": "mlp"}
+    ) as run:
         run.log_metrics({"test_accuracy/budget_0.1": 0.7, "x": 1})
     tracking.end_workflow_run(mlflow_store, parent, succeeded=True)
 
@@ -70,9 +71,11 @@ def test_runs_of_killed_processes_are_closed_by_the_next_invocation(mlflow_store
     import subprocess
     import sys
 
-    code = ("import os, signal; from moefy import tracking; "
-            "tracking.start_workflow_run(os.environ['MLFLOW_TRACKING_URI'], 'test', 'snakemake test', {}); "
-            "job = tracking.job_run('finetune', {}); job.__enter__(); os.kill(os.getpid(), signal.SIGKILL)")
+    code = (
+        "import os, signal; from moefy import tracking; "
+        "tracking.start_workflow_run(os.environ['MLFLOW_TRACKING_URI'], 'test', 'snakemake test', {}); "
+        "job = tracking.job_run('finetune', {}); job.__enter__(); os.kill(os.getpid(), signal.SIGKILL)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == -9
     client = MlflowClient(mlflow_store)
     experiment = client.get_experiment_by_name("test").experiment_id
@@ -86,7 +89,9 @@ def test_runs_of_killed_processes_are_closed_by_the_next_invocation(mlflow_store
 
 
 def test_run_names_read_like_the_job_s_paths():
-    assert tracking.run_name("evaluate", {"penalty": "hoyer", "seed": 0, "split": "kmeans", "num_experts": 48, "selector": "norm"}) \
+    assert (
+        tracking.run_name("evaluate", {"penalty": "hoyer", "seed": 0, "split": "kmeans", "num_experts": 48, "selector": "norm"})
         == "evaluate hoyer-seed0 kmeans-E48-norm"
+    )
     assert tracking.run_name("finetune", {"penalty": "none", "seed": 1}) == "finetune none-seed1"
     assert tracking.run_name("data", {}) == "data"

@@ -35,8 +35,23 @@ from conftest import (
 from moefy.export import load_moe
 from moefy.report import reproducible
 
-RECORD_KEYS = {"penalty", "seed", "split", "num_experts", "selector", "budget", "experts_per_token", "test_accuracy",
-               "relative_accuracy", "ffn_flops_fraction", "ffn_ms_dense", "ffn_ms_moe", "ffn_speedup", "kernels", "precision"}
+RECORD_KEYS = {
+    "penalty",
+    "seed",
+    "split",
+    "num_experts",
+    "selector",
+    "budget",
+    "experts_per_token",
+    "test_accuracy",
+    "relative_accuracy",
+    "ffn_flops_fraction",
+    "ffn_ms_dense",
+    "ffn_ms_moe",
+    "ffn_speedup",
+    "kernels",
+    "precision",
+}
 
 pytestmark = pytest.mark.e2e
 
@@ -57,7 +72,11 @@ def test_calibration_contract(tiny_study):
     document = json.loads(in_study(tiny_study, "calibrate", "moe_kernels.json").read_text())
     table = document["shapes"][f"d32-ff{D_FF}-E{E}"]
     assert document["threads"] == 1 and document["machine"]["cores"] >= 1
-    assert len(table["winners"]) == len(table["tokens"]) and {w for row in table["winners"] for w in row} <= {"bags", "grouped", "masked"}
+    assert len(table["winners"]) == len(table["tokens"]) and {w for row in table["winners"] for w in row} <= {
+        "bags",
+        "grouped",
+        "masked",
+    }
     assert all(len(times) == len(table["tokens"]) for times in table["milliseconds"].values())
 
 
@@ -80,11 +99,13 @@ def test_balanced_labels_contract(tiny_study):
 def test_evaluation_contract(tiny_study):
     for split, selector in CONVERSIONS:
         records = json.loads(in_study(tiny_study, "evaluate", f"{split}-E{E}-{selector}.json").read_text())
-        top_k, dynamic = records[:len(BUDGETS)], records[len(BUDGETS):]
+        top_k, dynamic = records[: len(BUDGETS)], records[len(BUDGETS) :]
         assert [r["budget"] for r in top_k] == BUDGETS and {r["rule"] for r in top_k} == {"top_k"}
         assert [r["tau"] for r in dynamic] == THRESHOLDS and {r["rule"] for r in dynamic} == {"dynamic"}
         assert all(RECORD_KEYS <= set(r) for r in records)
-        assert {(r["penalty"], r["seed"], r["split"], r["num_experts"], r["selector"]) for r in records} == {("hoyer", 0, split, E, selector)}
+        assert {(r["penalty"], r["seed"], r["split"], r["num_experts"], r["selector"]) for r in records} == {
+            ("hoyer", 0, split, E, selector)
+        }
         for full in (top_k[-1], dynamic[-1]):  # budget 1.0 and tau 1 run every expert: the dense model
             assert full["relative_accuracy"] == 1.0 and full["ffn_flops_fraction"] == 1.0 and full["experts_per_token"] == E
             assert full["kernels"] == "dense"
@@ -92,14 +113,18 @@ def test_evaluation_contract(tiny_study):
         assert half["experts_per_token"] == E // 2 and half["experts_per_token_std"] == 0
         # half the experts, plus the router's cost if it has one (the oracle has none)
         assert half["ffn_flops_fraction"] == 0.5 if selector == "groundtruth" else 0.5 < half["ffn_flops_fraction"] < 0.7
-        assert half["kernels"] != "dense" and all(k.split()[0] in ("bags", "grouped", "masked") for k in half["kernels"].split(", "))
+        assert half["kernels"] != "dense" and all(
+            k.split()[0] in ("bags", "grouped", "masked") for k in half["kernels"].split(", ")
+        )
         tau0 = dynamic[0]  # only the top expert(s) of each token
         assert tau0["experts_per_token"] <= dynamic[1]["experts_per_token"] <= E and tau0["experts_per_token"] < 2
 
 
 def test_summary_contract(tiny_study):
     table = pd.read_csv(in_study(tiny_study, "report", "summary.csv"))
-    assert {"penalty", "seed", "split", "num_experts", "selector", "rule", "flops_at_99pct", "precision", *RECORD_KEYS} <= set(table.columns)
+    assert {"penalty", "seed", "split", "num_experts", "selector", "rule", "flops_at_99pct", "precision", *RECORD_KEYS} <= set(
+        table.columns
+    )
     main = len(CONVERSIONS) * (len(BUDGETS) + len(THRESHOLDS))
     assert len(table) == main + len(BUDGETS)  # + the second seed of coact / mlp, top-k only
     assert set(table["penalty"]) == {"hoyer"} and set(table["seed"]) == {0, 1}
@@ -114,12 +139,16 @@ def test_summary_contract(tiny_study):
 
 def test_a_second_seed_is_a_model_and_conversion_of_its_own(tiny_study):
     """Same config, seed 1: another fine-tune, another split, other numbers; the test texts are the same."""
-    labels = [load_file(in_study(tiny_study, "balance", "coact-E4", "labels.safetensors", variant=v)) for v in (VARIANT, REPLICATE)]
+    labels = [
+        load_file(in_study(tiny_study, "balance", "coact-E4", "labels.safetensors", variant=v)) for v in (VARIANT, REPLICATE)
+    ]
     assert not any(torch.equal(labels[0][k], labels[1][k]) for k in labels[0])
-    evaluations = [reproducible(json.loads(in_study(tiny_study, "evaluate", "coact-E4-mlp.json", variant=v).read_text()))
-                   for v in (VARIANT, REPLICATE)]
+    evaluations = [
+        reproducible(json.loads(in_study(tiny_study, "evaluate", "coact-E4-mlp.json", variant=v).read_text()))
+        for v in (VARIANT, REPLICATE)
+    ]
     assert [r["seed"] for r in evaluations[1]] == [1] * len(BUDGETS)
-    assert [r["test_accuracy"] for r in evaluations[0][:len(BUDGETS)]] != [r["test_accuracy"] for r in evaluations[1]]
+    assert [r["test_accuracy"] for r in evaluations[0][: len(BUDGETS)]] != [r["test_accuracy"] for r in evaluations[1]]
     assert json.loads(in_study(tiny_study, "finetune", "model", "training.json", variant=REPLICATE).read_text())["seed"] == 1
 
 
@@ -140,18 +169,34 @@ def test_mlflow_parent_and_job_runs(tiny_study):
     first, children = first_invocation(tiny_study)
     rules = sorted(r.data.tags["rule"] for r in children)
     evaluations = len(CONVERSIONS) + 1
-    expected = {"data": 1, "calibrate": 1, "finetune": 2, "activations": 2, "split": len(SPLITS) + 1, "balance": len(SPLITS) + 1,
-                "selector": evaluations, "evaluate": evaluations, "report": 1}
+    expected = {
+        "data": 1,
+        "calibrate": 1,
+        "finetune": 2,
+        "activations": 2,
+        "split": len(SPLITS) + 1,
+        "balance": len(SPLITS) + 1,
+        "selector": evaluations,
+        "evaluate": evaluations,
+        "report": 1,
+    }
     assert {rule: rules.count(rule) for rule in set(rules)} == expected
     assert first.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in children)
-    seeded = {(r.data.tags["wildcard.seed"], r.data.tags["wildcard.split"], r.data.tags["wildcard.selector"]): r
-              for r in children if r.data.tags["rule"] == "evaluate"}
+    seeded = {
+        (r.data.tags["wildcard.seed"], r.data.tags["wildcard.split"], r.data.tags["wildcard.selector"]): r
+        for r in children
+        if r.data.tags["rule"] == "evaluate"
+    }
     assert set(seeded) == {("0", s, q) for s, q in CONVERSIONS} | {("1", "coact", "mlp")}
     coact_mlp = seeded[("0", "coact", "mlp")]
     assert coact_mlp.info.run_name == f"evaluate {VARIANT} coact-E{E}-mlp"
     assert coact_mlp.data.params["batch_size"] == "32" and coact_mlp.data.params["wildcard.num_experts"] == str(E)
-    assert {"test_accuracy/budget_0.5", "relative_accuracy/budget_1", "ffn_flops_fraction/budget_0.5",
-            "experts_per_token/tau_0.5"} <= set(coact_mlp.data.metrics)
+    assert {
+        "test_accuracy/budget_0.5",
+        "relative_accuracy/budget_1",
+        "ffn_flops_fraction/budget_0.5",
+        "experts_per_token/tau_0.5",
+    } <= set(coact_mlp.data.metrics)
     assert coact_mlp.data.tags["wildcard.penalty"] == "hoyer"
     finetune = next(r for r in children if r.data.tags["rule"] == "finetune" and r.data.tags["wildcard.seed"] == "0")
     assert "test_accuracy" in finetune.data.metrics and "sparsity/layer_1" in finetune.data.metrics
@@ -161,8 +206,15 @@ def test_mlflow_parent_and_job_runs(tiny_study):
 def test_parallel_jobs_lose_no_mlflow_run_or_metric(tiny_study):
     """The study ran 4 jobs at a time against one fresh SQLite store: one run per job, none twice."""
     jobs = first_invocation(tiny_study)[1]
-    keys = [(r.data.tags["rule"], r.data.tags.get("wildcard.seed"), r.data.tags.get("wildcard.split"), r.data.tags.get("wildcard.selector"))
-            for r in jobs]
+    keys = [
+        (
+            r.data.tags["rule"],
+            r.data.tags.get("wildcard.seed"),
+            r.data.tags.get("wildcard.split"),
+            r.data.tags.get("wildcard.selector"),
+        )
+        for r in jobs
+    ]
     conversions = len(CONVERSIONS) + 1
     assert len(keys) == len(set(keys)) == 1 + 1 + 2 + 2 + 4 + 4 + 2 * conversions + 1, "one run per job, none lost, none twice"
     for run in jobs:
@@ -179,7 +231,9 @@ def test_asking_for_one_file_reruns_one_ablation(tiny_study):
     done = snakemake(tiny_study, str(target.relative_to(tiny_study)))
     assert "evaluate" in done.stderr and "rule finetune:" not in done.stderr and "rule calibrate:" not in done.stderr
     assert reproducible(json.loads(target.read_text())) == before, "the same inputs must give the same evaluation"
-    newest = max((r for r in mlflow_runs(tiny_study) if r.data.tags.get("moefy.kind") == "workflow"), key=lambda r: r.info.start_time)
+    newest = max(
+        (r for r in mlflow_runs(tiny_study) if r.data.tags.get("moefy.kind") == "workflow"), key=lambda r: r.info.start_time
+    )
     reran = [r for r in mlflow_runs(tiny_study) if r.data.tags.get("mlflow.parentRunId") == newest.info.run_id]
     assert [r.data.tags["rule"] for r in reran] == ["evaluate"]
 
@@ -193,7 +247,9 @@ def test_an_exported_model_predicts_what_evaluate_measured(tiny_study):
         batch = tokenizer([r["text"] for r in rows], padding=True, truncation=True, return_tensors="pt")
         predicted = model(**batch).logits.argmax(-1)
     accuracy = float((predicted == torch.tensor([r["label"] for r in rows])).double().mean())
-    measured = next(r for r in json.loads(in_study(tiny_study, "evaluate", f"coact-E{E}-mlp.json").read_text()) if r["budget"] == 0.5)
+    measured = next(
+        r for r in json.loads(in_study(tiny_study, "evaluate", f"coact-E{E}-mlp.json").read_text()) if r["budget"] == 0.5
+    )
     assert accuracy == pytest.approx(measured["test_accuracy"])
 
 
@@ -222,21 +278,76 @@ def test_two_cpu_ranks_give_the_same_results_as_one(tiny_study, tmp_path, mlflow
     model, data = in_study(tiny_study, "finetune", "model"), in_study(tiny_study, "data")
     for nproc in (1, 2):
         out = tmp_path / f"ranks{nproc}"
-        run_step("activations", nproc, "--model", str(model), "--data", str(data), "--out", str(out / "activations"),
-                 "--max-tokens", "3000", "--sample-tokens", "1500", "--batch-size", "8", cwd=tiny_study)
+        run_step(
+            "activations",
+            nproc,
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--out",
+            str(out / "activations"),
+            "--max-tokens",
+            "3000",
+            "--sample-tokens",
+            "1500",
+            "--batch-size",
+            "8",
+            cwd=tiny_study,
+        )
         for method in ("coact", "kmeans"):  # layer-parallel: each rank splits its own layers
-            run_step("split", nproc, "--model", str(model), "--split", method, "--num-experts", str(E),
-                     "--coactivation", str(out / "activations" / "coactivation.safetensors"),
-                     "--out", str(out / "split" / method), cwd=tiny_study)
-        run_step("evaluate", nproc, "--model", str(model), "--data", str(data),
-                 "--labels", str(in_study(tiny_study, "balance", f"coact-E{E}", "labels.safetensors")),
-                 "--router", str(in_study(tiny_study, "selector", f"coact-E{E}-mlp", "router.safetensors")),
-                 "--kernels", str(in_study(tiny_study, "calibrate", "moe_kernels.json")),
-                 "--split", "coact", "--num-experts", str(E), "--selector", "mlp", "--budgets", "0.25", "0.5", "--thresholds", "0.5",
-                 "--batch-size", "8", "--out", str(out / "evaluate.json"), cwd=tiny_study)
+            run_step(
+                "split",
+                nproc,
+                "--model",
+                str(model),
+                "--split",
+                method,
+                "--num-experts",
+                str(E),
+                "--coactivation",
+                str(out / "activations" / "coactivation.safetensors"),
+                "--out",
+                str(out / "split" / method),
+                cwd=tiny_study,
+            )
+        run_step(
+            "evaluate",
+            nproc,
+            "--model",
+            str(model),
+            "--data",
+            str(data),
+            "--labels",
+            str(in_study(tiny_study, "balance", f"coact-E{E}", "labels.safetensors")),
+            "--router",
+            str(in_study(tiny_study, "selector", f"coact-E{E}-mlp", "router.safetensors")),
+            "--kernels",
+            str(in_study(tiny_study, "calibrate", "moe_kernels.json")),
+            "--split",
+            "coact",
+            "--num-experts",
+            str(E),
+            "--selector",
+            "mlp",
+            "--budgets",
+            "0.25",
+            "0.5",
+            "--thresholds",
+            "0.5",
+            "--batch-size",
+            "8",
+            "--out",
+            str(out / "evaluate.json"),
+            cwd=tiny_study,
+        )
     one, two = tmp_path / "ranks1", tmp_path / "ranks2"
-    for name in ("activations/coactivation.safetensors", "activations/hidden.safetensors",
-                 "split/coact/labels.safetensors", "split/kmeans/labels.safetensors"):
+    for name in (
+        "activations/coactivation.safetensors",
+        "activations/hidden.safetensors",
+        "split/coact/labels.safetensors",
+        "split/kmeans/labels.safetensors",
+    ):
         a, b = load_file(one / name), load_file(two / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     evaluations = [json.loads((run / "evaluate.json").read_text()) for run in (one, two)]
@@ -247,6 +358,7 @@ def test_two_cpu_ranks_give_the_same_results_as_one(tiny_study, tmp_path, mlflow
 
 
 def test_lint_is_clean():
-    done = subprocess.run([sys.executable, "-m", "snakemake", "--lint"], cwd=ROOT, capture_output=True, text=True,
-                          env=environment(ROOT))
+    done = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--lint"], cwd=ROOT, capture_output=True, text=True, env=environment(ROOT)
+    )
     assert done.returncode == 0 and "Lints for" not in done.stdout + done.stderr, done.stdout + done.stderr

@@ -25,9 +25,7 @@ from moefy.errors import MoefyError
 def _check(cost: np.ndarray, size: int) -> np.ndarray:
     cost = np.asarray(cost, dtype=np.float64)
     if cost.ndim != 2 or size < 1 or cost.shape[0] != cost.shape[1] * size:
-        raise MoefyError(
-            f"cost has shape {cost.shape} but size={size}: need n = E * size rows for E clusters of {size}"
-        )
+        raise MoefyError(f"cost has shape {cost.shape} but size={size}: need n = E * size rows for E clusters of {size}")
     return cost
 
 

@@ -43,10 +43,7 @@ def balance_random(labels, num_experts: int, seed: int = 0) -> np.ndarray:
     size = check_num_experts(len(labels), num_experts)
     sizes = np.bincount(labels, minlength=num_experts)
     rng = np.random.default_rng(seed)
-    surplus = [
-        rng.choice(np.flatnonzero(labels == e), sizes[e] - size, replace=False)
-        for e in np.flatnonzero(sizes > size)
-    ]
+    surplus = [rng.choice(np.flatnonzero(labels == e), sizes[e] - size, replace=False) for e in np.flatnonzero(sizes > size)]
     if not surplus:
         return labels
     movers = rng.permutation(np.concatenate(surplus))

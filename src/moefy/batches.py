@@ -36,15 +36,15 @@ def length_grouped_batches(
     n = len(lengths)
     if seed is None:
         order = np.argsort(lengths, kind="stable")
-        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
     rng = np.random.default_rng(seed)
     shuffled = rng.permutation(n)
     pool_size = max(1, pool) * batch_size
     batches = []
     for start in range(0, n, pool_size):
-        chunk = shuffled[start:start + pool_size]
+        chunk = shuffled[start : start + pool_size]
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches.extend(chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size))
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
     return [batches[i] for i in rng.permutation(len(batches))]
 
 

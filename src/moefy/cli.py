@@ -25,7 +25,10 @@ _TYPES = {"integer": int, "number": float, "string": str}
 
 # The flags several steps take, each defined once.
 SHARED_FLAGS: dict[str, dict[str, Any]] = {
-    "model": dict(required=True, help="model folder: the fine-tuned model (finetune/<variant>/model), or for finetune the pretrained model (hub id or folder)"),
+    "model": dict(
+        required=True,
+        help="model folder: the fine-tuned model (finetune/<variant>/model), or for finetune the pretrained model (hub id or folder)",
+    ),
     "task": dict(choices=TASKS, default="classification", help="the task the model is trained and measured on"),
     "penalty": dict(choices=PENALTIES, default="none", help="the fine-tuning variant's activation-sparsity penalty"),
     "seed": dict(type=int, default=0, help="replicate seed (for data: the seed of the train/validation/test split)"),

@@ -122,7 +122,9 @@ def markdown_table() -> str:
     """The config reference of docs/configuration.md; `python -m moefy.config` prints it."""
     rows = ["| key | default | what it does |", "|---|---|---|"]
     for key, default, description in iter_keys():
-        shown = "" if default is None else f"`{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+        shown = (
+            "" if default is None else f"`{yaml.safe_dump(default, default_flow_style=True).strip().removesuffix('...').strip()}`"
+        )
         rows.append(f"| `{key}` | {shown} | {description.replace('|', '/')} |")
     return "\n".join(rows)
 

@@ -47,17 +47,20 @@ def _pick_columns(df: pd.DataFrame, text_column: str, label_column: str | None, 
     """Columns text and label (label all missing when label_column is None: a text-only task)."""
     if label_column is None:
         if text_column not in df.columns:
-            raise MoefyError(f"{source} has no column {text_column!r} (its columns: {', '.join(map(str, df.columns))}); "
-                             f"set dataset.text_column to one of them")
+            raise MoefyError(
+                f"{source} has no column {text_column!r} (its columns: {', '.join(map(str, df.columns))}); "
+                f"set dataset.text_column to one of them"
+            )
         return pd.DataFrame({"text": df[text_column], "label": None}).reset_index(drop=True)
     if text_column == label_column:
-        raise MoefyError(f"dataset.text_column and dataset.label_column are both {text_column!r}; they must name two different columns of {source}")
+        raise MoefyError(
+            f"dataset.text_column and dataset.label_column are both {text_column!r}; they must name two different columns of {source}"
+        )
     columns = [str(c) for c in df.columns]
     for key, column in (("text_column", text_column), ("label_column", label_column)):
         if column not in df.columns:
             raise MoefyError(
-                f"{source} has no column {column!r} (its columns: {', '.join(columns)}); "
-                f"set dataset.{key} to one of them"
+                f"{source} has no column {column!r} (its columns: {', '.join(columns)}); set dataset.{key} to one of them"
             )
     return pd.DataFrame({"text": df[text_column], "label": df[label_column]}).reset_index(drop=True)
 
@@ -87,7 +90,9 @@ def load_table(path: str | Path, text_column: str, label_column: str | None) -> 
     try:
         df = _read(path, fmt)
     except (ValueError, OSError, EOFError, ImportError, zipfile.BadZipFile, lzma.LZMAError) as err:
-        raise MoefyError(f"could not read {path} as {fmt[1:]} ({type(err).__name__}: {err}); check that the file is complete and in that format") from None
+        raise MoefyError(
+            f"could not read {path} as {fmt[1:]} ({type(err).__name__}: {err}); check that the file is complete and in that format"
+        ) from None
     df = _pick_columns(df, text_column, label_column, f"data file {path}")
     df["label"] = _integral_floats_to_int(df["label"])
     return df
@@ -182,8 +187,8 @@ def _split_rows(texts: pd.Series, validation_fraction: float, test_fraction: flo
     order = np.random.default_rng(seed).permutation(n)
     split_of_text = np.empty(n, dtype=object)
     split_of_text[order[:n_test]] = "test"
-    split_of_text[order[n_test:n_test + n_val]] = "validation"
-    split_of_text[order[n_test + n_val:]] = "train"
+    split_of_text[order[n_test : n_test + n_val]] = "validation"
+    split_of_text[order[n_test + n_val :]] = "train"
     return split_of_text[codes]
 
 
@@ -241,7 +246,6 @@ def prepare_splits(
     label_id = rows["name"].map({name: i for i, name in enumerate(names)}).astype("int64").to_numpy()
     texts = rows["text"].to_numpy()
     splits = {
-        split: pd.DataFrame({"text": texts[split_of_row == split], "label": label_id[split_of_row == split]})
-        for split in SPLITS
+        split: pd.DataFrame({"text": texts[split_of_row == split], "label": label_id[split_of_row == split]}) for split in SPLITS
     }
     return splits, names

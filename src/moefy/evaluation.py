@@ -76,9 +76,17 @@ class PassTotals:
         return max(0.0, self.experts_squared / self.tokens - self.experts_mean**2) ** 0.5
 
 
-def run_pass(model: torch.nn.Module, layers: list[MoEFFN], encoded: Encoded, batches: list, task: Task,
-             targets: torch.Tensor | None, ctx: dist.Context, desc: str,
-             dense_predictions: list[torch.Tensor] | None = None) -> tuple[list[torch.Tensor], PassTotals, str]:
+def run_pass(
+    model: torch.nn.Module,
+    layers: list[MoEFFN],
+    encoded: Encoded,
+    batches: list,
+    task: Task,
+    targets: torch.Tensor | None,
+    ctx: dist.Context,
+    desc: str,
+    dense_predictions: list[torch.Tensor] | None = None,
+) -> tuple[list[torch.Tensor], PassTotals, str]:
     """This rank's predictions per batch, the all-reduced totals of one pass under the layers'
     current selection rule (agreement counted against `dense_predictions`, per batch), and which
     kernels the layers ran over all ranks (e.g. "grouped 60, masked 6"; "dense" for the dense path)."""
@@ -126,9 +134,15 @@ def record(rule: SelectionRule, totals: PassTotals, dense: PassTotals, task: Tas
         "experts_per_token_std": totals.experts_std,
         f"test_{metric}": value,
         f"relative_{metric}": value / dense_value,
-        "ffn_flops_fraction": ffn_flops_fraction(first.d_model, num_experts * first.expert_size, num_experts,
-                                                 totals.experts_mean, first.router.flops_per_token(),
-                                                 router_runs=not runs_dense, gated=first.w_gate is not None),
+        "ffn_flops_fraction": ffn_flops_fraction(
+            first.d_model,
+            num_experts * first.expert_size,
+            num_experts,
+            totals.experts_mean,
+            first.router.flops_per_token(),
+            router_runs=not runs_dense,
+            gated=first.w_gate is not None,
+        ),
         "dense_agreement": totals.agreeing / totals.count,
         f"dense_test_{metric}": dense_value,
         "ffn_ms_dense": dense.ffn_ms,
@@ -138,12 +152,18 @@ def record(rule: SelectionRule, totals: PassTotals, dense: PassTotals, task: Tas
     }
 
 
-MEASURES = ("dense_agreement", "ffn_flops_fraction", "experts_per_token", "experts_per_token_std",
-            "ffn_ms_dense", "ffn_ms_moe", "ffn_speedup")
+MEASURES = (
+    "dense_agreement",
+    "ffn_flops_fraction",
+    "experts_per_token",
+    "experts_per_token_std",
+    "ffn_ms_dense",
+    "ffn_ms_moe",
+    "ffn_speedup",
+)
 
 
 def logged_metrics(rule: SelectionRule, record_: dict, metric: str) -> dict[str, float]:
     """The record as MLflow metrics, `<name>/<rule label>` (e.g. test_accuracy/budget_0.2)."""
     names = (f"test_{metric}", f"relative_{metric}", *MEASURES)
     return {f"{name}/{rule.label.replace(' ', '_')}": record_[name] for name in names}
-

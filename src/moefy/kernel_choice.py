@@ -65,14 +65,24 @@ class KernelTable:
         return self.winners[row][_nearest(self.densities, density)]
 
     def to_json(self) -> dict:
-        return {"num_experts": self.num_experts, "tokens": list(self.tokens), "densities": list(self.densities),
-                "winners": [list(row) for row in self.winners], "milliseconds": self.milliseconds}
+        return {
+            "num_experts": self.num_experts,
+            "tokens": list(self.tokens),
+            "densities": list(self.densities),
+            "winners": [list(row) for row in self.winners],
+            "milliseconds": self.milliseconds,
+        }
 
     @classmethod
     def from_json(cls, entry: dict) -> KernelTable:
         try:
-            return cls(int(entry["num_experts"]), tuple(entry["tokens"]), tuple(entry["densities"]),
-                       tuple(tuple(row) for row in entry["winners"]), entry.get("milliseconds"))
+            return cls(
+                int(entry["num_experts"]),
+                tuple(entry["tokens"]),
+                tuple(entry["densities"]),
+                tuple(tuple(row) for row in entry["winners"]),
+                entry.get("milliseconds"),
+            )
         except (KeyError, TypeError, ValueError) as err:
             raise MoefyError(f"a kernel table is damaged ({err!r}); delete the calibrate step's file and rerun it") from None
 
@@ -83,8 +93,10 @@ def table_for(document: dict, d_model: int, d_ff: int, num_experts: int, gated: 
         raise MoefyError(f"{source} is not a kernel calibration of this moefy ({FORMAT}); delete it and rerun the calibrate step")
     key = shape_key(d_model, d_ff, num_experts, gated)
     if key not in document.get("shapes", {}):
-        raise MoefyError(f"{source} has no kernel table for FFN shape {key} (it has {', '.join(document.get('shapes', {})) or 'none'}); "
-                         "rerun the calibrate step for this model and expert count")
+        raise MoefyError(
+            f"{source} has no kernel table for FFN shape {key} (it has {', '.join(document.get('shapes', {})) or 'none'}); "
+            "rerun the calibrate step for this model and expert count"
+        )
     return KernelTable.from_json(document["shapes"][key])
 
 
@@ -101,8 +113,7 @@ def _milliseconds(call, sync, repeats: int) -> float:
     return best * 1e3
 
 
-def measure(ffn: FFN, num_experts: int, device: torch.device, repeats: int = 3,
-            max_seconds_per_call: float = 0.5) -> KernelTable:
+def measure(ffn: FFN, num_experts: int, device: torch.device, repeats: int = 3, max_seconds_per_call: float = 0.5) -> KernelTable:
     """Time every kernel in every (tokens, density) cell of the ladders on this FFN (its weights do
     not matter, its shape and activation do).
 
@@ -120,8 +131,12 @@ def measure(ffn: FFN, num_experts: int, device: torch.device, repeats: int = 3,
     tokens_measured, winners = [], []
     timings: dict[str, list[list[float | None]]] = {k: [] for k in usable}
     cells = [(t, density) for t in TOKENS for density in DENSITIES]
-    with torch.no_grad(), tqdm(cells, desc=f"kernels {shape_key(d_model, d_ff, num_experts, gated)}", unit="cell",
-                                 mininterval=2, leave=False) as bar:
+    with (
+        torch.no_grad(),
+        tqdm(
+            cells, desc=f"kernels {shape_key(d_model, d_ff, num_experts, gated)}", unit="cell", mininterval=2, leave=False
+        ) as bar,
+    ):
         for tokens in TOKENS:
             x = torch.randn(tokens, d_model, generator=generator).to(device)
             if _milliseconds(partial(layer._dense, x), sync, 1) / 1e3 > max_seconds_per_call:

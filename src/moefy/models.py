@@ -70,21 +70,26 @@ def _load(what: str, name_or_path: str, loader):
 
 def load_config(name_or_path: str, trust_remote_code: bool = False):
     where, extra = _source(name_or_path)
-    return _load("model config", name_or_path, lambda: AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **extra))
+    return _load(
+        "model config", name_or_path, lambda: AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
+    )
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """The tokenizer, padding on the right (position ids of real tokens then start at 0 in
     decoders too) and with a pad token: decoder tokenizers often have none, so eos pads."""
     where, extra = _source(name_or_path)
-    tokenizer = _load("tokenizer", name_or_path,
-                      lambda: AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **extra))
+    tokenizer = _load(
+        "tokenizer", name_or_path, lambda: AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
+    )
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         fill = tokenizer.eos_token or tokenizer.unk_token
         if fill is None:
-            raise MoefyError(f"the tokenizer of {name_or_path} has no pad, eos or unk token to pad batches with; "
-                             "add a pad token to its tokenizer files")
+            raise MoefyError(
+                f"the tokenizer of {name_or_path} has no pad, eos or unk token to pad batches with; "
+                "add a pad token to its tokenizer files"
+            )
         tokenizer.pad_token = fill
     return tokenizer
 
@@ -129,8 +134,9 @@ def load_model(
         model = _load(
             "model",
             name_or_path,
-            lambda: _HEADS[task].from_pretrained(where, config=config, trust_remote_code=trust_remote_code,
-                                                 dtype=torch.float32, **weights),
+            lambda: _HEADS[task].from_pretrained(
+                where, config=config, trust_remote_code=trust_remote_code, dtype=torch.float32, **weights
+            ),
         )
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -140,8 +146,9 @@ def load_model(
     return model
 
 
-def load_classifier(name_or_path: str, label_names: list[str] | None = None, activation: str | None = None,
-                    trust_remote_code: bool = False) -> torch.nn.Module:
+def load_classifier(
+    name_or_path: str, label_names: list[str] | None = None, activation: str | None = None, trust_remote_code: bool = False
+) -> torch.nn.Module:
     """A sequence classifier (load_model with task classification)."""
     return load_model(name_or_path, "classification", label_names, activation, trust_remote_code)
 

@@ -85,8 +85,7 @@ def _frozen(t: torch.Tensor | None) -> nn.Parameter | None:
 
 
 class MoEFFN(nn.Module):
-    def __init__(self, ffn: FFN, labels: torch.Tensor, router: nn.Module, num_experts: int,
-                 kernels: KernelChoice | None = None):
+    def __init__(self, ffn: FFN, labels: torch.Tensor, router: nn.Module, num_experts: int, kernels: KernelChoice | None = None):
         super().__init__()
         order = expert_order(labels.to(ffn.w_in.weight.device), num_experts)
         d_ff, d_model = ffn.w_in.weight.shape
@@ -226,8 +225,13 @@ class MoEFFN(nn.Module):
         up = project(self.w_in, self.b_in)
         h = self.act(up) if self.w_gate is None else self.act(project(self.w_gate, self.b_gate)) * up
         neurons = ((expert * s).unsqueeze(1) + torch.arange(s, device=x.device)).view(-1)
-        return F.embedding_bag(neurons, self.w_out, torch.arange(0, neurons.numel(), s, device=x.device),
-                               mode="sum", per_sample_weights=h.reshape(-1))
+        return F.embedding_bag(
+            neurons,
+            self.w_out,
+            torch.arange(0, neurons.numel(), s, device=x.device),
+            mode="sum",
+            per_sample_weights=h.reshape(-1),
+        )
 
 
 def _sync(t: torch.Tensor) -> None:
@@ -243,8 +247,13 @@ def _add_bias(out: torch.Tensor, bias: torch.Tensor | None, expert: torch.Tensor
     return out if bias is None else out + bias[expert]
 
 
-def moefy_model(model: nn.Module, labels: dict[int, torch.Tensor], routers: dict[int, nn.Module], num_experts: int,
-                kernels: KernelChoice | None = None) -> list[MoEFFN]:
+def moefy_model(
+    model: nn.Module,
+    labels: dict[int, torch.Tensor],
+    routers: dict[int, nn.Module],
+    num_experts: int,
+    kernels: KernelChoice | None = None,
+) -> list[MoEFFN]:
     """Swap every FFN of `model` for an MoEFFN; returns them in layer order (to set k)."""
     layers = []
     for ffn in find_ffns(model):
@@ -295,8 +304,9 @@ def kernel_calls(layers: list[MoEFFN], reset: bool = True) -> Counter[str]:
     return total
 
 
-def ffn_flops_fraction(d_model: int, d_ff: int, num_experts: int, k: float, router_flops: int, router_runs: bool | None = None,
-                       gated: bool = False) -> float:
+def ffn_flops_fraction(
+    d_model: int, d_ff: int, num_experts: int, k: float, router_flops: int, router_runs: bool | None = None, gated: bool = False
+) -> float:
     """FFN multiply-add FLOPs per token with k of E experts (a mean for dynamic-k) plus the router,
     over the dense FFN's (2 projections, or 3 for a gated FFN).
 

@@ -56,8 +56,9 @@ def hold_lock(path: Path, what: str) -> None:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise MoefyError(f"{what} is locked by a running process ({holder}, host:pid:start); wait for it to finish, "
-                         f"or stop it, then run again") from None
+        raise MoefyError(
+            f"{what} is locked by a running process ({holder}, host:pid:start); wait for it to finish, or stop it, then run again"
+        ) from None
     handle.seek(0)
     handle.truncate()
     handle.write(token() + "\n")

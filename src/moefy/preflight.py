@@ -36,9 +36,13 @@ def _model_config(model: dict[str, Any]):
         if model.get("fetch"):
             return None
         if not _HUB_ID.match(name) or name.startswith((".", "/", "~")):
-            raise MoefyError(f"config key model.name_or_path: folder {name!r} does not exist; point it at a model folder or a hub id")
+            raise MoefyError(
+                f"config key model.name_or_path: folder {name!r} does not exist; point it at a model folder or a hub id"
+            )
     elif not (path / "config.json").is_file():
-        raise MoefyError(f"config key model.name_or_path: {name!r} has no config.json; point it at a saved Hugging Face model folder")
+        raise MoefyError(
+            f"config key model.name_or_path: {name!r} has no config.json; point it at a saved Hugging Face model folder"
+        )
     try:
         return AutoConfig.from_pretrained(str(path) if path.exists() else name, trust_remote_code=model["trust_remote_code"])
     except (OSError, ValueError) as err:

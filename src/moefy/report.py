@@ -37,15 +37,29 @@ def metric_of(table: pd.DataFrame) -> str:
     """The task metric the evaluations recorded (accuracy or perplexity); one per study."""
     found = [m for m in METRICS if f"test_{m}" in table.columns]
     if len(found) != 1:
-        raise MoefyError(f"evaluation records should hold exactly one of {', '.join('test_' + m for m in METRICS)}, "
-                         f"found {found or 'none'}; rerun the evaluate jobs of one study")
+        raise MoefyError(
+            f"evaluation records should hold exactly one of {', '.join('test_' + m for m in METRICS)}, "
+            f"found {found or 'none'}; rerun the evaluate jobs of one study"
+        )
     return found[0]
 
 
 def columns(metric: str) -> list[str]:
-    return GROUP + ["budget", "tau", "k", "experts_per_token", "experts_per_token_std", f"test_{metric}",
-                    f"relative_{metric}", "ffn_flops_fraction", "flops_at_99pct", "dense_agreement", f"dense_test_{metric}",
-                    *WALL_CLOCK, "precision"]
+    return GROUP + [
+        "budget",
+        "tau",
+        "k",
+        "experts_per_token",
+        "experts_per_token_std",
+        f"test_{metric}",
+        f"relative_{metric}",
+        "ffn_flops_fraction",
+        "flops_at_99pct",
+        "dense_agreement",
+        f"dense_test_{metric}",
+        *WALL_CLOCK,
+        "precision",
+    ]
 
 
 def _records(path: Path) -> list[dict]:
@@ -55,8 +69,10 @@ def _records(path: Path) -> list[dict]:
     for record in records:
         missing = [key for key in (*IDENTITY, "rule", "ffn_flops_fraction") if key not in record]
         if missing:
-            raise MoefyError(f"{path} has records without {', '.join(missing)} (written by an older moefy?); "
-                             "delete it and rerun its evaluate job")
+            raise MoefyError(
+                f"{path} has records without {', '.join(missing)} (written by an older moefy?); "
+                "delete it and rerun its evaluate job"
+            )
     return records
 
 
@@ -78,8 +94,9 @@ def summarise(evaluation_files: Iterable[str | Path]) -> pd.DataFrame:
     for column in wanted:
         if column not in table:
             table[column] = float("nan")
-    table["flops_at_99pct"] = table["ffn_flops_fraction"].where(_keeps(table, metric)).groupby(
-        [table[c] for c in GROUP]).transform("min")
+    table["flops_at_99pct"] = (
+        table["ffn_flops_fraction"].where(_keeps(table, metric)).groupby([table[c] for c in GROUP]).transform("min")
+    )
     return table[wanted + [c for c in table.columns if c not in wanted]].sort_values(
         GROUP + ["ffn_flops_fraction"], ignore_index=True
     )
@@ -101,9 +118,15 @@ def flops_at_99_by_method(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for key, group in per_seed.groupby(METHOD, sort=True):
         values = group.sort_values("seed")["flops_at_99pct"]
-        rows.append({**dict(zip(METHOD, key)), "seeds": len(values),
-                     "flops_at_99pct_mean": float(values.mean(skipna=False)), "flops_at_99pct_std": _spread(values),
-                     "flops_at_99pct_per_seed": " ".join(f"{v:.3f}" for v in values)})
+        rows.append(
+            {
+                **dict(zip(METHOD, key)),
+                "seeds": len(values),
+                "flops_at_99pct_mean": float(values.mean(skipna=False)),
+                "flops_at_99pct_std": _spread(values),
+                "flops_at_99pct_per_seed": " ".join(f"{v:.3f}" for v in values),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -114,10 +137,15 @@ def by_method(table: pd.DataFrame) -> pd.DataFrame:
     relative = f"relative_{metric}"
     keys = METHOD + POINT
     grouped = table.assign(**{c: table[c].fillna(-1.0) for c in POINT}).groupby(keys, sort=True)
-    out = grouped.agg(seeds=("seed", "nunique"), **{f"{relative}_mean": (relative, "mean")},
-                      **{f"{relative}_std": (relative, _spread)}, ffn_flops_fraction_mean=("ffn_flops_fraction", "mean"),
-                      experts_per_token_mean=("experts_per_token", "mean"), dense_agreement_mean=("dense_agreement", "mean"),
-                      ffn_speedup_mean=("ffn_speedup", "mean")).reset_index()
+    out = grouped.agg(
+        seeds=("seed", "nunique"),
+        **{f"{relative}_mean": (relative, "mean")},
+        **{f"{relative}_std": (relative, _spread)},
+        ffn_flops_fraction_mean=("ffn_flops_fraction", "mean"),
+        experts_per_token_mean=("experts_per_token", "mean"),
+        dense_agreement_mean=("dense_agreement", "mean"),
+        ffn_speedup_mean=("ffn_speedup", "mean"),
+    ).reset_index()
     for column in POINT:
         out[column] = out[column].where(out[column] >= 0)
     return out.sort_values(METHOD + ["ffn_flops_fraction_mean"], ignore_index=True)
@@ -150,10 +178,23 @@ def plot_relative_vs_flops(table: pd.DataFrame, path: str | Path, title: str = "
     for ax, penalty in zip(axes[0], penalties):
         part = curves[curves["penalty"] == penalty]
         for (split, num_experts, selector, rule), group in part.groupby(["split", "num_experts", "selector", "rule"], sort=True):
-            label = f"{split} / {selector}" + (f" E={num_experts}" if len(markers) > 1 else "") + (" dynamic-k" if rule == "dynamic" else "")
-            ax.errorbar(group["ffn_flops_fraction_mean"], group[f"{relative}_mean"], yerr=group[f"{relative}_std"] if seeds > 1 else None,
-                        fmt=styles.get(rule, "-"), color=colours[(split, selector)], marker=markers.get(num_experts, "o"),
-                        markersize=3, capsize=2, linewidth=1.2, label=label)
+            label = (
+                f"{split} / {selector}"
+                + (f" E={num_experts}" if len(markers) > 1 else "")
+                + (" dynamic-k" if rule == "dynamic" else "")
+            )
+            ax.errorbar(
+                group["ffn_flops_fraction_mean"],
+                group[f"{relative}_mean"],
+                yerr=group[f"{relative}_std"] if seeds > 1 else None,
+                fmt=styles.get(rule, "-"),
+                color=colours[(split, selector)],
+                marker=markers.get(num_experts, "o"),
+                markersize=3,
+                capsize=2,
+                linewidth=1.2,
+                label=label,
+            )
         ax.axhline(1.0, color="black", linewidth=1, label="dense")
         ax.axhline(KEEP if metric == "accuracy" else 1 / KEEP, color="grey", linestyle=":", linewidth=1, label="99% of dense")
         ax.set_xlabel("FFN FLOPs fraction (router included)")
@@ -172,11 +213,14 @@ def plot_relative_vs_flops(table: pd.DataFrame, path: str | Path, title: str = "
 def summary_files(table: pd.DataFrame, folder: str | Path, title: str = "") -> dict[str, Path]:
     """Write every report file into `folder`; returns them by name."""
     folder = Path(folder)
-    files = {"summary": folder / "summary.csv", "by_method": folder / "by_method.csv",
-             "flops_at_99pct": folder / "flops_at_99pct.csv", "plot": folder / "accuracy_vs_flops.png"}
+    files = {
+        "summary": folder / "summary.csv",
+        "by_method": folder / "by_method.csv",
+        "flops_at_99pct": folder / "flops_at_99pct.csv",
+        "plot": folder / "accuracy_vs_flops.png",
+    }
     write_csv(table, files["summary"])
     write_csv(by_method(table), files["by_method"])
     write_csv(flops_at_99_by_method(table), files["flops_at_99pct"])
     plot_relative_vs_flops(table, files["plot"], title)
     return files
-

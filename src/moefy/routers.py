@@ -130,8 +130,9 @@ class NormRouter(nn.Module):
         return 2 * hidden * d_model + 2 * hidden * self.fc2.out_features
 
 
-def expert_output_norms(h: torch.Tensor, w_out: torch.Tensor, labels: torch.Tensor, num_experts: int,
-                        chunk_floats: int = 2**24) -> torch.Tensor:
+def expert_output_norms(
+    h: torch.Tensor, w_out: torch.Tensor, labels: torch.Tensor, num_experts: int, chunk_floats: int = 2**24
+) -> torch.Tensor:
     """||W_out[:, expert e] h[expert e]||_2 for every token and expert, [N, E]: the norm router's target.
 
     h [N, d_ff] neuron values, w_out [d, d_ff]. Tokens go in chunks so the [E, n, d] expert outputs
@@ -143,9 +144,10 @@ def expert_output_norms(h: torch.Tensor, w_out: torch.Tensor, labels: torch.Tens
     step = max(1, chunk_floats // (num_experts * weights.shape[-1]))
     norms = []
     for start in range(0, len(h), step):
-        part = h[start:start + step][:, order].reshape(-1, num_experts, size).transpose(0, 1)  # [E, n, s]
+        part = h[start : start + step][:, order].reshape(-1, num_experts, size).transpose(0, 1)  # [E, n, s]
         norms.append(torch.linalg.vector_norm(torch.bmm(part, weights), dim=-1).t())
     return torch.cat(norms) if norms else h.new_zeros(0, num_experts)
+
 
 def scaled_mass(mass: torch.Tensor) -> torch.Tensor:
     """Each token's expert masses divided by its largest one: the router's BCE target in [0, 1]."""
@@ -267,8 +269,16 @@ class RouterSettings:
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
 
-def fit_router(selector: str, ffn, labels: torch.Tensor, x: torch.Tensor, num_experts: int, settings: RouterSettings,
-               budgets: Sequence[float], seed: int) -> tuple[nn.Module, dict[str, float]]:
+def fit_router(
+    selector: str,
+    ffn,
+    labels: torch.Tensor,
+    x: torch.Tensor,
+    num_experts: int,
+    settings: RouterSettings,
+    budgets: Sequence[float],
+    seed: int,
+) -> tuple[nn.Module, dict[str, float]]:
     """One layer's router for `selector`, built from the FFN inputs x [N, d] sampled by the
     activations step, and its held-out statistics: training curve for the trained routers, and
     recall of the oracle's activation mass at each budget (on the last heldout_fraction of x)."""
@@ -293,13 +303,27 @@ def fit_router(selector: str, ffn, labels: torch.Tensor, x: torch.Tensor, num_ex
             with torch.no_grad():
                 norms = expert_output_norms(h, ffn.w_out.weight.detach(), labels, E)
             router, target = NormRouter(x.shape[1], E, settings.norm_hidden), norms / norms[:-heldout].mean().clamp(min=1e-12)
-        fit = train_router(router.to(x.device), LOSSES[selector], x_fit, target[:-heldout], x_val, target[-heldout:],
-                           epochs=settings.mlp_epochs, batch_size=settings.mlp_batch_size,
-                           learning_rate=settings.mlp_learning_rate, patience=settings.mlp_patience, seed=seed,
-                           desc=f"layer {ffn.index}")
+        fit = train_router(
+            router.to(x.device),
+            LOSSES[selector],
+            x_fit,
+            target[:-heldout],
+            x_val,
+            target[-heldout:],
+            epochs=settings.mlp_epochs,
+            batch_size=settings.mlp_batch_size,
+            learning_rate=settings.mlp_learning_rate,
+            patience=settings.mlp_patience,
+            seed=seed,
+            desc=f"layer {ffn.index}",
+        )
         router, loss = fit.router, LOSS_NAMES[selector]
-        stats = {"epochs_run": fit.epochs_run, "best_epoch": fit.best_epoch,
-                 f"heldout_{loss}": fit.best_heldout_loss, f"heldout_{loss}_initial": fit.initial_heldout_loss}
+        stats = {
+            "epochs_run": fit.epochs_run,
+            "best_epoch": fit.best_epoch,
+            f"heldout_{loss}": fit.best_heldout_loss,
+            f"heldout_{loss}_initial": fit.initial_heldout_loss,
+        }
     with torch.no_grad():
         scores = router(x_val, h[-heldout:])
     for budget in budgets:

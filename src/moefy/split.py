@@ -118,7 +118,9 @@ def _faiss_centroids(x: np.ndarray, num_experts: int, seed: int, iterations: int
     x = np.ascontiguousarray(x, dtype=np.float32)
     if gpu is not None:
         if not hasattr(faiss, "StandardGpuResources"):
-            raise MoefyError("the split runs on CUDA but faiss has no GPU support; pip install faiss-gpu, or set compute.device: cpu")
+            raise MoefyError(
+                "the split runs on CUDA but faiss has no GPU support; pip install faiss-gpu, or set compute.device: cpu"
+            )
         config = faiss.GpuIndexFlatConfig()
         config.device = gpu
         clustering.train(x, faiss.GpuIndexFlatL2(faiss.StandardGpuResources(), d, config))
@@ -144,9 +146,7 @@ def balanced_kmeans(
     x = _normalized_rows(weight)
     size = check_num_experts(x.shape[0], num_experts)
     if rounds < 1 or kmeans_iterations < 1:
-        raise MoefyError(
-            f"balanced_kmeans needs rounds >= 1 and kmeans_iterations >= 1, got {rounds} and {kmeans_iterations}"
-        )
+        raise MoefyError(f"balanced_kmeans needs rounds >= 1 and kmeans_iterations >= 1, got {rounds} and {kmeans_iterations}")
     with _threadpools().limit(limits=1):  # one BLAS thread: the same bits on every torchrun rank layout
         centroids = _faiss_centroids(x, num_experts, seed, kmeans_iterations, gpu)
         squared_norms = np.einsum("ij,ij->i", x, x).astype(np.float64)
@@ -223,9 +223,7 @@ def association_graph(coactivation, tokens: int, neighbors: int) -> sp.csr_matri
     return graph
 
 
-def coact_split(
-    coactivation, tokens: int, num_experts: int, neighbors: int = 64, ufactor: int = 1, seed: int = 0
-) -> np.ndarray:
+def coact_split(coactivation, tokens: int, num_experts: int, neighbors: int = 64, ufactor: int = 1, seed: int = 0) -> np.ndarray:
     """METIS min-cut partition of the association graph: neurons that fire together share an expert.
 
     Part sizes are only near d_ff/E (METIS's `ufactor` tolerance); balance.balance_least_loss makes

@@ -39,8 +39,9 @@ class Task:
         """What loss_sum sums over for texts of these token lengths (texts, or predicted tokens)."""
         raise NotImplementedError
 
-    def batch_stats(self, logits: torch.Tensor, inputs: dict[str, torch.Tensor],
-                    labels: torch.Tensor | None) -> tuple[float, int, torch.Tensor]:
+    def batch_stats(
+        self, logits: torch.Tensor, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None
+    ) -> tuple[float, int, torch.Tensor]:
         """(score sum, count, predictions) of one batch; the metric is `metric_of(sums, counts)`."""
         raise NotImplementedError
 

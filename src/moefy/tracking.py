@@ -170,9 +170,14 @@ class JobRun:
 
 def run_name(step: str, wildcards: Mapping[str, Any]) -> str:
     """`evaluate hoyer-seed0 kmeans-E48-norm`: the job's step and its place in the grid, as in its paths."""
-    variant = "-".join(str(wildcards[k]) if k == "penalty" else f"seed{wildcards[k]}" for k in ("penalty", "seed") if k in wildcards)
-    conversion = "-".join(f"E{wildcards[k]}" if k == "num_experts" else str(wildcards[k])
-                          for k in ("split", "num_experts", "selector") if k in wildcards)
+    variant = "-".join(
+        str(wildcards[k]) if k == "penalty" else f"seed{wildcards[k]}" for k in ("penalty", "seed") if k in wildcards
+    )
+    conversion = "-".join(
+        f"E{wildcards[k]}" if k == "num_experts" else str(wildcards[k])
+        for k in ("split", "num_experts", "selector")
+        if k in wildcards
+    )
     return " ".join(part for part in (step, variant, conversion) if part)
 
 

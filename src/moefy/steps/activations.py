@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> None:
             sparsity = [c.sparsity() for c in counters]
             meta = {"tokens": str(counters[0].tokens), "texts": str(len(encoded))}
             save_tensors(args.out / "hidden.safetensors", hidden, {"sample_texts": str(len(positions))})
-            save_tensors(args.out / "coactivation.safetensors", {f"layer.{f.index}": c.counts for f, c in zip(ffns, counters)}, meta)
+            save_tensors(
+                args.out / "coactivation.safetensors", {f"layer.{f.index}": c.counts for f, c in zip(ffns, counters)}, meta
+            )
             _, probe = fastest_kernel(ctx.device.type, ffns[0].d_ff)
             metrics = {
                 "coactivation_kernel": counters[0].kernel,
@@ -97,8 +99,11 @@ def main(argv: list[str] | None = None) -> None:
             run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             run.set_tags({"coactivation_kernel": counters[0].kernel})
             run.log_metrics({f"sparsity/layer_{i}": s for i, s in enumerate(sparsity)})
-            print(f"counted {metrics['tokens_counted']} tokens, kept {metrics['sample_tokens']} for routers; "
-                  f"mean sparsity {metrics['sparsity_mean']:.3f}; co-activations counted in {counters[0].kernel}", flush=True)
+            print(
+                f"counted {metrics['tokens_counted']} tokens, kept {metrics['sample_tokens']} for routers; "
+                f"mean sparsity {metrics['sparsity_mean']:.3f}; co-activations counted in {counters[0].kernel}",
+                flush=True,
+            )
     dist.teardown()
 
 

@@ -31,8 +31,12 @@ def parse_args(argv: list[str] | None):
     parser = step_parser("balance", __doc__, "model", "task", "penalty", "seed", "split", "num_experts")
     parser.add_argument("--labels", required=True, type=Path, help="split/<variant>/<split>-E<E>/labels.safetensors")
     parser.add_argument("--coactivation", required=True, type=Path, help="activations/<variant>/coactivation.safetensors")
-    parser.add_argument("--coact-neighbors", type=int, default=section_defaults("split")["coact_neighbors"],
-                        help="association graph edges per neuron, as in the split (config split.coact_neighbors)")
+    parser.add_argument(
+        "--coact-neighbors",
+        type=int,
+        default=section_defaults("split")["coact_neighbors"],
+        help="association graph edges per neuron, as in the split (config split.coact_neighbors)",
+    )
     return parser.parse_args(argv)
 
 
@@ -64,7 +68,9 @@ def main(argv: list[str] | None = None) -> None:
                 "moved_neurons": int(np.sum(np.maximum(np.bincount(split, minlength=args.num_experts) - size, 0))),
                 "excess_coact_kept_before": weight_kept(above_chance, split),
                 # MoEfication's rule, moving random surplus neurons, for comparison
-                "excess_coact_kept_random_balance": weight_kept(above_chance, balance_random(split, args.num_experts, seed=args.seed * 1000 + ffn.index)),
+                "excess_coact_kept_random_balance": weight_kept(
+                    above_chance, balance_random(split, args.num_experts, seed=args.seed * 1000 + ffn.index)
+                ),
             }
             for name, value in row.items():
                 per_layer.setdefault(name, []).append(float(value))

@@ -44,7 +44,10 @@ def main(argv: list[str] | None = None) -> None:
         write_splits(args.out, splits, names)
         sizes = {name: len(frame) for name, frame in splits.items()}
         run.log_metrics({f"{name}_examples": n for name, n in sizes.items()} | {"classes": len(names)})
-        print((f"classes {names}; " if names else "texts only; ") + ", ".join(f"{name} {n}" for name, n in sizes.items()), flush=True)
+        print(
+            (f"classes {names}; " if names else "texts only; ") + ", ".join(f"{name} {n}" for name, n in sizes.items()),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -35,13 +35,29 @@ from moefy.tasks import get_task
 
 
 def parse_args(argv: list[str] | None):
-    parser = step_parser("evaluate", __doc__, "model", "task", "penalty", "seed", "split", "num_experts", "selector", "device",
-                         out="output JSON file")
+    parser = step_parser(
+        "evaluate",
+        __doc__,
+        "model",
+        "task",
+        "penalty",
+        "seed",
+        "split",
+        "num_experts",
+        "selector",
+        "device",
+        out="output JSON file",
+    )
     parser.add_argument("--data", required=True, type=Path, help="folder with test.jsonl")
     parser.add_argument("--labels", required=True, type=Path, help="balance/<variant>/<split>-E<E>/labels.safetensors")
-    parser.add_argument("--router", required=True, type=Path, help="selector/<variant>/<split>-E<E>-<selector>/router.safetensors")
-    parser.add_argument("--kernels", type=Path, help="calibrate/moe_kernels.json: the MoE kernels measured fastest here "
-                        "(without it, fixed rules choose)")
+    parser.add_argument(
+        "--router", required=True, type=Path, help="selector/<variant>/<split>-E<E>-<selector>/router.safetensors"
+    )
+    parser.add_argument(
+        "--kernels",
+        type=Path,
+        help="calibrate/moe_kernels.json: the MoE kernels measured fastest here (without it, fixed rules choose)",
+    )
     add_section_flags(parser, "evaluate")
     return parser.parse_args(argv)
 
@@ -89,11 +105,14 @@ def main(argv: list[str] | None = None) -> None:
             records.append(entry)
             if ctx.is_main:
                 metric = task.metric
-                print(f"{rule.label}: {entry['experts_per_token']:.2f} ± {entry['experts_per_token_std']:.2f} experts/token, "
-                      f"{metric} {entry[f'test_{metric}']:.4f} ({entry[f'relative_{metric}']:.2%} of dense, "
-                      f"{entry['dense_agreement']:.2%} same predictions), FFN FLOPs {entry['ffn_flops_fraction']:.3f}, "
-                      f"FFN time {entry['ffn_ms_moe']:.0f} ms vs {entry['ffn_ms_dense']:.0f} ms dense "
-                      f"({entry['ffn_speedup']:.2f}x)", flush=True)
+                print(
+                    f"{rule.label}: {entry['experts_per_token']:.2f} ± {entry['experts_per_token_std']:.2f} experts/token, "
+                    f"{metric} {entry[f'test_{metric}']:.4f} ({entry[f'relative_{metric}']:.2%} of dense, "
+                    f"{entry['dense_agreement']:.2%} same predictions), FFN FLOPs {entry['ffn_flops_fraction']:.3f}, "
+                    f"FFN time {entry['ffn_ms_moe']:.0f} ms vs {entry['ffn_ms_dense']:.0f} ms dense "
+                    f"({entry['ffn_speedup']:.2f}x)",
+                    flush=True,
+                )
                 run.log_metrics(logged_metrics(rule, entry, metric))
             pause.point(f"evaluate {rule.label}")
         if ctx.is_main:

@@ -17,7 +17,9 @@ from moefy.routers import budget_to_k
 def parse_args(argv: list[str] | None):
     parser = step_parser("export", __doc__, "model", "task", "penalty", "seed", "split", "num_experts", "selector")
     parser.add_argument("--labels", required=True, type=Path, help="balance/<variant>/<split>-E<E>/labels.safetensors")
-    parser.add_argument("--router", required=True, type=Path, help="selector/<variant>/<split>-E<E>-<selector>/router.safetensors")
+    parser.add_argument(
+        "--router", required=True, type=Path, help="selector/<variant>/<split>-E<E>-<selector>/router.safetensors"
+    )
     parser.add_argument("--budget", required=True, type=float, help="share of experts per token, in (0, 1]")
     args = parser.parse_args(argv)
     if not 0 < args.budget <= 1:
@@ -31,7 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     with tracking.job_run("export", vars(args), ablation(args) | {"budget": args.budget}) as run:
         save_moe(args.model, labels, routers, args.selector, args.num_experts, args.budget, args.out, args.task)
         k = budget_to_k(args.budget, args.num_experts)
-        print(f"exported {args.split} E={args.num_experts} {args.selector} at budget {args.budget:g} (k={k}) to {args.out}", flush=True)
+        print(
+            f"exported {args.split} E={args.num_experts} {args.selector} at budget {args.budget:g} (k={k}) to {args.out}",
+            flush=True,
+        )
         run.set_tags({"export.folder": str(args.out)})
 
 

@@ -34,8 +34,9 @@ from moefy.tasks import get_task
 
 
 def parse_args(argv: list[str] | None):
-    parser = step_parser("finetune", __doc__, "model", "task", "penalty", "seed", "device",
-                         out="output folder (gets model/ and metrics.json)")
+    parser = step_parser(
+        "finetune", __doc__, "model", "task", "penalty", "seed", "device", out="output folder (gets model/ and metrics.json)"
+    )
     parser.add_argument("--data", required=True, type=Path, help="folder with train/validation/test.jsonl and labels.json")
     parser.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False)
     add_section_flags(parser, "finetune")
@@ -78,8 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     def split(name: str) -> tuple[list[str], list[int] | None]:
         texts, labels = read_split(args.data / f"{name}.jsonl")
         if task.labelled and labels is None:
-            raise MoefyError(f"{args.data / (name + '.jsonl')} has no labels, but task {task.name} needs them; "
-                             f"rerun the data step with --task {task.name}")
+            raise MoefyError(
+                f"{args.data / (name + '.jsonl')} has no labels, but task {task.name} needs them; "
+                f"rerun the data step with --task {task.name}"
+            )
         return texts, labels if task.labelled else None
 
     train_texts, train_labels = split("train")
@@ -104,8 +107,10 @@ def main(argv: list[str] | None = None) -> None:
     ddp = DistributedDataParallel(model) if ctx.distributed else model
 
     penalised = args.penalty != "none"
-    with tracking.job_run("finetune", vars(args), ablation(args), enabled=ctx.is_main) as run, \
-            capture(ffns, inputs=False, activations=penalised) as seen:
+    with (
+        tracking.job_run("finetune", vars(args), ablation(args), enabled=ctx.is_main) as run,
+        capture(ffns, inputs=False, activations=penalised) as seen,
+    ):
         run.set_tags({"precision": chosen, "world_size": ctx.world_size})
         metric = task.metric
         best: dict = {f"validation_{metric}": None, "epoch": 0, "state": None}
@@ -118,8 +123,13 @@ def main(argv: list[str] | None = None) -> None:
             model.train()
             batches = length_grouped_batches(train.lengths, args.batch_size, seed=args.seed * 1000 + epoch)
             batches = [b for b in batches if len(b) >= ctx.world_size]
-            bar = tqdm(shard_batches(batches, ctx.rank, ctx.world_size), desc=f"epoch {epoch}/{args.epochs}",
-                       unit="batch", disable=not ctx.is_main, mininterval=5)
+            bar = tqdm(
+                shard_batches(batches, ctx.rank, ctx.world_size),
+                desc=f"epoch {epoch}/{args.epochs}",
+                unit="batch",
+                disable=not ctx.is_main,
+                mininterval=5,
+            )
             for local, full in zip(bar, batches):
                 inputs = train.collate(local, ctx.device)
                 with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -146,7 +156,9 @@ def main(argv: list[str] | None = None) -> None:
             epoch_metrics = {f"validation_{metric}": value, "epoch_seconds": time.time() - started}
             if penalised:
                 epoch_metrics[f"{args.penalty}_penalty"] = penalty_sum / max(1, penalty_steps)
-                epoch_metrics["validation_sparsity_mean"] = float(np.mean(activation_sparsity(model, validation, args.eval_batch_size, ctx)))
+                epoch_metrics["validation_sparsity_mean"] = float(
+                    np.mean(activation_sparsity(model, validation, args.eval_batch_size, ctx))
+                )
             run.log_metrics(epoch_metrics, step=epoch)
             if ctx.is_main:
                 extra = f", sparsity {epoch_metrics['validation_sparsity_mean']:.3f}" if penalised else ""

@@ -17,7 +17,9 @@ from moefy.report import flops_at_99_by_method, summarise, summary_files
 
 def parse_args(argv: list[str] | None):
     parser = step_parser("report", __doc__)
-    parser.add_argument("--evaluations", required=True, nargs="+", type=Path, help="evaluate/<variant>/<split>-E<E>-<selector>.json files")
+    parser.add_argument(
+        "--evaluations", required=True, nargs="+", type=Path, help="evaluate/<variant>/<split>-E<E>-<selector>.json files"
+    )
     parser.add_argument("--title", default="", help="plot title")
     return parser.parse_args(argv)
 

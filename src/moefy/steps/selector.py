@@ -33,8 +33,9 @@ def parse_args(argv: list[str] | None):
     parser = step_parser("selector", __doc__, "model", "task", "penalty", "seed", "split", "num_experts", "selector", "device")
     parser.add_argument("--labels", required=True, type=Path, help="balance/<variant>/<split>-E<E>/labels.safetensors")
     parser.add_argument("--hidden", required=True, type=Path, help="activations/<variant>/hidden.safetensors")
-    parser.add_argument("--budgets", type=float, nargs="+", default=section_defaults("evaluate")["budgets"],
-                        help="budgets to report recall at")
+    parser.add_argument(
+        "--budgets", type=float, nargs="+", default=section_defaults("evaluate")["budgets"], help="budgets to report recall at"
+    )
     add_section_flags(parser, "selector")
     return parser.parse_args(argv)
 
@@ -57,8 +58,16 @@ def main(argv: list[str] | None = None) -> None:
         for ffn in dist.shard(ffns, ctx):
             key = f"layer.{ffn.index}"
             x = hidden[key].to(ctx.device, torch.float32)
-            mine[ffn.index] = fit_router(args.selector, ffn, labels[key].long().to(ctx.device), x, args.num_experts,
-                                         settings, args.budgets, seed=args.seed * 1000 + ffn.index)
+            mine[ffn.index] = fit_router(
+                args.selector,
+                ffn,
+                labels[key].long().to(ctx.device),
+                x,
+                args.num_experts,
+                settings,
+                args.budgets,
+                seed=args.seed * 1000 + ffn.index,
+            )
         results: dict[int, tuple[torch.nn.Module, dict]] = {}
         for part in dist.all_gather(mine, ctx):
             results.update(part)
@@ -68,8 +77,11 @@ def main(argv: list[str] | None = None) -> None:
             per_layer = {name: [results[i][1][name] for i in layers] for name in results[layers[0]][1]}
             metrics = {name: float(np.mean(values)) for name, values in per_layer.items()}
             metrics["per_layer"] = per_layer
-            save_tensors(args.out / "router.safetensors", router_tensors({i: results[i][0] for i in layers}),
-                         {"selector": args.selector, "num_experts": str(args.num_experts), "layers": str(len(layers))})
+            save_tensors(
+                args.out / "router.safetensors",
+                router_tensors({i: results[i][0] for i in layers}),
+                {"selector": args.selector, "num_experts": str(args.num_experts), "layers": str(len(layers))},
+            )
             write_json(args.out / "metrics.json", metrics)
             run.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items() if not isinstance(v, dict)})
             print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("recall")), flush=True)

@@ -33,17 +33,23 @@ def parse_args(argv: list[str] | None):
     return parser.parse_args(argv)
 
 
-def split_layer(args, layer: int, w_in: torch.Tensor, coactivation: dict | None, tokens: int,
-                device: torch.device) -> np.ndarray:
+def split_layer(args, layer: int, w_in: torch.Tensor, coactivation: dict | None, tokens: int, device: torch.device) -> np.ndarray:
     seed = args.seed * 1000 + layer
     if args.split == "random":
         return random_split(w_in.shape[0], args.num_experts, seed=seed)
     if args.split == "kmeans":
         gpu = device.index if device.type == "cuda" else None
-        return balanced_kmeans(w_in, args.num_experts, seed=seed, kmeans_iterations=args.kmeans_iterations,
-                               rounds=args.balanced_rounds, gpu=gpu)
-    return coact_split(coactivation[f"layer.{layer}"], tokens, args.num_experts,
-                       neighbors=args.coact_neighbors, ufactor=args.coact_ufactor, seed=seed)
+        return balanced_kmeans(
+            w_in, args.num_experts, seed=seed, kmeans_iterations=args.kmeans_iterations, rounds=args.balanced_rounds, gpu=gpu
+        )
+    return coact_split(
+        coactivation[f"layer.{layer}"],
+        tokens,
+        args.num_experts,
+        neighbors=args.coact_neighbors,
+        ufactor=args.coact_ufactor,
+        seed=seed,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -78,12 +84,18 @@ def main(argv: list[str] | None = None) -> None:
                 "max_expert_size": int(max(s.max() for s in sizes)),
                 "target_expert_size": ffns[0].d_ff // args.num_experts,
             }
-            save_tensors(args.out / "labels.safetensors", {f"layer.{i}": torch.from_numpy(results[i][0]) for i in layers},
-                         {"split": args.split, "num_experts": str(args.num_experts)})
+            save_tensors(
+                args.out / "labels.safetensors",
+                {f"layer.{i}": torch.from_numpy(results[i][0]) for i in layers},
+                {"split": args.split, "num_experts": str(args.num_experts)},
+            )
             write_json(args.out / "metrics.json", metrics)
             run.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, list)})
-            print(f"{args.split} split into {args.num_experts} experts: sizes {metrics['min_expert_size']}-"
-                  f"{metrics['max_expert_size']} (target {metrics['target_expert_size']}), {metrics['seconds_total']:.2f} s", flush=True)
+            print(
+                f"{args.split} split into {args.num_experts} experts: sizes {metrics['min_expert_size']}-"
+                f"{metrics['max_expert_size']} (target {metrics['target_expert_size']}), {metrics['seconds_total']:.2f} s",
+                flush=True,
+            )
     dist.teardown()
 
 
