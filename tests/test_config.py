@@ -84,3 +84,10 @@ def test_the_vocabulary_is_the_schema_s():
     assert config.SELECTORS == ("groundtruth", "similarity", "mlp", "norm") and routers.SELECTORS is config.SELECTORS
     assert config.PENALTIES == ("none", "l1", "hoyer") and sparsity.PENALTIES is config.PENALTIES
     assert set(tasks._TASKS) == set(config.TASKS) and config.SPLITS == ("random", "kmeans", "coact")
+
+
+def test_the_default_study_trains_in_fp32_on_every_cpu(study):
+    """docs/results.md promises the default study's dense model does not depend on bf16 support."""
+    assert validate(study)["finetune"]["precision"] == "fp32"
+    assert {arm["split"][0] for arm in study["grid"].values()} <= {"random", "kmeans", "coact"}
+    assert set(study["grid"]) == {"moefication", "d2dmoe"} and study["grid"]["d2dmoe"]["selector"] == ["norm"]

@@ -136,7 +136,7 @@ def by_method(table: pd.DataFrame) -> pd.DataFrame:
     metric = metric_of(table)
     relative = f"relative_{metric}"
     keys = METHOD + POINT
-    grouped = table.assign(**{c: table[c].fillna(-1.0) for c in POINT}).groupby(keys, sort=True)
+    grouped = table.groupby(keys, sort=True, dropna=False)  # a top-k point has no tau, a dynamic one no budget
     out = grouped.agg(
         seeds=("seed", "nunique"),
         **{f"{relative}_mean": (relative, "mean")},
@@ -146,8 +146,6 @@ def by_method(table: pd.DataFrame) -> pd.DataFrame:
         dense_agreement_mean=("dense_agreement", "mean"),
         ffn_speedup_mean=("ffn_speedup", "mean"),
     ).reset_index()
-    for column in POINT:
-        out[column] = out[column].where(out[column] >= 0)
     return out.sort_values(METHOD + ["ffn_flops_fraction_mean"], ignore_index=True)
 
 
