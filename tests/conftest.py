@@ -222,6 +222,11 @@ def snakemake_command(workdir: Path, *args: str, cores: int = 2) -> list[str]:
     ]
 
 
+def _fail_with_logs(workdir: Path, args, stderr: str) -> None:
+    logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "results").glob("*/logs/**/*.log")))
+    pytest.fail(f"snakemake {' '.join(args)} failed:\n{stderr[-5000:]}\n{logs}")
+
+
 def snakemake(workdir: Path, *args: str, cores: int = 2, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real Snakefile in `workdir`; on failure, fail the test with the job logs."""
     done = subprocess.run(
@@ -232,9 +237,23 @@ def snakemake(workdir: Path, *args: str, cores: int = 2, env: dict | None = None
         text=True,
     )
     if done.returncode != 0:
-        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((workdir / "results").glob("*/logs/**/*.log")))
-        pytest.fail(f"snakemake {' '.join(args)} failed:\n{done.stderr[-5000:]}\n{logs}")
+        _fail_with_logs(workdir, args, done.stderr)
     return done
+
+
+def start_snakemake(workdir: Path, *args: str, cores: int = 2) -> subprocess.Popen:
+    """The real Snakefile in `workdir`, started in the background (see finish_snakemake)."""
+    command = snakemake_command(workdir, *args, cores=cores)
+    return subprocess.Popen(
+        command, cwd=workdir, env=environment(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+
+
+def finish_snakemake(proc: subprocess.Popen, workdir: Path) -> None:
+    """Wait for a start_snakemake run; on failure, fail the test with the job logs."""
+    _, stderr = proc.communicate()
+    if proc.returncode != 0:
+        _fail_with_logs(workdir, proc.args, stderr)
 
 
 # --- the shared tiny study ------------------------------------------------------------------------

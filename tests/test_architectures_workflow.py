@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import build_tiny, diagonal, snakemake, write_toy_sentiment
+from conftest import build_tiny, diagonal, finish_snakemake, start_snakemake, write_toy_sentiment
 
 pytestmark = pytest.mark.e2e
 
@@ -24,7 +24,7 @@ BUDGETS = [0.5, 1.0]
 VARIANT = "none-seed0"
 
 
-def run_study(workdir: Path, family: str, task: str, finetune: dict) -> Path:
+def write_study(workdir: Path, family: str, task: str, finetune: dict) -> Path:
     build_tiny(family, workdir / "model", d_ff=D_FF)
     write_toy_sentiment(workdir / "reviews.csv", rows=300)
     config = {
@@ -46,18 +46,31 @@ def run_study(workdir: Path, family: str, task: str, finetune: dict) -> Path:
         "evaluate": {"budgets": BUDGETS, "batch_size": 32},
     }
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    snakemake(workdir)
-    return workdir / "results" / "tiny"
+    return workdir
 
 
 @pytest.fixture(scope="module")
-def t5_study(tmp_path_factory) -> Path:
-    return run_study(tmp_path_factory.mktemp("t5"), "t5", "classification", {"epochs": 2, "activation": "relu"})
+def studies(tmp_path_factory) -> dict[str, Path]:
+    """Both studies, run side by side: each is a chain of a few jobs at a time, so together they keep
+    the cores busy."""
+    workdirs = {
+        "t5": write_study(tmp_path_factory.mktemp("t5"), "t5", "classification", {"epochs": 2, "activation": "relu"}),
+        "llama": write_study(tmp_path_factory.mktemp("llama"), "llama", "causal_lm", {"epochs": 1, "activation": "keep"}),
+    }
+    running = {name: start_snakemake(workdir) for name, workdir in workdirs.items()}
+    for name, proc in running.items():
+        finish_snakemake(proc, workdirs[name])
+    return {name: workdir / "results" / "tiny" for name, workdir in workdirs.items()}
 
 
 @pytest.fixture(scope="module")
-def llama_study(tmp_path_factory) -> Path:
-    return run_study(tmp_path_factory.mktemp("llama"), "llama", "causal_lm", {"epochs": 1, "activation": "keep"})
+def t5_study(studies) -> Path:
+    return studies["t5"]
+
+
+@pytest.fixture(scope="module")
+def llama_study(studies) -> Path:
+    return studies["llama"]
 
 
 def test_t5_labels_cover_encoder_and_decoder_layers(t5_study):
