@@ -198,8 +198,12 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
 
 
 def environment(workdir: Path) -> dict[str, str]:
+    """The environment of a snakemake run: as a user's who calls .venv/bin/snakemake without activating
+    the venv (its folder is not on PATH, and jobs must find the interpreter anyway)."""
     env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # this venv's python / torchrun
+    venv = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join(p for p in env.get("PATH", "").split(os.pathsep) if p and p != venv)
+    env.pop("VIRTUAL_ENV", None)
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'results' / 'mlflow' / 'mlflow.db'}"
     env.pop("MOEFY_MLFLOW_PARENT_RUN_ID", None)
     return env
