@@ -29,6 +29,7 @@ from torch import nn
 
 from moefy.errors import MoefyError
 from moefy.ffn import FFN
+from moefy.moe import expert_order
 
 ROUTINGS = ("top_k", "expert_choice", "unweighted_top_k")
 
@@ -78,8 +79,6 @@ def route(logits: torch.Tensor, routing: Routing, valid: torch.Tensor | None = N
     else:
         k = min(routing.k, num_experts)
         scores = probs if routing.kind == "top_k" else logits.float()
-        if valid is not None and routing.kind == "unweighted_top_k":
-            scores = scores.masked_fill(~valid.unsqueeze(-1), 0)
         chosen = scores.topk(k, dim=-1).indices  # [T, k]
         gate = probs.gather(-1, chosen)
         if routing.kind == "unweighted_top_k":
@@ -213,7 +212,8 @@ class SparseMoE(nn.Module):
         with torch.no_grad():
             self.load += dispatch.counts.cpu()
             self.tokens_seen += tokens
-            self.tokens_dropped += tokens - int(torch.unique(dispatch.token).numel())
+            if self.routing.kind == "expert_choice":  # token choice gives every real token its k experts
+                self.tokens_dropped += tokens - int(torch.bincount(dispatch.token).count_nonzero())
 
     def auxiliary_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(load-balancing loss, router z-loss) of the last forward."""
@@ -236,8 +236,6 @@ class SparseMoE(nn.Module):
 def from_split(ffn: FFN, labels: torch.Tensor, num_experts: int, router: nn.Module, k: int) -> SparseMoE:
     """A converted FFN as a trainable MoE: expert e owns the neurons labelled e, MoEfication's
     router picks k experts unweighted (recovery trains the experts; see the module docstring)."""
-    from moefy.moe import expert_order  # the same check of balanced labels as the inference layer
-
     order = expert_order(labels, num_experts)
     E, s = num_experts, ffn.d_ff // num_experts
 
