@@ -22,10 +22,7 @@ table, written with --json, and logged to MLflow (experiment `moefy-benchmarks`)
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -33,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moefy import machine, tracking
+from moefy import benchmarking
 from moefy.ffn import FFN
 from moefy.kernel_choice import measure
 from moefy.moe import MoEFFN, kernel_calls
@@ -182,27 +179,16 @@ def main(argv: list[str] | None = None) -> None:
                 calibrate=not args.fixed_rules,
             )
     print_table(rows)
-    here = {
-        "python": platform.python_version(),
-        "omp_threads": os.environ.get("OMP_NUM_THREADS"),
-        **machine.describe(devices[-1]),
-    }
-    result = {"machine": here, "quick": args.quick, "rows": rows}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    if not args.no_mlflow:
-        os.environ.setdefault(tracking.EXPERIMENT_ENV, "moefy-benchmarks")
-        with tracking.job_run("moe_speed", {"quick": args.quick, **here}) as run:
-            run.log_metrics(
-                {
-                    re.sub(r"[^\w\-. /]", "_", f"{r['device']}/{r['case']}/{key}"): float(r[key])
-                    for r in rows
-                    for key in ("dense_ms", "moe_ms", "speedup")
-                }
-            )
-            if args.json:
-                run.log_artifact(args.json)
+    benchmarking.save(
+        "moe_speed",
+        rows,
+        benchmarking.where(devices[-1]),
+        args.quick,
+        args.json,
+        not args.no_mlflow,
+        ("dense_ms", "moe_ms", "speedup"),
+        prefix=lambda r: f"{r['device']}/{r['case']}",
+    )
 
 
 if __name__ == "__main__":

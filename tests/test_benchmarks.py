@@ -49,3 +49,13 @@ def test_moe_speed_cases_run_and_check_the_moe_output(moe_speed):
     assert all(r["dense_ms"] > 0 and r["moe_ms"] > 0 and r["max_abs_error"] < 1e-5 for r in rows)
     assert [r["kernel"] for r in rows if r["budget"] == 1.0] == ["dense", "dense"]  # every expert: the dense matmuls
     assert all(r["kernel"] in ("bags", "grouped", "masked") and r["calibrated"] for r in rows if r["budget"] == 0.25)
+
+
+def test_moe_train_speed_cases_run_and_report(tmp_path, capsys):
+    bench = load_benchmark("moe_train_speed")
+    rows = bench.shape_cases(32, 64, 4, 16, calls=2)
+    assert [r["layer"] for r in rows] == ["upcycled top-2 of 8", "recovery b=0.2"]
+    assert all(r["dense_ms"] > 0 and r["moe_ms"] > 0 and r["dense_steps"] == r["moe_ms"] / r["dense_ms"] for r in rows)
+    assert rows[0]["num_experts"] == 8 and rows[0]["expert_size"] == 64 and rows[1]["expert_size"] == 16
+    bench.print_table(rows)
+    assert "| 32x64 | 16 | recovery b=0.2 |" in capsys.readouterr().out

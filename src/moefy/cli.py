@@ -2,7 +2,7 @@
 and the user-error boundary.
 
 Every flag that means the same thing in several steps (--model, --task, --penalty, --seed, --split,
---num-experts, --selector, --device, --out) is defined once here, with its names from the schema, so
+--num-experts, --selector, --recovery, --device, --out) is defined once here, with its names from the schema, so
 `python -m moefy.steps.<step> --help` reads the same in every step. A rule passes
 `settings_flags(config[section])`; the step parses them back with `add_section_flags(parser,
 section)`. Key `max_length` is flag `--max-length`, so a step run by hand takes the same flags
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from moefy.config import DEVICES, PENALTIES, SELECTORS, SPLITS, TASKS, section_properties
+from moefy.config import DEVICES, PENALTIES, RECOVERIES, SELECTORS, SPLITS, TASKS, section_properties
 from moefy.errors import MoefyError
 
 _TYPES = {"integer": int, "number": float, "string": str}
@@ -35,21 +35,28 @@ SHARED_FLAGS: dict[str, dict[str, Any]] = {
     "split": dict(choices=SPLITS, required=True, help="how the FFN neurons were grouped into experts"),
     "num_experts": dict(type=int, required=True, help="experts per FFN layer"),
     "selector": dict(choices=SELECTORS, required=True, help="the router that picks experts per token"),
+    "recovery": dict(
+        choices=RECOVERIES, default="none", help="none: the conversion as converted; task or kd: after recovery training"
+    ),
     "device": dict(choices=DEVICES, default="auto", help="auto: CUDA when available, else CPU"),
 }
 # What identifies one job of the ablation grid: its MLflow tags and the fields of its records.
-ABLATION = ("penalty", "seed", "split", "num_experts", "selector")
+ABLATION = ("penalty", "seed", "split", "num_experts", "selector", "recovery")
 
 
 def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def step_parser(step: str, doc: str, *shared: str, out: str = "output folder") -> argparse.ArgumentParser:
-    """The parser of `python -m moefy.steps.<step>`: --out, plus the named SHARED_FLAGS."""
+def step_parser(
+    step: str, doc: str, *shared: str, out: str = "output folder", optional: tuple[str, ...] = ()
+) -> argparse.ArgumentParser:
+    """The parser of `python -m moefy.steps.<step>`: --out, plus the named SHARED_FLAGS (those in
+    `optional` not required, for a step that needs them in one mode only)."""
     parser = argparse.ArgumentParser(prog=f"python -m moefy.steps.{step}", description=doc.strip().splitlines()[0])
     for name in shared:
-        parser.add_argument(_flag(name), dest=name, **SHARED_FLAGS[name])
+        spec = SHARED_FLAGS[name] | ({"required": False} if name in optional else {})
+        parser.add_argument(_flag(name), dest=name, **spec)
     parser.add_argument("--out", required=True, type=Path, help=out)
     return parser
 

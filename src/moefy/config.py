@@ -21,7 +21,7 @@ from moefy.errors import MoefyError
 SCHEMA_PATH = files("moefy") / "schemas" / "config.schema.yaml"
 
 # Config sections whose keys become a step's command-line flags.
-STEP_SECTIONS = ("finetune", "activations", "split", "selector", "evaluate")
+STEP_SECTIONS = ("finetune", "activations", "split", "selector", "evaluate", "train_moe", "recover", "upcycle")
 
 
 @cache
@@ -39,6 +39,8 @@ PENALTIES = _names("penalty")
 TASKS = _names("task")
 DEVICES = _names("device")
 PRECISIONS = _names("precision")
+RECOVERIES = _names("recovery")
+ROUTINGS = _names("routing")
 
 
 def _with_defaults(validator_class):
@@ -93,7 +95,7 @@ def _resolved(prop: dict[str, Any]) -> dict[str, Any]:
 
 def section_properties(section: str) -> dict[str, dict[str, Any]]:
     """The keys of one config section with their schema (refs resolved)."""
-    return {key: _resolved(prop) for key, prop in schema()["properties"][section]["properties"].items()}
+    return {key: _resolved(prop) for key, prop in _resolved(schema()["properties"][section])["properties"].items()}
 
 
 def section_defaults(section: str) -> dict[str, Any]:
@@ -114,8 +116,13 @@ def iter_keys(node: dict[str, Any] | None = None, prefix: str = "") -> Iterator[
         if children:
             yield from iter_keys(prop, prefix=f"{name}.")
         arm = prop.get("additionalProperties")
-        if isinstance(arm, dict):
+        if isinstance(arm, dict) and not _documented_as_section(arm):
             yield from iter_keys(_resolved(arm), prefix=f"{name}.<arm>.")
+
+
+def _documented_as_section(prop: dict[str, Any]) -> bool:
+    """Whether `prop` is a $ref that a top-level section also uses (its keys are listed there)."""
+    return "$ref" in prop and any(p.get("$ref") == prop["$ref"] for p in schema()["properties"].values())
 
 
 def markdown_table() -> str:

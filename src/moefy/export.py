@@ -11,18 +11,22 @@ exactly the MoE layers evaluate measured, so the logits are the same bit for bit
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from moefy.config import TASKS
 from moefy.errors import MoefyError
-from moefy.files import atomic_dir, load_tensors, save_tensors, tensors_metadata
-from moefy.models import load_model, load_tokenizer
+from moefy.ffn import find_ffns
+from moefy.files import atomic_dir, load_tensors, save_tensors, tensors_metadata, write_json
+from moefy.models import TRAINING_FILE, load_model, load_tokenizer
 from moefy.moe import MoEFFN, moefy_model, set_experts_per_token
 from moefy.routers import budget_to_k, build_routers, router_tensors
+from moefy.sparse_moe import Routing, SparseMoE, mask_padding
 
 FORMAT = "moefy-moe/1"
 MOE_FILE = "moe.safetensors"
@@ -102,3 +106,76 @@ def load_moe(folder: str | os.PathLike, device: str | torch.device = "cpu") -> t
     layers: list[MoEFFN] = moefy_model(model, labels, routers, num_experts)
     set_experts_per_token(layers, int(meta["k"]))
     return model, load_tokenizer(str(folder))
+
+
+# -- trained MoE models (upcycled) ----------------------------------------------------------------
+
+SPARSE_FORMAT = "moefy-sparse-moe/1"
+SPARSE_FILE = "sparse_moe.safetensors"
+
+
+def save_sparse_moe(
+    model: torch.nn.Module,
+    moes: dict[int, SparseMoE],
+    tokenizer,
+    out: str | os.PathLike,
+    task: str,
+    training: dict | None = None,
+) -> Path:
+    """Write `out`: a standard Hugging Face folder holding every weight but the MoE layers', plus
+    `sparse_moe.safetensors` with each MoE layer (by FFN index), its routing and its shapes, and
+    the model's training record (training.json) if given."""
+    if task not in TASKS:
+        raise MoefyError(f"task {task!r} is unknown; choose one of {', '.join(TASKS)}")
+    inside = {name for name, module in model.named_modules() if isinstance(module, SparseMoE)}
+    rest = {k: v for k, v in model.state_dict().items() if not any(k.startswith(prefix + ".") for prefix in inside)}
+    tensors, layers = {}, {}
+    for index, moe in moes.items():
+        tensors |= {f"layer.{index}.{name}": t.detach().contiguous() for name, t in moe.state_dict().items()}
+        if not isinstance(moe.router, torch.nn.Linear):
+            raise MoefyError(
+                "save_sparse_moe saves upcycled layers (a Linear router); a converted layer goes back with write_back"
+            )
+        layers[str(index)] = {"routing": asdict(moe.routing), "num_experts": moe.num_experts, "expert_size": moe.expert_size}
+    metadata = {"format": SPARSE_FORMAT, "task": task, "layers": json.dumps(layers, sort_keys=True)}
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, state_dict=rest, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        save_tensors(tmp / SPARSE_FILE, tensors, metadata)
+        if training is not None:
+            write_json(tmp / TRAINING_FILE, training)
+    return Path(out)
+
+
+def load_sparse_moe(
+    folder: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, dict[int, SparseMoE], object]:
+    """The saved model with its MoE layers in place (eval mode; padding, from the attention mask,
+    goes to no expert), the layers by FFN index, and its tokenizer."""
+    folder = Path(folder)
+    path = folder / SPARSE_FILE
+    if not path.is_file():
+        raise MoefyError(
+            f"{folder} has no {SPARSE_FILE}: it is not an MoE model trained by moefy (python -m moefy.steps.train_moe)"
+        )
+    meta = tensors_metadata(path)
+    if meta.get("format") != SPARSE_FORMAT:
+        raise MoefyError(
+            f"{path} is format {meta.get('format')!r}; this moefy reads {SPARSE_FORMAT!r}. Train it again with this version"
+        )
+    tensors = load_tensors(path)
+    model = load_model(str(folder), meta["task"])
+    ffns = {ffn.index: ffn for ffn in find_ffns(model)}
+    moes = {}
+    for key, spec in json.loads(meta["layers"]).items():
+        index = int(key)
+        if index not in ffns:
+            raise MoefyError(f"{path} has an MoE for FFN {index}, but the model has FFNs {min(ffns)}-{max(ffns)}")
+        part = {name.removeprefix(f"layer.{index}."): t for name, t in tensors.items() if name.startswith(f"layer.{index}.")}
+        router = torch.nn.Linear(part["w_in"].shape[1], spec["num_experts"], bias=False)
+        router.weight.data = part.pop("router.weight")
+        moe = SparseMoE(act=ffns[index].act, router=router, routing=Routing(**spec["routing"]), **part)
+        ffns[index].replace(moe)
+        moes[index] = moe
+    mask_padding(model, moes.values())
+    return model.to(device).eval(), moes, load_tokenizer(str(folder))

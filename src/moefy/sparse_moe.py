@@ -21,17 +21,17 @@ Routing (`Routing.kind`):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moefy.config import ROUTINGS
 from moefy.errors import MoefyError
 from moefy.ffn import FFN
 from moefy.moe import expert_order
-
-ROUTINGS = ("top_k", "expert_choice", "unweighted_top_k")
 
 
 @dataclass(frozen=True)
@@ -231,6 +231,20 @@ class SparseMoE(nn.Module):
 
 
 # -- from a conversion --------------------------------------------------------------------------
+
+
+def mask_padding(model: nn.Module, moes: Iterable[SparseMoE]):
+    """Before every forward of `model`, tell its MoE layers which positions are real tokens (its
+    attention_mask), so that padding goes to no expert and takes no expert-choice capacity. Layers
+    whose input has another shape (a T5 decoder's) route every position. Returns the hook's handle."""
+    moes = list(moes)
+
+    def hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        for moe in moes:
+            moe.token_mask = None if mask is None else mask.bool()
+
+    return model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def from_split(ffn: FFN, labels: torch.Tensor, num_experts: int, router: nn.Module, k: int) -> SparseMoE:

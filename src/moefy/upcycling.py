@@ -109,6 +109,7 @@ def upcycle_model(
     num_experts: int,
     routing: Routing,
     drop_ratio: float = 0.0,
+    router_std: float = 0.02,
     seed: int = 0,
 ) -> dict[int, SparseMoE]:
     """Swap the chosen FFNs of `model` for upcycled MoEs, in place; returns them by FFN index."""
@@ -117,6 +118,6 @@ def upcycle_model(
     moes = {}
     for index in upcycled_layers(layers, len(ffns)):
         ffn = ffns[index]
-        moes[index] = upcycle(ffn, num_experts, routing, drop_ratio, generator=generator)
+        moes[index] = upcycle(ffn, num_experts, routing, drop_ratio, router_std, generator=generator)
         ffn.replace(moes[index])
     return moes

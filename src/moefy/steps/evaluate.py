@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None):
         "split",
         "num_experts",
         "selector",
+        "recovery",
         "device",
         out="output JSON file",
     )
@@ -57,6 +58,10 @@ def parse_args(argv: list[str] | None):
         "--kernels",
         type=Path,
         help="calibrate/moe_kernels.json: the MoE kernels measured fastest here (without it, fixed rules choose)",
+    )
+    parser.add_argument(
+        "--reference",
+        help="the dense model the relative numbers compare with, when --model is not it (a recovered model: its fine-tuned model)",
     )
     add_section_flags(parser, "evaluate")
     return parser.parse_args(argv)
@@ -92,15 +97,26 @@ def main(argv: list[str] | None = None) -> None:
     batches = eval_batches(encoded, args.batch_size, ctx)
     identity = {**ablation(args), "precision": read_training(args.model).get("precision", "unknown")}
 
-    def measure(rule: SelectionRule, dense_predictions=None):
-        rule.apply(layers)
-        return run_pass(model, layers, encoded, batches, task, targets_t, ctx, rule.label, dense_predictions)
+    def measure(rule: SelectionRule, dense_predictions=None, on=(model, layers)):
+        rule.apply(on[1])
+        return run_pass(on[0], on[1], encoded, batches, task, targets_t, ctx, rule.label, dense_predictions)
 
     records = []
+    everything = SelectionRule("top_k", budget=1.0, k=args.num_experts)
     with tracking.job_run("evaluate", vars(args), ablation(args), enabled=ctx.is_main) as run:
-        dense_predictions, dense, _ = measure(SelectionRule("top_k", budget=1.0, k=args.num_experts))
+        if args.reference:  # the relative numbers are against another model, measured with the same layers
+            reference = load_model(args.reference, task.name).to(ctx.device)
+            on = (
+                reference,
+                moefy_model(reference, labels, routers, args.num_experts, kernel_table(args, find_ffns(reference)[0])),
+            )
+            dense_predictions, dense, _ = measure(everything, on=on)
+            del reference, on
+        else:
+            dense_predictions, dense, _ = measure(everything)
         for rule in selection_rules(args.budgets, args.thresholds, args.num_experts):
-            totals, kernels = (dense, "dense") if rule.runs_dense(args.num_experts) else measure(rule, dense_predictions)[1:]
+            reuse = rule.runs_dense(args.num_experts) and not args.reference
+            totals, kernels = (dense, "dense") if reuse else measure(rule, dense_predictions)[1:]
             entry = identity | record(rule, totals, dense, task, layers, kernels)
             records.append(entry)
             if ctx.is_main:

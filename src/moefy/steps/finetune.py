@@ -19,18 +19,17 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from moefy import dist, machine, pause, precision, tracking
 from moefy.batches import Encoded, eval_batches, iterate, length_grouped_batches, measure, shard_batches
 from moefy.cli import ablation, add_section_flags, run_step, step_parser
-from moefy.datafiles import read_label_names, read_split
-from moefy.errors import MoefyError
+from moefy.datafiles import read_label_names
 from moefy.ffn import capture, find_ffns
 from moefy.files import atomic_dir, write_json
 from moefy.models import TRAINING_FILE, load_model, load_tokenizer, save_model
 from moefy.sparsity import layers_penalty, ramped_weight
 from moefy.tasks import get_task
+from moefy.training import optimiser, read_texts
 
 
 def parse_args(argv: list[str] | None):
@@ -76,34 +75,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.freeze_embeddings:
         model.get_input_embeddings().weight.requires_grad_(False)
 
-    def split(name: str) -> tuple[list[str], list[int] | None]:
-        texts, labels = read_split(args.data / f"{name}.jsonl")
-        if task.labelled and labels is None:
-            raise MoefyError(
-                f"{args.data / (name + '.jsonl')} has no labels, but task {task.name} needs them; "
-                f"rerun the data step with --task {task.name}"
-            )
-        return texts, labels if task.labelled else None
-
-    train_texts, train_labels = split("train")
-    if args.max_train_examples and args.max_train_examples < len(train_texts):
-        keep = np.sort(np.random.default_rng(args.seed).permutation(len(train_texts))[: args.max_train_examples])
-        train_texts = [train_texts[i] for i in keep]
-        train_labels = None if train_labels is None else [train_labels[i] for i in keep]
-    train = Encoded(tokenizer, train_texts)
-    train_y = None if train_labels is None else torch.as_tensor(train_labels, dtype=torch.long)
-    val_texts, val_labels = split("validation")
-    test_texts, test_labels = split("test")
-    validation, test = Encoded(tokenizer, val_texts), Encoded(tokenizer, test_texts)
+    train_set = read_texts(args.data, "train", task, args.max_train_examples, args.seed)
+    val_set, test_set = read_texts(args.data, "validation", task), read_texts(args.data, "test", task)
+    train = Encoded(tokenizer, train_set.texts)
+    train_y = None if train_set.labels is None else torch.as_tensor(train_set.labels, dtype=torch.long)
+    val_labels, test_labels = val_set.labels, test_set.labels
+    validation, test = Encoded(tokenizer, val_set.texts), Encoded(tokenizer, test_set.texts)
 
     ffns = find_ffns(model)
     chosen, probe = precision.resolve(args.precision, ctx.device, ffns[0].d_model, ffns[0].d_ff)
     bf16 = chosen == "bf16"
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, weight_decay=args.weight_decay)
-    steps_per_epoch = len(length_grouped_batches(train.lengths, args.batch_size, seed=0))
-    total_steps = steps_per_epoch * args.epochs
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    optimizer, scheduler, total_steps = optimiser(trainable, train.lengths, args, args.epochs)
     ddp = DistributedDataParallel(model) if ctx.distributed else model
 
     penalised = args.penalty != "none"

@@ -1,0 +1,309 @@
+"""Step train_moe: train a model whose FFNs are MoE layers.
+
+Modes:
+- recover: a conversion (the balance step's labels, the selector step's router) trained at
+  recover.budget with MoEfication's unweighted top-k and its router frozen (moefy.sparse_moe);
+  recovery `task` trains on the task loss, `kd` adds distillation from the dense model's logits.
+  The trained experts go back into the FFNs, so <out>/model is a standard checkpoint that the
+  evaluate step measures at every budget with the same labels and router.
+- moe: an upcycled model (the upcycle step's folder, moefy.export.load_sparse_moe) trained on,
+  every weight but the embeddings, with the routers' auxiliary losses; <out>/model is the same
+  format.
+- dense: the fine-tuned model trained on with the same data, schedule and steps: upcycling's
+  baseline.
+
+The epoch with the best validation metric is kept. Runs as a plain process or data parallel under
+torch.distributed.run, like finetune. Writes <out>/model and <out>/metrics.json (test metric,
+parameters, active parameters and FFN FLOPs per token, training steps, tokens, FLOPs and time,
+expert load).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from moefy import dist, machine, pause, tracking
+from moefy.batches import Encoded, length_grouped_batches, measure, shard_batches
+from moefy.cli import ablation, add_section_flags, run_step, step_parser
+from moefy.export import load_sparse_moe, read_moe_parts, save_sparse_moe
+from moefy.ffn import find_ffns
+from moefy.files import atomic_dir, write_json
+from moefy.models import TRAINING_FILE, load_model, load_tokenizer, read_training, save_model
+from moefy.moe_training import (
+    LossWeights,
+    auxiliary_loss,
+    distillation_loss,
+    heldout_distillation,
+    load_statistics,
+    select_trainable,
+    write_back,
+)
+from moefy.routers import budget_to_k
+from moefy.sparse_moe import SparseMoE, from_split, mask_padding
+from moefy.tasks import get_task
+from moefy.training import optimiser, read_texts
+
+MODES = ("recover", "moe", "dense")
+
+
+def parse_args(argv: list[str] | None):
+    parser = step_parser(
+        "train_moe", __doc__, "model", "task", "penalty", "seed", "split", "num_experts", "selector", "recovery", "device",
+        out="output folder (gets model/ and metrics.json)", optional=("split", "num_experts", "selector"),
+    )  # fmt: skip
+    parser.add_argument("--mode", required=True, choices=MODES)
+    parser.add_argument("--data", required=True, type=Path, help="folder with train/validation/test.jsonl and labels.json")
+    parser.add_argument("--labels", type=Path, help="recover: balance/<variant>/<split>-E<E>/labels.safetensors")
+    parser.add_argument("--router", type=Path, help="recover: selector/<variant>/<split>-E<E>-<selector>/router.safetensors")
+    parser.add_argument("--upcycled", help="moe and dense: the name in upcycling.models (dense: dense), for records and tags")
+    add_section_flags(parser, "train_moe")
+    add_section_flags(parser, "recover")
+    args = parser.parse_args(argv)
+    if args.mode == "recover":
+        missing = [
+            f"--{name.replace('_', '-')}"
+            for name in ("labels", "router", "split", "selector", "num_experts")
+            if getattr(args, name) is None
+        ]
+        if args.recovery == "none":
+            missing.append("--recovery task or kd")
+        if missing:
+            parser.error(f"--mode recover needs {', '.join(missing)}")
+    return args
+
+
+def build(args, model) -> tuple[dict[int, SparseMoE], dict]:
+    """Put a conversion's MoE layers into `model` (mode recover); returns them by FFN index and
+    what was built."""
+    labels, routers = read_moe_parts(args.labels, args.router, args.selector, args.num_experts)
+    k = budget_to_k(args.budget, args.num_experts)
+    moes = {}
+    for ffn in find_ffns(model):
+        moes[ffn.index] = from_split(ffn, labels[ffn.index], args.num_experts, routers[ffn.index], k)
+        ffn.replace(moes[ffn.index])
+    mask_padding(model, moes.values())
+    return moes, {"budget": args.budget, "k": k, "labels": labels}
+
+
+def ffn_flops(model) -> dict[int, int]:
+    """FLOPs per token of each dense FFN (of a model whose FFNs are not replaced yet)."""
+    return {f.index: 2 * (2 if f.w_gate is None else 3) * f.d_model * f.d_ff for f in find_ffns(model)}
+
+
+def model_to_train(args, task):
+    """The model to train, its MoE layers by FFN index, what they are, and the dense FFN FLOPs
+    per token they are measured against (an upcycled FFN: the FFN it copies)."""
+    if args.mode == "moe":
+        dense_flops = ffn_flops(load_model(args.model, task.name))  # the folder's dense layout (FFNs unread)
+        model, moes, _ = load_sparse_moe(args.model)
+        return model, moes, {"upcycling": read_training(args.model).get("upcycle", {})}, dense_flops
+    model = load_model(args.model, task.name)
+    dense_flops = ffn_flops(model)
+    if args.mode == "dense":
+        return model, {}, {}, dense_flops
+    moes, built = build(args, model)
+    return model, moes, built, dense_flops
+
+
+def count_flops(model, moes: dict[int, SparseMoE], dense_ffn_flops: dict[int, int]) -> dict[str, float]:
+    """FFN FLOPs per token of the MoE model (active experts and routers) over the dense model's."""
+    moe, dense = 0.0, float(sum(dense_ffn_flops.values()))
+    for index, flops in dense_ffn_flops.items():
+        if index not in moes:
+            moe += flops
+            continue
+        layer = moes[index]
+        projections = 2 if layer.w_gate is None else 3
+        per_expert = 2 * projections * layer.d_model * layer.expert_size
+        experts = (
+            layer.routing.capacity_factor if layer.routing.kind == "expert_choice" else min(layer.routing.k, layer.num_experts)
+        )
+        router = sum(p.numel() for p in layer.router.parameters()) * 2
+        moe += experts * per_expert + router
+    return {"ffn_flops_per_token": moe, "dense_ffn_flops_per_token": dense, "ffn_flops_fraction": moe / dense if dense else 1.0}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    ctx = dist.setup(args.device)
+    torch.manual_seed(args.seed)
+    task = get_task(args.task)
+    tokenizer = load_tokenizer(args.model)
+    model, moes, built, dense_ffn_flops = model_to_train(args, task)
+    # recover: the dense model is the teacher (kd) and where the trained experts go back
+    dense = load_model(args.model, task.name) if args.mode == "recover" else None
+    kd = args.mode == "recover" and args.recovery == "kd"
+    # MoEfication's routers are frozen and unweighted: no auxiliary loss can train them
+    routed = args.mode == "moe"
+    weights = LossWeights(
+        args.distill_alpha if kd else 0.0,
+        args.temperature,
+        args.balance_weight if routed else 0.0,
+        args.z_weight if routed else 0.0,
+    )
+    teacher = dense.to(ctx.device).eval().requires_grad_(False) if kd else None
+    model.to(ctx.device)
+    trainable = select_trainable(
+        model, moes.values(), "experts" if args.mode == "recover" and args.trainable == "experts" else "all"
+    )
+    if args.mode != "recover" or args.trainable == "all":
+        model.get_input_embeddings().weight.requires_grad_(False)  # kept, as finetune keeps them
+        trainable = [p for p in trainable if p.requires_grad]
+
+    train_set = read_texts(args.data, "train", task, args.max_train_examples, args.seed)
+    val_set, test_set = read_texts(args.data, "validation", task), read_texts(args.data, "test", task)
+    train, validation, test = (Encoded(tokenizer, t.texts) for t in (train_set, val_set, test_set))
+    train_y = None if train_set.labels is None else torch.as_tensor(train_set.labels, dtype=torch.long)
+    val_labels, test_labels = val_set.labels, test_set.labels
+
+    optimizer, scheduler, total_steps = optimiser(trainable, train.lengths, args, args.epochs, args.max_steps)
+    ddp = DistributedDataParallel(model) if ctx.distributed else model
+    metric = task.metric
+    identity = {**ablation(args), "mode": args.mode} | ({"upcycled": args.upcycled} if args.upcycled else {})
+
+    with tracking.job_run("train_moe", vars(args), identity, enabled=ctx.is_main) as run:
+        best: dict = {f"validation_{metric}": None, "epoch": 0, "state": None}
+        step, started, train_tokens = 0, time.time(), 0
+        history = [
+            {
+                "epoch": 0,
+                "steps": 0,
+                f"validation_{metric}": measure(model, task, validation, val_labels, args.eval_batch_size, ctx, "validation"),
+            }
+        ]
+        if teacher is not None:
+            history[0]["validation_distill_loss"] = heldout_distillation(
+                model, teacher, validation, args.eval_batch_size, ctx, weights.temperature, task.name == "causal_lm"
+            )
+        run.log_metrics({k: v for k, v in history[0].items() if k.startswith("validation_")}, step=0)
+        for epoch in range(1, args.epochs + 1):
+            if step >= total_steps:
+                break
+            pause.point(f"train_moe epoch {epoch}")
+            model.train()
+            batches = length_grouped_batches(train.lengths, args.batch_size, seed=args.seed * 1000 + epoch)
+            batches = [b for b in batches if len(b) >= ctx.world_size][: total_steps - step]
+            sums = {"task": 0.0, "distill": 0.0, "aux": 0.0, "steps": 0}
+            bar = tqdm(
+                shard_batches(batches, ctx.rank, ctx.world_size),
+                desc=f"epoch {epoch}/{args.epochs}",
+                unit="batch",
+                disable=not ctx.is_main,
+                mininterval=5,
+            )
+            for local, full in zip(bar, batches):
+                inputs = train.collate(local, ctx.device)
+                logits = ddp(**inputs).logits
+                targets = None if train_y is None else train_y[local].to(ctx.device)
+                # Sums over this rank's part, over the global batch: DDP's mean is the global mean.
+                scale = ctx.world_size / max(1, task.loss_weight(train.lengths[full]))
+                loss = task.loss_sum(logits, inputs, targets) * scale
+                total = (1 - weights.distill) * loss
+                if teacher is not None:
+                    with torch.no_grad():
+                        teacher_logits = teacher(**inputs).logits
+                    mask = inputs["attention_mask"].bool() if task.name == "causal_lm" else None
+                    kd_loss = distillation_loss(logits, teacher_logits, weights.temperature, mask) * len(local) * scale
+                    total = total + weights.distill * kd_loss
+                    sums["distill"] += kd_loss.item() / scale / max(1, len(local))
+                aux = auxiliary_loss(moes.values(), weights)
+                if aux is not None:
+                    total = total + aux
+                    sums["aux"] += aux.item()
+                total.backward()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                train_tokens += int(train.lengths[full].sum())  # the global batch's, on every rank
+                sums["task"] += loss.item() / scale / max(1, task.loss_weight(train.lengths[local]))
+                sums["steps"] += 1
+                if step % 20 == 0:
+                    bar.set_postfix(loss=f"{sums['task'] / sums['steps']:.3f}")
+            load = load_statistics(moes)
+            value = measure(model, task, validation, val_labels, args.eval_batch_size, ctx, "validation")
+            epoch_metrics = {
+                f"validation_{metric}": value,
+                "train_loss": sums["task"] / max(1, sums["steps"]),
+                "distill_loss": sums["distill"] / max(1, sums["steps"]),
+                "aux_loss": sums["aux"] / max(1, sums["steps"]),
+                "epoch_seconds": time.time() - started,
+                "train_tokens": train_tokens,
+                **{f"train_{k}": v for k, v in load.items()},
+            }
+            if teacher is not None:
+                epoch_metrics["validation_distill_loss"] = heldout_distillation(
+                    model, teacher, validation, args.eval_batch_size, ctx, weights.temperature, task.name == "causal_lm"
+                )
+            run.log_metrics(epoch_metrics, step=epoch)
+            history.append({"epoch": epoch, "steps": step} | {k: v for k, v in epoch_metrics.items() if "/layer_" not in k})
+            if ctx.is_main:
+                print(f"epoch {epoch}: validation {metric} {value:.4f} ({time.time() - started:.0f} s, {step} steps)", flush=True)
+            if task.better(value, best[f"validation_{metric}"]):
+                best = {f"validation_{metric}": value, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+        train_seconds = time.time() - started
+        if best["state"] is not None:
+            model.load_state_dict(best["state"])
+        load_statistics(moes)
+        test_value = measure(model, task, test, test_labels, args.eval_batch_size, ctx, "test")
+        test_load = load_statistics(moes)
+        flops = count_flops(model, moes, dense_ffn_flops)
+        total_params = sum(p.numel() for p in model.parameters())
+        expert_params = sum(
+            p.numel() for moe in moes.values() for name, p in moe.named_parameters() if not name.startswith("router.")
+        )
+        active = total_params - expert_params + sum(moe.active_parameters() for moe in moes.values())
+        metrics = {
+            **identity,
+            **{k: v for k, v in built.items() if k != "labels"},
+            f"validation_{metric}": best[f"validation_{metric}"],
+            f"test_{metric}": test_value,
+            "best_epoch": best["epoch"],
+            "train_steps": step,
+            "train_tokens": train_tokens,
+            "train_seconds": train_seconds,
+            # forward + backward = 3 forwards of 2 FLOPs per active weight and token (embeddings included)
+            "train_flops": 6.0 * active * train_tokens,
+            "total_parameters": total_params,
+            "active_parameters": active,
+            **flops,
+            **{f"test_{k}": v for k, v in test_load.items()},
+            "history": history,
+            "machine": machine.describe(ctx.device),
+        }
+        if ctx.is_main:
+            print(
+                f"test {metric} {test_value:.4f}; FFN FLOPs {flops['ffn_flops_fraction']:.3f} of dense; {total_params:,} parameters, {active:,} active",
+                flush=True,
+            )
+            training = read_training(args.model) | {"train_moe": identity | {k: v for k, v in built.items() if k != "labels"}}
+            if args.mode == "moe":
+                save_sparse_moe(model, moes, tokenizer, args.out / "model", task.name, training)
+            else:
+                if args.mode == "recover":
+                    model = recovered(dense.cpu(), model.cpu(), moes, built["labels"])
+                with atomic_dir(args.out / "model") as folder:
+                    save_model(model, tokenizer, folder)
+                    write_json(folder / TRAINING_FILE, training)
+            write_json(args.out / "metrics.json", metrics)
+            run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    dist.teardown()
+
+
+def recovered(pristine, model, moes: dict[int, SparseMoE], labels: dict) -> torch.nn.Module:
+    """The dense-layout model with the trained experts written back (and any other trained weight)."""
+    names = pristine.state_dict().keys()
+    pristine.load_state_dict({k: v for k, v in model.state_dict().items() if k in names}, strict=False)
+    for ffn in find_ffns(pristine):
+        write_back(ffn, moes[ffn.index], labels[ffn.index])
+    return pristine
+
+
+if __name__ == "__main__":
+    run_step(main)

@@ -1,0 +1,277 @@
+"""The MoE training step on a tiny task: recovery lowers the distillation loss and wins back accuracy
+at its budget (measured by the real evaluate step on the written-back model), upcycled models save
+and reload to the same logits, a dense continuation trains every weight, and bad requests are
+clear errors. Steps run in-process (the workflow tests launch them as Snakemake jobs)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import BertModel
+
+from conftest import DECODERS, build_tiny, build_tiny_bert, write_toy_sentiment
+from moefy.errors import MoefyError
+from moefy.export import load_sparse_moe, save_sparse_moe
+from moefy.files import read_json, save_tensors
+from moefy.models import load_model, load_tokenizer
+from moefy.moe_training import LossWeights, distillation_loss, select_trainable
+from moefy.routers import MLPRouter, router_tensors
+from moefy.sparse_moe import Routing, mask_padding
+from moefy.steps import data as data_step
+from moefy.steps import evaluate as evaluate_step
+from moefy.steps import finetune as finetune_step
+from moefy.steps import train_moe as train_moe_step
+from moefy.steps import upcycle as upcycle_step
+from moefy.upcycling import upcycle_model
+
+E, BUDGET, FFN_SCALE = 8, 0.125, 10.0
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory):
+    """A fine-tuned tiny ReLU BERT on the toy task, its data, and a random conversion (labels + MLP
+    router). Its FFN weights start 4x larger than BERT's initialisation, so that its FFNs carry
+    the model (in a tiny BERT initialised as usual they add little beside the residual stream, and
+    no conversion could lose accuracy to recover), and it has no dropout: on 300 texts dropout's
+    noise in the student's logits outweighs what distillation can win back."""
+    root = tmp_path_factory.mktemp("train-moe")
+    tiny_relu_bert = build_tiny_bert(root / "initial", hidden_act="relu")
+    initial = BertModel.from_pretrained(tiny_relu_bert, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    with torch.no_grad():
+        for layer in initial.encoder.layer:
+            layer.intermediate.dense.weight.mul_(FFN_SCALE)
+            layer.output.dense.weight.mul_(FFN_SCALE)
+    initial.save_pretrained(tiny_relu_bert)
+    csv = write_toy_sentiment(root / "reviews.csv", rows=800, mixed=True)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    data_step.main(
+        [
+            "--path",
+            str(csv),
+            "--text-column",
+            "text",
+            "--label-column",
+            "category",
+            "--labels",
+            "rotten",
+            "fresh",
+            "--out",
+            str(root / "data"),
+        ]
+    )
+    finetune_step.main(
+        ["--model", str(tiny_relu_bert), "--data", str(root / "data"), "--out", str(root / "finetune"), "--epochs", "10",
+         "--batch-size", "16", "--max-length", "32", "--learning-rate", "3e-3", "--no-freeze-embeddings", "--precision", "fp32"]
+    )  # fmt: skip
+    model = load_model(str(root / "finetune" / "model"))
+    generator = torch.Generator().manual_seed(0)
+    labels, routers = {}, {}
+    for index in range(2):
+        labels[index] = torch.randperm(64, generator=generator) % E
+        torch.manual_seed(index)
+        routers[index] = MLPRouter(model.config.hidden_size, E)
+    save_tensors(
+        root / "labels.safetensors",
+        {f"layer.{i}": t.to(torch.int32) for i, t in labels.items()},
+        {"split": "random", "num_experts": str(E)},
+    )
+    save_tensors(root / "router.safetensors", router_tensors(routers), {"selector": "mlp", "num_experts": str(E), "layers": "2"})
+    return root
+
+
+def conversion_flags(root):
+    return ["--labels", str(root / "labels.safetensors"), "--router", str(root / "router.safetensors"),
+            "--selector", "mlp", "--num-experts", str(E), "--split", "random"]  # fmt: skip
+
+
+def train(root, mode, out, *extra, model=None):
+    train_moe_step.main(
+        ["--mode", mode, "--model", str(model or root / "finetune" / "model"), "--data", str(root / "data"), "--out", str(out),
+         "--batch-size", "16", "--learning-rate", "3e-3", "--seed", "0", *extra]
+    )  # fmt: skip
+    return read_json(out / "metrics.json")
+
+
+def upcycle(root, out, *extra):
+    upcycle_step.main(["--model", str(root / "finetune" / "model"), "--name", "test", "--out", str(out), *extra])
+    return out / "model"
+
+
+def evaluate(root, model, out):
+    evaluate_step.main(
+        ["--model", str(model), "--data", str(root / "data"), *conversion_flags(root), "--penalty", "none", "--seed", "0",
+         "--budgets", str(BUDGET), "1.0", "--out", str(out)]
+    )  # fmt: skip
+    return {r["budget"]: r for r in json.loads(out.read_text()) if r.get("rule") == "top_k"}
+
+
+def test_recovery_lowers_the_distillation_loss_and_wins_back_accuracy(task, tmp_path):
+    out = tmp_path / "recover"
+    metrics = train(task, "recover", out, *conversion_flags(task), "--recovery", "kd", "--budget", str(BUDGET),
+                    "--epochs", "4", "--distill-alpha", "1.0", "--temperature", "2", "--learning-rate", "1e-3")  # fmt: skip
+    history = metrics["history"]
+    assert history[0]["epoch"] == 0 and history[-1]["validation_distill_loss"] < 0.8 * history[0]["validation_distill_loss"], (
+        history
+    )
+    assert metrics["k"] == round(BUDGET * E) and metrics["train_steps"] > 0
+    before = evaluate(task, task / "finetune" / "model", tmp_path / "before.json")
+    after = evaluate(task, out / "model", tmp_path / "after.json")
+    assert before[BUDGET]["relative_accuracy"] < 0.97, (
+        "the unrecovered MoE at this budget must lose accuracy for the test to mean anything"
+    )
+    assert after[BUDGET]["test_accuracy"] > before[BUDGET]["test_accuracy"] + 0.02
+    assert after[BUDGET]["test_accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-9), (
+        "evaluate measures what training kept"
+    )
+    # only the experts trained: every other weight of the recovered checkpoint is the fine-tuned model's
+    dense, recovered = load_model(str(task / "finetune" / "model")).state_dict(), load_model(str(out / "model")).state_dict()
+    changed = {k for k in dense if not torch.equal(dense[k], recovered[k])}
+    assert changed and all(".intermediate.dense." in k or ".output.dense." in k and "attention" not in k for k in changed), (
+        changed
+    )
+
+
+def test_upcycled_training_saves_a_model_that_reloads_to_what_was_measured(task, tmp_path):
+    out = tmp_path / "upcycle"
+    initial = upcycle(task, tmp_path / "init", "--experts", "4", "--k", "2", "--layers", "all")
+    metrics = train(
+        task,
+        "moe",
+        out,
+        "--max-steps",
+        "12",
+        "--balance-weight",
+        "0.01",
+        "--z-weight",
+        "0.001",
+        "--upcycled",
+        "test",
+        model=initial,
+    )
+    assert metrics["train_steps"] == 12 and metrics["upcycling"]["layers"] == [0, 1] and metrics["upcycled"] == "test"
+    assert metrics["train_tokens"] == metrics["history"][-1]["train_tokens"] > 12 * 16
+    assert metrics["total_parameters"] > metrics["active_parameters"]
+    # 2 of 4 full copies: twice the dense FFN's FLOPs, plus the routers
+    assert metrics["ffn_flops_fraction"] == pytest.approx(2.0 + 2 * 2 * 32 * 4 / metrics["dense_ffn_flops_per_token"], rel=1e-6)
+    assert 1.0 <= metrics["test_load_max_over_mean"] <= 4.0 and metrics["test_dropped_share"] == 0.0
+    model, moes, tokenizer = load_sparse_moe(out / "model")
+    assert sorted(moes) == [0, 1] and moes[0].routing == Routing("top_k", k=2)
+    again = evaluate_upcycled(model, tokenizer, task)
+    assert again == pytest.approx(metrics["test_accuracy"], abs=1e-9)
+
+
+def evaluate_upcycled(model, tokenizer, root):
+    from moefy.datafiles import read_split
+
+    texts, labels = read_split(root / "data" / "test.jsonl")
+    with torch.no_grad():
+        predictions = []
+        for start in range(0, len(texts), 128):
+            inputs = tokenizer(texts[start : start + 128], padding=True, truncation=True, return_tensors="pt")
+            predictions += model(**inputs).logits.argmax(-1).tolist()
+    return sum(p == y for p, y in zip(predictions, labels)) / len(labels)
+
+
+def test_dense_continuation_trains_every_weight_for_the_same_steps(task, tmp_path):
+    metrics = train(task, "dense", tmp_path / "dense", "--max-steps", "12")
+    assert metrics["train_steps"] == 12 and metrics["ffn_flops_fraction"] == 1.0
+    assert metrics["total_parameters"] == metrics["active_parameters"]
+    assert "upcycling" not in metrics
+
+
+def test_bad_requests_are_clear_errors(task, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train(task, "recover", tmp_path / "x")
+    assert (
+        "--mode recover needs --labels, --router, --split, --selector, --num-experts, --recovery task or kd"
+        in capsys.readouterr().err
+    )
+    with pytest.raises(SystemExit):
+        train(task, "recover", tmp_path / "x", *conversion_flags(task), "--recovery", "kd", "--trainable", "routers")
+    assert "invalid choice: 'routers'" in capsys.readouterr().err
+    with pytest.raises(MoefyError, match="not an MoE model trained by moefy"):
+        train(task, "moe", tmp_path / "x")
+    with pytest.raises(MoefyError, match="FFNs 0-1"):
+        upcycle(task, tmp_path / "x", "--layers", "5")
+    assert not (tmp_path / "x").exists(), "nothing half-written"
+
+
+@pytest.mark.parametrize("family", ["bert", "t5-gated", "gpt2", "llama"])
+def test_save_and_reload_give_identical_logits(family, tmp_path):
+    folder = build_tiny(family, tmp_path / family)
+    task = "causal_lm" if family in DECODERS else "classification"
+    torch.manual_seed(0)
+    model = load_model(str(folder), task, label_names=None if task == "causal_lm" else ["a", "b"])
+    moes = upcycle_model(model, "every_other", 4, Routing("expert_choice", capacity_factor=2.0), drop_ratio=0.5, seed=3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # as if trained: nothing may come back from the dense file
+    tokenizer = load_tokenizer(str(folder))
+    save_sparse_moe(model, moes, tokenizer, tmp_path / "saved", task)
+    reloaded, reloaded_moes, _ = load_sparse_moe(tmp_path / "saved")
+    mask_padding(model, moes.values())  # as load_sparse_moe does: padding takes no expert-choice capacity
+    inputs = tokenizer(["the movie was good", "bad plot"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(reloaded(**inputs).logits, model.eval()(**inputs).logits)
+    assert sorted(reloaded_moes) == sorted(moes) and reloaded_moes[1].routing.kind == "expert_choice"
+    with pytest.raises(MoefyError, match="not an MoE model trained by moefy"):
+        load_sparse_moe(folder)
+
+
+def test_distillation_loss_is_zero_for_the_teacher_and_t2_kl_otherwise():
+    teacher = torch.tensor([[2.0, 0.0, -1.0]])
+    assert float(distillation_loss(teacher, teacher, 2.0)) == pytest.approx(0.0, abs=1e-7)
+    student = torch.zeros(1, 3)
+    p = (teacher / 2).softmax(-1)
+    expected = 4 * float((p * (p.log() - math.log(1 / 3))).sum())
+    assert float(distillation_loss(student, teacher, 2.0)) == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(MoefyError, match="distill must be in"):
+        LossWeights(distill=1.5)
+
+
+def test_trainable_parameters(tiny_relu_bert):
+    model = load_model(str(tiny_relu_bert), label_names=["a", "b"])
+    moes = upcycle_model(model, "all", 4, Routing())
+    routers = {id(p) for moe in moes.values() for p in moe.router.parameters()}
+    experts = {id(p) for moe in moes.values() for n, p in moe.named_parameters() if not n.startswith("router.")}
+    assert {id(p) for p in select_trainable(model, moes.values(), "experts")} == experts
+    assert {id(p) for p in select_trainable(model, moes.values(), "routers")} == routers
+    assert {id(p) for p in select_trainable(model, moes.values(), "experts_and_routers")} == experts | routers
+    assert len(select_trainable(model, moes.values(), "all")) == len(list(model.parameters()))
+    with pytest.raises(MoefyError, match="no MoE layer"):
+        select_trainable(load_model(str(tiny_relu_bert), label_names=["a", "b"]), [], "experts")
+
+
+def test_two_cpu_ranks_train_the_same_model_as_one(task, tmp_path):
+    """Data parallel over 2 gloo ranks: each rank takes half of every global batch and DDP averages
+    the gradients, so the weights match one rank's up to float summation order (1e-5 after 6 steps).
+    Attention key biases are the exception: their exact gradient is 0 (a softmax does not change
+    when one query's scores all shift together), so Adam turns rounding noise into steps of random
+    sign; they are compared through the logits, which they cannot change. For the same reason the
+    experts are drop-upcycled: identical copies give the router an exact gradient of 0 too."""
+    initial = upcycle(task, tmp_path / "init", "--experts", "4", "--layers", "1", "--drop-ratio", "0.5")
+    common = ["--mode", "moe", "--model", str(initial), "--data", str(task / "data"),
+              "--batch-size", "16", "--learning-rate", "3e-3", "--max-steps", "6", "--balance-weight", "0"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for ranks in (1, 2):
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+        done = subprocess.run(
+            [*launcher, "-m", "moefy.steps.train_moe", *common, "--device", "cpu", "--out", str(tmp_path / str(ranks))],
+            env=env, capture_output=True, text=True,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+    one, _, _ = load_sparse_moe(tmp_path / "1" / "model")
+    two, _, _ = load_sparse_moe(tmp_path / "2" / "model")
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+        if not name.endswith("attention.self.key.bias"):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    tokenizer = load_tokenizer(str(initial))
+    inputs = tokenizer(["good funny smart", "a dull boring plot"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(one(**inputs).logits, two(**inputs).logits, atol=1e-5, rtol=1e-4)
