@@ -1,4 +1,5 @@
-# moefy: fine-tune -> activations -> split -> balance -> selector -> evaluate -> report.
+# moefy: fine-tune -> activations -> split -> balance -> selector -> [recover] -> evaluate -> report,
+# and fine-tune -> upcycle -> train (beside a dense continuation) -> report_upcycling.
 # `snakemake --cores all` runs the grid in config.yaml; asking for one evaluate/*.json file runs one ablation.
 from snakemake.utils import min_version
 
@@ -24,6 +25,8 @@ include: "rules/split.smk"
 include: "rules/balance.smk"
 include: "rules/selector.smk"
 include: "rules/evaluate.smk"
+include: "rules/train_moe.smk"
+include: "rules/upcycle.smk"
 include: "rules/export.smk"
 include: "rules/report.smk"
 
@@ -32,6 +35,7 @@ rule all:
     default_target: True
     input:
         rules.report.output,
+        rules.report_upcycling.output if GRID.upcycled else [],
 
 
 onstart:

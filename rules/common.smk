@@ -6,7 +6,7 @@ from pathlib import Path
 
 from moefy import owners, tracking
 from moefy.cli import settings_flags
-from moefy.config import PENALTIES, SELECTORS, SPLITS, validate
+from moefy.config import PENALTIES, RECOVERIES, SELECTORS, SPLITS, validate
 from moefy.errors import MoefyError
 from moefy.launch import export_source_folder, interpreter_first_on_path, step_command, threads_per_rank
 from moefy.study import Evaluation, Study, Variant
@@ -41,6 +41,8 @@ wildcard_constraints:
     split="|".join(SPLITS),
     selector="|".join(SELECTORS),
     num_experts=r"\d+",
+    recovery="|".join(r for r in RECOVERIES if r != "none"),  # none: the plain evaluate rule
+    upcycled="|".join(sorted(config["upcycling"]["models"])) or "(?!)",  # never `dense`
 
 
 def results(*parts):
@@ -141,7 +143,11 @@ def ablation_flags(wildcards):
 
 def evaluation_of(wildcards):
     return Evaluation(
-        Variant(wildcards.penalty, int(wildcards.seed)), wildcards.split, int(wildcards.num_experts), wildcards.selector
+        Variant(wildcards.penalty, int(wildcards.seed)),
+        wildcards.split,
+        int(wildcards.num_experts),
+        wildcards.selector,
+        wildcards.get("recovery", "none"),
     )
 
 
@@ -153,6 +159,21 @@ def rules_flags(wildcards):
 
 def evaluations():
     return [results("evaluate", e.variant.name, f"{e.name}.json") for e in GRID.evaluations]
+
+
+def reference_flag(wildcards, input):
+    """A recovered model is measured against its fine-tuned model: relative numbers stay relative to it."""
+    return f"--reference {input.reference}" if input.get("reference") else ""
+
+
+def upcycle_flags(wildcards):
+    """The upcycle keys of model `upcycled` (upcycling.models.<name> over the upcycle defaults)."""
+    return settings_flags(GRID.upcycle_settings(wildcards.upcycled))
+
+
+def upcycled_metrics():
+    """The trained upcycled models and dense continuations of upcycling.models (none: no upcycling)."""
+    return [results("upcycle", u.variant.name, u.name, "metrics.json") for u in GRID.upcycled]
 
 
 def check_before_jobs():

@@ -23,7 +23,8 @@ rule evaluate:
         rules=rules_flags,
         device=COMPUTE["device"],
         settings=settings_flags({"batch_size": config["evaluate"]["batch_size"]}),
+        reference=reference_flag,
     shell:
-        "OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --task {params.task} {params.ablation} "
+        "OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} {params.reference} --task {params.task} {params.ablation} "
         "--data {params.data} --labels {input.labels} --router {input.router} --kernels {input.kernels} {params.rules} --out {output} "
         "--device {params.device} {params.settings} > {log} 2>&1"

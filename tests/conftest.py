@@ -246,18 +246,18 @@ def snakemake(workdir: Path, *args: str, cores: int = 2, env: dict | None = None
 
 
 def start_snakemake(workdir: Path, *args: str, cores: int = 2) -> subprocess.Popen:
-    """The real Snakefile in `workdir`, started in the background (see finish_snakemake)."""
+    """The real Snakefile in `workdir`, started in the background (see finish_snakemake). Its stderr
+    goes to a file, not a pipe: a pipe nobody reads while other tests run would fill and stall it."""
     command = snakemake_command(workdir, *args, cores=cores)
-    return subprocess.Popen(
-        command, cwd=workdir, env=environment(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    with open(workdir / "snakemake.stderr", "w") as stderr:
+        return subprocess.Popen(command, cwd=workdir, env=environment(workdir), stdout=subprocess.DEVNULL, stderr=stderr)
 
 
 def finish_snakemake(proc: subprocess.Popen, workdir: Path) -> None:
     """Wait for a start_snakemake run; on failure, fail the test with the job logs."""
-    _, stderr = proc.communicate()
+    proc.wait()
     if proc.returncode != 0:
-        _fail_with_logs(workdir, proc.args, stderr)
+        _fail_with_logs(workdir, proc.args, (workdir / "snakemake.stderr").read_text())
 
 
 # --- the shared tiny study ------------------------------------------------------------------------
@@ -271,6 +271,12 @@ CONVERSIONS = [("random", "groundtruth"), ("kmeans", "similarity"), ("coact", "m
 BUDGETS, THRESHOLDS = [0.25, 0.5, 0.75, 1.0], [0.0, 0.5, 1.0]
 VARIANT = "hoyer-seed0"  # D2DMoE's penalty: its fine-tuning path is the one with most to test
 REPLICATE = "hoyer-seed1"  # a second seed of one ablation: replicates and the report's spread
+# Recovery (kd) of kmeans / similarity, and two upcycled models: top-2 of copies, drop-upcycled expert choice.
+RECOVERED = f"kmeans-E{E}-similarity-kd"
+UPCYCLED_MODELS = {
+    "top2": {"experts": E, "k": 2},
+    "expert-choice": {"experts": E, "routing": "expert_choice", "capacity_factor": 2.0, "drop_ratio": 0.5},
+}
 
 
 def diagonal(conversions, **arm) -> dict:
@@ -283,7 +289,8 @@ def diagonal(conversions, **arm) -> dict:
 
 def tiny_config(**overrides) -> dict:
     """Every split and selector on one Hoyer-fine-tuned tiny BERT, budgets and thresholds, plus a
-    second seed of coact / mlp."""
+    second seed of coact / mlp, a recovered conversion, and two upcycled models with their dense
+    continuation."""
     config = {
         "study": TINY,
         "model": {"name_or_path": "model"},
@@ -291,7 +298,16 @@ def tiny_config(**overrides) -> dict:
         "grid": {
             **diagonal(CONVERSIONS, penalty=["hoyer"], thresholds=THRESHOLDS),
             "replicate": {"penalty": ["hoyer"], "seed": [1], "split": ["coact"], "num_experts": [E], "selector": ["mlp"]},
+            "recovered": {
+                "penalty": ["hoyer"],
+                "split": ["kmeans"],
+                "num_experts": [E],
+                "selector": ["similarity"],
+                "recovery": ["kd"],
+            },
         },
+        "upcycling": {"penalty": "hoyer", "seeds": [0], "models": UPCYCLED_MODELS},
+        "train_moe": {"max_steps": 8, "batch_size": 16, "learning_rate": 1e-3},
         "finetune": {
             "epochs": 3,
             "batch_size": 16,
@@ -324,13 +340,22 @@ def in_study(workdir: Path, step: str, *parts: str, variant: str = VARIANT) -> P
     return workdir.joinpath("results", TINY, step, *([variant] if per_variant else []), *parts)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_study_started(request, tmp_path_factory):
+    """Start the shared tiny study as the session begins, when a selected test needs it: it runs
+    beside the first tests (the T5 and LLaMA studies), whose job chains leave cores idle."""
+    if not any("tiny_study" in item.fixturenames for item in request.session.items):
+        return None
+    workdir = make_workdir(tmp_path_factory.mktemp("tiny-study"))
+    return workdir, start_snakemake(workdir, cores=4), time.time()
+
+
 @pytest.fixture(scope="session")
-def tiny_study(tmp_path_factory) -> Path:
+def tiny_study(_tiny_study_started) -> Path:
     """The shared tiny study, run once with 4 jobs at a time: its selector and evaluate jobs become
     ready together and write to one fresh SQLite MLflow store."""
-    workdir = make_workdir(tmp_path_factory.mktemp("tiny-study"))
-    started = time.time()
-    snakemake(workdir, cores=4)
+    workdir, proc, started = _tiny_study_started
+    finish_snakemake(proc, workdir)
     (workdir / "wall_seconds").write_text(f"{time.time() - started:.1f}")
     return workdir
 

@@ -47,7 +47,7 @@ def test_summary_has_one_row_per_budget_with_grid_columns(tmp_path):
         write_eval(tmp_path, "random-E8-similarity.json", [(0.5, 0.7), (1.0, 0.9)]),
     ]
     table = summarise(files)
-    assert list(table.columns[:6]) == ["penalty", "seed", "split", "num_experts", "selector", "rule"]
+    assert list(table.columns[:7]) == ["penalty", "seed", "split", "num_experts", "selector", "recovery", "rule"]
     assert len(table) == 4 and set(table["split"]) == {"kmeans", "random"}
     assert table.loc[(table.split == "kmeans") & (table.budget == 0.5), "test_accuracy"].item() == 0.85
     assert set(table["precision"]) == {"fp32"}
@@ -132,7 +132,7 @@ def test_perplexity_evaluations_are_summarised_and_plotted(tmp_path):
     ]
     (tmp_path / "kmeans-E8-mlp.json").write_text(json.dumps(records))
     table = summarise([tmp_path / "kmeans-E8-mlp.json"])
-    assert list(table.columns[11:14]) == ["test_perplexity", "relative_perplexity", "ffn_flops_fraction"]
+    assert list(table.columns[12:15]) == ["test_perplexity", "relative_perplexity", "ffn_flops_fraction"]
     assert flops_at_99(table)["flops_at_99pct"].item() == 0.5  # 20.1 <= 20 / 0.99; 25 is not
     plot_relative_vs_flops(table, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
@@ -145,3 +145,34 @@ def test_mixed_metrics_are_refused(tmp_path):
     (tmp_path / "random.json").write_text(json.dumps([other]))
     with pytest.raises(MoefyError, match="exactly one of test_accuracy, test_perplexity"):
         summarise([path, tmp_path / "random.json"])
+
+
+def test_upcycling_table_compares_each_model_with_the_dense_continuation_of_its_seed(tmp_path):
+    from moefy.files import write_json
+    from moefy.report import upcycling_by_model, upcycling_table
+
+    def trained(name, seed, accuracy, routing=None):
+        spec = {} if routing is None else {"upcycling": {"layers": [1, 3], "experts": 8, "routing": routing, "drop_ratio": 0.0}}
+        path = tmp_path / f"{name}-{seed}.json"
+        write_json(path, {"penalty": "none", "seed": seed, "mode": "dense" if routing is None else "moe", "upcycled": name,
+                          "test_accuracy": accuracy, "total_parameters": 10, "active_parameters": 8, **spec})  # fmt: skip
+        return path
+
+    top2 = {"kind": "top_k", "k": 2, "renormalize": True, "capacity_factor": 2.0}
+    files = [trained("dense", 0, 0.80), trained("dense", 1, 0.70), trained("top2", 0, 0.85, top2), trained("top2", 1, 0.71, top2)]
+    table = upcycling_table(files)
+    rows = table.set_index(["upcycled", "seed"])
+    assert rows.loc[("top2", 0), "accuracy_minus_dense"] == pytest.approx(0.05)
+    assert rows.loc[("top2", 1), "accuracy_minus_dense"] == pytest.approx(0.01)
+    assert (
+        rows.loc[("top2", 0), "routing"] == "top_k"
+        and rows.loc[("top2", 0), "k"] == 2
+        and rows.loc[("top2", 0), "layers"] == "1,3"
+    )
+    assert rows.loc[("dense", 0), "routing"] == "dense" and rows.loc[("dense", 1), "accuracy_minus_dense"] == 0
+    models = upcycling_by_model(table).set_index("upcycled")
+    assert models.loc["top2", "accuracy_minus_dense_mean"] == pytest.approx(0.03)
+    assert models.loc["top2", "accuracy_minus_dense_std"] == pytest.approx(0.04 / 2**0.5) and models.loc["top2", "seeds"] == 2
+    write_json(tmp_path / "bad.json", {"test_accuracy": 1.0})
+    with pytest.raises(MoefyError, match="not a metrics file of the train_moe step"):
+        upcycling_table([tmp_path / "bad.json"])

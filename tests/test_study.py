@@ -65,3 +65,42 @@ def test_an_empty_list_is_refused(key):
     arm = {"split": ["kmeans"], "num_experts": [8], "selector": ["mlp"], key: []}
     with pytest.raises(MoefyError, match=f"grid.a.{key}"):
         study({"a": arm})
+
+
+def test_recovery_is_an_axis_whose_evaluations_get_their_own_files():
+    grid = study({"a": {"split": ["kmeans"], "num_experts": [8], "selector": ["mlp"], "recovery": ["none", "kd"]}})
+    by_recovery = {e.recovery: e for e in grid.evaluations}
+    assert sorted(by_recovery) == ["kd", "none"]
+    plain, recovered = by_recovery["none"], by_recovery["kd"]
+    assert plain.name == "kmeans-E8-mlp" and recovered.name == "kmeans-E8-mlp-kd" and recovered.conversion == plain.name
+    assert grid.rules(recovered) == grid.rules(plain)
+
+
+def test_upcycled_models_come_with_a_dense_continuation_and_their_variant():
+    config = copy.deepcopy(BASE) | {
+        "grid": {"a": {"split": ["kmeans"], "num_experts": [8], "selector": ["mlp"]}},
+        "upcycling": {"penalty": "hoyer", "seeds": [0, 2], "models": {"top2": {}, "ec": {"routing": "expert_choice"}}},
+    }
+    grid = Study(validate(config))
+    assert [(u.variant.name, u.name) for u in grid.upcycled] == [
+        ("hoyer-seed0", "ec"), ("hoyer-seed0", "top2"), ("hoyer-seed0", "dense"),
+        ("hoyer-seed2", "ec"), ("hoyer-seed2", "top2"), ("hoyer-seed2", "dense"),
+    ]  # fmt: skip
+    assert Variant("hoyer", 2) in grid.variants and Variant("none", 0) in grid.variants
+    # each model is the upcycle section's defaults with its own keys over them
+    assert grid.upcycle_settings("ec")["routing"] == "expert_choice" and grid.upcycle_settings("ec")["experts"] == 8
+    assert grid.upcycle_settings("top2") == {**grid.upcycle_settings("ec"), "routing": "top_k"}
+    assert Study(validate(copy.deepcopy(BASE) | {"grid": config["grid"]})).upcycled == [], "no models: no upcycling"
+
+
+@pytest.mark.parametrize(
+    ("models", "fragment"),
+    [({"dense": {}}, "dense"), ({"top2": {"experts": 0}}, "upcycling.models.top2.experts"), ({"x": {"kind": 1}}, "kind")],
+)
+def test_bad_upcycling_models_are_refused(models, fragment):
+    config = copy.deepcopy(BASE) | {
+        "grid": {"a": {"split": ["kmeans"], "num_experts": [8], "selector": ["mlp"]}},
+        "upcycling": {"models": models},
+    }
+    with pytest.raises(MoefyError, match=fragment):
+        validate(config)

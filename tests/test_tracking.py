@@ -95,3 +95,10 @@ def test_run_names_read_like_the_job_s_paths():
     )
     assert tracking.run_name("finetune", {"penalty": "none", "seed": 1}) == "finetune none-seed1"
     assert tracking.run_name("data", {}) == "data"
+
+
+def test_run_names_of_training_jobs_name_the_recovery_and_the_upcycled_model():
+    wildcards = {"penalty": "none", "seed": 0, "split": "kmeans", "num_experts": 48, "selector": "mlp", "recovery": "kd"}
+    assert tracking.run_name("train_moe", wildcards) == "train_moe none-seed0 kmeans-E48-mlp-kd"
+    assert tracking.run_name("evaluate", wildcards | {"recovery": "none"}) == "evaluate none-seed0 kmeans-E48-mlp"
+    assert tracking.run_name("train_moe", {"penalty": "none", "seed": 1, "upcycled": "top2"}) == "train_moe none-seed1 top2"

@@ -126,7 +126,7 @@ def test_summary_contract(tiny_study):
         table.columns
     )
     main = len(CONVERSIONS) * (len(BUDGETS) + len(THRESHOLDS))
-    assert len(table) == main + len(BUDGETS)  # + the second seed of coact / mlp, top-k only
+    assert len(table) == main + 2 * len(BUDGETS)  # + the second seed of coact / mlp and the recovered one, top-k only
     assert set(table["penalty"]) == {"hoyer"} and set(table["seed"]) == {0, 1}
     assert (table.groupby(["seed", "split", "selector", "rule"])["flops_at_99pct"].nunique() <= 1).all()
     assert in_study(tiny_study, "report", "accuracy_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
@@ -177,8 +177,11 @@ def test_mlflow_parent_and_job_runs(tiny_study):
         "split": len(SPLITS) + 1,
         "balance": len(SPLITS) + 1,
         "selector": evaluations,
-        "evaluate": evaluations,
+        "evaluate": evaluations + 1,  # + the recovered conversion
         "report": 1,
+        "train_moe": 4,  # recovery, two upcycled models, the dense continuation
+        "upcycle": 2,
+        "report_upcycling": 1,
     }
     assert {rule: rules.count(rule) for rule in set(rules)} == expected
     assert first.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in children)
@@ -212,13 +215,20 @@ def test_parallel_jobs_lose_no_mlflow_run_or_metric(tiny_study):
             r.data.tags.get("wildcard.seed"),
             r.data.tags.get("wildcard.split"),
             r.data.tags.get("wildcard.selector"),
+            r.data.tags.get("wildcard.recovery"),
+            r.data.tags.get("wildcard.mode"),
+            r.data.tags.get("wildcard.upcycled"),
         )
         for r in jobs
     ]
     conversions = len(CONVERSIONS) + 1
-    assert len(keys) == len(set(keys)) == 1 + 1 + 2 + 2 + 4 + 4 + 2 * conversions + 1, "one run per job, none lost, none twice"
+    training = 1 + 4 + 2 + 1  # the recovered evaluate, train_moe, upcycle, report_upcycling
+    assert len(keys) == len(set(keys)) == 1 + 1 + 2 + 2 + 4 + 4 + 2 * conversions + 1 + training, (
+        "one run per job, none lost, none twice"
+    )
     for run in jobs:
-        if run.data.tags["rule"] == "evaluate" and run.data.tags["wildcard.seed"] == "0":
+        tags = run.data.tags
+        if tags["rule"] == "evaluate" and tags["wildcard.seed"] == "0" and tags["wildcard.recovery"] == "none":
             assert len(run.data.metrics) == (len(BUDGETS) + len(THRESHOLDS)) * 9, run.info.run_name  # rules x 9 metrics
         if run.data.tags["rule"] == "selector":
             assert {f"recall_at_{b:g}" for b in BUDGETS} <= set(run.data.metrics)

@@ -1,7 +1,7 @@
 """The study's summary: every evaluation in one table, each method over its seeds, and the task
 metric against FFN compute.
 
-Every record names its place in the grid (penalty, seed, split, num_experts, selector) and its
+Every record names its place in the grid (penalty, seed, split, num_experts, selector, recovery) and its
 rule, so the report reads no file names. The metric is whatever the evaluate step recorded as
 test_<metric> (accuracy, or perplexity for causal language modelling), so the report needs no
 task of its own. A method is a grid point without its seed: its numbers over seeds are given as
@@ -15,14 +15,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from moefy.config import PENALTIES
+from moefy.cli import ABLATION
+from moefy.config import PENALTIES, RECOVERIES
 from moefy.errors import MoefyError
 from moefy.files import atomic_path, read_json
 
-IDENTITY = ("penalty", "seed", "split", "num_experts", "selector")
+IDENTITY = ABLATION
 METRICS = ("accuracy", "perplexity")
 GROUP = [*IDENTITY, "rule"]  # one curve of one seed
-METHOD = ["penalty", "split", "num_experts", "selector", "rule"]  # one curve over seeds
+METHOD = [key for key in GROUP if key != "seed"]  # one curve over seeds
 POINT = ["budget", "tau"]  # one point of a curve
 WALL_CLOCK = ("ffn_ms_dense", "ffn_ms_moe", "ffn_speedup")  # measured, so never bit-identical across runs
 KEEP = 0.99  # flops_at_99pct: the smallest FLOPs fraction keeping 99% of the dense model's quality
@@ -67,6 +68,7 @@ def _records(path: Path) -> list[dict]:
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise MoefyError(f"{path} is not a list of evaluation records; delete it and rerun its evaluate job")
     for record in records:
+        record.setdefault("recovery", "none")  # written before recovery existed: unrecovered
         missing = [key for key in (*IDENTITY, "rule", "ffn_flops_fraction") if key not in record]
         if missing:
             raise MoefyError(
@@ -157,7 +159,7 @@ def write_csv(table: pd.DataFrame, path: str | Path) -> None:
 def plot_relative_vs_flops(table: pd.DataFrame, path: str | Path, title: str = "") -> None:
     """The relative metric (mean over seeds, with their spread as error bars) against the FFN FLOPs
     fraction, one panel per fine-tuning penalty: colour = split / selector, solid = top-k, dashed =
-    dynamic-k; the 99% line dotted."""
+    dynamic-k, thick = after recovery (a darker shade per recovery); the 99% line dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,22 +177,26 @@ def plot_relative_vs_flops(table: pd.DataFrame, path: str | Path, title: str = "
     seeds = int(table["seed"].nunique())
     for ax, penalty in zip(axes[0], penalties):
         part = curves[curves["penalty"] == penalty]
-        for (split, num_experts, selector, rule), group in part.groupby(["split", "num_experts", "selector", "rule"], sort=True):
+        for (split, num_experts, selector, recovery, rule), group in part.groupby(
+            ["split", "num_experts", "selector", "recovery", "rule"], sort=True
+        ):
             label = (
                 f"{split} / {selector}"
                 + (f" E={num_experts}" if len(markers) > 1 else "")
                 + (" dynamic-k" if rule == "dynamic" else "")
+                + ("" if recovery == "none" else f" + {recovery}")
             )
+            shade = 1 - 0.25 * RECOVERIES.index(recovery)
             ax.errorbar(
                 group["ffn_flops_fraction_mean"],
                 group[f"{relative}_mean"],
                 yerr=group[f"{relative}_std"] if seeds > 1 else None,
                 fmt=styles.get(rule, "-"),
-                color=colours[(split, selector)],
+                color=tuple(shade * c for c in colours[(split, selector)][:3]),
                 marker=markers.get(num_experts, "o"),
                 markersize=3,
                 capsize=2,
-                linewidth=1.2,
+                linewidth=1.2 if recovery == "none" else 2.4,
                 label=label,
             )
         ax.axhline(1.0, color="black", linewidth=1, label="dense")
@@ -222,3 +228,116 @@ def summary_files(table: pd.DataFrame, folder: str | Path, title: str = "") -> d
     write_csv(flops_at_99_by_method(table), files["flops_at_99pct"])
     plot_relative_vs_flops(table, files["plot"], title)
     return files
+
+
+# -- Sparse Upcycling ------------------------------------------------------------------------------
+
+UPCYCLING_COLUMNS = [
+    "upcycled",
+    "penalty",
+    "seed",
+    "routing",
+    "experts",
+    "k",
+    "capacity_factor",
+    "drop_ratio",
+    "layers",
+    "total_parameters",
+    "active_parameters",
+    "ffn_flops_fraction",
+    "train_steps",
+    "train_tokens",
+    "train_flops",
+    "train_seconds",
+    "test_load_max_over_mean",
+    "test_dropped_share",
+]
+
+
+def upcycling_table(metrics_files: Iterable[str | Path]) -> pd.DataFrame:
+    """One row per trained model (upcycled, or `dense`: the dense continuation) and seed, with its
+    task metric and its difference to the dense continuation of the same seed and steps."""
+    rows = []
+    for path in map(Path, metrics_files):
+        record = read_json(path)
+        if not isinstance(record, dict) or "upcycled" not in record or "mode" not in record:
+            raise MoefyError(
+                f"{path} is not a metrics file of the train_moe step (moe or dense mode); delete it and rerun its job"
+            )
+        spec = record.get("upcycling", {})
+        routing = spec.get("routing", {})
+        rows.append(
+            {
+                **{k: record.get(k) for k in UPCYCLING_COLUMNS},
+                **{f"test_{m}": record[f"test_{m}"] for m in METRICS if f"test_{m}" in record},
+                "routing": routing.get("kind", "dense"),
+                "experts": spec.get("experts", 1),
+                "k": routing.get("k") if routing.get("kind") == "top_k" else None,
+                "capacity_factor": routing.get("capacity_factor") if routing.get("kind") == "expert_choice" else None,
+                "drop_ratio": spec.get("drop_ratio", 0.0),
+                "layers": ",".join(map(str, spec.get("layers", []))),
+            }
+        )
+    if not rows:
+        raise MoefyError("no upcycled models to report; add some to upcycling.models in the config")
+    table = pd.DataFrame(rows)
+    metric = metric_of(table)
+    dense = table[table["upcycled"] == "dense"].set_index(["penalty", "seed"])[f"test_{metric}"]
+    table[f"{metric}_minus_dense"] = [
+        row[f"test_{metric}"] - dense.get((row["penalty"], row["seed"]), float("nan")) for _, row in table.iterrows()
+    ]
+    return table.sort_values(["upcycled", "penalty", "seed"], ignore_index=True)
+
+
+def upcycling_by_model(table: pd.DataFrame) -> pd.DataFrame:
+    """Each model over its seeds: the task metric and its difference to dense as mean and std."""
+    metric = metric_of(table)
+    numbers = [
+        f"test_{metric}",
+        f"{metric}_minus_dense",
+        "active_parameters",
+        "total_parameters",
+        "ffn_flops_fraction",
+        "train_seconds",
+    ]
+    grouped = table.groupby(["upcycled", "penalty"], sort=True)
+    out = grouped[numbers].mean().add_suffix("_mean")
+    spread = grouped[[f"test_{metric}", f"{metric}_minus_dense"]].agg(_spread).add_suffix("_std")
+    return out.join(spread).join(grouped.size().rename("seeds")).reset_index()
+
+
+def plot_upcycling(table: pd.DataFrame, path: str | Path, title: str = "") -> None:
+    """The task metric (mean and spread over seeds) against active FFN FLOPs per token (relative
+    to dense) and against total parameters, one point per model, the dense continuation in black."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = metric_of(table)
+    models = upcycling_by_model(table)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for ax, x, label in (
+        (axes[0], "ffn_flops_fraction_mean", "active FFN FLOPs per token (dense = 1)"),
+        (axes[1], "total_parameters_mean", "total parameters"),
+    ):
+        for i, row in models.iterrows():
+            dense = row["upcycled"] == "dense"
+            ax.errorbar(
+                row[x],
+                row[f"test_{metric}_mean"],
+                yerr=row[f"test_{metric}_std"] if row["seeds"] > 1 else None,
+                fmt="s" if dense else "o",
+                color="black" if dense else plt.get_cmap("tab10")(i % 10),
+                capsize=3,
+                label=f"{row['upcycled']} ({int(row['seeds'])} seed{'s' if row['seeds'] > 1 else ''})",
+            )
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"test {metric}")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(title or "Sparse Upcycling against dense continuation")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)

@@ -1,8 +1,10 @@
 """What a study runs: the validated config's grid of arms turned into variants and evaluations.
 
 A variant is one fine-tuned model (a sparsity penalty and a replicate seed); an evaluation is one
-conversion of a variant (split, expert count, selector) measured at the top-k budgets and dynamic-k
-thresholds of every arm that contains it. rules/common.smk turns these into file paths.
+conversion of a variant (split, expert count, selector), as converted or after recovery training,
+measured at the top-k budgets and dynamic-k thresholds of every arm that contains it. An upcycled
+model is one of `upcycling.models` built from one variant. rules/common.smk turns these into file
+paths.
 """
 
 from __future__ import annotations
@@ -30,11 +32,25 @@ class Evaluation:
     split: str
     num_experts: int
     selector: str
+    recovery: str = "none"
+
+    @property
+    def conversion(self) -> str:
+        """`<split>-E<num_experts>-<selector>`: the folder of its router (and of its recovery)."""
+        return f"{self.split}-E{self.num_experts}-{self.selector}"
 
     @property
     def name(self) -> str:
-        """The file name of its records, `<split>-E<num_experts>-<selector>`."""
-        return f"{self.split}-E{self.num_experts}-{self.selector}"
+        """The file name of its records: the conversion, then `-<recovery>` if it was recovered."""
+        return self.conversion + ("" if self.recovery == "none" else f"-{self.recovery}")
+
+
+@dataclass(frozen=True, order=True)
+class Upcycled:
+    """One model of `upcycling.models` built from one variant (name `dense`: the dense continuation)."""
+
+    variant: Variant
+    name: str
 
 
 @dataclass(frozen=True)
@@ -53,14 +69,21 @@ class Study:
         budgets: dict[Evaluation, set[float]] = {}
         thresholds: dict[Evaluation, set[float]] = {}
         for arm in config["grid"].values():
-            for penalty, seed, split, num_experts, selector in itertools.product(
-                arm["penalty"], arm["seed"], arm["split"], arm["num_experts"], arm["selector"]
+            for penalty, seed, split, num_experts, selector, recovery in itertools.product(
+                arm["penalty"], arm["seed"], arm["split"], arm["num_experts"], arm["selector"], arm["recovery"]
             ):
-                evaluation = Evaluation(Variant(penalty, seed), split, num_experts, selector)
+                evaluation = Evaluation(Variant(penalty, seed), split, num_experts, selector, recovery)
                 budgets.setdefault(evaluation, set()).update(arm.get("budgets", defaults["budgets"]))
                 thresholds.setdefault(evaluation, set()).update(arm.get("thresholds", defaults["thresholds"]))
         self._rules = {e: Rules(tuple(sorted(budgets[e])), tuple(sorted(thresholds[e]))) for e in sorted(budgets)}
         self._defaults = Rules(tuple(sorted(defaults["budgets"])), tuple(sorted(defaults["thresholds"])))
+        upcycling = config["upcycling"]
+        names = sorted(upcycling["models"])
+        self.upcycled = [
+            Upcycled(Variant(upcycling["penalty"], seed), name)
+            for seed in upcycling["seeds"]
+            for name in (names + ["dense"] if names else [])
+        ]
 
     @property
     def evaluations(self) -> list[Evaluation]:
@@ -68,7 +91,12 @@ class Study:
 
     @property
     def variants(self) -> list[Variant]:
-        return sorted({e.variant for e in self._rules})
+        """Every fine-tuned model the study needs: those converted and those upcycled."""
+        return sorted({e.variant for e in self._rules} | {u.variant for u in self.upcycled})
+
+    def upcycle_settings(self, name: str) -> dict[str, Any]:
+        """The upcycle keys of model `name` (validated: the section's defaults filled in)."""
+        return dict(self.config["upcycling"]["models"][name])
 
     @property
     def expert_counts(self) -> list[int]:

@@ -1,0 +1,50 @@
+# Recovery after conversion: the converted model trained at recover.budget, then evaluated at every
+# budget and threshold like the unrecovered one (evaluate/<variant>/<conversion>-<recovery>.json).
+RECOVERED = f"{CONVERSION}-{{selector}}-{{recovery}}"
+
+
+rule recover:
+    input:
+        model=rules.finetune.output.model,
+        data=rules.data.output.labels,
+        labels=rules.balance.output.labels,
+        router=rules.selector.output.router,
+    output:
+        model=directory(results("train_moe", VARIANT, RECOVERED, "model")),
+        metrics=results("train_moe", VARIANT, RECOVERED, "metrics.json"),
+    log:
+        logs("train_moe", f"{VARIANT}/{RECOVERED}"),
+    benchmark:
+        results("benchmarks", "train_moe", VARIANT, f"{RECOVERED}.tsv")
+    conda:
+        CONDA_ENV
+    threads: COMPUTE["threads"]["train_moe"]
+    params:
+        launch=launch("train_moe"),
+        omp=omp_threads,
+        ablation=ablation_flags,
+        task=config["task"],
+        data=folder_of("data"),
+        out=folder_of("metrics", "output"),
+        device=COMPUTE["device"],
+        settings=" ".join([step_settings("train_moe"), step_settings("recover")]),
+    shell:
+        "OMP_NUM_THREADS={params.omp} {params.launch} --mode recover --model {input.model} --task {params.task} "
+        "{params.ablation} --data {params.data} --labels {input.labels} --router {input.router} --out {params.out} "
+        "--device {params.device} {params.settings} > {log} 2>&1"
+
+
+use rule evaluate as evaluate_recovered with:
+    input:
+        model=rules.recover.output.model,
+        reference=rules.finetune.output.model,
+        test=rules.data.output.test,
+        labels=rules.balance.output.labels,
+        router=rules.selector.output.router,
+        kernels=rules.calibrate.output[0],
+    output:
+        results("evaluate", VARIANT, f"{RECOVERED}.json"),
+    log:
+        logs("evaluate", f"{VARIANT}/{RECOVERED}"),
+    benchmark:
+        results("benchmarks", "evaluate", VARIANT, f"{RECOVERED}.tsv")

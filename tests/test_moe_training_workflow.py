@@ -1,0 +1,85 @@
+"""End to end on the shared tiny study: a recovered conversion evaluated beside the unrecovered
+one, two upcycled models and the dense continuation, the report's upcycling table and plot, and
+their MLflow runs."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+from test_workflow import first_invocation
+
+from conftest import BUDGETS, RECOVERED, UPCYCLED_MODELS, VARIANT, E, in_study
+from moefy.export import load_sparse_moe
+from moefy.files import read_json
+from moefy.models import load_model
+
+pytestmark = pytest.mark.e2e
+
+
+def test_a_recovered_conversion_is_evaluated_against_the_dense_model(tiny_study):
+    recovered = json.loads(in_study(tiny_study, "evaluate", f"{RECOVERED}.json").read_text())
+    plain = json.loads(in_study(tiny_study, "evaluate", f"kmeans-E{E}-similarity.json").read_text())
+    assert [r["budget"] for r in recovered] == BUDGETS and {r["recovery"] for r in recovered} == {"kd"}
+    assert {r["recovery"] for r in plain} == {"none"}
+    # relative numbers stay relative to the fine-tuned model, not to the recovered one
+    assert {r["dense_test_accuracy"] for r in recovered} == {plain[0]["dense_test_accuracy"]}
+    full = recovered[-1]
+    assert full["budget"] == 1.0 and full["relative_accuracy"] == full["test_accuracy"] / full["dense_test_accuracy"]
+    training = read_json(in_study(tiny_study, "train_moe", RECOVERED, "metrics.json"))
+    assert training["mode"] == "recover" and training["recovery"] == "kd" and training["k"] == 1  # budget 0.2 of 4
+    assert training["train_steps"] == 8 and "validation_distill_loss" in training["history"][0]
+    # only expert weights changed: attention and embeddings are the fine-tuned model's
+    dense = load_model(str(in_study(tiny_study, "finetune", "model"))).state_dict()
+    after = load_model(str(in_study(tiny_study, "train_moe", RECOVERED, "model"))).state_dict()
+    changed = {k for k in dense if not torch.equal(dense[k], after[k])}
+    assert changed and all(".intermediate." in k or (".output.dense." in k and "attention" not in k) for k in changed), changed
+    summary = pd.read_csv(in_study(tiny_study, "report", "summary.csv"))
+    assert set(summary[(summary.split == "kmeans") & (summary.selector == "similarity")]["recovery"]) == {"none", "kd"}
+
+
+def test_upcycled_models_and_dense_continuation(tiny_study):
+    trained = {name: read_json(in_study(tiny_study, "upcycle", name, "metrics.json")) for name in [*UPCYCLED_MODELS, "dense"]}
+    assert {m["train_steps"] for m in trained.values()} == {8}, "the same steps for every model"
+    assert len({m["train_tokens"] for m in trained.values()}) == 1, "on the same batches"
+    top2, choice, dense = trained["top2"], trained["expert-choice"], trained["dense"]
+    assert top2["upcycling"]["layers"] == [1] and top2["upcycling"]["routing"]["kind"] == "top_k"
+    assert choice["upcycling"]["drop_ratio"] == 0.5 and choice["upcycling"]["routing"]["kind"] == "expert_choice"
+    assert dense["ffn_flops_fraction"] == 1.0 and dense["total_parameters"] == dense["active_parameters"]
+    # 2 of 4 copies in one of the two FFNs: (1 + 2) / 2 of the dense FFN FLOPs, plus a router
+    assert 1.5 < top2["ffn_flops_fraction"] < 1.55 and top2["total_parameters"] > dense["total_parameters"]
+    assert 0 <= choice["test_dropped_share"] < 1 and top2["test_dropped_share"] == 0
+    model, moes, _ = load_sparse_moe(in_study(tiny_study, "upcycle", "top2", "model"))
+    assert sorted(moes) == [1] and moes[1].num_experts == E
+    initial = read_json(in_study(tiny_study, "upcycle", "top2", "initial", "metrics.json"))
+    assert initial["total_parameters"] == top2["total_parameters"]
+
+    table = pd.read_csv(in_study(tiny_study, "report", "upcycling.csv"))
+    assert sorted(table["upcycled"]) == sorted([*UPCYCLED_MODELS, "dense"]) and set(table["penalty"]) == {"hoyer"}
+    dense_row = table[table.upcycled == "dense"].iloc[0]
+    assert dense_row["accuracy_minus_dense"] == 0 and dense_row["routing"] == "dense"
+    row = table[table.upcycled == "top2"].iloc[0]
+    assert row["accuracy_minus_dense"] == pytest.approx(top2["test_accuracy"] - dense["test_accuracy"])
+    assert in_study(tiny_study, "report", "upcycling.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_training_jobs_log_one_mlflow_run_each(tiny_study):
+    _, children = first_invocation(tiny_study)
+    trained = [r for r in children if r.data.tags["rule"] == "train_moe"]
+    names = sorted(r.info.run_name for r in trained)
+    assert names == sorted(
+        [f"train_moe {VARIANT} {RECOVERED}", f"train_moe {VARIANT} dense"] + [f"train_moe {VARIANT} {n}" for n in UPCYCLED_MODELS]
+    )
+    assert sorted(r.info.run_name for r in children if r.data.tags["rule"] == "upcycle") == sorted(
+        f"upcycle {VARIANT} {n}" for n in UPCYCLED_MODELS
+    )
+    assert [r.data.tags["rule"] for r in children].count("report_upcycling") == 1
+    by_name = {r.info.run_name.split()[-1]: r for r in trained}
+    for run in trained:
+        assert run.info.status == "FINISHED" and {"test_accuracy", "train_flops", "validation_accuracy"} <= set(run.data.metrics)
+    assert {"train_load_max_over_mean", "test_load_max_over_mean/layer_1"} <= set(by_name["top2"].data.metrics)
+    assert by_name["top2"].data.tags["wildcard.mode"] == "moe" and by_name["dense"].data.tags["wildcard.mode"] == "dense"
+    recover = by_name[RECOVERED]
+    assert "validation_distill_loss" in recover.data.metrics and recover.data.tags["wildcard.recovery"] == "kd"
