@@ -1,5 +1,5 @@
 """End to end on the shared tiny study: a recovered conversion evaluated beside the unrecovered
-one, two upcycled models and the dense continuation, the report's upcycling table and plot, and
+one, an upcycled model and the dense continuation, the report's upcycling table and plot, and
 their MLflow runs."""
 
 from __future__ import annotations
@@ -44,24 +44,25 @@ def test_upcycled_models_and_dense_continuation(tiny_study):
     trained = {name: read_json(in_study(tiny_study, "upcycle", name, "metrics.json")) for name in [*UPCYCLED_MODELS, "dense"]}
     assert {m["train_steps"] for m in trained.values()} == {8}, "the same steps for every model"
     assert len({m["train_tokens"] for m in trained.values()}) == 1, "on the same batches"
-    top2, choice, dense = trained["top2"], trained["expert-choice"], trained["dense"]
-    assert top2["upcycling"]["layers"] == [1] and top2["upcycling"]["routing"]["kind"] == "top_k"
-    assert choice["upcycling"]["drop_ratio"] == 0.5 and choice["upcycling"]["routing"]["kind"] == "expert_choice"
+    choice, dense = trained["expert-choice"], trained["dense"]
+    assert choice["upcycling"]["layers"] == [1] and choice["upcycling"]["routing"]["kind"] == "expert_choice"
+    assert choice["upcycling"]["drop_ratio"] == 0.5 and choice["upcycled"] == "expert-choice"
     assert dense["ffn_flops_fraction"] == 1.0 and dense["total_parameters"] == dense["active_parameters"]
-    # 2 of 4 copies in one of the two FFNs: (1 + 2) / 2 of the dense FFN FLOPs, plus a router
-    assert 1.5 < top2["ffn_flops_fraction"] < 1.55 and top2["total_parameters"] > dense["total_parameters"]
-    assert 0 <= choice["test_dropped_share"] < 1 and top2["test_dropped_share"] == 0
-    model, moes, _ = load_sparse_moe(in_study(tiny_study, "upcycle", "top2", "model"))
-    assert sorted(moes) == [1] and moes[1].num_experts == E
-    initial = read_json(in_study(tiny_study, "upcycle", "top2", "initial", "metrics.json"))
-    assert initial["total_parameters"] == top2["total_parameters"]
+    # each token takes 2 of 4 copies on average (capacity 2 T / E each) in one of the two FFNs: (1 + 2) / 2, plus a router
+    assert 1.5 < choice["ffn_flops_fraction"] < 1.55 and choice["total_parameters"] > dense["total_parameters"]
+    assert 0 <= choice["test_dropped_share"] < 1 and 1 <= choice["test_load_max_over_mean"]
+    model, moes, _ = load_sparse_moe(in_study(tiny_study, "upcycle", "expert-choice", "model"))
+    assert sorted(moes) == [1] and moes[1].num_experts == E and moes[1].routing.kind == "expert_choice"
+    initial = read_json(in_study(tiny_study, "upcycle", "expert-choice", "initial", "metrics.json"))
+    assert initial["total_parameters"] == choice["total_parameters"]
 
     table = pd.read_csv(in_study(tiny_study, "report", "upcycling.csv"))
     assert sorted(table["upcycled"]) == sorted([*UPCYCLED_MODELS, "dense"]) and set(table["penalty"]) == {"hoyer"}
     dense_row = table[table.upcycled == "dense"].iloc[0]
     assert dense_row["accuracy_minus_dense"] == 0 and dense_row["routing"] == "dense"
-    row = table[table.upcycled == "top2"].iloc[0]
-    assert row["accuracy_minus_dense"] == pytest.approx(top2["test_accuracy"] - dense["test_accuracy"])
+    row = table[table.upcycled == "expert-choice"].iloc[0]
+    assert row["accuracy_minus_dense"] == pytest.approx(choice["test_accuracy"] - dense["test_accuracy"])
+    assert row["routing"] == "expert_choice" and row["capacity_factor"] == 2.0
     assert in_study(tiny_study, "report", "upcycling.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -79,7 +80,8 @@ def test_training_jobs_log_one_mlflow_run_each(tiny_study):
     by_name = {r.info.run_name.split()[-1]: r for r in trained}
     for run in trained:
         assert run.info.status == "FINISHED" and {"test_accuracy", "train_flops", "validation_accuracy"} <= set(run.data.metrics)
-    assert {"train_load_max_over_mean", "test_load_max_over_mean/layer_1"} <= set(by_name["top2"].data.metrics)
-    assert by_name["top2"].data.tags["wildcard.mode"] == "moe" and by_name["dense"].data.tags["wildcard.mode"] == "dense"
+    upcycled = by_name["expert-choice"]
+    assert {"train_load_max_over_mean", "test_load_max_over_mean/layer_1", "test_dropped_share"} <= set(upcycled.data.metrics)
+    assert upcycled.data.tags["wildcard.mode"] == "moe" and by_name["dense"].data.tags["wildcard.mode"] == "dense"
     recover = by_name[RECOVERED]
     assert "validation_distill_loss" in recover.data.metrics and recover.data.tags["wildcard.recovery"] == "kd"

@@ -236,7 +236,7 @@ class SparseMoE(nn.Module):
 def mask_padding(model: nn.Module, moes: Iterable[SparseMoE]):
     """Before every forward of `model`, tell its MoE layers which positions are real tokens (its
     attention_mask), so that padding goes to no expert and takes no expert-choice capacity. Layers
-    whose input has another shape (a T5 decoder's) route every position. Returns the hook's handle."""
+    whose input has another shape (an encoder-decoder's decoder) route every position. Returns the hook's handle."""
     moes = list(moes)
 
     def hook(module, args, kwargs):
