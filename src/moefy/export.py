@@ -19,11 +19,12 @@ from pathlib import Path
 
 import torch
 
+from moefy.compression import LowRankSparse
 from moefy.config import TASKS
 from moefy.errors import MoefyError
 from moefy.ffn import find_ffns
 from moefy.files import atomic_dir, load_tensors, save_tensors, tensors_metadata, write_json
-from moefy.models import TRAINING_FILE, load_model, load_tokenizer
+from moefy.models import TRAINING_FILE, load_config, load_model, load_tokenizer
 from moefy.moe import MoEFFN, moefy_model, set_experts_per_token
 from moefy.routers import budget_to_k, build_routers, router_tensors
 from moefy.sparse_moe import Routing, SparseMoE, mask_padding
@@ -114,6 +115,9 @@ SPARSE_FORMAT = "moefy-sparse-moe/1"
 SPARSE_FILE = "sparse_moe.safetensors"
 
 
+SITES = ("ffn", "smoe")  # where a layer goes back: the dense FFN of that index, or the Hugging Face MoE block
+
+
 def save_sparse_moe(
     model: torch.nn.Module,
     moes: dict[int, SparseMoE],
@@ -121,10 +125,14 @@ def save_sparse_moe(
     out: str | os.PathLike,
     task: str,
     training: dict | None = None,
+    site: str = "ffn",
 ) -> Path:
     """Write `out`: a standard Hugging Face folder holding every weight but the MoE layers', plus
-    `sparse_moe.safetensors` with each MoE layer (by FFN index), its routing and its shapes, and
-    the model's training record (training.json) if given."""
+    `sparse_moe.safetensors` with each MoE layer (by FFN index, or with site "smoe" by the index
+    of the Hugging Face MoE block it replaces, moefy.smoe), its routing and its shapes (merged:
+    its expert map; compressed: its factors), and the model's training record (training.json)."""
+    if site not in SITES:
+        raise MoefyError(f"site {site!r} is not one of {', '.join(SITES)}")
     if task not in TASKS:
         raise MoefyError(f"task {task!r} is unknown; choose one of {', '.join(TASKS)}")
     inside = {name for name, module in model.named_modules() if isinstance(module, SparseMoE)}
@@ -136,7 +144,15 @@ def save_sparse_moe(
             raise MoefyError(
                 "save_sparse_moe saves upcycled layers (a Linear router); a converted layer goes back with write_back"
             )
-        layers[str(index)] = {"routing": asdict(moe.routing), "num_experts": moe.num_experts, "expert_size": moe.expert_size}
+        layers[str(index)] = {
+            "routing": asdict(moe.routing),
+            "num_experts": moe.num_experts,
+            "router_experts": moe.router_experts,
+            "expert_size": moe.expert_size,
+            "gated": moe.gated,
+            "factored": sorted(moe.factored),
+            "site": site,
+        }
     metadata = {"format": SPARSE_FORMAT, "task": task, "layers": json.dumps(layers, sort_keys=True)}
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, state_dict=rest, safe_serialization=True)
@@ -164,18 +180,76 @@ def load_sparse_moe(
             f"{path} is format {meta.get('format')!r}; this moefy reads {SPARSE_FORMAT!r}. Train it again with this version"
         )
     tensors = load_tensors(path)
-    model = load_model(str(folder), meta["task"])
-    ffns = {ffn.index: ffn for ffn in find_ffns(model)}
+    layers = json.loads(meta["layers"])
+    sites = {spec.get("site", "ffn") for spec in layers.values()}
+    if sites == {"smoe"}:
+        from moefy.smoe import find_smoe_blocks, load_hf_model  # the HF families' own MoE blocks
+
+        model = load_hf_model(str(folder), meta["task"])
+        # the activation of each block, read off its own conversion (one layer's copy at a time)
+        slots = {block.index: (lambda b=block: b.to_sparse().act, block.install) for block in find_smoe_blocks(model)}
+    else:
+        model = load_model(str(folder), meta["task"])
+        slots = {ffn.index: (lambda f=ffn: f.act, ffn.replace) for ffn in find_ffns(model)}
     moes = {}
-    for key, spec in json.loads(meta["layers"]).items():
+    for key, spec in layers.items():
         index = int(key)
-        if index not in ffns:
-            raise MoefyError(f"{path} has an MoE for FFN {index}, but the model has FFNs {min(ffns)}-{max(ffns)}")
+        if index not in slots:
+            raise MoefyError(f"{path} has an MoE for layer {index}, but the model has {sorted(slots)}")
         part = {name.removeprefix(f"layer.{index}."): t for name, t in tensors.items() if name.startswith(f"layer.{index}.")}
-        router = torch.nn.Linear(part["w_in"].shape[1], spec["num_experts"], bias=False)
-        router.weight.data = part.pop("router.weight")
-        moe = SparseMoE(act=ffns[index].act, router=router, routing=Routing(**spec["routing"]), **part)
-        ffns[index].replace(moe)
+        act, install = slots[index]
+        moe = sparse_moe_from_tensors(part, act(), Routing(**spec["routing"]))
+        install(moe)
         moes[index] = moe
     mask_padding(model, moes.values())
     return model.to(device).eval(), moes, load_tokenizer(str(folder))
+
+
+def sparse_moe_from_tensors(part: dict[str, torch.Tensor], act: torch.nn.Module, routing: Routing) -> SparseMoE:
+    """A SparseMoE from its state_dict (a Linear router; compressed weights as their factors)."""
+    weight = part.pop("router.weight")
+    bias = part.pop("router.bias", None)
+    router = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    router.weight.data = weight
+    if bias is not None:
+        router.bias.data = bias
+    factored = {}
+    for name in ("w_in", "w_gate", "w_out"):
+        prefix = f"factored.{name}."
+        pieces = {k.removeprefix(prefix): part.pop(k) for k in list(part) if k.startswith(prefix)}
+        if pieces:
+            factored[name] = LowRankSparse(**pieces)
+            part[name] = factored[name]().detach()
+    moe = SparseMoE(act=act, router=router, routing=routing, **part)
+    for name, factors in factored.items():
+        moe.compress(name, factors)
+    return moe
+
+
+def load_smoe(
+    folder: str | os.PathLike, task: str, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, dict[int, SparseMoE], object, str]:
+    """(model, MoE layers by index, tokenizer, site) of a sparse MoE: a folder moefy wrote (upcycled,
+    merged, compressed), or a Hugging Face SMoE checkpoint (Mixtral, Switch, ...: moefy.smoe)."""
+    folder = Path(folder)
+    if (folder / SPARSE_FILE).is_file():
+        layers = json.loads(tensors_metadata(folder / SPARSE_FILE)["layers"])
+        site = next(iter(layers.values())).get("site", "ffn")
+        model, moes, tokenizer = load_sparse_moe(folder, device)
+        return model, moes, tokenizer, site
+    from moefy.smoe import load_hf_smoe, smoe_families
+
+    model_type = getattr(load_config(str(folder)), "model_type", None)
+    if model_type not in smoe_families():
+        raise MoefyError(
+            f"{folder} is not an MoE model trained by moefy (it has no {SPARSE_FILE}: python -m moefy.steps.upcycle and "
+            f"train_moe write one), nor a Hugging Face MoE checkpoint (its model type is {model_type!r}; MoE families: "
+            f"{', '.join(smoe_families())})"
+        )
+    model, moes, tokenizer = load_hf_smoe(str(folder), task)
+    return model.to(device).eval(), moes, tokenizer, "smoe"
+
+
+def bytes_on_disk(folder: str | os.PathLike) -> int:
+    """Bytes of a model folder's weight files (*.safetensors): what a user stores and loads."""
+    return sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))

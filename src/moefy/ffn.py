@@ -43,6 +43,11 @@ class FFN:
         return self.w_in.out_features
 
     @property
+    def flops_per_token(self) -> int:
+        """2 FLOPs per multiply-add of the dense FFN's matmuls (2 projections, 3 if gated)."""
+        return 2 * (2 if self.w_gate is None else 3) * self.d_model * self.d_ff
+
+    @property
     def keys(self) -> torch.Tensor:
         """[d_ff, d_model]: the rows that decide whether a neuron is on for an input.
 
@@ -236,6 +241,11 @@ def causal_lm_families() -> list[str]:
 def find_ffns(model: nn.Module) -> list[FFN]:
     """All FFN blocks of `model`, in layer order (encoder before decoder), indices unique."""
     return family(model.config).find(model)
+
+
+def dense_ffn_flops(model: nn.Module) -> dict[int, int]:
+    """FLOPs per token of each dense FFN, by index (of a model whose FFNs are not replaced yet)."""
+    return {f.index: f.flops_per_token for f in find_ffns(model)}
 
 
 @contextmanager

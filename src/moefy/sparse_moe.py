@@ -16,6 +16,11 @@ Routing (`Routing.kind`):
   (softmax over experts), so no expert is ever over capacity and some tokens may go untaken;
 - `unweighted_top_k`: MoEfication's rule, the k best-scored experts summed with gate 1. The task
   loss then gives the router no gradient: its router keeps its selector training or stays frozen.
+
+A merged layer (moefy.merging) keeps its router over the original experts and an `expert_map`
+from them to the experts it stores: a token sent to two experts of one group gets that group's
+expert once, with the two gates summed. A compressed layer (moefy.compression) stores a weight as
+a low-rank product plus a sparse remainder, rebuilt for each forward.
 """
 
 from __future__ import annotations
@@ -95,6 +100,16 @@ def route(logits: torch.Tensor, routing: Routing, valid: torch.Tensor | None = N
     return Dispatch(token, expert, gate, torch.bincount(expert, minlength=num_experts))
 
 
+def regroup(dispatch: Dispatch, expert_map: torch.Tensor, num_groups: int, tokens: int) -> Dispatch:
+    """The pairs of a router over E experts sent to the groups `expert_map` [E] names: pairs of one
+    token to one group become one pair, their gates summed (the merged expert computes once)."""
+    key = expert_map[dispatch.expert] * tokens + dispatch.token
+    unique, inverse = torch.unique(key, sorted=True, return_inverse=True)  # sorted: by group, then token
+    gate = dispatch.gate.new_zeros(unique.shape).index_add(0, inverse, dispatch.gate)
+    group = unique // tokens
+    return Dispatch(unique % tokens, group, gate, torch.bincount(group, minlength=num_groups))
+
+
 def balance_loss(logits: torch.Tensor, dispatch: Dispatch, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Switch Transformer's auxiliary loss, E * sum_e f_e * P_e: f_e the share of (token, expert)
     pairs sent to expert e (top-1: the share of tokens), P_e the router's mean probability for e.
@@ -129,7 +144,8 @@ class SparseMoE(nn.Module):
 
     w_in, w_gate: [E, d, s]; w_out: [E, s, d]; b_in, b_gate: [E, s]; expert_bias: [E, d], each
     expert's own output bias (upcycled copies carry the FFN's); shared_bias: [d], added once per
-    token (a split FFN's output bias, which belongs to no expert).
+    token (a split FFN's output bias, which belongs to no expert). expert_map: [E_router] long,
+    the stored expert each of the router's experts is (merged layers; None: the identity).
     """
 
     def __init__(
@@ -144,6 +160,7 @@ class SparseMoE(nn.Module):
         b_gate: torch.Tensor | None = None,
         expert_bias: torch.Tensor | None = None,
         shared_bias: torch.Tensor | None = None,
+        expert_map: torch.Tensor | None = None,
     ):
         super().__init__()
         num_experts, d_model, size = w_in.shape
@@ -157,6 +174,13 @@ class SparseMoE(nn.Module):
             )
         self.num_experts, self.expert_size, self.d_model = num_experts, size, d_model
         self.act, self.router, self.routing = act, router, routing
+        self.gated = w_gate is not None
+        if expert_map is not None:
+            expert_map = expert_map.long()
+            if expert_map.dim() != 1 or expert_map.min() < 0 or expert_map.max() >= num_experts:
+                raise MoefyError(f"expert_map must name stored experts 0-{num_experts - 1} for every router expert")
+        self.register_buffer("expert_map", expert_map)
+        self.factored = nn.ModuleDict()  # compressed weights by name (w_in, w_gate, w_out), see compress()
 
         def param(t: torch.Tensor | None) -> nn.Parameter | None:
             return None if t is None else nn.Parameter(t.detach().clone().contiguous())
@@ -170,9 +194,27 @@ class SparseMoE(nn.Module):
         self.dispatch: Dispatch | None = None
         self.valid: torch.Tensor | None = None
 
+    @property
+    def router_experts(self) -> int:
+        """Experts the router chooses among (more than the stored ones in a merged layer)."""
+        return self.num_experts if self.expert_map is None else self.expert_map.numel()
+
+    def weight(self, name: str) -> torch.Tensor | None:
+        """w_in, w_gate or w_out as [E, ., .], rebuilt from its factors if compressed."""
+        return self.factored[name]() if name in self.factored else getattr(self, name)
+
+    def compress(self, name: str, factors: nn.Module) -> None:
+        """Store weight `name` as `factors` (a module whose forward gives the weight) from now on."""
+        if factors().shape != self.weight(name).shape:
+            raise MoefyError(f"factors of {name} give {list(factors().shape)}, not {list(self.weight(name).shape)}")
+        setattr(self, name, None)
+        self.factored[name] = factors
+
     def reset_statistics(self) -> None:
-        """Expert load since the last reset: pairs per expert, and tokens no expert took."""
-        self.load = torch.zeros(self.num_experts, dtype=torch.long)
+        """Expert load since the last reset: pairs per router expert, pairs the stored experts
+        computed (fewer in a merged layer), and tokens no expert took."""
+        self.load = torch.zeros(self.router_experts, dtype=torch.long)
+        self.computed = 0
         self.tokens_seen = 0
         self.tokens_dropped = 0
 
@@ -185,7 +227,9 @@ class SparseMoE(nn.Module):
         logits = self.router(x)
         dispatch = route(logits, self.routing, valid)
         self.logits, self.dispatch, self.valid = logits, dispatch, valid
-        self._count(dispatch, x.shape[0] if valid is None else int(valid.sum()))
+        if self.expert_map is not None:
+            dispatch = regroup(dispatch, self.expert_map, self.num_experts, x.shape[0])
+        self._count(self.dispatch, dispatch, x.shape[0] if valid is None else int(valid.sum()))
         out = self.experts(x, dispatch)
         return out.view(shape)
 
@@ -193,24 +237,25 @@ class SparseMoE(nn.Module):
         """Sum over pairs of gate * expert output, per token [T, d]."""
         offs = torch.cumsum(dispatch.counts, 0).to(torch.int32)
         xs, expert = x.index_select(0, dispatch.token), dispatch.expert
-        up = _grouped(xs, self.w_in, offs)
+        up = _grouped(xs, self.weight("w_in"), offs)
         if self.b_in is not None:
             up = up + self.b_in[expert]
-        if self.w_gate is None:
+        if not self.gated:
             h = self.act(up)
         else:
-            gate = _grouped(xs, self.w_gate, offs)
+            gate = _grouped(xs, self.weight("w_gate"), offs)
             h = self.act(gate if self.b_gate is None else gate + self.b_gate[expert]) * up
-        y = _grouped(h, self.w_out, offs)
+        y = _grouped(h, self.weight("w_out"), offs)
         if self.expert_bias is not None:
             y = y + self.expert_bias[expert]
         y = y * dispatch.gate.to(y.dtype).unsqueeze(-1)
         out = x.new_zeros(x.shape).index_add(0, dispatch.token, y)
         return out if self.shared_bias is None else out + self.shared_bias
 
-    def _count(self, dispatch: Dispatch, tokens: int) -> None:
+    def _count(self, dispatch: Dispatch, computed: Dispatch, tokens: int) -> None:
         with torch.no_grad():
             self.load += dispatch.counts.cpu()
+            self.computed += int(computed.token.numel())
             self.tokens_seen += tokens
             if self.routing.kind == "expert_choice":  # token choice gives every real token its k experts
                 self.tokens_dropped += tokens - int(torch.bincount(dispatch.token).count_nonzero())
@@ -221,13 +266,36 @@ class SparseMoE(nn.Module):
             raise RuntimeError("auxiliary_losses() before any forward")
         return balance_loss(self.logits, self.dispatch, self.valid), z_loss(self.logits, self.valid)
 
+    def expert_parameter_count(self) -> int:
+        """Parameters the experts store (compressed weights: their factors); the router and the
+        shared output bias, which belong to no expert, aside."""
+        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith("router.") and name != "shared_bias")
+
+    def experts_per_token(self) -> float:
+        """Experts a token is sent to by the routing rule (k; expert choice: C)."""
+        if self.routing.kind == "expert_choice":
+            return self.routing.capacity_factor
+        return float(min(self.routing.k, self.router_experts))
+
     def active_parameters(self) -> int:
         """Expert parameters a token uses on average (k experts; expert choice: C experts)."""
-        per_expert = sum(
-            p[0].numel() for p in (self.w_in, self.w_gate, self.w_out, self.b_in, self.b_gate, self.expert_bias) if p is not None
-        )
-        k = self.routing.capacity_factor if self.routing.kind == "expert_choice" else min(self.routing.k, self.num_experts)
-        return int(round(k * per_expert))
+        return int(round(self.experts_per_token() * self.expert_parameter_count() / self.num_experts))
+
+    def flops_per_token(self, measured: bool = True) -> float:
+        """FFN FLOPs per token: the router's matmul plus 2 per multiply-add of each computed expert
+        (a compressed weight counted as its factored kernel x U V + x S). `measured`: experts per
+        token as computed since the last reset (a merged layer computes a token's two experts of
+        one group once), else as the routing rule sends them."""
+        per_expert = 0.0
+        for name in ("w_in", "w_gate", "w_out"):
+            if name in self.factored:
+                per_expert += self.factored[name].flops_per_row()
+            elif getattr(self, name) is not None:
+                per_expert += 2.0 * self.d_model * self.expert_size
+        experts = self.experts_per_token()
+        if measured and self.tokens_seen:
+            experts = self.computed / self.tokens_seen
+        return experts * per_expert + 2.0 * self.d_model * self.router_experts
 
 
 # -- from a conversion --------------------------------------------------------------------------
