@@ -288,3 +288,49 @@ def test_two_cpu_ranks_train_the_same_model_as_one(task, tmp_path):
     inputs = tokenizer(["good funny smart", "a dull boring plot"], padding=True, return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(one(**inputs).logits, two(**inputs).logits, atol=1e-5, rtol=1e-4)
+
+
+def test_merge_steps_chain_usage_merge_compress_distil_evaluate(task, tmp_path):
+    """The MC-SMoE chain by its steps on a drop-upcycled model (experts that differ): merging
+    lowers memory, distillation from the full SMoE brings the merged model closer to it."""
+    from moefy.steps import compress as compress_step
+    from moefy.steps import evaluate_smoe as evaluate_smoe_step
+    from moefy.steps import merge as merge_step
+    from moefy.steps import usage as usage_step
+
+    full = upcycle(task, tmp_path / "up", "--layers", "all", "--experts", "4", "--drop-ratio", "0.5")
+    data = ["--data", str(task / "data")]
+    usage_step.main(["--model", str(full), *data, "--calibration-examples", "64", "--out", str(tmp_path / "usage")])
+    usage = read_json(tmp_path / "usage" / "metrics.json")
+    assert usage["calibration_examples"] == 64 and 0 < usage["mean_weight_cosine"] < 0.9  # drop-upcycled: apart
+    for method in ("prune", "msmoe"):
+        merge_step.main(["--model", str(full), "--usage", str(tmp_path / "usage" / "usage.safetensors"), "--method", method,
+                         "--groups", "2", "--out", str(tmp_path / method)])  # fmt: skip
+    compress_step.main(["--model", str(tmp_path / "msmoe" / "model"), "--rank-fraction", "0.25", "--out", str(tmp_path / "svd")])
+    distilled = train(task, "merged", tmp_path / "kd", "--teacher", str(full), "--recovery", "kd", "--max-steps", "20",
+                      "--distill-alpha", "0.9", "--learning-rate", "3e-4", model=tmp_path / "svd" / "model")  # fmt: skip
+    first, last = distilled["history"][0], distilled["history"][-1]
+    assert last["validation_distill_loss"] < first["validation_distill_loss"], distilled["history"]
+    records = {}
+    for name, folder in (("full", full), ("prune-G2", tmp_path / "prune" / "model"), ("msmoe-G2", tmp_path / "msmoe" / "model"),
+                         ("msmoe-G2-svd-kd", tmp_path / "kd" / "model")):  # fmt: skip
+        out = tmp_path / "evaluate" / f"{name}.json"
+        evaluate_smoe_step.main(["--model", str(folder), *data, "--name", name, "--out", str(out)])
+        records[name] = read_json(out)
+    assert records["full"]["experts_per_layer"] == {"0": 4, "1": 4}
+    for name in ("prune-G2", "msmoe-G2", "msmoe-G2-svd-kd"):  # global grouping: 2 per layer on average
+        experts = records[name]["experts_per_layer"]
+        assert sum(experts.values()) == 4 and min(experts.values()) >= 1, experts
+    assert records["msmoe-G2-svd-kd"]["recovery_steps"] == 20 and records["msmoe-G2-svd-kd"]["method"] == "mcsmoe"
+    sizes = [records[n]["bytes_on_disk"] for n in ("full", "msmoe-G2", "msmoe-G2-svd-kd")]
+    assert sizes == sorted(sizes, reverse=True), sizes
+    # prune keeps k = 2 of 2 experts per token; merged layers compute a token's 2 picks once when they share a group
+    assert records["msmoe-G2"]["computed_experts_per_token"] < 2 == records["full"]["computed_experts_per_token"]
+    assert records["full"]["ffn_flops_fraction"] > records["msmoe-G2"]["ffn_flops_fraction"]
+    with pytest.raises(MoefyError, match="does not describe the MoE layers"):
+        merge_step.main(["--model", str(tmp_path / "prune" / "model"), "--usage", str(tmp_path / "usage" / "usage.safetensors"),
+                         "--method", "msmoe", "--groups", "1", "--out", str(tmp_path / "bad")])  # fmt: skip
+    with pytest.raises(MoefyError, match="merge a full SMoE"):
+        merge_step.main(["--model", str(tmp_path / "msmoe" / "model"), "--usage", str(tmp_path / "usage" / "usage.safetensors"),
+                         "--method", "msmoe", "--groups", "1", "--out", str(tmp_path / "bad")])  # fmt: skip
+    assert not (tmp_path / "bad").exists()

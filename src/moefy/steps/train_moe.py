@@ -11,6 +11,8 @@ Modes:
   format.
 - dense: the fine-tuned model trained on with the same data, schedule and steps: upcycling's
   baseline.
+- merged: a merged or compressed sparse MoE (steps merge, compress) trained on with distillation
+  from the full SMoE (`--teacher`), MC-SMoE's recovery; <out>/model keeps its format.
 
 The epoch with the best validation metric is kept. Runs as a plain process or data parallel under
 torch.distributed.run, like finetune. Writes <out>/model and <out>/metrics.json (test metric,
@@ -31,8 +33,8 @@ from tqdm import tqdm
 from moefy import dist, machine, pause, tracking
 from moefy.batches import Encoded, length_grouped_batches, measure, shard_batches
 from moefy.cli import ablation, add_section_flags, run_step, step_parser
-from moefy.export import load_sparse_moe, read_moe_parts, save_sparse_moe
-from moefy.ffn import find_ffns
+from moefy.export import load_smoe, read_moe_parts, save_sparse_moe
+from moefy.ffn import dense_ffn_flops, find_ffns
 from moefy.files import atomic_dir, write_json
 from moefy.models import TRAINING_FILE, load_model, load_tokenizer, read_training, save_model
 from moefy.moe_training import (
@@ -49,7 +51,7 @@ from moefy.sparse_moe import SparseMoE, from_split, mask_padding
 from moefy.tasks import get_task
 from moefy.training import optimiser, read_texts
 
-MODES = ("recover", "moe", "dense")
+MODES = ("recover", "moe", "dense", "merged")
 
 
 def parse_args(argv: list[str] | None):
@@ -61,7 +63,11 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--data", required=True, type=Path, help="folder with train/validation/test.jsonl and labels.json")
     parser.add_argument("--labels", type=Path, help="recover: balance/<variant>/<split>-E<E>/labels.safetensors")
     parser.add_argument("--router", type=Path, help="recover: selector/<variant>/<split>-E<E>-<selector>/router.safetensors")
-    parser.add_argument("--upcycled", help="moe and dense: the name in upcycling.models (dense: dense), for records and tags")
+    parser.add_argument(
+        "--upcycled", help="moe, dense, merged: the name in upcycling.models (dense: dense), for records and tags"
+    )
+    parser.add_argument("--teacher", type=Path, help="merged: the full SMoE the merged model distils from")
+    parser.add_argument("--name", help="merged: the merged model's name, e.g. msmoe-G4-kd (its MLflow tag)")
     add_section_flags(parser, "train_moe")
     add_section_flags(parser, "recover")
     args = parser.parse_args(argv)
@@ -75,6 +81,8 @@ def parse_args(argv: list[str] | None):
             missing.append("--recovery task or kd")
         if missing:
             parser.error(f"--mode recover needs {', '.join(missing)}")
+    if args.mode == "merged" and args.teacher is None:
+        parser.error("--mode merged needs --teacher (the full SMoE folder)")
     return args
 
 
@@ -91,20 +99,18 @@ def build(args, model) -> tuple[dict[int, SparseMoE], dict]:
     return moes, {"budget": args.budget, "k": k, "labels": labels}
 
 
-def ffn_flops(model) -> dict[int, int]:
-    """FLOPs per token of each dense FFN (of a model whose FFNs are not replaced yet)."""
-    return {f.index: 2 * (2 if f.w_gate is None else 3) * f.d_model * f.d_ff for f in find_ffns(model)}
-
-
 def model_to_train(args, task):
     """The model to train, its MoE layers by FFN index, what they are, and the dense FFN FLOPs
     per token they are measured against (an upcycled FFN: the FFN it copies)."""
-    if args.mode == "moe":
-        dense_flops = ffn_flops(load_model(args.model, task.name))  # the folder's dense layout (FFNs unread)
-        model, moes, _ = load_sparse_moe(args.model)
-        return model, moes, {"upcycling": read_training(args.model).get("upcycle", {})}, dense_flops
+    if args.mode in ("moe", "merged"):
+        model, moes, _, site = load_smoe(args.model, task.name)
+        if site == "ffn":  # the folder's dense layout (FFNs unread)
+            dense_flops = dense_ffn_flops(load_model(args.model, task.name))
+        else:  # a Hugging Face SMoE: measured against its MoE layers as the routing rule runs them
+            dense_flops = {i: int(moe.flops_per_token(measured=False)) for i, moe in moes.items()}
+        return model, moes, {"upcycling": read_training(args.model).get("upcycle", {}), "site": site}, dense_flops
     model = load_model(args.model, task.name)
-    dense_flops = ffn_flops(model)
+    dense_flops = dense_ffn_flops(model)
     if args.mode == "dense":
         return model, {}, {}, dense_flops
     moes, built = build(args, model)
@@ -112,20 +118,10 @@ def model_to_train(args, task):
 
 
 def count_flops(model, moes: dict[int, SparseMoE], dense_ffn_flops: dict[int, int]) -> dict[str, float]:
-    """FFN FLOPs per token of the MoE model (active experts and routers) over the dense model's."""
-    moe, dense = 0.0, float(sum(dense_ffn_flops.values()))
-    for index, flops in dense_ffn_flops.items():
-        if index not in moes:
-            moe += flops
-            continue
-        layer = moes[index]
-        projections = 2 if layer.w_gate is None else 3
-        per_expert = 2 * projections * layer.d_model * layer.expert_size
-        experts = (
-            layer.routing.capacity_factor if layer.routing.kind == "expert_choice" else min(layer.routing.k, layer.num_experts)
-        )
-        router = sum(p.numel() for p in layer.router.parameters()) * 2
-        moe += experts * per_expert + router
+    """FFN FLOPs per token of the MoE model (active experts and routers, as the routing rule sends
+    them) over the dense model's."""
+    dense = float(sum(dense_ffn_flops.values()))
+    moe = sum(moes[i].flops_per_token(measured=False) if i in moes else flops for i, flops in dense_ffn_flops.items())
     return {"ffn_flops_per_token": moe, "dense_ffn_flops_per_token": dense, "ffn_flops_fraction": moe / dense if dense else 1.0}
 
 
@@ -136,9 +132,12 @@ def main(argv: list[str] | None = None) -> None:
     task = get_task(args.task)
     tokenizer = load_tokenizer(args.model)
     model, moes, built, dense_ffn_flops = model_to_train(args, task)
-    # recover: the dense model is the teacher (kd) and where the trained experts go back
+    # recover: the dense model is the teacher (kd) and where the trained experts go back;
+    # merged: the full SMoE is the teacher
     dense = load_model(args.model, task.name) if args.mode == "recover" else None
-    kd = args.mode == "recover" and args.recovery == "kd"
+    if args.mode == "merged":
+        dense = load_smoe(args.teacher, task.name)[0]
+    kd = args.mode == "merged" or (args.mode == "recover" and args.recovery == "kd")
     # MoEfication's routers are frozen and unweighted: no auxiliary loss can train them
     routed = args.mode == "moe"
     weights = LossWeights(
@@ -166,6 +165,8 @@ def main(argv: list[str] | None = None) -> None:
     ddp = DistributedDataParallel(model) if ctx.distributed else model
     metric = task.metric
     identity = {**ablation(args), "mode": args.mode} | ({"upcycled": args.upcycled} if args.upcycled else {})
+    if args.name:
+        identity["merged"] = args.name
 
     with tracking.job_run("train_moe", vars(args), identity, enabled=ctx.is_main) as run:
         best: dict = {f"validation_{metric}": None, "epoch": 0, "state": None}
@@ -282,9 +283,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"test {metric} {test_value:.4f}; FFN FLOPs {flops['ffn_flops_fraction']:.3f} of dense; {total_params:,} parameters, {active:,} active",
                 flush=True,
             )
-            training = read_training(args.model) | {"train_moe": identity | {k: v for k, v in built.items() if k != "labels"}}
-            if args.mode == "moe":
-                save_sparse_moe(model, moes, tokenizer, args.out / "model", task.name, training)
+            training = read_training(args.model)
+            training |= {
+                "train_moe": identity | {k: v for k, v in built.items() if k != "labels"},
+                "recovery_steps": training.get("recovery_steps", 0) + (step if args.mode == "merged" else 0),
+            }
+            if args.mode in ("moe", "merged"):
+                save_sparse_moe(model, moes, tokenizer, args.out / "model", task.name, training, built["site"])
             else:
                 if args.mode == "recover":
                     model = recovered(dense.cpu(), model.cpu(), moes, built["labels"])

@@ -1,0 +1,77 @@
+"""Step evaluate_smoe: the task metric and the costs of a sparse MoE (full, merged or compressed).
+
+Writes one JSON record: the test metric; total parameters, expert parameters and bytes of the
+weight files on disk; FFN FLOPs per token as measured on the test set (a merged layer computes a
+token's two experts of one group once; a compressed weight counts as its factored kernel) against
+the dense model's FFNs; experts per MoE layer; distillation steps since merging.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moefy import dist, machine, tracking
+from moefy.batches import Encoded, measure
+from moefy.cli import ablation, run_step, step_parser
+from moefy.export import bytes_on_disk, load_smoe
+from moefy.ffn import dense_ffn_flops
+from moefy.files import write_json
+from moefy.merging import chain_of
+from moefy.models import load_model, read_training
+from moefy.tasks import get_task
+from moefy.training import read_texts
+
+
+def parse_args(argv: list[str] | None):
+    parser = step_parser("evaluate_smoe", __doc__, "model", "task", "penalty", "seed", "device", out="output JSON file")
+    parser.add_argument("--data", required=True, type=Path, help="the data step's folder")
+    parser.add_argument("--upcycled", default="", help="the model's name in upcycling.models")
+    parser.add_argument("--name", default="full", help="full, or the merged model's name (e.g. msmoe-G4-kd-svd-kd)")
+    parser.add_argument("--eval-batch-size", type=int, default=64)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    ctx = dist.setup(args.device)
+    task = get_task(args.task)
+    model, moes, tokenizer, site = load_smoe(args.model, task.name, ctx.device)
+    dense = dense_ffn_flops(load_model(str(args.model), task.name)) if site == "ffn" else {}
+    test = read_texts(args.data, "test", task)
+    identity = ablation(args) | {"upcycled": args.upcycled, **chain_of(args.name)}
+    with tracking.job_run("evaluate_smoe", vars(args), identity, enabled=ctx.is_main) as run:
+        for moe in moes.values():
+            moe.reset_statistics()
+        value = measure(model, task, Encoded(tokenizer, test.texts), test.labels, args.eval_batch_size, ctx, "test")
+        moe_flops = {i: moe.flops_per_token() for i, moe in moes.items()}
+        ffn = sum(moe_flops.values()) + sum(f for i, f in dense.items() if i not in moes)
+        total = sum(p.numel() for p in model.parameters())
+        record = {
+            **identity,
+            f"test_{task.metric}": value,
+            "total_parameters": total,
+            "expert_parameters": sum(moe.expert_parameter_count() for moe in moes.values()),
+            "bytes_on_disk": bytes_on_disk(args.model),
+            "ffn_flops_per_token": ffn,
+            "dense_ffn_flops_per_token": float(sum(dense.values())) or None,
+            "ffn_flops_fraction": ffn / sum(dense.values()) if dense else None,
+            "experts_per_layer": {str(i): moe.num_experts for i, moe in moes.items()},
+            "computed_experts_per_token": sum(m.computed for m in moes.values())
+            / max(1, sum(m.tokens_seen for m in moes.values())),
+            "recovery_steps": read_training(args.model).get("recovery_steps", 0),
+            "site": site,
+            "machine": machine.describe(ctx.device),
+        }
+        if ctx.is_main:
+            write_json(args.out, record)
+            run.log_metrics({k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            print(
+                f"{args.name}: test {task.metric} {value:.4f}; {total:,} parameters, {record['bytes_on_disk']:,} bytes; "
+                f"FFN FLOPs {ffn:,.0f} per token",
+                flush=True,
+            )
+    dist.teardown()
+
+
+if __name__ == "__main__":
+    run_step(main)

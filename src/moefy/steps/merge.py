@@ -1,0 +1,75 @@
+"""Step merge: a sparse MoE with fewer experts per layer, by M-SMoE or a baseline (moefy.merging).
+
+Reads the model (an upcycled model moefy trained, or a Hugging Face SMoE checkpoint) and the
+usage step's calibration, groups each layer's experts (`--groups` per layer; global grouping: on
+average) and merges each group into one expert with `--method` (average, frequency, prune,
+msmoe). Writes <out>/model (moefy-sparse-moe format, reloads with moefy.export.load_sparse_moe)
+and <out>/metrics.json (groups by layer, experts per layer).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moefy import tracking
+from moefy.cli import ablation, add_section_flags, run_step, step_parser
+from moefy.errors import MoefyError
+from moefy.export import load_smoe, save_sparse_moe
+from moefy.files import load_tensors, tensors_metadata, write_json
+from moefy.merging import METHODS, Usage, merge_model, swap_layers
+from moefy.models import read_training
+
+
+def parse_args(argv: list[str] | None):
+    parser = step_parser("merge", __doc__, "model", "task", "penalty", "seed", out="output folder (gets model/ and metrics.json)")
+    parser.add_argument("--usage", required=True, type=Path, help="the usage step's usage.safetensors for this model")
+    parser.add_argument("--method", required=True, choices=METHODS)
+    parser.add_argument(
+        "--groups", required=True, type=float, help="experts per layer after merging (global grouping: on average)"
+    )
+    parser.add_argument("--upcycled", default="", help="the model's name in upcycling.models (its MLflow tag)")
+    parser.add_argument("--name", default="", help="the merged model's name, e.g. msmoe-G4 (its MLflow tag)")
+    add_section_flags(parser, "merge")
+    return parser.parse_args(argv)
+
+
+def read_usage(path: Path) -> dict[int, Usage]:
+    if tensors_metadata(path).get("format") != "moefy-usage/1":
+        raise MoefyError(f"{path} is not a usage file of this moefy; rerun its usage job")
+    tensors = load_tensors(path)
+    layers = sorted(int(key.split(".")[1]) for key in tensors if key.startswith("counts."))
+    return {i: Usage(tensors[f"counts.{i}"], tensors[f"gram.{i}"]) for i in layers}
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    model, moes, tokenizer, site = load_smoe(args.model, args.task)
+    usage = read_usage(args.usage)
+    wrong = [i for i in moes if i not in usage or usage[i].counts.numel() != moes[i].router_experts]
+    if wrong:
+        raise MoefyError(f"{args.usage} does not describe the MoE layers {wrong} of {args.model}; rerun its usage job")
+    identity = ablation(args) | {"upcycled": args.upcycled, "merged": args.name}
+    with tracking.job_run("merge", vars(args), identity) as run:
+        with torch.no_grad():
+            merged, groups = merge_model(moes, usage, args.method, args.groups, args.grouping, args.similarity)
+        swap_layers(model, moes, merged)
+        experts = {str(i): moe.num_experts for i, moe in merged.items()}
+        record = {
+            "method": args.method,
+            "groups": args.groups,
+            "grouping": args.grouping,
+            "similarity": args.similarity,
+            "experts_per_layer": experts,
+        }
+        training = read_training(args.model) | {"merge": record}
+        save_sparse_moe(model, merged, tokenizer, args.out / "model", args.task, training, site)
+        metrics = {**identity, **record, "groups_by_layer": {str(i): g for i, g in groups.items()}}
+        write_json(args.out / "metrics.json", metrics)
+        run.log_metrics({f"experts/layer_{i}": n for i, n in experts.items()})
+        print(f"{args.method}: experts per layer {experts}", flush=True)
+
+
+if __name__ == "__main__":
+    run_step(main)
