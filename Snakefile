@@ -1,5 +1,6 @@
 # moefy: fine-tune -> activations -> split -> balance -> selector -> [recover] -> evaluate -> report,
-# and fine-tune -> upcycle -> train (beside a dense continuation) -> report_upcycling.
+# fine-tune -> upcycle -> train (beside a dense continuation) -> report_upcycling,
+# and trained upcycled model -> usage -> merge -> [distil] -> [compress -> distil] -> evaluate_smoe -> report_merging.
 # `snakemake --cores all` runs the grid in config.yaml; asking for one evaluate/*.json file runs one ablation.
 from snakemake.utils import min_version
 
@@ -27,6 +28,7 @@ include: "rules/selector.smk"
 include: "rules/evaluate.smk"
 include: "rules/train_moe.smk"
 include: "rules/upcycle.smk"
+include: "rules/merge.smk"
 include: "rules/export.smk"
 include: "rules/report.smk"
 
@@ -36,6 +38,7 @@ rule all:
     input:
         rules.report.output,
         rules.report_upcycling.output if GRID.upcycled else [],
+        rules.report_merging.output if GRID.merged else [],
 
 
 onstart:

@@ -43,6 +43,10 @@ wildcard_constraints:
     num_experts=r"\d+",
     recovery="|".join(r for r in RECOVERIES if r != "none"),  # none: the plain evaluate rule
     upcycled="|".join(sorted(config["upcycling"]["models"])) or "(?!)",  # never `dense`
+    method="average|frequency|prune|msmoe",
+    groups=r"\d+(\.\d+)?",
+    chain=r"[a-z]+-G\d+(\.\d+)?(-kd|-svd)*",  # a merged model's steps (moefy.merging.chain_of)
+    merged=r"full|[a-z]+-G\d+(\.\d+)?(-kd|-svd)*",
 
 
 def results(*parts):
@@ -174,6 +178,35 @@ def upcycle_flags(wildcards):
 def upcycled_metrics():
     """The trained upcycled models and dense continuations of upcycling.models (none: no upcycling)."""
     return [results("upcycle", u.variant.name, u.name, "metrics.json") for u in GRID.upcycled]
+
+
+def merge_folder(*parts):
+    """A path under merge/<variant>/<upcycled>/."""
+    return results("merge", VARIANT, "{upcycled}", *parts)
+
+
+def merged_model(wildcards):
+    """The folder evaluate_smoe measures: the trained upcycled model (full), or a merged one."""
+    if wildcards.merged == "full":
+        return results("upcycle", f"{wildcards.penalty}-seed{wildcards.seed}", wildcards.upcycled, "model")
+    return results("merge", f"{wildcards.penalty}-seed{wildcards.seed}", wildcards.upcycled, wildcards.merged, "model")
+
+
+def merged_evaluations():
+    """The evaluate_smoe records of merging (none: no merging)."""
+    return [results("merge", m.upcycled.variant.name, m.upcycled.name, "evaluate", f"{m.name}.json") for m in GRID.merged]
+
+
+def merging_dense_references():
+    """The dense continuations the merged models are compared with (one per upcycled variant)."""
+    variants = sorted({m.upcycled.variant for m in GRID.merged})
+    return [results("upcycle", v.name, "dense", "metrics.json") for v in variants]
+
+
+def merged_distillation_flags():
+    """MC-SMoE's distillation weight, temperature and steps (merging.distill_alpha, .temperature, .max_steps)."""
+    merging = config["merging"]
+    return settings_flags({key: merging[key] for key in ("distill_alpha", "temperature", "max_steps")})
 
 
 def check_before_jobs():

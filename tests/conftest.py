@@ -274,6 +274,7 @@ REPLICATE = "hoyer-seed1"  # a second seed of one ablation: replicates and the r
 # Recovery (kd) of kmeans / similarity, and one upcycled model: drop-upcycled expert choice (top-k
 # training, the default routing, is the unit tests' and trains the same way).
 RECOVERED = f"kmeans-E{E}-similarity-kd"
+MERGED = ["full", "msmoe-G2-svd", "msmoe-G2-kd-svd-kd"]  # the upcycled model's merged models
 UPCYCLED_MODELS = {"expert-choice": {"experts": E, "routing": "expert_choice", "capacity_factor": 2.0, "drop_ratio": 0.5}}
 
 
@@ -287,8 +288,8 @@ def diagonal(conversions, **arm) -> dict:
 
 def tiny_config(**overrides) -> dict:
     """Every split and selector on one Hoyer-fine-tuned tiny BERT, budgets and thresholds, plus a
-    second seed of coact / mlp, a recovered conversion, and an upcycled model with its dense
-    continuation."""
+    second seed of coact / mlp, a recovered conversion, an upcycled model with its dense
+    continuation, and that model merged and compressed (MC-SMoE, with and without distillation)."""
     config = {
         "study": TINY,
         "model": {"name_or_path": "model"},
@@ -305,6 +306,9 @@ def tiny_config(**overrides) -> dict:
             },
         },
         "upcycling": {"penalty": "hoyer", "seeds": [0], "models": UPCYCLED_MODELS},
+        # MC-SMoE on the upcycled model: merged to 2 experts and compressed, one-shot and distilled
+        "merging": {"models": list(UPCYCLED_MODELS), "groups": [2], "methods": ["mcsmoe"], "recovery": ["none", "kd"]},
+        "usage": {"calibration_examples": 64},
         "train_moe": {"max_steps": 8, "batch_size": 16, "learning_rate": 1e-3},
         "finetune": {
             "epochs": 3,

@@ -1,6 +1,7 @@
 """End to end on the shared tiny study: a recovered conversion evaluated beside the unrecovered
-one, an upcycled model and the dense continuation, the report's upcycling table and plot, and
-their MLflow runs."""
+one, an upcycled model and the dense continuation, the report's upcycling table and plot, the
+upcycled model merged and compressed (MC-SMoE) with the report's merging table, and their MLflow
+runs."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from test_workflow import first_invocation
 
-from conftest import BUDGETS, RECOVERED, UPCYCLED_MODELS, VARIANT, E, in_study
+from conftest import BUDGETS, MERGED, RECOVERED, UPCYCLED_MODELS, VARIANT, E, in_study
 from moefy.export import load_sparse_moe
 from moefy.files import read_json
 from moefy.models import load_model
@@ -68,7 +69,7 @@ def test_upcycled_models_and_dense_continuation(tiny_study):
 
 def test_training_jobs_log_one_mlflow_run_each(tiny_study):
     _, children = first_invocation(tiny_study)
-    trained = [r for r in children if r.data.tags["rule"] == "train_moe"]
+    trained = [r for r in children if r.data.tags["rule"] == "train_moe" and r.data.tags["wildcard.mode"] != "merged"]
     names = sorted(r.info.run_name for r in trained)
     assert names == sorted(
         [f"train_moe {VARIANT} {RECOVERED}", f"train_moe {VARIANT} dense"] + [f"train_moe {VARIANT} {n}" for n in UPCYCLED_MODELS]
@@ -85,3 +86,36 @@ def test_training_jobs_log_one_mlflow_run_each(tiny_study):
     assert upcycled.data.tags["wildcard.mode"] == "moe" and by_name["dense"].data.tags["wildcard.mode"] == "dense"
     recover = by_name[RECOVERED]
     assert "validation_distill_loss" in recover.data.metrics and recover.data.tags["wildcard.recovery"] == "kd"
+
+
+def test_the_upcycled_model_merged_compressed_and_distilled(tiny_study):
+    name = next(iter(UPCYCLED_MODELS))
+    records = {m: read_json(in_study(tiny_study, "merge", name, "evaluate", f"{m}.json")) for m in MERGED}
+    full, oneshot, distilled = (records[m] for m in MERGED)
+    usage = read_json(in_study(tiny_study, "merge", name, "usage", "metrics.json"))
+    assert usage["calibration_examples"] == 64 and usage["experts"] == {"1": E} and 0 < usage["mean_weight_cosine"] < 1
+    assert full["experts_per_layer"] == {"1": E} and oneshot["experts_per_layer"] == {"1": 2}
+    assert oneshot["method"] == distilled["method"] == "mcsmoe" and distilled["recovery"] == "kd"
+    assert full["recovery_steps"] == oneshot["recovery_steps"] == 0 and distilled["recovery_steps"] == 16  # 8 + 8
+    assert oneshot["bytes_on_disk"] < full["bytes_on_disk"] and oneshot["expert_parameters"] < full["expert_parameters"] / 2
+    merged = read_json(in_study(tiny_study, "merge", name, "msmoe-G2", "metrics.json"))
+    assert sorted(sum(merged["groups_by_layer"]["1"], [])) == list(range(E)), "every expert in one group"
+    model, moes, _ = load_sparse_moe(in_study(tiny_study, "merge", name, "msmoe-G2-kd-svd-kd", "model"))
+    assert moes[1].num_experts == 2 and moes[1].router_experts == E and set(moes[1].factored) == {"w_in", "w_out"}
+
+    table = pd.read_csv(in_study(tiny_study, "report", "merging.csv"))
+    assert sorted(table["merged"]) == sorted(MERGED)
+    row = table.set_index("merged")
+    assert row.loc["full", "accuracy_vs_full"] == 1.0 and row.loc["full", "memory_vs_full"] == 1.0
+    assert row.loc["msmoe-G2-svd", "memory_vs_full"] < 1 and not pd.isna(row.loc["full", "accuracy_minus_dense"])
+    assert in_study(tiny_study, "report", "merging.png").read_bytes()[:4] == b"\x89PNG"
+
+    _, children = first_invocation(tiny_study)
+    runs = [r for r in children if r.data.tags["rule"] in ("usage", "merge", "compress", "evaluate_smoe", "report_merging")]
+    runs += [r for r in children if r.data.tags["rule"] == "train_moe" and r.data.tags["wildcard.mode"] == "merged"]
+    assert sorted(r.info.run_name for r in runs if r.data.tags["rule"] == "evaluate_smoe") == sorted(
+        f"evaluate_smoe {VARIANT} {name} {m}" for m in MERGED
+    )
+    assert sorted(r.data.tags["rule"] for r in runs).count("train_moe") == 2  # msmoe-G2-kd, msmoe-G2-kd-svd-kd
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all("bytes_on_disk" in r.data.metrics for r in runs if r.data.tags["rule"] == "evaluate_smoe")

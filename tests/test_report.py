@@ -1,5 +1,6 @@
 import json
 
+import pandas as pd
 import pytest
 
 from moefy.errors import MoefyError
@@ -176,3 +177,35 @@ def test_upcycling_table_compares_each_model_with_the_dense_continuation_of_its_
     write_json(tmp_path / "bad.json", {"test_accuracy": 1.0})
     with pytest.raises(MoefyError, match="not a metrics file of the train_moe step"):
         upcycling_table([tmp_path / "bad.json"])
+
+
+def test_merging_table_is_relative_to_the_full_smoe_of_its_seed_and_ranks_the_methods(tmp_path):
+    from moefy.files import write_json
+    from moefy.merging import chain_of
+    from moefy.report import merging_by_method, merging_table, plot_merging
+
+    def evaluated(name, seed, accuracy, size, flops):
+        path = tmp_path / f"{name}-{seed}.json"
+        write_json(path, {"penalty": "none", "seed": seed, "upcycled": "top2", **chain_of(name), "test_accuracy": accuracy,
+                          "bytes_on_disk": size, "ffn_flops_per_token": flops, "experts_per_layer": {"1": 8}})  # fmt: skip
+        return path
+
+    files = [evaluated("full", 0, 0.80, 100, 10.0), evaluated("full", 1, 0.60, 100, 10.0)]
+    files += [evaluated("prune-G4", 0, 0.40, 50, 10.0), evaluated("prune-G4", 1, 0.30, 50, 10.0)]
+    files += [evaluated("msmoe-G4-kd-svd-kd", 0, 0.76, 20, 8.0), evaluated("msmoe-G4-kd-svd-kd", 1, 0.60, 20, 8.0)]
+    dense = tmp_path / "dense.json"
+    write_json(dense, {"penalty": "none", "seed": 0, "test_accuracy": 0.75})
+    table = merging_table(files, [dense])
+    rows = table.set_index(["merged", "seed"])
+    assert rows.loc[("msmoe-G4-kd-svd-kd", 0), "accuracy_vs_full"] == pytest.approx(0.95)
+    assert rows.loc[("msmoe-G4-kd-svd-kd", 1), "accuracy_vs_full"] == pytest.approx(1.0)
+    assert rows.loc[("prune-G4", 0), "memory_vs_full"] == 0.5 and rows.loc[("msmoe-G4-kd-svd-kd", 0), "ffn_flops_vs_full"] == 0.8
+    assert rows.loc[("full", 0), "accuracy_minus_dense"] == pytest.approx(0.05)
+    assert pd.isna(rows.loc[("full", 1), "accuracy_minus_dense"]), "no dense record for seed 1"
+    ranking = merging_by_method(table)
+    ranked = ranking[ranking.groups == 4]["method"].tolist()
+    assert ranked == ["mcsmoe", "prune"] and ranking.iloc[0]["method"] == "full"
+    plot_merging(table, tmp_path / "merging.png")
+    assert (tmp_path / "merging.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(MoefyError, match="no full SMoE"):
+        merging_table(files[2:])

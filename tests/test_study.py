@@ -104,3 +104,27 @@ def test_bad_upcycling_models_are_refused(models, fragment):
     }
     with pytest.raises(MoefyError, match=fragment):
         validate(config)
+
+
+def test_merged_models_are_named_by_their_chain_of_steps():
+    config = copy.deepcopy(BASE) | {
+        "grid": {"a": {"split": ["kmeans"], "num_experts": [8], "selector": ["mlp"]}},
+        "upcycling": {"seeds": [0, 1], "models": {"top2": {}, "ec": {"routing": "expert_choice"}}},
+        "merging": {"models": ["top2"], "groups": [4, 2.5], "methods": ["prune", "mcsmoe"]},
+    }
+    grid = Study(validate(config))
+    names = [m.name for m in grid.merged if m.upcycled.variant.seed == 0]
+    assert names == [
+        "full", "prune-G4", "prune-G4-kd", "msmoe-G4-svd", "msmoe-G4-kd-svd-kd",
+        "prune-G2.5", "prune-G2.5-kd", "msmoe-G2.5-svd", "msmoe-G2.5-kd-svd-kd",
+    ]  # fmt: skip
+    assert {m.upcycled.name for m in grid.merged} == {"top2"} and len(grid.merged) == 2 * len(names)
+    from moefy.merging import chain_of
+
+    assert [chain_of(n)["method"] for n in names[:5]] == ["full", "prune", "prune", "mcsmoe", "mcsmoe"]
+    config["merging"]["models"] = ["nope"]
+    with pytest.raises(MoefyError, match="merging.models names nope, not in upcycling.models"):
+        Study(validate(config))
+    config["merging"]["models"] = ["dense"]
+    with pytest.raises(MoefyError, match="merging.models"):
+        Study(validate(config))

@@ -102,3 +102,5 @@ def test_run_names_of_training_jobs_name_the_recovery_and_the_upcycled_model():
     assert tracking.run_name("train_moe", wildcards) == "train_moe none-seed0 kmeans-E48-mlp-kd"
     assert tracking.run_name("evaluate", wildcards | {"recovery": "none"}) == "evaluate none-seed0 kmeans-E48-mlp"
     assert tracking.run_name("train_moe", {"penalty": "none", "seed": 1, "upcycled": "top2"}) == "train_moe none-seed1 top2"
+    merged = {"penalty": "none", "seed": 0, "upcycled": "top2", "merged": "msmoe-G4-kd", "recovery": "kd"}
+    assert tracking.run_name("train_moe", merged) == "train_moe none-seed0 top2 msmoe-G4-kd"

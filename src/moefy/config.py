@@ -21,7 +21,9 @@ from moefy.errors import MoefyError
 SCHEMA_PATH = files("moefy") / "schemas" / "config.schema.yaml"
 
 # Config sections whose keys become a step's command-line flags.
-STEP_SECTIONS = ("finetune", "activations", "split", "selector", "evaluate", "train_moe", "recover", "upcycle")
+STEP_SECTIONS = (
+    "finetune", "activations", "split", "selector", "evaluate", "train_moe", "recover", "upcycle", "usage", "merge", "compress",
+)  # fmt: skip
 
 
 @cache

@@ -3,8 +3,8 @@
 A variant is one fine-tuned model (a sparsity penalty and a replicate seed); an evaluation is one
 conversion of a variant (split, expert count, selector), as converted or after recovery training,
 measured at the top-k budgets and dynamic-k thresholds of every arm that contains it. An upcycled
-model is one of `upcycling.models` built from one variant. rules/common.smk turns these into file
-paths.
+model is one of `upcycling.models` built from one variant; a merged model is one of those merged
+(and compressed, distilled) by `merging`. rules/common.smk turns these into file paths.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 from typing import Any
+
+from moefy.errors import MoefyError
 
 
 @dataclass(frozen=True, order=True)
@@ -53,6 +55,29 @@ class Upcycled:
     name: str
 
 
+@dataclass(frozen=True, order=True)
+class Merged:
+    """One merged model (name as moefy.merging.chain_of reads it; `full`: the SMoE as trained) of
+    one upcycled model."""
+
+    upcycled: Upcycled
+    name: str
+
+
+def merged_names(groups: list[float], methods: list[str], recoveries: list[str]) -> list[str]:
+    """`full`, then every method at every group count and recovery, named by its chain of steps:
+    mcsmoe is msmoe-G<g>-svd (one-shot) and msmoe-G<g>-kd-svd-kd (MC-SMoE's merge, distil,
+    compress, distil)."""
+    names = ["full"]
+    for g, method, recovery in itertools.product(groups, methods, recoveries):
+        head = f"{'msmoe' if method == 'mcsmoe' else method}-G{g:g}"
+        if method == "mcsmoe":
+            names.append(f"{head}-svd" if recovery == "none" else f"{head}-kd-svd-kd")
+        else:
+            names.append(head if recovery == "none" else f"{head}-kd")
+    return names
+
+
 @dataclass(frozen=True)
 class Rules:
     """Which selection rules an evaluation measures."""
@@ -83,6 +108,19 @@ class Study:
             Upcycled(Variant(upcycling["penalty"], seed), name)
             for seed in upcycling["seeds"]
             for name in (names + ["dense"] if names else [])
+        ]
+        merging = config["merging"]
+        unknown = sorted(set(merging["models"]) - set(names))
+        if unknown:
+            raise MoefyError(
+                f"merging.models names {', '.join(unknown)}, not in upcycling.models ({', '.join(names) or 'none'}): "
+                "merge models the study upcycles"
+            )
+        self.merged = [
+            Merged(u, name)
+            for u in self.upcycled
+            if u.name in merging["models"]
+            for name in merged_names(merging["groups"], merging["methods"], merging["recovery"])
         ]
 
     @property

@@ -169,8 +169,8 @@ class JobRun:
 
 
 def run_name(step: str, wildcards: Mapping[str, Any]) -> str:
-    """`evaluate hoyer-seed0 kmeans-E48-norm`, `train_moe none-seed0 top2`: the job's step and its
-    place in the grid, as in its paths."""
+    """`evaluate hoyer-seed0 kmeans-E48-norm`, `train_moe none-seed0 top2`, `merge none-seed0 top2
+    msmoe-G4`: the job's step and its place in the grid, as in its paths."""
     variant = "-".join(
         str(wildcards[k]) if k == "penalty" else f"seed{wildcards[k]}" for k in ("penalty", "seed") if k in wildcards
     )
@@ -181,7 +181,8 @@ def run_name(step: str, wildcards: Mapping[str, Any]) -> str:
     )
     if conversion and wildcards.get("recovery", "none") != "none":
         conversion += f"-{wildcards['recovery']}"
-    return " ".join(part for part in (step, variant, conversion, str(wildcards.get("upcycled", ""))) if part)
+    parts = (step, variant, conversion, str(wildcards.get("upcycled", "")), str(wildcards.get("merged", "")))
+    return " ".join(part for part in parts if part)
 
 
 @contextmanager

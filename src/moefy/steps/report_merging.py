@@ -1,0 +1,39 @@
+"""Step report_merging: merged and compressed SMoEs against the full SMoE, in a table and a plot.
+
+Writes <out>/merging.csv (one row per model and seed: task metric, relative to the full SMoE and
+to the dense continuation, memory, parameters, FFN FLOPs, experts per layer, distillation steps)
+and <out>/merging.png (task metric against memory), logs them to MLflow and prints the ranking.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from moefy import tracking
+from moefy.cli import run_step, step_parser
+from moefy.report import merging_by_method, merging_table, plot_merging, write_csv
+
+
+def parse_args(argv: list[str] | None):
+    parser = step_parser("report_merging", __doc__)
+    parser.add_argument("--evaluations", required=True, nargs="+", type=Path, help="merge/<variant>/<model>/evaluate/*.json")
+    parser.add_argument("--dense", nargs="*", type=Path, default=[], help="upcycle/<variant>/dense/metrics.json files")
+    parser.add_argument("--title", default="", help="plot title")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with tracking.job_run("report_merging", {"models": len(args.evaluations), "title": args.title}) as run:
+        table = merging_table(args.evaluations, args.dense)
+        files = {"table": args.out / "merging.csv", "plot": args.out / "merging.png"}
+        write_csv(table, files["table"])
+        plot_merging(table, files["plot"], args.title)
+        for path in files.values():
+            run.log_artifact(path)
+            tracking.log_workflow_artifact(path)
+        print(merging_by_method(table).to_string(index=False, float_format=lambda v: f"{v:.4f}"), flush=True)
+
+
+if __name__ == "__main__":
+    run_step(main)
