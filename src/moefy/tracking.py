@@ -161,6 +161,12 @@ class JobRun:
         if self.active:
             _retry(self._client.log_artifact, self.run_id, str(path), artifact_path)
 
+    def publish(self, paths) -> None:
+        """Log report files to this run and to the workflow's parent run, where the UI shows them first."""
+        for path in paths:
+            self.log_artifact(path)
+            log_workflow_artifact(path)
+
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if self.active:
             from mlflow.entities import RunTag

@@ -28,9 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     with tracking.job_run("report", {"evaluations": len(args.evaluations), "title": args.title}) as run:
         table = summarise(args.evaluations)
-        for path in summary_files(table, args.out, args.title).values():
-            run.log_artifact(path)
-            tracking.log_workflow_artifact(path)
+        run.publish(summary_files(table, args.out, args.title).values())
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"), flush=True)
         print("\nsmallest FFN FLOPs fraction keeping 99% of dense accuracy, over seeds:", flush=True)
         print(flops_at_99_by_method(table).to_string(index=False, float_format=lambda v: f"{v:.3f}"), flush=True)

@@ -29,9 +29,7 @@ def main(argv: list[str] | None = None) -> None:
         files = {"table": args.out / "merging.csv", "plot": args.out / "merging.png"}
         write_csv(table, files["table"])
         plot_merging(table, files["plot"], args.title)
-        for path in files.values():
-            run.log_artifact(path)
-            tracking.log_workflow_artifact(path)
+        run.publish(files.values())
         print(merging_by_method(table).to_string(index=False, float_format=lambda v: f"{v:.4f}"), flush=True)
 
 

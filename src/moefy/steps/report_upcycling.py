@@ -30,9 +30,7 @@ def main(argv: list[str] | None = None) -> None:
         files = {"table": args.out / "upcycling.csv", "plot": args.out / "upcycling.png"}
         write_csv(table, files["table"])
         plot_upcycling(table, files["plot"], args.title)
-        for path in files.values():
-            run.log_artifact(path)
-            tracking.log_workflow_artifact(path)
+        run.publish(files.values())
         print(upcycling_by_model(table).to_string(index=False, float_format=lambda v: f"{v:.4f}"), flush=True)
 
 
