@@ -219,6 +219,12 @@ def test_merged_and_compressed_upcycled_model_saves_reloads_and_runs(tmp_path):
         model(**inputs)
     assert all(int(u.counts.sum()) == 2 * int(inputs["attention_mask"].sum()) for u in usage.values())
 
+    with torch.no_grad():
+        original = model(**inputs).logits
+        singletons, _ = merge_model(moes, usage, "msmoe", groups=4)  # every expert its own group
+        swap_layers(model, moes, singletons)
+        torch.testing.assert_close(model(**inputs).logits, original, atol=1e-6, rtol=1e-6)
+        swap_layers(model, singletons, moes)
     merged, groups = merge_model(moes, usage, "msmoe", groups=2)
     assert sum(m.num_experts for m in merged.values()) == 2 * len(moes)
     for moe in merged.values():
