@@ -26,6 +26,7 @@ def write_eval(folder, name, accuracies, penalty="none", rule="top_k", seed=0, d
             "test_accuracy": a,
             "relative_accuracy": a / dense,
             "ffn_flops_fraction": b,
+            "model_flops_fraction": 0.4 + 0.6 * b,  # FFNs 60% of the whole model
             "dense_agreement": 1.0,
             "dense_test_accuracy": dense,
             "ffn_ms_dense": 10.0,
@@ -77,6 +78,8 @@ def test_flops_at_99_is_the_cheapest_point_keeping_99_percent_per_rule_and_penal
     assert best[("none", "top_k")] == 0.4  # 0.893 / 0.9 = 99.2%; 0.85 / 0.9 is not enough
     assert best[("none", "dynamic")] == 0.3
     assert best[("hoyer", "top_k")] == 1.0
+    whole = flops_at_99(table).set_index(["penalty", "rule"])["model_flops_at_99pct"]
+    assert whole[("none", "top_k")] == pytest.approx(0.4 + 0.6 * 0.4)  # at the same point, on the whole model
     plot_relative_vs_flops(table, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 

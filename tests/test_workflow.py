@@ -49,6 +49,11 @@ RECORD_KEYS = {
     "ffn_ms_dense",
     "ffn_ms_moe",
     "ffn_speedup",
+    "model_flops_fraction",
+    "dense_model_flops_per_token",
+    "model_ms_dense",
+    "model_ms_moe",
+    "model_speedup",
     "kernels",
     "precision",
 }
@@ -108,11 +113,13 @@ def test_evaluation_contract(tiny_study):
         }
         for full in (top_k[-1], dynamic[-1]):  # budget 1.0 and tau 1 run every expert: the dense model
             assert full["relative_accuracy"] == 1.0 and full["ffn_flops_fraction"] == 1.0 and full["experts_per_token"] == E
-            assert full["kernels"] == "dense"
+            assert full["kernels"] == "dense" and full["model_flops_fraction"] == pytest.approx(1.0)
         half = top_k[1]
         assert half["experts_per_token"] == E // 2 and half["experts_per_token_std"] == 0
         # half the experts, plus the router's cost if it has one (the oracle has none)
         assert half["ffn_flops_fraction"] == 0.5 if selector == "groundtruth" else 0.5 < half["ffn_flops_fraction"] < 0.7
+        # the whole model saves less than its FFNs: attention, scores and the head are not converted
+        assert half["ffn_flops_fraction"] < half["model_flops_fraction"] < 1 and half["model_ms_moe"] > 0
         assert half["kernels"] != "dense" and all(
             k.split()[0] in ("bags", "grouped", "masked") for k in half["kernels"].split(", ")
         )

@@ -16,6 +16,7 @@ import torch
 
 from moefy import dist
 from moefy.batches import Encoded, iterate
+from moefy.flops import ForwardTimer, ModelFlops
 from moefy.moe import MoEFFN, ffn_flops_fraction, ffn_seconds, kernel_calls, set_experts_per_token, set_threshold
 from moefy.routers import budget_to_k
 from moefy.tasks import Task
@@ -61,6 +62,7 @@ class PassTotals:
     tokens: float = 0.0  # real (non-padding) tokens
     agreeing: float = 0.0  # predictions equal to the dense model's
     ffn_ms: float = 0.0  # wall-clock of every FFN layer, router included
+    model_ms: float = 0.0  # wall-clock of the whole forward passes
 
     def all_reduced(self, ctx: dist.Context) -> PassTotals:
         # float64: float32 sums of squares over many tokens lose the spread's last digits
@@ -95,36 +97,59 @@ def run_pass(
     predictions: list[torch.Tensor] = []
     totals = PassTotals()
     num_experts = layers[0].num_experts
-    for b, (idx, inputs, logits) in enumerate(iterate(model, encoded, batches, ctx, desc)):
-        batch_targets = None if targets is None else targets[idx].to(logits.device)
-        score, count, predicted = task.batch_stats(logits, inputs, batch_targets)
-        predictions.append(predicted.cpu())
-        real = inputs["attention_mask"].bool()
-        chosen = [layer.experts_per_token for layer in layers]
-        if chosen[0] is None:  # the dense path: every expert
-            experts = torch.full((int(real.sum()),), float(num_experts), dtype=torch.float64)
-        else:
-            experts = torch.stack(chosen).mean(0)[real].cpu().double()
-        totals.score += score
-        totals.count += count
-        totals.experts += float(experts.sum())
-        totals.experts_squared += float(experts.square().sum())
-        totals.tokens += len(experts)
-        totals.agreeing += len(predicted) if dense_predictions is None else float((predictions[-1] == dense_predictions[b]).sum())
+    timer = ForwardTimer()
+    with timer.attached(model):
+        for b, (idx, inputs, logits) in enumerate(iterate(model, encoded, batches, ctx, desc)):
+            batch_targets = None if targets is None else targets[idx].to(logits.device)
+            score, count, predicted = task.batch_stats(logits, inputs, batch_targets)
+            predictions.append(predicted.cpu())
+            real = inputs["attention_mask"].bool()
+            chosen = [layer.experts_per_token for layer in layers]
+            if chosen[0] is None:  # the dense path: every expert
+                experts = torch.full((int(real.sum()),), float(num_experts), dtype=torch.float64)
+            else:
+                experts = torch.stack(chosen).mean(0)[real].cpu().double()
+            totals.score += score
+            totals.count += count
+            totals.experts += float(experts.sum())
+            totals.experts_squared += float(experts.square().sum())
+            totals.tokens += len(experts)
+            totals.agreeing += (
+                len(predicted) if dense_predictions is None else float((predictions[-1] == dense_predictions[b]).sum())
+            )
     totals.ffn_ms = ffn_seconds(layers) * 1e3
+    totals.model_ms = timer.seconds * 1e3
     used = sum((Counter(part) for part in dist.all_gather(dict(kernel_calls(layers)), ctx)), Counter())
     kernels = ", ".join(f"{name} {count}" for name, count in sorted(used.items())) or "dense"
     return predictions, totals.all_reduced(ctx), kernels
 
 
-def record(rule: SelectionRule, totals: PassTotals, dense: PassTotals, task: Task, layers: list[MoEFFN], kernels: str) -> dict:
+def record(
+    rule: SelectionRule,
+    totals: PassTotals,
+    dense: PassTotals,
+    task: Task,
+    layers: list[MoEFFN],
+    kernels: str,
+    whole: ModelFlops,
+) -> dict:
     """One evaluation record: the rule, the task metric and the same relative to dense, agreement
-    with dense, experts per token, FFN FLOPs fraction (router included), measured FFN time and
-    the kernels that took it."""
+    with dense, experts per token, FFN FLOPs fraction (router included), the whole model's FLOPs
+    fraction (`whole`: the dense model's per token), measured FFN and whole-forward times and the
+    kernels that took them."""
     first = layers[0]
     metric, num_experts = task.metric, first.num_experts
     value, dense_value = task.metric_of(totals.score, totals.count), task.metric_of(dense.score, dense.count)
     runs_dense = rule.runs_dense(num_experts)
+    ffn_fraction = ffn_flops_fraction(
+        first.d_model,
+        num_experts * first.expert_size,
+        num_experts,
+        totals.experts_mean,
+        first.router.flops_per_token(),
+        router_runs=not runs_dense,
+        gated=first.w_gate is not None,
+    )
     return {
         "rule": rule.kind,
         "budget": rule.budget,
@@ -134,20 +159,17 @@ def record(rule: SelectionRule, totals: PassTotals, dense: PassTotals, task: Tas
         "experts_per_token_std": totals.experts_std,
         f"test_{metric}": value,
         f"relative_{metric}": value / dense_value,
-        "ffn_flops_fraction": ffn_flops_fraction(
-            first.d_model,
-            num_experts * first.expert_size,
-            num_experts,
-            totals.experts_mean,
-            first.router.flops_per_token(),
-            router_runs=not runs_dense,
-            gated=first.w_gate is not None,
-        ),
+        "ffn_flops_fraction": ffn_fraction,
+        "model_flops_fraction": whole.fraction_with(ffn_fraction),
+        "dense_model_flops_per_token": whole.total,
         "dense_agreement": totals.agreeing / totals.count,
         f"dense_test_{metric}": dense_value,
         "ffn_ms_dense": dense.ffn_ms,
         "ffn_ms_moe": totals.ffn_ms,
         "ffn_speedup": dense.ffn_ms / totals.ffn_ms,
+        "model_ms_dense": dense.model_ms,
+        "model_ms_moe": totals.model_ms,
+        "model_speedup": dense.model_ms / totals.model_ms,
         "kernels": kernels,
     }
 
@@ -155,11 +177,13 @@ def record(rule: SelectionRule, totals: PassTotals, dense: PassTotals, task: Tas
 MEASURES = (
     "dense_agreement",
     "ffn_flops_fraction",
+    "model_flops_fraction",
     "experts_per_token",
     "experts_per_token_std",
     "ffn_ms_dense",
     "ffn_ms_moe",
     "ffn_speedup",
+    "model_speedup",
 )
 
 

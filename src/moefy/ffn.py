@@ -243,6 +243,15 @@ def find_ffns(model: nn.Module) -> list[FFN]:
     return family(model.config).find(model)
 
 
+def self_attention(config) -> tuple[int, int]:
+    """(self-attention layers, their width heads x head_dim), from the config's standard names
+    (an encoder-decoder's decoder layers counted too, at the same length)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or config.hidden_size // heads
+    layers = config.num_hidden_layers + (getattr(config, "num_decoder_layers", None) or 0)
+    return layers, heads * head_dim
+
+
 def dense_ffn_flops(model: nn.Module) -> dict[int, int]:
     """FLOPs per token of each dense FFN, by index (of a model whose FFNs are not replaced yet)."""
     return {f.index: f.flops_per_token for f in find_ffns(model)}

@@ -25,7 +25,8 @@ METRICS = ("accuracy", "perplexity")
 GROUP = [*IDENTITY, "rule"]  # one curve of one seed
 METHOD = [key for key in GROUP if key != "seed"]  # one curve over seeds
 POINT = ["budget", "tau"]  # one point of a curve
-WALL_CLOCK = ("ffn_ms_dense", "ffn_ms_moe", "ffn_speedup")  # measured, so never bit-identical across runs
+# measured, so never bit-identical across runs
+WALL_CLOCK = ("ffn_ms_dense", "ffn_ms_moe", "ffn_speedup", "model_ms_dense", "model_ms_moe", "model_speedup")
 KEEP = 0.99  # flops_at_99pct: the smallest FLOPs fraction keeping 99% of the dense model's quality
 
 
@@ -56,6 +57,8 @@ def columns(metric: str) -> list[str]:
         f"relative_{metric}",
         "ffn_flops_fraction",
         "flops_at_99pct",
+        "model_flops_fraction",
+        "model_flops_at_99pct",
         "dense_agreement",
         f"dense_test_{metric}",
         *WALL_CLOCK,
@@ -86,7 +89,8 @@ def _keeps(table: pd.DataFrame, metric: str) -> pd.Series:
 def summarise(evaluation_files: Iterable[str | Path]) -> pd.DataFrame:
     """All evaluation records as rows, and per curve (penalty, seed, split, E, selector, rule) the
     smallest FFN FLOPs fraction that keeps 99% of the dense model's quality (accuracy at least
-    0.99 x dense, or perplexity at most dense / 0.99; NaN if no point does)."""
+    0.99 x dense, or perplexity at most dense / 0.99; NaN if no point does), and the same for the
+    whole model's FLOPs fraction."""
     rows = [record for path in map(Path, evaluation_files) for record in _records(path)]
     if not rows:
         raise MoefyError("no evaluation records to summarise; check the grid in config.yaml")
@@ -96,17 +100,17 @@ def summarise(evaluation_files: Iterable[str | Path]) -> pd.DataFrame:
     for column in wanted:
         if column not in table:
             table[column] = float("nan")
-    table["flops_at_99pct"] = (
-        table["ffn_flops_fraction"].where(_keeps(table, metric)).groupby([table[c] for c in GROUP]).transform("min")
-    )
+    for fraction, smallest in (("ffn_flops_fraction", "flops_at_99pct"), ("model_flops_fraction", "model_flops_at_99pct")):
+        kept = table[fraction].where(_keeps(table, metric))
+        table[smallest] = kept.groupby([table[c] for c in GROUP]).transform("min")
     return table[wanted + [c for c in table.columns if c not in wanted]].sort_values(
         GROUP + ["ffn_flops_fraction"], ignore_index=True
     )
 
 
 def flops_at_99(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per curve of one seed: the smallest FLOPs fraction keeping 99%."""
-    return table.groupby(GROUP, as_index=False)["flops_at_99pct"].first()
+    """One row per curve of one seed: the smallest FFN and whole-model FLOPs fractions keeping 99%."""
+    return table.groupby(GROUP, as_index=False)[["flops_at_99pct", "model_flops_at_99pct"]].first()
 
 
 def _spread(values: pd.Series) -> float:
@@ -114,12 +118,14 @@ def _spread(values: pd.Series) -> float:
 
 
 def flops_at_99_by_method(table: pd.DataFrame) -> pd.DataFrame:
-    """One row per method: flops_at_99pct over its seeds (mean, std, and each seed's value). A seed
-    whose curve never keeps 99% makes the mean NaN: the method does not reliably get there."""
+    """One row per method: flops_at_99pct over its seeds (mean, std, and each seed's value), and
+    the whole model's (model_flops_at_99pct_mean). A seed whose curve never keeps 99% makes the
+    mean NaN: the method does not reliably get there."""
     per_seed = flops_at_99(table)
     rows = []
     for key, group in per_seed.groupby(METHOD, sort=True):
-        values = group.sort_values("seed")["flops_at_99pct"]
+        ordered = group.sort_values("seed")
+        values = ordered["flops_at_99pct"]
         rows.append(
             {
                 **dict(zip(METHOD, key)),
@@ -127,6 +133,7 @@ def flops_at_99_by_method(table: pd.DataFrame) -> pd.DataFrame:
                 "flops_at_99pct_mean": float(values.mean(skipna=False)),
                 "flops_at_99pct_std": _spread(values),
                 "flops_at_99pct_per_seed": " ".join(f"{v:.3f}" for v in values),
+                "model_flops_at_99pct_mean": float(ordered["model_flops_at_99pct"].mean(skipna=False)),
             }
         )
     return pd.DataFrame(rows)

@@ -28,6 +28,7 @@ from moefy.evaluation import SelectionRule, logged_metrics, record, run_pass, se
 from moefy.export import read_moe_parts
 from moefy.ffn import find_ffns
 from moefy.files import read_json, write_json
+from moefy.flops import model_flops
 from moefy.kernel_choice import KernelTable, shape_key, table_for
 from moefy.models import load_model, load_tokenizer, read_training
 from moefy.moe import moefy_model
@@ -87,12 +88,13 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, task.name).to(ctx.device)
     labels, routers = read_moe_parts(args.labels, args.router, args.selector, args.num_experts)
+    texts, targets = read_split(args.data / "test.jsonl")
+    encoded = Encoded(tokenizer, texts)
+    whole = model_flops(model, float(encoded.lengths.mean()), causal=task.name == "causal_lm")  # before any FFN is replaced
     layers = moefy_model(model, labels, routers, args.num_experts, kernel_table(args, find_ffns(model)[0]))
 
-    texts, targets = read_split(args.data / "test.jsonl")
     if task.labelled and targets is None:
         raise MoefyError(f"{args.data / 'test.jsonl'} has no labels, but task {task.name} needs them; rerun the data step")
-    encoded = Encoded(tokenizer, texts)
     targets_t = None if targets is None else torch.as_tensor(targets, dtype=torch.long)
     batches = eval_batches(encoded, args.batch_size, ctx)
     identity = {**ablation(args), "precision": read_training(args.model).get("precision", "unknown")}
@@ -117,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         for rule in selection_rules(args.budgets, args.thresholds, args.num_experts):
             reuse = rule.runs_dense(args.num_experts) and not args.reference
             totals, kernels = (dense, "dense") if reuse else measure(rule, dense_predictions)[1:]
-            entry = identity | record(rule, totals, dense, task, layers, kernels)
+            entry = identity | record(rule, totals, dense, task, layers, kernels, whole)
             records.append(entry)
             if ctx.is_main:
                 metric = task.metric
@@ -126,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"{metric} {entry[f'test_{metric}']:.4f} ({entry[f'relative_{metric}']:.2%} of dense, "
                     f"{entry['dense_agreement']:.2%} same predictions), FFN FLOPs {entry['ffn_flops_fraction']:.3f}, "
                     f"FFN time {entry['ffn_ms_moe']:.0f} ms vs {entry['ffn_ms_dense']:.0f} ms dense "
-                    f"({entry['ffn_speedup']:.2f}x)",
+                    f"({entry['ffn_speedup']:.2f}x); whole model FLOPs {entry['model_flops_fraction']:.3f}, "
+                    f"time {entry['model_speedup']:.2f}x of dense",
                     flush=True,
                 )
                 run.log_metrics(logged_metrics(rule, entry, metric))

@@ -3,7 +3,8 @@
 Writes one JSON record: the test metric; total parameters, expert parameters and bytes of the
 weight files on disk; FFN FLOPs per token as measured on the test set (a merged layer computes a
 token's two experts of one group once; a compressed weight counts as its factored kernel) against
-the dense model's FFNs; experts per MoE layer; distillation steps since merging.
+the dense model's FFNs, and the whole model's FLOPs against the dense model's (moefy.flops);
+experts per MoE layer; distillation steps since merging.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from moefy.cli import ablation, run_step, step_parser
 from moefy.export import bytes_on_disk, load_smoe
 from moefy.ffn import dense_ffn_flops
 from moefy.files import write_json
+from moefy.flops import model_flops
 from moefy.merging import chain_of
 from moefy.models import load_model, read_training
 from moefy.tasks import get_task
@@ -36,13 +38,19 @@ def main(argv: list[str] | None = None) -> None:
     ctx = dist.setup(args.device)
     task = get_task(args.task)
     model, moes, tokenizer, site = load_smoe(args.model, task.name, ctx.device)
-    dense = dense_ffn_flops(load_model(str(args.model), task.name)) if site == "ffn" else {}
     test = read_texts(args.data, "test", task)
+    encoded = Encoded(tokenizer, test.texts)
+    dense, whole = {}, None
+    if site == "ffn":  # the folder's dense layout: its FFNs, and the whole model at the test set's mean length
+        dense_model = load_model(str(args.model), task.name)
+        dense = dense_ffn_flops(dense_model)
+        whole = model_flops(dense_model, float(encoded.lengths.mean()), causal=task.name == "causal_lm")
+        del dense_model
     identity = ablation(args) | {"upcycled": args.upcycled, **chain_of(args.name)}
     with tracking.job_run("evaluate_smoe", vars(args), identity, enabled=ctx.is_main) as run:
         for moe in moes.values():
             moe.reset_statistics()
-        value = measure(model, task, Encoded(tokenizer, test.texts), test.labels, args.eval_batch_size, ctx, "test")
+        value = measure(model, task, encoded, test.labels, args.eval_batch_size, ctx, "test")
         moe_flops = {i: moe.flops_per_token() for i, moe in moes.items()}
         ffn = sum(moe_flops.values()) + sum(f for i, f in dense.items() if i not in moes)
         total = sum(p.numel() for p in model.parameters())
@@ -55,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
             "ffn_flops_per_token": ffn,
             "dense_ffn_flops_per_token": float(sum(dense.values())) or None,
             "ffn_flops_fraction": ffn / sum(dense.values()) if dense else None,
+            "model_flops_fraction": whole.fraction_with(ffn / sum(dense.values())) if whole else None,
             "experts_per_layer": {str(i): moe.num_experts for i, moe in moes.items()},
             "computed_experts_per_token": sum(m.computed for m in moes.values())
             / max(1, sum(m.tokens_seen for m in moes.values())),
