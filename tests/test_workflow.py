@@ -186,9 +186,14 @@ def test_mlflow_parent_and_job_runs(tiny_study):
         "selector": evaluations,
         "evaluate": evaluations + 1,  # + the recovered conversion
         "report": 1,
-        "train_moe": 3,  # recovery, the upcycled model, the dense continuation
+        "train_moe": 5,  # recovery, the upcycled model, the dense continuation, 2 distillations of merged models
         "upcycle": 1,
         "report_upcycling": 1,
+        "usage": 1,
+        "merge": 1,  # msmoe-G2
+        "compress": 2,  # msmoe-G2-svd, msmoe-G2-kd-svd
+        "evaluate_smoe": 3,  # full, msmoe-G2-svd, msmoe-G2-kd-svd-kd
+        "report_merging": 1,
     }
     assert {rule: rules.count(rule) for rule in set(rules)} == expected
     assert first.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in children)
