@@ -433,7 +433,7 @@ def task_better_is_higher(metric: str) -> bool:
 
 def plot_merging(table: pd.DataFrame, path: str | Path, title: str = "") -> None:
     """The task metric (mean over seeds) against memory (bytes on disk relative to the full SMoE),
-    one marker per method, filled after distillation, hollow as merged; the full SMoE a black star,
+    one marker per method, filled after distillation, hollow without; the full SMoE a black star,
     the dense continuation a dashed line."""
     import matplotlib
 
@@ -460,7 +460,7 @@ def plot_merging(table: pd.DataFrame, path: str | Path, title: str = "") -> None
                 markersize=8,
                 color=color,
                 markerfacecolor=color if filled else "none",
-                label=f"{method} ({'distilled' if filled else 'as merged'})",
+                label=f"{method} ({'distilled' if filled else 'no distillation'})",
             )
             for _, row in rows.iterrows():
                 ax.annotate(f"G{row['groups']:g}", (row["memory_vs_full_mean"], row[f"test_{metric}_mean"]), fontsize=6)
@@ -474,7 +474,7 @@ def plot_merging(table: pd.DataFrame, path: str | Path, title: str = "") -> None
     ax.set_ylabel(f"test {metric}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    ax.set_title(title or "Merged and compressed SMoEs against the full SMoE")
+    ax.set_title(title or "Merged and compressed SMoEs against the full SMoE", fontsize=9)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
