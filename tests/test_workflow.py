@@ -230,12 +230,14 @@ def test_parallel_jobs_lose_no_mlflow_run_or_metric(tiny_study):
             r.data.tags.get("wildcard.recovery"),
             r.data.tags.get("wildcard.mode"),
             r.data.tags.get("wildcard.upcycled"),
+            r.data.tags.get("wildcard.merged"),
         )
         for r in jobs
     ]
     conversions = len(CONVERSIONS) + 1
     training = 1 + 3 + 1 + 1  # the recovered evaluate, train_moe, upcycle, report_upcycling
-    assert len(keys) == len(set(keys)) == 1 + 1 + 2 + 2 + 4 + 4 + 2 * conversions + 1 + training, (
+    merging = 1 + 1 + 2 + 2 + 3 + 1  # usage, merge, 2 distillations, 2 compressions, 3 evaluate_smoe, report_merging
+    assert len(keys) == len(set(keys)) == 1 + 1 + 2 + 2 + 4 + 4 + 2 * conversions + 1 + training + merging, (
         "one run per job, none lost, none twice"
     )
     for run in jobs:

@@ -1,7 +1,7 @@
 """Whole-model compute per token: what a conversion saves on the model, not only on its FFNs.
 
 FLOPs are 2 per multiply-add. Per token: every projection matrix of the layers (attention q, k, v,
-o and the FFNs; nn.Linear and GPT-2's Conv1D alike), the attention scores (Q K^T and the
+o and the FFNs; nn.Linear and transformers' Conv1D alike), the attention scores (Q K^T and the
 weighted sum of V: 4 x width x the keys a token attends to, the test set's mean length L for
 an encoder, (L + 1) / 2 for a causal decoder), and the head: a next-token head per token, a
 classifier (with its pooler) once per sequence, so 1 / L per token. Embeddings, norms, biases
