@@ -32,6 +32,7 @@ from conftest import (
     in_study,
     snakemake,
 )
+from moefy.evaluation import MEASURES
 from moefy.export import load_moe
 from moefy.report import reproducible
 
@@ -243,7 +244,8 @@ def test_parallel_jobs_lose_no_mlflow_run_or_metric(tiny_study):
     for run in jobs:
         tags = run.data.tags
         if tags["rule"] == "evaluate" and tags["wildcard.seed"] == "0" and tags["wildcard.recovery"] == "none":
-            assert len(run.data.metrics) == (len(BUDGETS) + len(THRESHOLDS)) * 9, run.info.run_name  # rules x 9 metrics
+            per_rule = 2 + len(MEASURES)  # test and relative metric, then every measure
+            assert len(run.data.metrics) == (len(BUDGETS) + len(THRESHOLDS)) * per_rule, run.info.run_name
         if run.data.tags["rule"] == "selector":
             assert {f"recall_at_{b:g}" for b in BUDGETS} <= set(run.data.metrics)
 
