@@ -118,6 +118,14 @@ SPARSE_FILE = "sparse_moe.safetensors"
 SITES = ("ffn", "smoe")  # where a layer goes back: the dense FFN of that index, or the Hugging Face MoE block
 
 
+def _site(path: Path, layers: dict) -> str:
+    """Where a saved file's MoE layers go back: one site for every layer."""
+    sites = {spec.get("site", "ffn") for spec in layers.values()}
+    if len(sites) != 1:
+        raise MoefyError(f"{path} mixes MoE layer sites {sorted(sites)}; save it again with this moefy")
+    return sites.pop()
+
+
 def save_sparse_moe(
     model: torch.nn.Module,
     moes: dict[int, SparseMoE],
@@ -181,8 +189,7 @@ def load_sparse_moe(
         )
     tensors = load_tensors(path)
     layers = json.loads(meta["layers"])
-    sites = {spec.get("site", "ffn") for spec in layers.values()}
-    if sites == {"smoe"}:
+    if _site(path, layers) == "smoe":
         from moefy.smoe import find_smoe_blocks, load_hf_model  # the HF families' own MoE blocks
 
         model = load_hf_model(str(folder), meta["task"])
@@ -233,8 +240,7 @@ def load_smoe(
     merged, compressed), or a Hugging Face SMoE checkpoint (Mixtral, Switch, ...: moefy.smoe)."""
     folder = Path(folder)
     if (folder / SPARSE_FILE).is_file():
-        layers = json.loads(tensors_metadata(folder / SPARSE_FILE)["layers"])
-        site = next(iter(layers.values())).get("site", "ffn")
+        site = _site(folder / SPARSE_FILE, json.loads(tensors_metadata(folder / SPARSE_FILE)["layers"]))
         model, moes, tokenizer = load_sparse_moe(folder, device)
         return model, moes, tokenizer, site
     from moefy.smoe import load_hf_smoe, smoe_families
