@@ -275,3 +275,14 @@ def test_hugging_face_smoes_merge_save_reload_and_run(family, tmp_path):
     real = inputs["attention_mask"].bool()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**inputs).logits[real], expected[real], atol=1e-5, rtol=1e-5)
+
+
+def test_a_saved_file_mixing_layer_sites_is_a_clear_error():
+    from pathlib import Path
+
+    from moefy.export import _site
+
+    assert _site(Path("m"), {"1": {"site": "smoe"}, "3": {"site": "smoe"}}) == "smoe"
+    assert _site(Path("m"), {"1": {}}) == "ffn"  # written before sites existed: dense FFN slots
+    with pytest.raises(MoefyError, match="mixes MoE layer sites"):
+        _site(Path("m"), {"1": {"site": "ffn"}, "3": {"site": "smoe"}})
