@@ -1,0 +1,109 @@
+"""The attention-projection adapter and the distillation of a projection into a ReLU MLP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import DECODERS, FAMILIES, build_tiny
+from moefy.errors import MoefyError
+from moefy.models import load_model
+from moefy.projections import DistillSettings, ProjectionMLP, distill, find_projections, r_squared, width_for
+
+
+def _batch(config) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    ids = torch.randint(5, config.vocab_size, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0  # a padded row
+    if config.model_type == "t5":  # T5's classifier reads each text's <eos>
+        ids[:, -1] = ids[1, 5] = config.eos_token_id
+        ids[1, 6:] = config.pad_token_id
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exact_mlps_in_every_projection_keep_the_logits(family, tmp_path):
+    folder = build_tiny(family, tmp_path / family)
+    task = "causal_lm" if family in DECODERS else "classification"
+    model = load_model(str(folder), task, None if task == "causal_lm" else ["a", "b"]).eval()
+    batch = _batch(model.config)
+    with torch.no_grad():
+        before = model(**batch).logits
+    found = find_projections(model)
+    per_layer = 2 if family == "gpt2" else 4
+    layers = len({p.layer for p in found})
+    assert len(found) == per_layer * layers and layers >= 2
+    assert len({id(p.linear) for p in found}) == len(found)
+    for projection in found:
+        d_out, d_in = projection.linear.weight.shape
+        projection.replace(ProjectionMLP.from_linear(projection.linear, 2 * min(d_in, d_out), min(d_in, d_out)))
+    assert sum(isinstance(m, ProjectionMLP) for m in model.modules()) == len(found)
+    with torch.no_grad():
+        after = model(**batch).logits
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_family_is_a_clear_error():
+    model = nn.Linear(2, 2)
+    model.config = type("Config", (), {"model_type": "mamba"})()
+    with pytest.raises(MoefyError, match="mamba"):
+        find_projections(model)
+
+
+def test_a_narrow_start_is_the_truncated_svd():
+    torch.manual_seed(0)
+    linear = nn.Linear(12, 10)
+    x = torch.randn(500, 12)
+    mlp = ProjectionMLP.from_linear(linear, 8, 4)  # no spare neurons
+    u, s, vh = torch.linalg.svd(linear.weight.detach(), full_matrices=False)
+    truncated = x @ (u[:, :4] * s[:4] @ vh[:4]).t() + linear.bias.detach()
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), truncated, atol=1e-5, rtol=1e-5)
+
+
+def test_a_wide_enough_mlp_learns_a_projection_from_scratch():
+    """R^2 > 0.99 on held-out inputs for a random 16 -> 16 projection, from a random start."""
+    torch.manual_seed(0)
+    target = nn.Linear(16, 16)
+    with torch.no_grad():
+        x, x_val = torch.randn(4000, 16), torch.randn(1000, 16)
+        y, y_val = target(x), target(x_val)
+    mlp = ProjectionMLP(16, 64, 16)
+    result = distill(mlp, (x, y), (x_val, y_val), DistillSettings(learning_rate=3e-3, batch_size=128, max_epochs=60))
+    assert result.r2 > 0.99
+    assert result.mse < 0.05 * result.mse_initial
+    with torch.no_grad():
+        assert r_squared(mlp(x_val), y_val) == pytest.approx(result.r2)
+
+
+def test_training_improves_on_the_truncated_start_and_keeps_the_best():
+    torch.manual_seed(0)
+    target = nn.Linear(16, 16)
+    with torch.no_grad():
+        x, x_val = torch.randn(3000, 16), torch.randn(800, 16)
+        y, y_val = target(x), target(x_val)
+    mlp = ProjectionMLP.from_linear(target, 24)  # rank 6 of 16 to start, 12 spare neurons
+    result = distill(mlp, (x, y), (x_val, y_val), DistillSettings(learning_rate=1e-3, batch_size=128, max_epochs=30, patience=2))
+    assert result.mse < 0.5 * result.mse_initial
+    assert result.epochs <= 30
+    assert result.mse == pytest.approx(float(nn.functional.mse_loss(mlp(x_val), y_val).detach()), rel=1e-5)
+    # a learning rate that only diverges: the start is kept
+    diverging = ProjectionMLP.from_linear(target, 24)
+    bad = distill(
+        diverging, (x, y), (x_val, y_val), DistillSettings(learning_rate=10.0, batch_size=128, max_epochs=3, patience=1)
+    )
+    assert bad.mse == pytest.approx(bad.mse_initial)
+    assert bad.epochs == 1
+
+
+def test_width_matches_the_projection_flops():
+    assert width_for(384, 384, 1.0) == 192  # 2 x 384 x 192 = 384 x 384
+    assert width_for(384, 384, 2.0) == 384
+    assert width_for(576, 192, 1.0) == 144  # a grouped-query k projection
+    with pytest.raises(MoefyError, match="rank 5"):
+        ProjectionMLP.from_linear(nn.Linear(4, 4), 8, 5)
+    assert r_squared(torch.ones(3, 2), torch.ones(3, 2)) == 1.0
+    with pytest.raises(MoefyError, match="training and held-out"):
+        distill(ProjectionMLP(2, 4, 2), (torch.zeros(0, 2), torch.zeros(0, 2)), (torch.zeros(1, 2), torch.zeros(1, 2)))
