@@ -107,3 +107,51 @@ def test_width_matches_the_projection_flops():
     assert r_squared(torch.ones(3, 2), torch.ones(3, 2)) == 1.0
     with pytest.raises(MoefyError, match="training and held-out"):
         distill(ProjectionMLP(2, 4, 2), (torch.zeros(0, 2), torch.zeros(0, 2)), (torch.zeros(1, 2), torch.zeros(1, 2)))
+
+
+def _distilled_llama_with_grouped_kv() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    model = LlamaForCausalLM(config).eval()
+    for projection in find_projections(model):
+        d_out, d_in = projection.linear.weight.shape  # k and v: 32 -> 16
+        projection.replace(ProjectionMLP.from_linear(projection.linear, 32, 8))
+    return model
+
+
+def test_distilled_projections_are_converted_like_ffns():
+    """find_ffns lists the distilled MLPs after the FFNs; at budget 1.0 the MoE model (FFNs and
+    projections) equals the model with distilled projections, and it runs with fewer experts."""
+    from moefy.ffn import find_ffns
+    from moefy.moe import moefy_model, set_experts_per_token
+    from moefy.routers import MLPRouter
+    from moefy.split import random_split
+
+    model = _distilled_llama_with_grouped_kv()
+    ffns = find_ffns(model)
+    assert [f.index for f in ffns] == list(range(2 + 8))
+    assert [f.w_out.out_features for f in ffns[2:6]] == [32, 16, 16, 32]  # q, k, v, o of layer 0
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        distilled = model(input_ids=ids).logits
+    E = 4
+    labels = {f.index: torch.as_tensor(random_split(f.d_ff, E, seed=f.index)) for f in ffns}
+    routers = {f.index: MLPRouter(f.d_model, E) for f in ffns}
+    layers = moefy_model(model, labels, routers, E)
+    assert len(layers) == 10 and not any(isinstance(m, ProjectionMLP) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, distilled, atol=1e-5, rtol=1e-5)
+        set_experts_per_token(layers, 2)
+        for kernel in ("bags", "grouped", "masked"):
+            outputs = [
+                layer.experts_forward(torch.randn(5, layer.d_model), torch.ones(5, E, dtype=torch.bool), kernel)
+                for layer in layers[2:6]
+            ]
+            assert [o.shape[-1] for o in outputs] == [32, 16, 16, 32]
+        halved = model(input_ids=ids).logits
+    assert halved.shape == distilled.shape and not torch.allclose(halved, distilled, atol=1e-3)
+    assert all(float(layer.experts_per_token.mean()) == 2 for layer in layers)

@@ -239,8 +239,13 @@ def causal_lm_families() -> list[str]:
 
 
 def find_ffns(model: nn.Module) -> list[FFN]:
-    """All FFN blocks of `model`, in layer order (encoder before decoder), indices unique."""
-    return family(model.config).find(model)
+    """All FFN blocks of `model`, in layer order (encoder before decoder), indices unique; then the
+    attention projections distilled into MLPs (moefy.projections), indices running on, so that
+    every step converts them like FFNs."""
+    from moefy.projections import distilled_ffns  # it builds on this module's helpers
+
+    ffns = family(model.config).find(model)
+    return ffns + distilled_ffns(model, start=len(ffns))
 
 
 def self_attention(config) -> tuple[int, int]:

@@ -91,6 +91,7 @@ class MoEFFN(nn.Module):
         d_ff, d_model = ffn.w_in.weight.shape
         E, s = num_experts, d_ff // num_experts
         self.num_experts, self.expert_size, self.d_model = E, s, d_model
+        self.d_out = ffn.w_out.out_features  # d_model for an FFN; a distilled k or v projection may be narrower
         self.act, self.router = ffn.act, router
         self.k = num_experts
         self.tau: float | None = None  # dynamic-k threshold; None: top-k with self.k
@@ -150,7 +151,7 @@ class MoEFFN(nn.Module):
         return out
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
+        shape = (*x.shape[:-1], self.d_out)
         x = x.reshape(-1, self.d_model)
         if self.runs_dense:
             self.experts_per_token = None
@@ -186,7 +187,8 @@ class MoEFFN(nn.Module):
         self.kernel_calls[kernel] += 1
         if kernel == "masked":
             return self._masked(x, picked)
-        out = x.new_zeros(x.shape) if self.b_out is None else self.b_out.expand(x.shape).clone()
+        rows = (x.shape[0], self.d_out)
+        out = x.new_zeros(rows) if self.b_out is None else self.b_out.expand(rows).clone()
         if kernel == "bags":
             token, expert = picked.nonzero(as_tuple=True)
             return out.index_add_(0, token, self._bags(x, token, expert))
@@ -194,7 +196,7 @@ class MoEFFN(nn.Module):
         ends = torch.cumsum(picked.sum(0), 0)
         # Slabs of pairs keep each [pairs, d] intermediate small enough for the allocator to reuse
         # (a fresh 100 MB tensor costs more in page faults than its matmul on CPU).
-        slab = len(token) if x.is_cuda else max(1, SLAB_FLOATS // self.d_model)
+        slab = len(token) if x.is_cuda else max(1, SLAB_FLOATS // max(self.d_model, self.d_out))
         for start in range(0, len(token), slab):
             stop = min(start + slab, len(token))
             offs = (ends.clamp(start, stop) - start).to(torch.int32)

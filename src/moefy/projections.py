@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from moefy.errors import MoefyError
-from moefy.ffn import _as_linear
+from moefy.ffn import FFN, _as_linear
 
 NAMES = ("q", "k", "v", "o")
 
@@ -150,6 +150,23 @@ class ProjectionMLP(nn.Module):
             if width > 2 * rank:  # spare neurons start small and random: training gives them a use
                 nn.init.normal_(mlp.w_in.weight[2 * rank :], std=d_in**-0.5)
         return mlp.to(linear.weight.dtype)
+
+
+def distilled_ffns(model: nn.Module, start: int) -> list[FFN]:
+    """The projections replaced by a ProjectionMLP so far, as FFNs numbered from `start` (layer,
+    then q, k, v, o), so that split, routers and MoE layers treat them like any FFN."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _FAMILIES:
+        return []
+    slots = []
+    for parent in model.modules():
+        for attribute, child in parent.named_children():
+            if isinstance(child, ProjectionMLP):
+                slots.append((parent, attribute, child))
+    return [
+        FFN(start + i, mlp.w_in, mlp.act, mlp.w_out, lambda m, p=parent, a=attribute: setattr(p, a, m))
+        for i, (parent, attribute, mlp) in enumerate(slots)
+    ]
 
 
 def width_for(d_in: int, d_out: int, flops_factor: float) -> int:
