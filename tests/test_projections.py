@@ -155,3 +155,37 @@ def test_distilled_projections_are_converted_like_ffns():
         halved = model(input_ids=ids).logits
     assert halved.shape == distilled.shape and not torch.allclose(halved, distilled, atol=1e-3)
     assert all(float(layer.experts_per_token.mean()) == 2 for layer in layers)
+
+
+def test_a_saved_model_with_distilled_projections_loads_back_equal(tmp_path, tiny_relu_bert):
+    from transformers import AutoTokenizer
+
+    from moefy.models import save_model
+    from moefy.projections import PROJECTIONS_FILE
+
+    model = load_model(str(tiny_relu_bert), "classification", ["a", "b"]).eval()
+    for projection in find_projections(model)[::3]:  # q of layer 0, o of layer 0, v of layer 1, ...
+        projection.replace(ProjectionMLP.from_linear(projection.linear, 16))
+    batch = _batch(model.config)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    save_model(model, AutoTokenizer.from_pretrained(tiny_relu_bert), tmp_path / "distilled")
+    again = load_model(str(tmp_path / "distilled"), "classification").eval()
+    assert [p.key for p in find_projections(again) if p.mlp is not None] == ["0.q", "0.o", "1.v"][
+        : len(find_projections(model)[::3])
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, expected, atol=1e-6, rtol=1e-6)
+    with pytest.raises(MoefyError, match="distilled already"):
+        _ = find_projections(again)[0].linear
+    # a projections file of another model is refused
+    other = tmp_path / "other"
+    save_model(
+        load_model(str(tiny_relu_bert), "classification", ["a", "b"]), AutoTokenizer.from_pretrained(tiny_relu_bert), other
+    )
+    from moefy.files import load_tensors, save_tensors
+
+    tensors = load_tensors(tmp_path / "distilled" / PROJECTIONS_FILE)
+    save_tensors(other / PROJECTIONS_FILE, {k.replace("0.q.", "7.q."): v for k, v in tensors.items()})
+    with pytest.raises(MoefyError, match="another model"):
+        load_model(str(other), "classification")

@@ -19,6 +19,7 @@ from moefy.config import TASKS
 from moefy.errors import MoefyError
 from moefy.ffn import causal_lm_families, family
 from moefy.files import read_json
+from moefy.projections import install_saved_projections, save_projections
 
 hf_logging.disable_progress_bar()  # a bar per load/save would drown the steps' own progress in the logs
 
@@ -143,6 +144,8 @@ def load_model(
     if "gguf_file" in extra:
         _plain_float_model(model)
     adapter.find(model)  # converts in place where needed, before an optimizer sees the parameters
+    if Path(where).is_dir():  # a model with distilled attention projections (the distill step's output)
+        install_saved_projections(model, where)
     return model
 
 
@@ -154,8 +157,10 @@ def load_classifier(
 
 
 def save_model(model: torch.nn.Module, tokenizer, folder: str | os.PathLike) -> None:
-    """save_pretrained as safetensors, tokenizer beside it (a standard HF folder)."""
+    """save_pretrained as safetensors, tokenizer beside it (a standard HF folder); distilled
+    attention projections go to projections.safetensors, which load_model puts back in place."""
     model.save_pretrained(folder, safe_serialization=True)
+    save_projections(model, folder)
     tokenizer.save_pretrained(folder)
 
 
