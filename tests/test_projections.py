@@ -189,3 +189,40 @@ def test_a_saved_model_with_distilled_projections_loads_back_equal(tmp_path, tin
     save_tensors(other / PROJECTIONS_FILE, {k.replace("0.q.", "7.q."): v for k, v in tensors.items()})
     with pytest.raises(MoefyError, match="another model"):
         load_model(str(other), "classification")
+
+
+def test_the_distill_step_writes_a_model_whose_projections_are_ffns(tmp_path, tiny_relu_bert, mlflow_store):
+    """The step records, distils and saves; the saved model loads with every projection an MLP,
+    and distillation.json holds held-out R^2 values that beat predicting the mean."""
+    import json
+    import random
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from conftest import FILLER, NEGATIVE, POSITIVE
+    from moefy.ffn import find_ffns
+    from moefy.steps import distill as step
+
+    model_folder = tmp_path / "model"
+    shutil.copytree(tiny_relu_bert, model_folder)
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    tokenizer.model_max_length = 64
+    tokenizer.save_pretrained(model_folder)
+    rng = random.Random(0)
+    (tmp_path / "data").mkdir()
+    with open(tmp_path / "data" / "train.jsonl", "w") as f:
+        for i in range(120):
+            text = (
+                " ".join(rng.choice(FILLER) for _ in range(rng.randint(2, 8))) + " " + rng.choice(POSITIVE if i % 2 else NEGATIVE)
+            )
+            f.write(json.dumps({"text": text, "label": i % 2}) + "\n")
+    out = tmp_path / "distilled"
+    common = ["--model", str(model_folder), "--task", "classification", "--penalty", "none", "--seed", "0", "--device", "cpu"]
+    step.main([*common, "--data", str(tmp_path / "data"), "--out", str(out), "--max-tokens", "800", "--max-epochs", "8"])
+    report = json.loads((out / "distillation.json").read_text())["projections"]
+    assert sorted(report) == ["0.k", "0.o", "0.q", "0.v", "1.k", "1.o", "1.q", "1.v"]
+    assert all(entry["mse"] <= entry["mse_initial"] and entry["r2"] > 0 for entry in report.values())
+    distilled = load_model(str(out), "classification")
+    assert len(find_ffns(distilled)) == 2 + 8
+    assert all(p.mlp is not None and p.mlp.width == report[p.key]["width"] for p in find_projections(distilled))

@@ -121,3 +121,12 @@ def measure(
         sums += torch.tensor([score, count], dtype=torch.float64)
     dist.all_reduce_sum(sums, ctx)
     return task.metric_of(float(sums[0]), float(sums[1]))
+
+
+def choose_texts(lengths: np.ndarray, max_tokens: int, sample_tokens: int, seed: int) -> tuple[np.ndarray, int]:
+    """Texts to count, in a seeded order, up to max_tokens; the first `n_sample` of them form the sample."""
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    cumulative = np.cumsum(lengths[order])
+    n_count = int(np.searchsorted(cumulative, max_tokens) + 1)
+    n_sample = int(np.searchsorted(cumulative, sample_tokens) + 1)
+    return order[: min(n_count, len(order))], min(n_sample, n_count, len(order))

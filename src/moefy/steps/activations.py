@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from moefy import dist, tracking
-from moefy.batches import Encoded, iterate, length_grouped_batches
+from moefy.batches import Encoded, choose_texts, iterate, length_grouped_batches
 from moefy.cli import ablation, add_section_flags, run_step, step_parser
 from moefy.coactivation import CoactivationCounter, fastest_kernel
 from moefy.datafiles import read_split
@@ -34,15 +34,6 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--data", required=True, type=Path, help="folder with train.jsonl")
     add_section_flags(parser, "activations")
     return parser.parse_args(argv)
-
-
-def choose_texts(lengths: np.ndarray, max_tokens: int, sample_tokens: int, seed: int) -> tuple[np.ndarray, int]:
-    """Texts to count, in a seeded order, up to max_tokens; the first `n_sample` of them form the sample."""
-    order = np.random.default_rng(seed).permutation(len(lengths))
-    cumulative = np.cumsum(lengths[order])
-    n_count = int(np.searchsorted(cumulative, max_tokens) + 1)
-    n_sample = int(np.searchsorted(cumulative, sample_tokens) + 1)
-    return order[: min(n_count, len(order))], min(n_sample, n_count, len(order))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,99 @@
+"""Step distill: D2DMoE's first stage for attention, each projection (q, k, v, o) of the fine-tuned
+model replaced by a two-layer ReLU MLP that reproduces it.
+
+Records every projection's inputs and outputs on a seeded sample of training tokens in one pass of
+the dense model (so each MLP learns from the dense model's own inputs, layer by layer, backbone
+frozen), holds out whole texts for early stopping, and trains each MLP with MSE
+(moefy.projections.distill). Writes <out>/ as a model folder: the fine-tuned model's files,
+projections.safetensors (the MLPs) and distillation.json (per projection: width, held-out MSE
+before and after, R^2, epochs), also logged to MLflow. Later steps load it like any model and see
+the MLPs as FFNs.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from moefy import dist, tracking
+from moefy.batches import Encoded, choose_texts, iterate, length_grouped_batches
+from moefy.cli import ablation, add_section_flags, run_step, step_parser
+from moefy.datafiles import read_split
+from moefy.files import write_json
+from moefy.models import load_model, load_tokenizer, save_model
+from moefy.projections import DistillSettings, ProjectionMLP, distill, find_projections, width_for
+
+
+def parse_args(argv: list[str] | None):
+    parser = step_parser("distill", __doc__, "model", "task", "penalty", "seed", "device", out="output model folder")
+    parser.add_argument("--data", required=True, type=Path, help="folder with train.jsonl")
+    add_section_flags(parser, "distill")
+    return parser.parse_args(argv)
+
+
+def record_pairs(model, projections, encoded, batches, ctx) -> dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]:
+    """Per projection key: (text position, inputs [n, d_in], outputs [n, d_out]) of every real token."""
+    pairs: dict[str, list] = {p.key: [] for p in projections}
+    current: dict[str, tuple] = {}
+    handles = [
+        p.linear.register_forward_hook(lambda m, args, out, key=p.key: current.__setitem__(key, (args[0], out)))
+        for p in projections
+    ]
+    try:
+        for idx, inputs, _ in iterate(model, encoded, batches, ctx, "distill: recording"):
+            real = inputs["attention_mask"].bool()
+            for key, (x, y) in current.items():
+                for row, position in enumerate(idx):
+                    pairs[key].append((int(position), x[row][real[row]].detach().cpu(), y[row][real[row]].detach().cpu()))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return pairs
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    ctx = dist.setup(args.device)
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, args.task).to(ctx.device).eval()
+    projections = find_projections(model)
+    texts, _ = read_split(args.data / "train.jsonl")
+    chosen, _ = choose_texts(Encoded(tokenizer, texts).lengths, args.max_tokens, args.max_tokens, args.seed)
+    encoded = Encoded(tokenizer, [texts[i] for i in chosen])
+    held_out = set(range(max(1, round(args.heldout_fraction * len(encoded)))))  # chosen in a seeded order already
+    settings = DistillSettings(args.learning_rate, args.token_batch_size, args.max_epochs, args.patience)
+    batches = length_grouped_batches(encoded.lengths, args.batch_size)
+    with tracking.job_run("distill", vars(args), ablation(args), enabled=ctx.is_main) as run:
+        with torch.no_grad():
+            pairs = record_pairs(model, projections, encoded, batches, ctx)
+        report = {}
+        for projection in projections:
+            parts = pairs.pop(projection.key)
+
+            def stacked(keep, parts=parts):
+                kept = [(x, y) for position, x, y in parts if keep(position)]
+                return torch.cat([x for x, _ in kept]).to(ctx.device), torch.cat([y for _, y in kept]).to(ctx.device)
+
+            linear = projection.linear
+            d_out, d_in = linear.weight.shape
+            mlp = ProjectionMLP.from_linear(linear, width_for(d_in, d_out, args.flops_factor))
+            with torch.enable_grad():
+                result = distill(mlp, stacked(lambda p: p not in held_out), stacked(lambda p: p in held_out), settings, args.seed)
+            projection.replace(mlp.eval().requires_grad_(False))
+            report[projection.key] = {"width": mlp.width, **vars(result)}
+            print(f"{projection.key}: width {mlp.width}, held-out R^2 {result.r2:.4f} after {result.epochs} epochs", flush=True)
+            if ctx.is_main:
+                run.log_metrics({f"r2/{projection.key}": result.r2, f"mse/{projection.key}": result.mse})
+        if ctx.is_main:
+            save_model(model, tokenizer, args.out)
+            training = Path(args.model) / "training.json"
+            if training.is_file():
+                shutil.copy(training, args.out / "training.json")
+            write_json(args.out / "distillation.json", {"tokens": int(encoded.lengths.sum()), "projections": report})
+    dist.teardown()
+
+
+if __name__ == "__main__":
+    run_step(main)
