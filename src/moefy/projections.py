@@ -189,7 +189,10 @@ def distilled_ffns(model: nn.Module, start: int) -> list[FFN]:
 
 
 def save_projections(model: nn.Module, folder: str | os.PathLike) -> None:
-    """The distilled MLPs of `model` into <folder>/projections.safetensors (none distilled: no file)."""
+    """The distilled MLPs of `model` into <folder>/projections.safetensors (none distilled, or a
+    family without a projection adapter, such as an SMoE checkpoint: no file)."""
+    if getattr(getattr(model, "config", None), "model_type", None) not in _FAMILIES:
+        return
     tensors = {f"{p.key}.{k}": v for p in find_projections(model) if p.mlp is not None for k, v in p.mlp.state_dict().items()}
     if tensors:
         save_tensors(Path(folder) / PROJECTIONS_FILE, tensors, {"format": "moefy-projections/1"})
