@@ -46,10 +46,14 @@ def one_thread():
 @pytest.fixture(scope="module")
 def task(tmp_path_factory, one_thread):
     """A fine-tuned tiny ReLU BERT on the toy task, its data, and a random conversion (labels + MLP
-    router). Its FFN weights start 4x larger than BERT's initialisation, so that its FFNs carry
+    router). Its FFN weights start FFN_SCALE times larger than BERT's initialisation, so that its FFNs carry
     the model (in a tiny BERT initialised as usual they add little beside the residual stream, and
     no conversion could lose accuracy to recover), and it has no dropout: on 300 texts dropout's
-    noise in the student's logits outweighs what distillation can win back."""
+    noise in the student's logits outweighs what distillation can win back. The fine-tune's learning
+    rate is 1e-3: at 3e-3 these large FFNs made it chaotic, so that the float summation order of
+    the CPU's kernels (AVX2 or AVX-512) decided between a model at 0.68 and one at 0.87 test
+    accuracy. At 1e-3 every kernel choice tried (AVX-512, AVX2, unvectorised; MKL held to AVX2)
+    gave 0.97-1.0, and the unrecovered MoE at BUDGET 0.77-0.83 of it."""
     root = tmp_path_factory.mktemp("train-moe")
     tiny_relu_bert = build_tiny_bert(root / "initial", hidden_act="relu")
     initial = BertModel.from_pretrained(tiny_relu_bert, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
@@ -77,7 +81,7 @@ def task(tmp_path_factory, one_thread):
     )
     finetune_step.main(
         ["--model", str(tiny_relu_bert), "--data", str(root / "data"), "--out", str(root / "finetune"), "--epochs", "10",
-         "--batch-size", "16", "--max-length", "32", "--learning-rate", "3e-3", "--no-freeze-embeddings", "--precision", "fp32"]
+         "--batch-size", "16", "--max-length", "32", "--learning-rate", "1e-3", "--no-freeze-embeddings", "--precision", "fp32"]
     )  # fmt: skip
     model = load_model(str(root / "finetune" / "model"))
     generator = torch.Generator().manual_seed(0)
@@ -267,10 +271,15 @@ def test_two_cpu_ranks_train_the_same_model_as_one(task, tmp_path):
     Attention key biases are the exception: their exact gradient is 0 (a softmax does not change
     when one query's scores all shift together), so Adam turns rounding noise into steps of random
     sign; they are compared through the logits, which they cannot change. For the same reason the
-    experts are drop-upcycled: identical copies give the router an exact gradient of 0 too."""
+    experts are drop-upcycled: identical copies give the router an exact gradient of 0 too.
+    Adam does the same, more rarely, to any weight whose gradient is near 0 in a step (a few of
+    2,048 in a tiny FFN, by 2.5e-5 on an AVX-512 CPU): so at most 0.5% of a tensor's elements may
+    miss 1e-5, and none by a tenth of one step. Ranks that trained apart (no gradient averaging)
+    miss in most elements, by whole steps."""
     initial = upcycle(task, tmp_path / "init", "--experts", "4", "--layers", "1", "--drop-ratio", "0.5")
+    learning_rate = 3e-3
     common = ["--mode", "moe", "--model", str(initial), "--data", str(task / "data"),
-              "--batch-size", "16", "--learning-rate", "3e-3", "--max-steps", "6", "--balance-weight", "0"]  # fmt: skip
+              "--batch-size", "16", "--learning-rate", str(learning_rate), "--max-steps", "6", "--balance-weight", "0"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     for ranks in (1, 2):
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
@@ -282,8 +291,11 @@ def test_two_cpu_ranks_train_the_same_model_as_one(task, tmp_path):
     one, _, _ = load_sparse_moe(tmp_path / "1" / "model")
     two, _, _ = load_sparse_moe(tmp_path / "2" / "model")
     for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
-        if not name.endswith("attention.self.key.bias"):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+        if name.endswith("attention.self.key.bias"):
+            continue
+        misses = ~torch.isclose(a, b, atol=1e-5, rtol=1e-4)
+        assert misses.float().mean() <= 0.005, f"{name}: {int(misses.sum())} of {a.numel()} differ by more than 1e-5"
+        assert (a - b).abs().max() < learning_rate / 10, f"{name}: differs by {float((a - b).abs().max()):.2e}"
     tokenizer = load_tokenizer(str(initial))
     inputs = tokenizer(["good funny smart", "a dull boring plot"], padding=True, return_tensors="pt")
     with torch.no_grad():
