@@ -1,15 +1,15 @@
 rule activations:
     input:
-        model=rules.finetune.output.model,
+        model=converted_model,
         train=rules.data.output.train,
     output:
-        hidden=results("activations", VARIANT, "hidden.safetensors"),
-        coactivation=results("activations", VARIANT, "coactivation.safetensors"),
-        metrics=results("activations", VARIANT, "metrics.json"),
+        hidden=results("activations", CONVERTED, "hidden.safetensors"),
+        coactivation=results("activations", CONVERTED, "coactivation.safetensors"),
+        metrics=results("activations", CONVERTED, "metrics.json"),
     log:
-        logs("activations", VARIANT),
+        logs("activations", CONVERTED),
     benchmark:
-        results("benchmarks", "activations", f"{VARIANT}.tsv")
+        results("benchmarks", "activations", f"{CONVERTED}.tsv")
     conda:
         CONDA_ENV
     threads: variant_threads("activations")

@@ -1,15 +1,15 @@
 rule balance:
     input:
-        model=rules.finetune.output.model,
+        model=converted_model,
         labels=rules.split.output.labels,
         coactivation=rules.activations.output.coactivation,
     output:
-        labels=results("balance", VARIANT, CONVERSION, "labels.safetensors"),
-        metrics=results("balance", VARIANT, CONVERSION, "metrics.json"),
+        labels=results("balance", CONVERTED, CONVERSION, "labels.safetensors"),
+        metrics=results("balance", CONVERTED, CONVERSION, "metrics.json"),
     log:
-        logs("balance", f"{VARIANT}/{CONVERSION}"),
+        logs("balance", f"{CONVERTED}/{CONVERSION}"),
     benchmark:
-        results("benchmarks", "balance", VARIANT, f"{CONVERSION}.tsv")
+        results("benchmarks", "balance", CONVERTED, f"{CONVERSION}.tsv")
     conda:
         CONDA_ENV
     threads: COMPUTE["threads"]["balance"]

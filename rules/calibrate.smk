@@ -1,4 +1,5 @@
-# Which MoE kernel is fastest here, measured once for the study's FFN shape and every expert count.
+# Which MoE kernel is fastest here, measured once for the study's FFN shape (and distilled attention
+# projections' shapes, when the grid converts them) and every expert count.
 # It takes every core so that nothing else runs while it times; the kernels inside use the
 # threads an evaluate job gets.
 
@@ -23,8 +24,13 @@ rule calibrate:
         remote_code="--trust-remote-code" if config["model"]["trust_remote_code"] else "",
         experts=settings_flags({"num_experts": GRID.expert_counts}),
         activation=config["finetune"]["activation"],
+        projections=(
+            f"--projection-flops-factor {config['distill']['flops_factor']} --width-multiple {GRID.width_multiple}"
+            if GRID.distilled
+            else ""
+        ),
         out=folder_of(0, "output"),
         device=COMPUTE["device"],
     shell:
         "OMP_NUM_THREADS={params.omp} {params.launch} --model {params.model} --task {params.task} {params.experts} "
-        "--activation {params.activation} {params.remote_code} --out {params.out} --device {params.device} > {log} 2>&1"
+        "--activation {params.activation} {params.projections} {params.remote_code} --out {params.out} --device {params.device} > {log} 2>&1"

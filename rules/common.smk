@@ -9,7 +9,7 @@ from moefy.cli import settings_flags
 from moefy.config import PENALTIES, RECOVERIES, SELECTORS, SPLITS, validate
 from moefy.errors import MoefyError
 from moefy.launch import export_source_folder, interpreter_first_on_path, step_command, threads_per_rank
-from moefy.study import Evaluation, Study, Variant
+from moefy.study import ATTENTION_SUFFIX, Evaluation, Study, Variant
 
 try:
     validate(config)
@@ -28,6 +28,9 @@ STUDY = config["study"]
 COMPUTE = config["compute"]
 GRID = Study(config)
 VARIANT = "{penalty}-seed{seed}"
+# The model a conversion chain starts from: the fine-tuned variant, or (`{attention}` = -attention)
+# its model with distilled attention projections, whose projections are converted beside the FFNs.
+CONVERTED = "{penalty}-seed{seed}{attention}"
 CONVERSION = "{split}-E{num_experts}"
 
 # Jobs find the MLflow store and experiment here; the parent run id follows in onstart.
@@ -41,6 +44,7 @@ wildcard_constraints:
     split="|".join(SPLITS),
     selector="|".join(SELECTORS),
     num_experts=r"\d+",
+    attention=f"|{ATTENTION_SUFFIX}",  # empty: the FFNs only
     recovery="|".join(r for r in RECOVERIES if r != "none"),  # none: the plain evaluate rule
     upcycled="|".join(sorted(config["upcycling"]["models"])) or "(?!)",  # never `dense`
     method="average|frequency|prune|msmoe",
@@ -140,9 +144,33 @@ def coactivation_flag(wildcards, input):
     return f"--coactivation {input.coactivation}" if input.coactivation else ""
 
 
+def convert_of(wildcards):
+    """What the job's chain converts: its `{attention}` wildcard as config's grid names it."""
+    return "ffn+attention" if wildcards.get("attention") else "ffn"
+
+
 def ablation_flags(wildcards):
-    """The job's place in the grid as the step's flags (--penalty, --seed, --split, ...)."""
-    return settings_flags({k: v for k, v in wildcards.items()})
+    """The job's place in the grid as the step's flags (--penalty, --seed, --convert, --split, ...)."""
+    flags = {k: v for k, v in wildcards.items() if k != "attention"}
+    if "attention" in wildcards.keys():
+        flags["convert"] = convert_of(wildcards)
+    return settings_flags(flags)
+
+
+def converted_model(wildcards):
+    """The model folder a conversion chain reads: finetune's, or distill's for `-attention`."""
+    step = "distill" if wildcards.attention else "finetune"
+    return results(step, f"{wildcards.penalty}-seed{wildcards.seed}", "model")
+
+
+def ffn_only(pattern):
+    """A chain file's pattern for the FFN-only conversion (rules that do not take attention yet)."""
+    return pattern.replace("{attention}", "")
+
+
+def reference_model(wildcards):
+    """The fine-tuned model the relative numbers of a converted-attention evaluation compare with."""
+    return [results("finetune", f"{wildcards.penalty}-seed{wildcards.seed}", "model")] if wildcards.attention else []
 
 
 def evaluation_of(wildcards):
@@ -152,6 +180,7 @@ def evaluation_of(wildcards):
         int(wildcards.num_experts),
         wildcards.selector,
         wildcards.get("recovery", "none"),
+        convert_of(wildcards),
     )
 
 
@@ -162,11 +191,12 @@ def rules_flags(wildcards):
 
 
 def evaluations():
-    return [results("evaluate", e.variant.name, f"{e.name}.json") for e in GRID.evaluations]
+    return [results("evaluate", e.converted, f"{e.name}.json") for e in GRID.evaluations]
 
 
 def reference_flag(wildcards, input):
-    """A recovered model is measured against its fine-tuned model: relative numbers stay relative to it."""
+    """A recovered model, or one with distilled projections, is measured against its fine-tuned
+    model: relative numbers stay relative to it."""
     return f"--reference {input.reference}" if input.get("reference") else ""
 
 

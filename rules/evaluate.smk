@@ -1,16 +1,17 @@
 rule evaluate:
     input:
-        model=rules.finetune.output.model,
+        model=converted_model,
+        reference=reference_model,
         test=rules.data.output.test,
         labels=rules.balance.output.labels,
         router=rules.selector.output.router,
         kernels=rules.calibrate.output[0],
     output:
-        results("evaluate", VARIANT, f"{CONVERSION}-{{selector}}.json"),
+        results("evaluate", CONVERTED, f"{CONVERSION}-{{selector}}.json"),
     log:
-        logs("evaluate", f"{VARIANT}/{CONVERSION}-{{selector}}"),
+        logs("evaluate", f"{CONVERTED}/{CONVERSION}-{{selector}}"),
     benchmark:
-        results("benchmarks", "evaluate", VARIANT, f"{CONVERSION}-{{selector}}.tsv")
+        results("benchmarks", "evaluate", CONVERTED, f"{CONVERSION}-{{selector}}.tsv")
     conda:
         CONDA_ENV
     threads: COMPUTE["threads"]["evaluate"]

@@ -5,8 +5,8 @@
 rule export:
     input:
         model=rules.finetune.output.model,
-        labels=rules.balance.output.labels,
-        router=rules.selector.output.router,
+        labels=ffn_only(rules.balance.output.labels),
+        router=ffn_only(rules.selector.output.router),
     output:
         directory(results("export", VARIANT, f"{CONVERSION}-{{selector}}-b{{budget}}")),
     log:

@@ -17,6 +17,6 @@ rule report:
     params:
         launch=plain("report"),
         out=folder_of("summary", "output"),
-        title=f"{STUDY}: accuracy against FFN compute",
+        title=f"{STUDY}: accuracy against {'whole-model' if GRID.distilled else 'FFN'} compute",
     shell:
         "{params.launch} --evaluations {input} --out {params.out} --title {params.title:q} > {log} 2>&1"

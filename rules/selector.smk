@@ -1,15 +1,15 @@
 rule selector:
     input:
-        model=rules.finetune.output.model,
+        model=converted_model,
         labels=rules.balance.output.labels,
         hidden=rules.activations.output.hidden,
     output:
-        router=results("selector", VARIANT, f"{CONVERSION}-{{selector}}", "router.safetensors"),
-        metrics=results("selector", VARIANT, f"{CONVERSION}-{{selector}}", "metrics.json"),
+        router=results("selector", CONVERTED, f"{CONVERSION}-{{selector}}", "router.safetensors"),
+        metrics=results("selector", CONVERTED, f"{CONVERSION}-{{selector}}", "metrics.json"),
     log:
-        logs("selector", f"{VARIANT}/{CONVERSION}-{{selector}}"),
+        logs("selector", f"{CONVERTED}/{CONVERSION}-{{selector}}"),
     benchmark:
-        results("benchmarks", "selector", VARIANT, f"{CONVERSION}-{{selector}}.tsv")
+        results("benchmarks", "selector", CONVERTED, f"{CONVERSION}-{{selector}}.tsv")
     conda:
         CONDA_ENV
     threads: COMPUTE["threads"]["selector"]

@@ -1,14 +1,14 @@
 rule split:
     input:
-        model=rules.finetune.output.model,
+        model=converted_model,
         coactivation=coactivation_for_split,
     output:
-        labels=results("split", VARIANT, CONVERSION, "labels.safetensors"),
-        metrics=results("split", VARIANT, CONVERSION, "metrics.json"),
+        labels=results("split", CONVERTED, CONVERSION, "labels.safetensors"),
+        metrics=results("split", CONVERTED, CONVERSION, "metrics.json"),
     log:
-        logs("split", f"{VARIANT}/{CONVERSION}"),
+        logs("split", f"{CONVERTED}/{CONVERSION}"),
     benchmark:
-        results("benchmarks", "split", VARIANT, f"{CONVERSION}.tsv")
+        results("benchmarks", "split", CONVERTED, f"{CONVERSION}.tsv")
     conda:
         CONDA_ENV
     threads: COMPUTE["threads"]["split"]

@@ -7,8 +7,8 @@ rule recover:
     input:
         model=rules.finetune.output.model,
         data=rules.data.output.labels,
-        labels=rules.balance.output.labels,
-        router=rules.selector.output.router,
+        labels=ffn_only(rules.balance.output.labels),
+        router=ffn_only(rules.selector.output.router),
     output:
         model=directory(results("train_moe", VARIANT, RECOVERED, "model")),
         metrics=results("train_moe", VARIANT, RECOVERED, "metrics.json"),
@@ -39,8 +39,8 @@ use rule evaluate as evaluate_recovered with:
         model=rules.recover.output.model,
         reference=rules.finetune.output.model,
         test=rules.data.output.test,
-        labels=rules.balance.output.labels,
-        router=rules.selector.output.router,
+        labels=ffn_only(rules.balance.output.labels),
+        router=ffn_only(rules.selector.output.router),
         kernels=rules.calibrate.output[0],
     output:
         results("evaluate", VARIANT, f"{RECOVERED}.json"),

@@ -270,6 +270,7 @@ SPLITS, SELECTORS = ["random", "kmeans", "coact"], ["groundtruth", "similarity",
 CONVERSIONS = [("random", "groundtruth"), ("kmeans", "similarity"), ("coact", "mlp"), ("kmeans", "norm")]
 BUDGETS, THRESHOLDS = [0.25, 0.5, 0.75, 1.0], [0.0, 0.5, 1.0]
 VARIANT = "hoyer-seed0"  # D2DMoE's penalty: its fine-tuning path is the one with most to test
+ATTENTION = "hoyer-seed0-attention"  # its conversion with the attention projections too
 REPLICATE = "hoyer-seed1"  # a second seed of one ablation: replicates and the report's spread
 # Recovery (kd) of kmeans / similarity, and one upcycled model: drop-upcycled expert choice (top-k
 # training, the default routing, is the unit tests' and trains the same way).
@@ -288,7 +289,7 @@ def diagonal(conversions, **arm) -> dict:
 
 def tiny_config(**overrides) -> dict:
     """Every split and selector on one Hoyer-fine-tuned tiny BERT, budgets and thresholds, plus a
-    second seed of coact / mlp, a recovered conversion, an upcycled model with its dense
+    second seed of coact / mlp, kmeans / norm with the attention projections converted too, a recovered conversion, an upcycled model with its dense
     continuation, and that model merged and compressed (MC-SMoE, with and without distillation)."""
     config = {
         "study": TINY,
@@ -297,6 +298,15 @@ def tiny_config(**overrides) -> dict:
         "grid": {
             **diagonal(CONVERSIONS, penalty=["hoyer"], thresholds=THRESHOLDS),
             "replicate": {"penalty": ["hoyer"], "seed": [1], "split": ["coact"], "num_experts": [E], "selector": ["mlp"]},
+            # D2DMoE on attention too: the variant's projections distilled, then kmeans / norm
+            "attention": {
+                "penalty": ["hoyer"],
+                "convert": ["ffn+attention"],
+                "split": ["kmeans"],
+                "num_experts": [E],
+                "selector": ["norm"],
+                "thresholds": THRESHOLDS,
+            },
             "recovered": {
                 "penalty": ["hoyer"],
                 "split": ["kmeans"],
@@ -320,6 +330,7 @@ def tiny_config(**overrides) -> dict:
             "precision": "fp32",
         },
         "activations": {"max_tokens": 3000, "sample_tokens": 1500, "batch_size": 32},
+        "distill": {"max_tokens": 3000, "max_epochs": 30},
         "selector": {"mlp_epochs": 5, "norm_hidden": 16},
         "evaluate": {"budgets": BUDGETS, "batch_size": 32},
     }

@@ -41,15 +41,17 @@ def test_a_batch_takes_the_winner_of_its_nearest_cell():
 
 
 def test_tables_round_trip_and_bad_files_say_what_to_do():
+    assert shape_key(16, 64, 8, False, d_out=16) == shape_key(16, 64, 8, False) == "d16-ff64-E8"
+    assert shape_key(16, 64, 8, False, d_out=4) == "d16-ff64-E8-out4"  # a distilled grouped-query k projection
     document = {"format": FORMAT, "shapes": {shape_key(16, 64, 8, False): TABLE.to_json()}}
-    assert table_for(json.loads(json.dumps(document)), 16, 64, 8, False, "k.json") == TABLE
+    assert table_for(json.loads(json.dumps(document)), shape_key(16, 64, 8, False), "k.json") == TABLE
     with pytest.raises(MoefyError, match="no kernel table for FFN shape d16-ff64-E8-gated.*rerun the calibrate step"):
-        table_for(document, 16, 64, 8, True, "k.json")
+        table_for(document, shape_key(16, 64, 8, True), "k.json")
     with pytest.raises(MoefyError, match="not a kernel calibration"):
-        table_for({"shapes": {}}, 16, 64, 8, False, "k.json")
+        table_for({"shapes": {}}, shape_key(16, 64, 8, False), "k.json")
     broken = {"format": FORMAT, "shapes": {shape_key(16, 64, 8, False): {"tokens": [1]}}}
     with pytest.raises(MoefyError, match="damaged"):
-        table_for(broken, 16, 64, 8, False, "k.json")
+        table_for(broken, shape_key(16, 64, 8, False), "k.json")
 
 
 def test_the_layer_runs_the_kernel_its_table_chooses(monkeypatch):

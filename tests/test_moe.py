@@ -6,7 +6,7 @@ from moefy import moe as moe_module
 from moefy.errors import MoefyError
 from moefy.ffn import FFN, find_ffns
 from moefy.models import load_classifier, load_tokenizer
-from moefy.moe import MoEFFN, ffn_flops_fraction, moefy_model, set_experts_per_token, set_threshold, threshold_pick
+from moefy.moe import MoEFFN, moefy_model, set_experts_per_token, set_threshold, threshold_pick
 from moefy.routers import GroundTruthRouter, MLPRouter, NormRouter, SimilarityRouter, expert_centroids, expert_mass
 
 E = 8
@@ -178,10 +178,24 @@ def test_a_smaller_budget_changes_predictions(tiny_bert, batch):
         assert not torch.allclose(model(**batch).logits, full)
 
 
-def test_flops_fraction():
-    # 4 of 16 experts of a 64x256 FFN, plus a 2*64*16 FLOP router
-    assert ffn_flops_fraction(64, 256, 16, 4, 2 * 64 * 16) == pytest.approx(0.25 + 2048 / (4 * 64 * 256))
-    assert ffn_flops_fraction(64, 256, 16, 16, 10**6) == 1.0
+@pytest.mark.parametrize("gated, d_out", [(False, 64), (True, 64), (False, 16)])
+def test_flops_per_token_counts_the_picked_experts_and_the_router(gated, d_out):
+    """4 of 16 experts of a 64 -> 256 -> d_out FFN (a gate too, or a narrower output: a distilled
+    grouped-query k projection) and the MLP router's 2 * (64 * 16 + 16 * 16) FLOPs, by hand."""
+    torch.manual_seed(0)
+    linear = {name: nn.Linear(*shape) for name, shape in (("in", (64, 256)), ("gate", (64, 256)), ("out", (256, d_out)))}
+    ffn = FFN(0, linear["in"], nn.ReLU(), linear["out"], lambda m: None, linear["gate"] if gated else None)
+    router = MLPRouter(64, 16)
+    layer = MoEFFN(ffn, torch.arange(256) % 16, router, 16)
+    dense = 2 * 256 * ((2 if gated else 1) * 64 + d_out)
+    assert (
+        layer.dense_flops_per_token
+        == dense
+        == sum(2 * m.weight.numel() for m in (ffn.w_in, ffn.w_gate, ffn.w_out) if m is not None)
+    )
+    assert router.flops_per_token() == 2 * (64 * 16 + 16 * 16)
+    assert layer.flops_per_token(4, router_runs=True) == pytest.approx(dense / 4 + 2 * (64 * 16 + 16 * 16))
+    assert layer.flops_per_token(16, router_runs=False) == dense
 
 
 def test_dynamic_k_rule_keeps_experts_near_the_tokens_best():

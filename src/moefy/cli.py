@@ -1,7 +1,7 @@
 """Step command lines: one parser for the flags steps share, flags generated from a config section,
 and the user-error boundary.
 
-Every flag that means the same thing in several steps (--model, --task, --penalty, --seed, --split,
+Every flag that means the same thing in several steps (--model, --task, --penalty, --seed, --convert, --split,
 --num-experts, --selector, --recovery, --device, --out) is defined once here, with its names from the schema, so
 `python -m moefy.steps.<step> --help` reads the same in every step. A rule passes
 `settings_flags(config[section])`; the step parses them back with `add_section_flags(parser,
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from moefy.config import DEVICES, PENALTIES, RECOVERIES, SELECTORS, SPLITS, TASKS, section_properties
+from moefy.config import CONVERTS, DEVICES, PENALTIES, RECOVERIES, SELECTORS, SPLITS, TASKS, section_properties
 from moefy.errors import MoefyError
 
 _TYPES = {"integer": int, "number": float, "string": str}
@@ -32,6 +32,11 @@ SHARED_FLAGS: dict[str, dict[str, Any]] = {
     "task": dict(choices=TASKS, default="classification", help="the task the model is trained and measured on"),
     "penalty": dict(choices=PENALTIES, default="none", help="the fine-tuning variant's activation-sparsity penalty"),
     "seed": dict(type=int, default=0, help="replicate seed (for data: the seed of the train/validation/test split)"),
+    "convert": dict(
+        choices=CONVERTS,
+        default="ffn",
+        help="what the conversion turns into experts: ffn, or ffn+attention (--model is then a distilled model, step distill)",
+    ),
     "split": dict(choices=SPLITS, required=True, help="how the FFN neurons were grouped into experts"),
     "num_experts": dict(type=int, required=True, help="experts per FFN layer"),
     "selector": dict(choices=SELECTORS, required=True, help="the router that picks experts per token"),
@@ -41,7 +46,7 @@ SHARED_FLAGS: dict[str, dict[str, Any]] = {
     "device": dict(choices=DEVICES, default="auto", help="auto: CUDA when available, else CPU"),
 }
 # What identifies one job of the ablation grid: its MLflow tags and the fields of its records.
-ABLATION = ("penalty", "seed", "split", "num_experts", "selector", "recovery")
+ABLATION = ("penalty", "seed", "convert", "split", "num_experts", "selector", "recovery")
 
 
 def _flag(key: str) -> str:

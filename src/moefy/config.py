@@ -42,6 +42,7 @@ TASKS = _names("task")
 DEVICES = _names("device")
 PRECISIONS = _names("precision")
 RECOVERIES = _names("recovery")
+CONVERTS = _names("convert")
 ROUTINGS = _names("routing")
 
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
 from moefy import dist
 from moefy.batches import Encoded, iterate
 from moefy.flops import ForwardTimer, ModelFlops
-from moefy.moe import MoEFFN, ffn_flops_fraction, ffn_seconds, kernel_calls, set_experts_per_token, set_threshold
+from moefy.moe import MoEFFN, ffn_seconds, kernel_calls, set_experts_per_token, set_threshold
 from moefy.routers import budget_to_k
 from moefy.tasks import Task
 
@@ -63,11 +63,13 @@ class PassTotals:
     agreeing: float = 0.0  # predictions equal to the dense model's
     ffn_ms: float = 0.0  # wall-clock of every FFN layer, router included
     model_ms: float = 0.0  # wall-clock of the whole forward passes
+    layer_experts: tuple[float, ...] = ()  # per MoE layer: experts per real token, summed over real tokens
 
     def all_reduced(self, ctx: dist.Context) -> PassTotals:
         # float64: float32 sums of squares over many tokens lose the spread's last digits
-        summed = dist.all_reduce_sum(torch.tensor(astuple(self), dtype=torch.float64), ctx)
-        return PassTotals(*map(float, summed))
+        scalars = [getattr(self, f.name) for f in fields(self) if f.name != "layer_experts"]
+        summed = dist.all_reduce_sum(torch.tensor([*scalars, *self.layer_experts], dtype=torch.float64), ctx).tolist()
+        return PassTotals(*summed[: len(scalars)], layer_experts=tuple(summed[len(scalars) :]))
 
     @property
     def experts_mean(self) -> float:
@@ -76,6 +78,10 @@ class PassTotals:
     @property
     def experts_std(self) -> float:
         return max(0.0, self.experts_squared / self.tokens - self.experts_mean**2) ** 0.5
+
+    @property
+    def layer_experts_mean(self) -> list[float]:
+        return [e / self.tokens for e in self.layer_experts]
 
 
 def run_pass(
@@ -106,9 +112,12 @@ def run_pass(
             real = inputs["attention_mask"].bool()
             chosen = [layer.experts_per_token for layer in layers]
             if chosen[0] is None:  # the dense path: every expert
-                experts = torch.full((int(real.sum()),), float(num_experts), dtype=torch.float64)
+                per_layer = torch.full((len(layers), int(real.sum())), float(num_experts), dtype=torch.float64)
             else:
-                experts = torch.stack(chosen).mean(0)[real].cpu().double()
+                per_layer = torch.stack(chosen)[:, real].cpu().double()
+            experts = per_layer.mean(0)
+            layer_sums = per_layer.sum(1).tolist()
+            totals.layer_experts = tuple(a + b for a, b in zip(totals.layer_experts, layer_sums)) or tuple(layer_sums)
             totals.score += score
             totals.count += count
             totals.experts += float(experts.sum())
@@ -134,23 +143,26 @@ def record(
     whole: ModelFlops,
 ) -> dict:
     """One evaluation record: the rule, the task metric and the same relative to dense, agreement
-    with dense, experts per token, FFN FLOPs fraction (router included), the whole model's FLOPs
-    fraction (`whole`: the dense model's per token), measured FFN and whole-forward times and the
-    kernels that took them."""
-    first = layers[0]
-    metric, num_experts = task.metric, first.num_experts
+    with dense, experts per token, FLOPs fractions (routers included) of the FFNs, of the distilled
+    attention projections (where there are any) and of the whole model, measured FFN and
+    whole-forward times and the kernels that took them.
+
+    `whole` is the converted model's dense FLOPs per token before conversion (distilled MLPs
+    included). The whole-model fraction is over the model before distillation: each distilled
+    MLP stands in for its projection's 2 d_in d_out FLOPs there."""
+    metric = task.metric
     value, dense_value = task.metric_of(totals.score, totals.count), task.metric_of(dense.score, dense.count)
-    runs_dense = rule.runs_dense(num_experts)
-    ffn_fraction = ffn_flops_fraction(
-        first.d_model,
-        num_experts * first.expert_size,
-        num_experts,
-        totals.experts_mean,
-        first.router.flops_per_token(),
-        router_runs=not runs_dense,
-        gated=first.w_gate is not None,
-    )
-    return {
+    router_runs = not rule.runs_dense(layers[0].num_experts)
+    moe = [layer.flops_per_token(e, router_runs) for layer, e in zip(layers, totals.layer_experts_mean)]
+
+    def fraction(of_projections: bool, dense_flops) -> float:
+        chosen = [i for i, layer in enumerate(layers) if layer.projection == of_projections]
+        return sum(moe[i] for i in chosen) / sum(dense_flops(layers[i]) for i in chosen)
+
+    projections = [layer for layer in layers if layer.projection]
+    original = whole.total + sum(2 * p.d_model * p.d_out - p.dense_flops_per_token for p in projections)
+    converted = whole.total - sum(layer.dense_flops_per_token for layer in layers) + sum(moe)
+    entry = {
         "rule": rule.kind,
         "budget": rule.budget,
         "tau": rule.tau,
@@ -159,9 +171,9 @@ def record(
         "experts_per_token_std": totals.experts_std,
         f"test_{metric}": value,
         f"relative_{metric}": value / dense_value,
-        "ffn_flops_fraction": ffn_fraction,
-        "model_flops_fraction": whole.fraction_with(ffn_fraction),
-        "dense_model_flops_per_token": whole.total,
+        "ffn_flops_fraction": fraction(False, lambda layer: layer.dense_flops_per_token),
+        "model_flops_fraction": converted / original,
+        "dense_model_flops_per_token": original,
         "dense_agreement": totals.agreeing / totals.count,
         f"dense_test_{metric}": dense_value,
         "ffn_ms_dense": dense.ffn_ms,
@@ -172,6 +184,9 @@ def record(
         "model_speedup": dense.model_ms / totals.model_ms,
         "kernels": kernels,
     }
+    if projections:  # against the projections' own FLOPs, 2 d_in d_out each (not the MLPs')
+        entry["projection_flops_fraction"] = fraction(True, lambda layer: 2 * layer.d_model * layer.d_out)
+    return entry
 
 
 MEASURES = (

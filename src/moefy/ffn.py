@@ -27,6 +27,7 @@ class FFN:
     w_out: nn.Linear
     _install: Callable[[nn.Module], None]
     w_gate: nn.Linear | None = None
+    projection: bool = False  # a distilled attention projection (moefy.projections), not one of the model's FFNs
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         """The neurons' values h [..., d_ff] for inputs x [..., d_model]: what w_out reads."""

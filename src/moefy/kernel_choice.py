@@ -35,8 +35,16 @@ GIVE_UP_RATIO = 1.5
 FORMAT = "moefy-kernels/1"
 
 
-def shape_key(d_model: int, d_ff: int, num_experts: int, gated: bool) -> str:
-    return f"d{d_model}-ff{d_ff}-E{num_experts}" + ("-gated" if gated else "")
+def shape_key(d_model: int, d_ff: int, num_experts: int, gated: bool, d_out: int | None = None) -> str:
+    """`d384-ff1536-E48` (`-gated`; `-out128` for an output narrower than the input: a distilled
+    grouped-query k or v projection)."""
+    narrow = d_out is not None and d_out != d_model
+    return f"d{d_model}-ff{d_ff}-E{num_experts}" + ("-gated" if gated else "") + (f"-out{d_out}" if narrow else "")
+
+
+def ffn_shape_key(ffn, num_experts: int) -> str:
+    """The shape key of an FFN (moefy.ffn.FFN) split into `num_experts` experts."""
+    return shape_key(ffn.d_model, ffn.d_ff, num_experts, ffn.w_gate is not None, ffn.w_out.out_features)
 
 
 def _nearest(ladder: tuple[float, ...], value: float) -> int:
@@ -87,11 +95,10 @@ class KernelTable:
             raise MoefyError(f"a kernel table is damaged ({err!r}); delete the calibrate step's file and rerun it") from None
 
 
-def table_for(document: dict, d_model: int, d_ff: int, num_experts: int, gated: bool, source: str) -> KernelTable:
-    """The table of one FFN shape from the calibrate step's file (read as `document`)."""
+def table_for(document: dict, key: str, source: str) -> KernelTable:
+    """The table of one FFN shape (`shape_key`) from the calibrate step's file (read as `document`)."""
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise MoefyError(f"{source} is not a kernel calibration of this moefy ({FORMAT}); delete it and rerun the calibrate step")
-    key = shape_key(d_model, d_ff, num_experts, gated)
     if key not in document.get("shapes", {}):
         raise MoefyError(
             f"{source} has no kernel table for FFN shape {key} (it has {', '.join(document.get('shapes', {})) or 'none'}); "
@@ -123,7 +130,7 @@ def measure(ffn: FFN, num_experts: int, device: torch.device, repeats: int = 3, 
     """
     from moefy.moe import MoEFFN
 
-    d_model, d_ff, gated = ffn.d_model, ffn.d_ff, ffn.w_gate is not None
+    d_model, d_ff = ffn.d_model, ffn.d_ff
     layer = MoEFFN(ffn, torch.arange(d_ff, device=device) % num_experts, nn.Identity(), num_experts)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     generator = torch.Generator().manual_seed(1)
@@ -133,9 +140,7 @@ def measure(ffn: FFN, num_experts: int, device: torch.device, repeats: int = 3, 
     cells = [(t, density) for t in TOKENS for density in DENSITIES]
     with (
         torch.no_grad(),
-        tqdm(
-            cells, desc=f"kernels {shape_key(d_model, d_ff, num_experts, gated)}", unit="cell", mininterval=2, leave=False
-        ) as bar,
+        tqdm(cells, desc=f"kernels {ffn_shape_key(ffn, num_experts)}", unit="cell", mininterval=2, leave=False) as bar,
     ):
         for tokens in TOKENS:
             x = torch.randn(tokens, d_model, generator=generator).to(device)

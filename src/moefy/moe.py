@@ -92,6 +92,7 @@ class MoEFFN(nn.Module):
         E, s = num_experts, d_ff // num_experts
         self.num_experts, self.expert_size, self.d_model = E, s, d_model
         self.d_out = ffn.w_out.out_features  # d_model for an FFN; a distilled k or v projection may be narrower
+        self.projection = ffn.projection  # a distilled attention projection: its FLOPs replace the projection's
         self.act, self.router = ffn.act, router
         self.k = num_experts
         self.tau: float | None = None  # dynamic-k threshold; None: top-k with self.k
@@ -136,6 +137,16 @@ class MoEFFN(nn.Module):
         scores = self.router(x, router_h)
         chosen = scores.topk(self.k, dim=-1).indices
         return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True), h
+
+    @property
+    def dense_flops_per_token(self) -> int:
+        """2 FLOPs per multiply-add of every expert's matmuls (the gate's too, for a gated FFN)."""
+        d_ff = self.num_experts * self.expert_size
+        return 2 * d_ff * ((2 if self.w_gate is not None else 1) * self.d_model + self.d_out)
+
+    def flops_per_token(self, experts: float, router_runs: bool) -> float:
+        """FLOPs per token with `experts` experts (a mean for dynamic-k), plus the router when it runs."""
+        return experts * self.dense_flops_per_token / self.num_experts + (self.router.flops_per_token() if router_runs else 0)
 
     @property
     def runs_dense(self) -> bool:
@@ -304,18 +315,3 @@ def kernel_calls(layers: list[MoEFFN], reset: bool = True) -> Counter[str]:
         for layer in layers:
             layer.kernel_calls = Counter()
     return total
-
-
-def ffn_flops_fraction(
-    d_model: int, d_ff: int, num_experts: int, k: float, router_flops: int, router_runs: bool | None = None, gated: bool = False
-) -> float:
-    """FFN multiply-add FLOPs per token with k of E experts (a mean for dynamic-k) plus the router,
-    over the dense FFN's (2 projections, or 3 for a gated FFN).
-
-    With every expert chosen the router is not needed (MoEFFN skips it), so it costs nothing.
-    """
-    projections = 3 if gated else 2
-    dense = 2 * projections * d_model * d_ff
-    expert = 2 * projections * d_model * (d_ff // num_experts)
-    router_runs = k < num_experts if router_runs is None else router_runs
-    return (k * expert + (router_flops if router_runs else 0)) / dense

@@ -183,7 +183,7 @@ def distilled_ffns(model: nn.Module, start: int) -> list[FFN]:
             if isinstance(child, ProjectionMLP):
                 slots.append((parent, attribute, child))
     return [
-        FFN(start + i, mlp.w_in, mlp.act, mlp.w_out, lambda m, p=parent, a=attribute: setattr(p, a, m))
+        FFN(start + i, mlp.w_in, mlp.act, mlp.w_out, lambda m, p=parent, a=attribute: setattr(p, a, m), projection=True)
         for i, (parent, attribute, mlp) in enumerate(slots)
     ]
 
@@ -224,10 +224,12 @@ def install_saved_projections(model: nn.Module, folder: str | os.PathLike) -> in
     return installed
 
 
-def width_for(d_in: int, d_out: int, flops_factor: float) -> int:
+def width_for(d_in: int, d_out: int, flops_factor: float, multiple: int = 1) -> int:
     """The MLP width whose two matrices cost `flops_factor` times the projection's FLOPs
-    (1.0: the same FLOPs as the projection, D2DMoE's parametrisation)."""
-    return max(2, round(flops_factor * d_in * d_out / (d_in + d_out)))
+    (1.0: the same FLOPs as the projection, D2DMoE's parametrisation), rounded up to a multiple of
+    `multiple` (so that it splits into that many equal experts)."""
+    width = max(2, round(flops_factor * d_in * d_out / (d_in + d_out)))
+    return -(-width // multiple) * multiple
 
 
 def r_squared(predicted: torch.Tensor, target: torch.Tensor) -> float:

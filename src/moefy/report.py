@@ -59,6 +59,7 @@ def columns(metric: str) -> list[str]:
         "flops_at_99pct",
         "model_flops_fraction",
         "model_flops_at_99pct",
+        "projection_flops_fraction",
         "dense_agreement",
         f"dense_test_{metric}",
         *WALL_CLOCK,
@@ -72,6 +73,7 @@ def _records(path: Path) -> list[dict]:
         raise MoefyError(f"{path} is not a list of evaluation records; delete it and rerun its evaluate job")
     for record in records:
         record.setdefault("recovery", "none")  # written before recovery existed: unrecovered
+        record.setdefault("convert", "ffn")  # written before attention conversion existed: FFNs only
         missing = [key for key in (*IDENTITY, "rule", "ffn_flops_fraction") if key not in record]
         if missing:
             raise MoefyError(
@@ -151,6 +153,7 @@ def by_method(table: pd.DataFrame) -> pd.DataFrame:
         **{f"{relative}_mean": (relative, "mean")},
         **{f"{relative}_std": (relative, _spread)},
         ffn_flops_fraction_mean=("ffn_flops_fraction", "mean"),
+        model_flops_fraction_mean=("model_flops_fraction", "mean"),
         experts_per_token_mean=("experts_per_token", "mean"),
         dense_agreement_mean=("dense_agreement", "mean"),
         ffn_speedup_mean=("ffn_speedup", "mean"),
@@ -165,8 +168,10 @@ def write_csv(table: pd.DataFrame, path: str | Path) -> None:
 
 def plot_relative_vs_flops(table: pd.DataFrame, path: str | Path, title: str = "") -> None:
     """The relative metric (mean over seeds, with their spread as error bars) against the FFN FLOPs
-    fraction, one panel per fine-tuning penalty: colour = split / selector, solid = top-k, dashed =
-    dynamic-k, thick = after recovery (a darker shade per recovery); the 99% line dotted."""
+    fraction, or the whole model's when some conversion converts attention too (its FFN fraction
+    would hide what the projections save), one panel per fine-tuning penalty: colour = split /
+    selector, solid = top-k, dashed = dynamic-k, thick = after recovery (a darker shade per
+    recovery), dotted = FFNs and attention converted; the 99% line dotted grey."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,23 +187,26 @@ def plot_relative_vs_flops(table: pd.DataFrame, path: str | Path, title: str = "
     styles = {"top_k": "-", "dynamic": "--"}
     markers = {e: m for e, m in zip(sorted(curves["num_experts"].unique()), "os^Dv<>p")}
     seeds = int(table["seed"].nunique())
+    whole = bool((curves["convert"] == "ffn+attention").any())
+    x = "model_flops_fraction_mean" if whole else "ffn_flops_fraction_mean"
     for ax, penalty in zip(axes[0], penalties):
         part = curves[curves["penalty"] == penalty]
-        for (split, num_experts, selector, recovery, rule), group in part.groupby(
-            ["split", "num_experts", "selector", "recovery", "rule"], sort=True
+        for (convert, split, num_experts, selector, recovery, rule), group in part.groupby(
+            ["convert", "split", "num_experts", "selector", "recovery", "rule"], sort=True
         ):
             label = (
                 f"{split} / {selector}"
                 + (f" E={num_experts}" if len(markers) > 1 else "")
                 + (" dynamic-k" if rule == "dynamic" else "")
                 + ("" if recovery == "none" else f" + {recovery}")
+                + (" (FFN + attention)" if convert == "ffn+attention" else "")
             )
             shade = 1 - 0.25 * RECOVERIES.index(recovery)
             ax.errorbar(
-                group["ffn_flops_fraction_mean"],
+                group[x],
                 group[f"{relative}_mean"],
                 yerr=group[f"{relative}_std"] if seeds > 1 else None,
-                fmt=styles.get(rule, "-"),
+                fmt=":" if convert == "ffn+attention" else styles.get(rule, "-"),
                 color=tuple(shade * c for c in colours[(split, selector)][:3]),
                 marker=markers.get(num_experts, "o"),
                 markersize=3,
@@ -208,13 +216,13 @@ def plot_relative_vs_flops(table: pd.DataFrame, path: str | Path, title: str = "
             )
         ax.axhline(1.0, color="black", linewidth=1, label="dense")
         ax.axhline(KEEP if metric == "accuracy" else 1 / KEEP, color="grey", linestyle=":", linewidth=1, label="99% of dense")
-        ax.set_xlabel("FFN FLOPs fraction (router included)")
+        ax.set_xlabel("whole-model FLOPs fraction (routers included)" if whole else "FFN FLOPs fraction (router included)")
         ax.set_title(f"fine-tuning penalty: {penalty}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6, ncol=2)
     spread = f" (mean ± std over {seeds} seeds)" if seeds > 1 else ""
     axes[0][0].set_ylabel(f"{metric} relative to dense{spread}" + (" (lower is better)" if metric == "perplexity" else ""))
-    fig.suptitle(title or f"{metric.capitalize()} against FFN compute")
+    fig.suptitle(title or f"{metric.capitalize()} against {'whole-model' if whole else 'FFN'} compute")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")

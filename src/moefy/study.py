@@ -1,7 +1,7 @@
 """What a study runs: the validated config's grid of arms turned into variants and evaluations.
 
 A variant is one fine-tuned model (a sparsity penalty and a replicate seed); an evaluation is one
-conversion of a variant (split, expert count, selector), as converted or after recovery training,
+conversion of a variant (what it converts, split, expert count, selector), as converted or after recovery training,
 measured at the top-k budgets and dynamic-k thresholds of every arm that contains it. An upcycled
 model is one of `upcycling.models` built from one variant; a merged model is one of those merged
 (and compressed, distilled) by `merging`. rules/common.smk turns these into file paths.
@@ -10,6 +10,7 @@ model is one of `upcycling.models` built from one variant; a merged model is one
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,10 @@ class Variant:
         return f"{self.penalty}-seed{self.seed}"
 
 
+# The folder suffix of a variant whose attention projections are converted too (convert ffn+attention).
+ATTENTION_SUFFIX = "-attention"
+
+
 @dataclass(frozen=True, order=True)
 class Evaluation:
     variant: Variant
@@ -35,6 +40,13 @@ class Evaluation:
     num_experts: int
     selector: str
     recovery: str = "none"
+    convert: str = "ffn"
+
+    @property
+    def converted(self) -> str:
+        """The folder of the model its conversion chain starts from: `<variant>`, or
+        `<variant>-attention` for the variant's distilled model (convert ffn+attention)."""
+        return self.variant.name + (ATTENTION_SUFFIX if self.convert == "ffn+attention" else "")
 
     @property
     def conversion(self) -> str:
@@ -93,11 +105,16 @@ class Study:
         defaults = config["evaluate"]
         budgets: dict[Evaluation, set[float]] = {}
         thresholds: dict[Evaluation, set[float]] = {}
-        for arm in config["grid"].values():
-            for penalty, seed, split, num_experts, selector, recovery in itertools.product(
-                arm["penalty"], arm["seed"], arm["split"], arm["num_experts"], arm["selector"], arm["recovery"]
+        for name, arm in config["grid"].items():
+            if "ffn+attention" in arm["convert"] and set(arm["recovery"]) != {"none"}:
+                raise MoefyError(
+                    f"grid.{name}: recovery {', '.join(r for r in arm['recovery'] if r != 'none')} of converted attention "
+                    "projections is not supported; give that arm convert: [ffn] or recovery: [none]"
+                )
+            for penalty, seed, split, num_experts, selector, recovery, convert in itertools.product(
+                arm["penalty"], arm["seed"], arm["split"], arm["num_experts"], arm["selector"], arm["recovery"], arm["convert"]
             ):
-                evaluation = Evaluation(Variant(penalty, seed), split, num_experts, selector, recovery)
+                evaluation = Evaluation(Variant(penalty, seed), split, num_experts, selector, recovery, convert)
                 budgets.setdefault(evaluation, set()).update(arm.get("budgets", defaults["budgets"]))
                 thresholds.setdefault(evaluation, set()).update(arm.get("thresholds", defaults["thresholds"]))
         self._rules = {e: Rules(tuple(sorted(budgets[e])), tuple(sorted(thresholds[e]))) for e in sorted(budgets)}
@@ -135,6 +152,17 @@ class Study:
     def upcycle_settings(self, name: str) -> dict[str, Any]:
         """The upcycle keys of model `name` (validated: the section's defaults filled in)."""
         return dict(self.config["upcycling"]["models"][name])
+
+    @property
+    def distilled(self) -> list[Variant]:
+        """The variants whose attention projections are distilled (an arm converts ffn+attention)."""
+        return sorted({e.variant for e in self._rules if e.convert == "ffn+attention"})
+
+    @property
+    def width_multiple(self) -> int:
+        """What the distilled MLPs' widths are rounded to: every expert count an ffn+attention
+        conversion splits them into divides it (1 if there are none)."""
+        return math.lcm(1, *(e.num_experts for e in self._rules if e.convert == "ffn+attention"))
 
     @property
     def expert_counts(self) -> list[int]:

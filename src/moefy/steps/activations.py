@@ -30,7 +30,7 @@ from moefy.models import load_model, load_tokenizer
 
 
 def parse_args(argv: list[str] | None):
-    parser = step_parser("activations", __doc__, "model", "task", "penalty", "seed", "device")
+    parser = step_parser("activations", __doc__, "model", "task", "penalty", "seed", "convert", "device")
     parser.add_argument("--data", required=True, type=Path, help="folder with train.jsonl")
     add_section_flags(parser, "activations")
     return parser.parse_args(argv)

@@ -28,7 +28,7 @@ from moefy.split import association_graph, check_num_experts, kmeans_objective
 
 
 def parse_args(argv: list[str] | None):
-    parser = step_parser("balance", __doc__, "model", "task", "penalty", "seed", "split", "num_experts")
+    parser = step_parser("balance", __doc__, "model", "task", "penalty", "seed", "convert", "split", "num_experts")
     parser.add_argument("--labels", required=True, type=Path, help="split/<variant>/<split>-E<E>/labels.safetensors")
     parser.add_argument("--coactivation", required=True, type=Path, help="activations/<variant>/coactivation.safetensors")
     parser.add_argument(

@@ -1,4 +1,5 @@
-"""Step calibrate: measure which MoE kernel is fastest on this machine for the study's FFN shape.
+"""Step calibrate: measure which MoE kernel is fastest on this machine for the study's FFN shape
+(and, when the grid converts attention, for each distilled projection's shape).
 
 Times embedding bags, grouped matmuls and masked-dense on the model's first FFN (with the
 activation the fine-tune will give it) over a ladder of token counts and experts per token, for
@@ -10,16 +11,18 @@ every rerun, use the same kernels (see moefy.kernel_choice).
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
 
 from moefy import dist, machine, tracking
 from moefy.cli import run_step, step_parser
 from moefy.config import section_properties
-from moefy.ffn import find_ffns
+from moefy.ffn import FFN, find_ffns
 from moefy.files import write_json
-from moefy.kernel_choice import FORMAT, measure, shape_key
+from moefy.kernel_choice import FORMAT, ffn_shape_key, measure
 from moefy.models import load_model
+from moefy.projections import ProjectionMLP, find_projections, width_for
 from moefy.split import check_num_experts
 
 
@@ -33,7 +36,30 @@ def parse_args(argv: list[str] | None):
         help="the FFN activation after fine-tuning (config finetune.activation)",
     )
     parser.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument(
+        "--projection-flops-factor",
+        type=float,
+        help="also measure the shapes of the attention projections distilled at this FLOPs factor (config distill.flops_factor)",
+    )
+    parser.add_argument(
+        "--width-multiple", type=int, default=1, help="what the distilled widths are rounded up to (step distill)"
+    )
     return parser.parse_args(argv)
+
+
+def shapes_to_measure(model, args) -> list[FFN]:
+    """The first FFN, and one stand-in per distinct distilled projection shape when asked for."""
+    ffns = [find_ffns(model)[0]]
+    if args.projection_flops_factor is not None:
+        seen = set()
+        for projection in find_projections(model):
+            d_out, d_in = projection.linear.weight.shape
+            width = width_for(d_in, d_out, args.projection_flops_factor, args.width_multiple)
+            if (d_in, width, d_out) not in seen:
+                seen.add((d_in, width, d_out))
+                mlp = ProjectionMLP(d_in, width, d_out).to(projection.linear.weight.device)
+                ffns.append(FFN(len(ffns), mlp.w_in, mlp.act, mlp.w_out, lambda m: None, projection=True))
+    return ffns
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,16 +68,15 @@ def main(argv: list[str] | None = None) -> None:
     model = load_model(
         args.model, args.task, activation="relu" if args.activation == "relu" else None, trust_remote_code=args.trust_remote_code
     ).to(ctx.device)
-    ffn = find_ffns(model)[0]
-    gated = ffn.w_gate is not None
     with tracking.job_run("calibrate", vars(args)) as run:
         shapes = {}
-        for num_experts in args.num_experts:
+        for ffn, num_experts in itertools.product(shapes_to_measure(model, args), args.num_experts):
             check_num_experts(ffn.d_ff, num_experts)
             table = measure(ffn, num_experts, ctx.device)
-            shapes[shape_key(ffn.d_model, ffn.d_ff, num_experts, gated)] = table.to_json()
+            key = ffn_shape_key(ffn, num_experts)
+            shapes[key] = table.to_json()
             print(
-                f"E={num_experts}: fastest kernel per token count (rows) and experts per token / E (columns "
+                f"{key}: fastest kernel per token count (rows) and experts per token / E (columns "
                 f"{', '.join(f'{d:g}' for d in table.densities)}):",
                 flush=True,
             )

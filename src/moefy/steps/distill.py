@@ -16,12 +16,13 @@ import shutil
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from moefy import dist, tracking
 from moefy.batches import Encoded, choose_texts, iterate, length_grouped_batches
 from moefy.cli import ablation, add_section_flags, run_step, step_parser
 from moefy.datafiles import read_split
-from moefy.files import write_json
+from moefy.files import atomic_dir, write_json
 from moefy.models import load_model, load_tokenizer, save_model
 from moefy.projections import DistillSettings, ProjectionMLP, distill, find_projections, width_for
 
@@ -29,8 +30,17 @@ from moefy.projections import DistillSettings, ProjectionMLP, distill, find_proj
 def parse_args(argv: list[str] | None):
     parser = step_parser("distill", __doc__, "model", "task", "penalty", "seed", "device", out="output model folder")
     parser.add_argument("--data", required=True, type=Path, help="folder with train.jsonl")
+    parser.add_argument(
+        "--width-multiple",
+        type=int,
+        default=1,
+        help="round each MLP's width up to a multiple of this (the workflow passes the grid's expert counts' lcm, so every count divides it)",
+    )
     add_section_flags(parser, "distill")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.width_multiple < 1:
+        parser.error(f"--width-multiple {args.width_multiple}: must be at least 1")
+    return args
 
 
 def record_pairs(model, projections, encoded, batches, ctx) -> dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]]:
@@ -69,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             pairs = record_pairs(model, projections, encoded, batches, ctx)
         report = {}
-        for projection in projections:
+        for projection in tqdm(projections, desc="distilling projections", unit="projection", disable=not ctx.is_main):
             parts = pairs.pop(projection.key)
 
             def stacked(keep, parts=parts):
@@ -78,20 +88,21 @@ def main(argv: list[str] | None = None) -> None:
 
             linear = projection.linear
             d_out, d_in = linear.weight.shape
-            mlp = ProjectionMLP.from_linear(linear, width_for(d_in, d_out, args.flops_factor))
+            mlp = ProjectionMLP.from_linear(linear, width_for(d_in, d_out, args.flops_factor, args.width_multiple))
             with torch.enable_grad():
                 result = distill(mlp, stacked(lambda p: p not in held_out), stacked(lambda p: p in held_out), settings, args.seed)
             projection.replace(mlp.eval().requires_grad_(False))
             report[projection.key] = {"width": mlp.width, **vars(result)}
-            print(f"{projection.key}: width {mlp.width}, held-out R^2 {result.r2:.4f} after {result.epochs} epochs", flush=True)
+            tqdm.write(f"{projection.key}: width {mlp.width}, held-out R^2 {result.r2:.4f} after {result.epochs} epochs")
             if ctx.is_main:
                 run.log_metrics({f"r2/{projection.key}": result.r2, f"mse/{projection.key}": result.mse})
         if ctx.is_main:
-            save_model(model, tokenizer, args.out)
-            training = Path(args.model) / "training.json"
-            if training.is_file():
-                shutil.copy(training, args.out / "training.json")
-            write_json(args.out / "distillation.json", {"tokens": int(encoded.lengths.sum()), "projections": report})
+            with atomic_dir(args.out) as folder:  # a stopped job leaves no half-written model behind
+                save_model(model, tokenizer, folder)
+                training = Path(args.model) / "training.json"
+                if training.is_file():
+                    shutil.copy(training, folder / "training.json")
+                write_json(folder / "distillation.json", {"tokens": int(encoded.lengths.sum()), "projections": report})
     dist.teardown()
 
 

@@ -26,12 +26,11 @@ from moefy.datafiles import read_split
 from moefy.errors import MoefyError
 from moefy.evaluation import SelectionRule, logged_metrics, record, run_pass, selection_rules
 from moefy.export import read_moe_parts
-from moefy.ffn import find_ffns
 from moefy.files import read_json, write_json
 from moefy.flops import model_flops
 from moefy.kernel_choice import KernelTable, shape_key, table_for
 from moefy.models import load_model, load_tokenizer, read_training
-from moefy.moe import moefy_model
+from moefy.moe import MoEFFN, moefy_model
 from moefy.tasks import get_task
 
 
@@ -43,6 +42,7 @@ def parse_args(argv: list[str] | None):
         "task",
         "penalty",
         "seed",
+        "convert",
         "split",
         "num_experts",
         "selector",
@@ -68,17 +68,25 @@ def parse_args(argv: list[str] | None):
     return parser.parse_args(argv)
 
 
-def kernel_table(args, ffn) -> KernelTable | None:
-    """The calibrate step's kernel table for this FFN shape; None (fixed rules) without the file,
-    or for an expert count the grid did not calibrate (an ablation asked for by file name)."""
+def choose_kernels(args, layers: list[MoEFFN]) -> None:
+    """Give each MoE layer the calibrate step's kernel table for its shape (the FFNs share one;
+    distilled projections have their own). Without the file, or for a shape the grid did not
+    calibrate (an ablation asked for by file name), fixed kernel rules choose."""
     if args.kernels is None:
-        return None
+        return
     document = read_json(args.kernels)
-    key = shape_key(ffn.d_model, ffn.d_ff, args.num_experts, ffn.w_gate is not None)
-    if key not in document.get("shapes", {}):
-        print(f"{args.kernels} has no kernel table for {key} (not in the grid): fixed kernel rules choose", flush=True)
-        return None
-    return table_for(document, ffn.d_model, ffn.d_ff, args.num_experts, ffn.w_gate is not None, str(args.kernels))
+    tables: dict[str, KernelTable | None] = {}
+    for layer in layers:
+        key = shape_key(
+            layer.d_model, layer.num_experts * layer.expert_size, layer.num_experts, layer.w_gate is not None, layer.d_out
+        )
+        if key not in tables:
+            if key in document.get("shapes", {}):
+                tables[key] = table_for(document, key, str(args.kernels))
+            else:
+                tables[key] = None
+                print(f"{args.kernels} has no kernel table for {key} (not in the grid): fixed kernel rules choose", flush=True)
+        layer.kernels = tables[key]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     texts, targets = read_split(args.data / "test.jsonl")
     encoded = Encoded(tokenizer, texts)
     whole = model_flops(model, float(encoded.lengths.mean()), causal=task.name == "causal_lm")  # before any FFN is replaced
-    layers = moefy_model(model, labels, routers, args.num_experts, kernel_table(args, find_ffns(model)[0]))
+    layers = moefy_model(model, labels, routers, args.num_experts)
+    choose_kernels(args, layers)
 
     if task.labelled and targets is None:
         raise MoefyError(f"{args.data / 'test.jsonl'} has no labels, but task {task.name} needs them; rerun the data step")
@@ -108,10 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     with tracking.job_run("evaluate", vars(args), ablation(args), enabled=ctx.is_main) as run:
         if args.reference:  # the relative numbers are against another model, measured with the same layers
             reference = load_model(args.reference, task.name).to(ctx.device)
-            on = (
-                reference,
-                moefy_model(reference, labels, routers, args.num_experts, kernel_table(args, find_ffns(reference)[0])),
-            )
+            on = (reference, moefy_model(reference, labels, routers, args.num_experts))
+            choose_kernels(args, on[1])
             dense_predictions, dense, _ = measure(everything, on=on)
             del reference, on
         else:

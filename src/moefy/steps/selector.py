@@ -30,7 +30,9 @@ from moefy.routers import RouterSettings, fit_router, router_tensors
 
 
 def parse_args(argv: list[str] | None):
-    parser = step_parser("selector", __doc__, "model", "task", "penalty", "seed", "split", "num_experts", "selector", "device")
+    parser = step_parser(
+        "selector", __doc__, "model", "task", "penalty", "seed", "convert", "split", "num_experts", "selector", "device"
+    )
     parser.add_argument("--labels", required=True, type=Path, help="balance/<variant>/<split>-E<E>/labels.safetensors")
     parser.add_argument("--hidden", required=True, type=Path, help="activations/<variant>/hidden.safetensors")
     parser.add_argument(

@@ -27,7 +27,7 @@ from moefy.split import balanced_kmeans, check_num_experts, coact_split, random_
 
 
 def parse_args(argv: list[str] | None):
-    parser = step_parser("split", __doc__, "model", "task", "penalty", "seed", "split", "num_experts", "device")
+    parser = step_parser("split", __doc__, "model", "task", "penalty", "seed", "convert", "split", "num_experts", "device")
     parser.add_argument("--coactivation", type=Path, help="activations/<variant>/coactivation.safetensors (coact only)")
     add_section_flags(parser, "split")
     return parser.parse_args(argv)
