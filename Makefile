@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(abspath $(VENV))/bin
 
-.PHONY: study test test-fast lint format report bench
+.PHONY: study test test-fast lint format report bench mlflow-server
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,3 +36,10 @@ report: $(VENV)/.installed  ## the Snakemake HTML report of the last study run
 bench: $(VENV)/.installed  ## conversion-speed benchmark against k-means-constrained (BENCH_FLAGS=--quick for a minute)
 	$(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/split_speed.py --json results/benchmarks/split_speed.json $(BENCH_FLAGS)
+
+MLFLOW_PORT ?= 5000
+mlflow-server: $(VENV)/.installed  ## an MLflow tracking server on 127.0.0.1:$(MLFLOW_PORT), its runs and artifacts under results/mlflow-server/
+	mkdir -p results/mlflow-server
+	$(BIN)/mlflow server --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1 \
+		--backend-store-uri sqlite:///$(abspath results/mlflow-server)/mlflow.db \
+		--artifacts-destination $(abspath results/mlflow-server)/artifacts --serve-artifacts

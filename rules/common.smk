@@ -250,16 +250,22 @@ def check_before_jobs():
     except MoefyError as err:
         sys.exit(f"moefy: {err}")
     uri = os.environ[tracking.URI_ENV]
-    run_id = tracking.start_workflow_run(
-        uri,
-        os.environ[tracking.EXPERIMENT_ENV],
-        run_name=f"snakemake {STUDY}",
-        tags={"study": STUDY, "command": " ".join(sys.argv)[:5000]},
-    )
+    try:
+        run_id = tracking.start_workflow_run(
+            uri,
+            os.environ[tracking.EXPERIMENT_ENV],
+            run_name=f"snakemake {STUDY}",
+            tags={"study": STUDY, "command": " ".join(sys.argv)[:5000]},
+        )
+    except MoefyError as err:
+        sys.exit(f"moefy: {err}")  # before any job: a tracking server that is down stops the study here
     print(f"MLflow: parent run {run_id} in experiment {os.environ[tracking.EXPERIMENT_ENV]!r} at {uri}")
 
 
 def end_mlflow_workflow_run(succeeded):
     run_id = os.environ.get(tracking.PARENT_RUN_ENV)
     if run_id:
-        tracking.end_workflow_run(os.environ[tracking.URI_ENV], run_id, succeeded)
+        try:
+            tracking.end_workflow_run(os.environ[tracking.URI_ENV], run_id, succeeded)
+        except MoefyError as err:  # the jobs' results stand; only the parent run stays open (the next invocation closes it)
+            print(f"moefy: the parent MLflow run {run_id} was not closed: {err}", file=sys.stderr)

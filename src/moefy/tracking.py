@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from moefy import owners
+from moefy.errors import MoefyError
 
 PARENT_RUN_ENV = "MOEFY_MLFLOW_PARENT_RUN_ID"
 OWNER_TAG = "moefy.owner"  # host:pid:start of the process that logs the run (see owners.py)
@@ -61,15 +62,37 @@ def _client(uri: str):
     return client
 
 
+# What MLflow's HTTP client says once its own retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES, 7 by default,
+# with backoff MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, 2: about four minutes) found no server.
+_UNREACHABLE = ("max retries exceeded", "connection refused", "failed to establish a new connection")
+
+
+def unreachable_server(err: BaseException) -> MoefyError:
+    """The clear error of a tracking server that stayed down through MLflow's retries."""
+    from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_MAX_RETRIES
+
+    uri = os.environ.get(URI_ENV) or "the configured mlflow.tracking_uri"
+    return MoefyError(
+        f"the MLflow tracking server {uri} did not answer after {MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()} retries "
+        f"(backoff factor {MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()}; set MLFLOW_HTTP_REQUEST_MAX_RETRIES and "
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR to wait longer): start it (make mlflow-server) or point mlflow.tracking_uri "
+        f"at one that runs, then rerun; finished jobs are not redone ({type(err).__name__})"
+    )
+
+
 def _retry(call: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any) -> T:
     """call(*args, **kwargs), again after a pause while SQLite refuses writers because another
-    process holds its lock."""
+    process holds its lock. A tracking server that stays down (MLflow's HTTP client retries on its
+    own, logging each retry) becomes one clear MoefyError naming its URI."""
+    import requests
     from mlflow.exceptions import MlflowException
 
     for attempt in range(attempts):
         try:
             return call(*args, **kwargs)
-        except MlflowException as err:
+        except (MlflowException, requests.exceptions.ConnectionError) as err:
+            if any(phrase in str(err).lower() for phrase in _UNREACHABLE):
+                raise unreachable_server(err) from None
             if "locked" not in str(err).lower() or attempt == attempts - 1:
                 raise
             time.sleep(0.2 * 2**attempt)
@@ -229,7 +252,12 @@ def job_run(
     job = JobRun(client, run.info.run_id)
     try:
         yield job
-    except BaseException:
-        _retry(client.set_terminated, run.info.run_id, status="FAILED")
+    except BaseException as failure:
+        try:
+            _retry(client.set_terminated, run.info.run_id, status="FAILED")
+        except MoefyError:  # the server is gone: the job's own error is the one to report
+            if isinstance(failure, MoefyError):
+                raise failure from None
+            raise
         raise
     _retry(client.set_terminated, run.info.run_id, status="FINISHED")

@@ -1,0 +1,157 @@
+"""Tracking against a real `mlflow server` process started here (the command of `make mlflow-server`):
+job runs, their params, metrics and served artifacts arrive; a server that is briefly down is waited
+out; one that stays down is one clear error naming it; and a study whose server went away between
+invocations stops before any job, then completes on a rerun with every job logged exactly once."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import E, environment, make_workdir, snakemake, snakemake_command, tiny_config
+from moefy import tracking
+from moefy.errors import MoefyError
+
+pytestmark = pytest.mark.e2e
+
+
+class Server:
+    """`mlflow server` on 127.0.0.1: a SQLite backend and served artifacts under `root`, which
+    outlive the process, so a restart is the same server."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        mlflow = Path(sys.executable).with_name("mlflow")
+        command = [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                   "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                   "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts"]  # fmt: skip
+        log = open(self.root / "server.log", "a")
+        self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+        self.stop()
+        pytest.fail(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)  # killed, as a crashed server would be
+            self.process.wait()
+        self.process = None
+
+
+@pytest.fixture()
+def server(tmp_path):
+    running = Server(tmp_path / "server")
+    running.root.mkdir()
+    running.start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture()
+def against(server, monkeypatch):
+    """Jobs in this process log to the server (experiment `server-test`), MLflow's retries short."""
+    monkeypatch.setenv(tracking.URI_ENV, server.uri)
+    monkeypatch.setenv(tracking.EXPERIMENT_ENV, "server-test")
+    monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
+    return server
+
+
+def test_job_runs_arrive_nested_with_params_metrics_and_served_artifacts(against, tmp_path, monkeypatch):
+    parent = tracking.start_workflow_run(against.uri, "server-test", "snakemake server", {"study": "s"})
+    monkeypatch.setenv(tracking.PARENT_RUN_ENV, parent)
+    summary = tmp_path / "summary.csv"
+    summary.write_text("a,b\n1,2\n")
+    with tracking.job_run("evaluate", {"budgets": [0.1, 0.5]}, {"split": "kmeans", "num_experts": E}) as run:
+        run.log_metrics({"test_accuracy/budget_0.1": 0.7})
+        run.log_artifact(summary)
+    tracking.end_workflow_run(against.uri, parent, succeeded=True)
+
+    client = MlflowClient(against.uri)
+    child = client.get_run(run.run_id)
+    assert child.info.status == "FINISHED" and child.data.tags["mlflow.parentRunId"] == parent
+    assert child.data.params["budgets"] == "[0.1, 0.5]" and child.data.metrics["test_accuracy/budget_0.1"] == pytest.approx(0.7)
+    assert [a.path for a in client.list_artifacts(run.run_id)] == ["summary.csv"]
+    stored = list((against.root / "artifacts").rglob("summary.csv"))
+    assert len(stored) == 1 and stored[0].read_text() == "a,b\n1,2\n", "the server stores what it serves"
+
+
+def test_a_briefly_unreachable_server_is_waited_out_and_the_run_logged_once(against, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")  # 1, 2, 4, 8, ... s: the restart fits
+    against.stop()
+    restart = threading.Timer(2.0, against.start)
+    restart.start()
+    try:
+        with tracking.job_run("finetune", {"epochs": 1}, {"penalty": "none", "seed": 0}) as run:
+            run.log_metrics({"test_accuracy": 0.8})
+    finally:
+        restart.join()
+    runs = MlflowClient(against.uri).search_runs([MlflowClient(against.uri).get_experiment_by_name("server-test").experiment_id])
+    assert [(r.info.run_id, r.info.status) for r in runs] == [(run.run_id, "FINISHED")]
+    assert runs[0].data.metrics == {"test_accuracy": 0.8}
+
+
+def test_a_server_that_stays_down_is_one_clear_error_naming_it(against, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    against.stop()
+    started = time.time()
+    with pytest.raises(MoefyError, match=f"tracking server {against.uri} did not answer after 2 retries.*make mlflow-server"):
+        with tracking.job_run("finetune", {}):
+            pass
+    assert time.time() - started < 60, "bounded by MLflow's retries"
+
+
+def test_a_study_stops_before_any_job_while_its_server_is_down_and_a_rerun_logs_each_job_once(server, tmp_path):
+    config = tiny_config(
+        study="server",
+        grid={"one": {"penalty": ["none"], "split": ["random"], "num_experts": [E], "selector": ["groundtruth"]}},
+        upcycling={"models": {}},
+        merging={"models": []},
+        mlflow={"tracking_uri": server.uri},
+    )
+    config["finetune"]["epochs"] = 1
+    workdir = make_workdir(tmp_path / "study", config)
+    target = "results/server/finetune/none-seed0/metrics.json"
+    snakemake(workdir, "results/server/data/labels.json")
+
+    server.stop()
+    env = environment(workdir) | {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    down = subprocess.run(snakemake_command(workdir, target), cwd=workdir, env=env, capture_output=True, text=True)
+    assert down.returncode != 0 and f"moefy: the MLflow tracking server {server.uri} did not answer" in down.stderr
+    assert "Traceback" not in down.stderr and not (workdir / target).exists()
+
+    server.start()
+    snakemake(workdir, target)
+    client = MlflowClient(server.uri)
+    runs = client.search_runs([client.get_experiment_by_name("server").experiment_id])
+    jobs = sorted(r.data.tags["rule"] for r in runs if r.data.tags.get("moefy.kind") != "workflow")
+    assert jobs == ["calibrate", "data", "finetune"] or jobs == ["data", "finetune"], jobs
+    assert all(r.info.status == "FINISHED" for r in runs)
+    parents = {r.info.run_id for r in runs if r.data.tags.get("moefy.kind") == "workflow"}
+    assert len(parents) == 2 and {r.data.tags["mlflow.parentRunId"] for r in runs if r.info.run_id not in parents} <= parents
+    finetune = next(r for r in runs if r.data.tags.get("rule") == "finetune")
+    assert "test_accuracy" in finetune.data.metrics and yaml.safe_load(finetune.data.params["epochs"]) == 1
