@@ -64,7 +64,7 @@ def logs(rule, name="job"):
 
 def launch(step):
     """The command that runs a step, on compute.nproc_per_node ranks when it is GPU-capable."""
-    return step_command(step, COMPUTE["nproc_per_node"], python="python")
+    return step_command(step, COMPUTE["nproc_per_node"], "python", COMPUTE["nnodes"], COMPUTE["rdzv_endpoint"])
 
 
 def plain(step):

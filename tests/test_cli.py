@@ -83,6 +83,29 @@ def test_one_rank_runs_a_plain_process_and_more_use_torch_distributed_run():
     assert threads_per_rank(8, 2) == 4 and threads_per_rank(1, 4) == 1
 
 
+def test_several_nodes_run_one_torch_distributed_run_per_node_at_a_c10d_rendezvous(tmp_path):
+    """The multi-node command line: srun starts one launcher per node, all meeting at the first
+    node of the allocation (or the configured endpoint); run through a shell with stand-ins for
+    srun and scontrol, it expands to what each node would run."""
+    import subprocess
+
+    from moefy.launch import step_command
+
+    command = step_command("finetune", 4, python="/venv/bin/python", nnodes=2)
+    assert command.startswith("srun --nodes=2 --ntasks-per-node=1 /venv/bin/python -m torch.distributed.run --nnodes=2 ")
+    assert "--nproc_per_node=4 --rdzv-backend=c10d" in command and "--standalone" not in command
+    assert step_command("finetune", 4, python="/venv/bin/python", nnodes=2, rdzv_endpoint="node7:29400").endswith(
+        '--rdzv-endpoint=node7:29400 --rdzv-id="$SLURM_JOB_ID" -m moefy.steps.finetune'
+    )
+    for name, body in (("srun", 'echo "$@"'), ("scontrol", "echo gpu-a; echo gpu-b")):
+        (tmp_path / name).write_text(f"#!/bin/sh\n{body}\n")
+        (tmp_path / name).chmod(0o755)
+    env = {"PATH": f"{tmp_path}:/usr/bin:/bin", "SLURM_JOB_NODELIST": "gpu-[a-b]", "SLURM_JOB_ID": "42"}
+    ran = subprocess.run(["sh", "-c", command], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert ran[:3] == ["--nodes=2", "--ntasks-per-node=1", "/venv/bin/python"]
+    assert "--rdzv-endpoint=gpu-a:29500" in ran and "--rdzv-id=42" in ran and ran[-2:] == ["-m", "moefy.steps.finetune"]
+
+
 def test_jobs_find_the_interpreter_that_runs_snakemake_first(monkeypatch):
     from moefy.launch import interpreter_first_on_path
 
