@@ -44,15 +44,17 @@ def test_attention_evaluations_are_against_the_fine_tuned_model_and_count_the_wh
         assert record["dense_model_flops_per_token"] == pytest.approx(ffn_only[key]["dense_model_flops_per_token"])
         if key[0] == "top_k":  # the same k of the same FFN shapes, the same kind of router
             assert record["ffn_flops_fraction"] == pytest.approx(ffn_only[key]["ffn_flops_fraction"])
-    # every expert: the distilled model, whose 2 x 4 MLPs (width = hidden, flops_factor 2) cost
-    # 2 x (hidden x width + width x hidden) where their projections cost 2 x hidden x hidden
+    # every expert: the distilled model, whose 2 x 4 MLPs of width w cost 2 x (hidden x w + w x hidden)
+    # where their projections cost 2 x hidden x hidden
+    report = read_json(in_study(tiny_study, "distill", "model", "distillation.json"))["projections"]
+    (width,) = {entry["width"] for entry in report.values()}
     full = attention[("top_k", 1.0)]
-    extra = 2 * LAYERS * 4 * (2 * hidden * hidden - hidden * hidden)
-    assert full["projection_flops_fraction"] == pytest.approx(2.0)
+    extra = LAYERS * 4 * (4 * hidden * width - 2 * hidden * hidden)
+    assert full["projection_flops_fraction"] == pytest.approx(2 * width / hidden)
     assert full["model_flops_fraction"] == pytest.approx(1 + extra / full["dense_model_flops_per_token"])
     quarter = attention[("top_k", 0.25)]
     norm_router = 2 * (hidden * 16 + 16 * E)  # selector.norm_hidden 16 in the tiny study
-    assert quarter["projection_flops_fraction"] == pytest.approx(0.25 * 2.0 + norm_router / (2 * hidden * hidden))
+    assert quarter["projection_flops_fraction"] == pytest.approx(0.25 * 2 * width / hidden + norm_router / (2 * hidden * hidden))
     assert (
         quarter["model_flops_fraction"] < full["model_flops_fraction"]
         and "projection_flops_fraction" not in ffn_only[("top_k", 0.25)]

@@ -219,7 +219,21 @@ def test_the_distill_step_writes_a_model_whose_projections_are_ffns(tmp_path, ti
             f.write(json.dumps({"text": text, "label": i % 2}) + "\n")
     out = tmp_path / "distilled"
     common = ["--model", str(model_folder), "--task", "classification", "--penalty", "none", "--seed", "0", "--device", "cpu"]
-    step.main([*common, "--data", str(tmp_path / "data"), "--out", str(out), "--max-tokens", "800", "--max-epochs", "8"])
+    step.main(
+        [
+            *common,
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(out),
+            "--max-tokens",
+            "800",
+            "--max-epochs",
+            "8",
+            "--flops-factor",
+            "2",
+        ]
+    )
     report = json.loads((out / "distillation.json").read_text())["projections"]
     assert sorted(report) == ["0.k", "0.o", "0.q", "0.v", "1.k", "1.o", "1.q", "1.v"]
     assert all(entry["mse"] <= entry["mse_initial"] and entry["r2"] > 0 for entry in report.values())

@@ -133,7 +133,7 @@ def test_summary_contract(tiny_study):
     assert {"penalty", "seed", "split", "num_experts", "selector", "rule", "flops_at_99pct", "precision", *RECORD_KEYS} <= set(
         table.columns
     )
-    main = len(CONVERSIONS) * (len(BUDGETS) + len(THRESHOLDS))
+    main = (len(CONVERSIONS) + 1) * (len(BUDGETS) + len(THRESHOLDS))  # + kmeans / norm with attention converted
     assert len(table) == main + 2 * len(BUDGETS)  # + the second seed of coact / mlp and the recovered one, top-k only
     assert set(table["penalty"]) == {"hoyer"} and set(table["seed"]) == {0, 1}
     assert (table.groupby(["seed", "split", "selector", "rule"])["flops_at_99pct"].nunique() <= 1).all()
@@ -176,14 +176,15 @@ def first_invocation(study: Path):
 def test_mlflow_parent_and_job_runs(tiny_study):
     first, children = first_invocation(tiny_study)
     rules = sorted(r.data.tags["rule"] for r in children)
-    evaluations = len(CONVERSIONS) + 1
+    evaluations = len(CONVERSIONS) + 2  # + the second seed's and the converted-attention one
     expected = {
         "data": 1,
         "calibrate": 1,
         "finetune": 2,
-        "activations": 2,
-        "split": len(SPLITS) + 1,
-        "balance": len(SPLITS) + 1,
+        "distill": 1,
+        "activations": 3,  # two seeds, and the distilled model
+        "split": len(SPLITS) + 2,
+        "balance": len(SPLITS) + 2,
         "selector": evaluations,
         "evaluate": evaluations + 1,  # + the recovered conversion
         "report": 1,
@@ -201,9 +202,11 @@ def test_mlflow_parent_and_job_runs(tiny_study):
     seeded = {
         (r.data.tags["wildcard.seed"], r.data.tags["wildcard.split"], r.data.tags["wildcard.selector"]): r
         for r in children
-        if r.data.tags["rule"] == "evaluate"
+        if r.data.tags["rule"] == "evaluate" and r.data.tags["wildcard.convert"] == "ffn"
     }
     assert set(seeded) == {("0", s, q) for s, q in CONVERSIONS} | {("1", "coact", "mlp")}
+    attention = [r for r in children if r.data.tags.get("wildcard.convert") == "ffn+attention"]
+    assert sorted(r.data.tags["rule"] for r in attention) == ["activations", "balance", "evaluate", "selector", "split"]
     coact_mlp = seeded[("0", "coact", "mlp")]
     assert coact_mlp.info.run_name == f"evaluate {VARIANT} coact-E{E}-mlp"
     assert coact_mlp.data.params["batch_size"] == "32" and coact_mlp.data.params["wildcard.num_experts"] == str(E)
@@ -226,6 +229,7 @@ def test_parallel_jobs_lose_no_mlflow_run_or_metric(tiny_study):
         (
             r.data.tags["rule"],
             r.data.tags.get("wildcard.seed"),
+            r.data.tags.get("wildcard.convert"),
             r.data.tags.get("wildcard.split"),
             r.data.tags.get("wildcard.selector"),
             r.data.tags.get("wildcard.recovery"),
@@ -238,7 +242,8 @@ def test_parallel_jobs_lose_no_mlflow_run_or_metric(tiny_study):
     conversions = len(CONVERSIONS) + 1
     training = 1 + 3 + 1 + 1  # the recovered evaluate, train_moe, upcycle, report_upcycling
     merging = 1 + 1 + 2 + 2 + 3 + 1  # usage, merge, 2 distillations, 2 compressions, 3 evaluate_smoe, report_merging
-    assert len(keys) == len(set(keys)) == 1 + 1 + 2 + 2 + 4 + 4 + 2 * conversions + 1 + training + merging, (
+    attention = 1 + 1 + 1 + 1 + 2  # distill, then activations, split, balance, selector and evaluate of its model
+    assert len(keys) == len(set(keys)) == 1 + 1 + 2 + 2 + 4 + 4 + 2 * conversions + 1 + training + merging + attention, (
         "one run per job, none lost, none twice"
     )
     for run in jobs:
