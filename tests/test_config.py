@@ -44,6 +44,9 @@ def test_default_study_is_valid_and_gets_defaults(study):
         (lambda c: c["dataset"].__setitem__("hub", {"name": "rotten_tomatoes"}), "exactly one of `path`"),
         (lambda c: c.pop("model"), "'model' is a required property"),
         (lambda c: c.__setitem__("study", "my study"), "config key study"),
+        (lambda c: c["grid"]["d2dmoe"].update(convert=["attention"]), "grid.d2dmoe.convert.0: 'attention' is not allowed"),
+        (lambda c: c.__setitem__("compute", {"rdzv_endpoint": "node7"}), "compute.rdzv_endpoint"),
+        (lambda c: c.__setitem__("compute", {"nnodes": 0}), "compute.nnodes"),
     ],
 )
 def test_bad_config_names_the_key(study, change, fragment):

@@ -155,3 +155,13 @@ def test_a_study_stops_before_any_job_while_its_server_is_down_and_a_rerun_logs_
     assert len(parents) == 2 and {r.data.tags["mlflow.parentRunId"] for r in runs if r.info.run_id not in parents} <= parents
     finetune = next(r for r in runs if r.data.tags.get("rule") == "finetune")
     assert "test_accuracy" in finetune.data.metrics and yaml.safe_load(finetune.data.params["epochs"]) == 1
+
+
+def test_a_job_that_fails_while_the_server_is_down_reports_its_own_error(against, monkeypatch):
+    """Marking the run FAILED cannot reach the server; the job's error, not the server's, is raised."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    with pytest.raises(RuntimeError, match="the job's own failure"):
+        with tracking.job_run("finetune", {}):
+            against.stop()
+            raise RuntimeError("the job's own failure")

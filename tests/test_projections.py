@@ -240,3 +240,11 @@ def test_the_distill_step_writes_a_model_whose_projections_are_ffns(tmp_path, ti
     distilled = load_model(str(out), "classification")
     assert len(find_ffns(distilled)) == 2 + 8
     assert all(p.mlp is not None and p.mlp.width == report[p.key]["width"] for p in find_projections(distilled))
+
+
+def test_the_distill_step_refuses_a_width_multiple_below_one(capsys):
+    from moefy.steps import distill as step
+
+    with pytest.raises(SystemExit) as exit_info:
+        step.main(["--model", "m", "--data", "d", "--out", "o", "--width-multiple", "0"])
+    assert exit_info.value.code == 2 and "--width-multiple 0: must be at least 1" in capsys.readouterr().err

@@ -128,3 +128,22 @@ def test_merged_models_are_named_by_their_chain_of_steps():
     config["merging"]["models"] = ["dense"]
     with pytest.raises(MoefyError, match="merging.models"):
         Study(validate(config))
+
+
+def test_attention_is_an_axis_whose_chains_start_from_the_distilled_model():
+    grid = study({"a": {"penalty": ["hoyer"], "split": ["kmeans"], "num_experts": [8, 12], "selector": ["norm"],
+                        "convert": ["ffn", "ffn+attention"]}})  # fmt: skip
+    by_convert = {(e.convert, e.num_experts): e for e in grid.evaluations}
+    assert (
+        by_convert[("ffn", 8)].converted == "hoyer-seed0"
+        and by_convert[("ffn+attention", 8)].converted == "hoyer-seed0-attention"
+    )
+    assert by_convert[("ffn+attention", 12)].name == "kmeans-E12-norm"
+    assert grid.distilled == [Variant("hoyer", 0)] and grid.width_multiple == 24  # both expert counts divide the widths
+    assert study({"a": {"split": ["kmeans"], "num_experts": [8], "selector": ["mlp"]}}).width_multiple == 1
+
+
+def test_recovery_of_converted_attention_is_refused_by_name():
+    arm = {"split": ["kmeans"], "num_experts": [8], "selector": ["mlp"], "convert": ["ffn+attention"], "recovery": ["none", "kd"]}
+    with pytest.raises(MoefyError, match="grid.a: recovery kd of converted attention projections is not supported"):
+        study({"a": arm})

@@ -8,6 +8,7 @@ environment. A step run by hand, without a parent, gets a top-level run of its o
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import time
@@ -252,12 +253,8 @@ def job_run(
     job = JobRun(client, run.info.run_id)
     try:
         yield job
-    except BaseException as failure:
-        try:
+    except BaseException:
+        with contextlib.suppress(MoefyError):  # the server is gone too: the job's own error is the one to report
             _retry(client.set_terminated, run.info.run_id, status="FAILED")
-        except MoefyError:  # the server is gone: the job's own error is the one to report
-            if isinstance(failure, MoefyError):
-                raise failure from None
-            raise
         raise
     _retry(client.set_terminated, run.info.run_id, status="FINISHED")
