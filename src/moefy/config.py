@@ -108,7 +108,8 @@ def section_defaults(section: str) -> dict[str, Any]:
 def iter_keys(node: dict[str, Any] | None = None, prefix: str = "") -> Iterator[tuple[str, Any, str]]:
     """Every documented key as (dotted key, default or None, description), schema order.
 
-    The arms of `grid` are documented once, as grid.<arm>.<key>."""
+    Named entries (the arms of `grid`, the rules of `cluster.rules`) are documented once, as
+    grid.<arm>.<key>: the placeholder is the name of their definition in the schema's $defs."""
     node = schema() if node is None else node
     for key, prop in node.get("properties", {}).items():
         name = f"{prefix}{key}"
@@ -120,7 +121,7 @@ def iter_keys(node: dict[str, Any] | None = None, prefix: str = "") -> Iterator[
             yield from iter_keys(prop, prefix=f"{name}.")
         arm = prop.get("additionalProperties")
         if isinstance(arm, dict) and not _documented_as_section(arm):
-            yield from iter_keys(_resolved(arm), prefix=f"{name}.<arm>.")
+            yield from iter_keys(_resolved(arm), prefix=f"{name}.<{arm['$ref'].rsplit('/', 1)[-1]}>.")
 
 
 def _documented_as_section(prop: dict[str, Any]) -> bool:
