@@ -13,6 +13,8 @@ rule activations:
     conda:
         CONDA_ENV
     threads: variant_threads("activations")
+    resources:
+        **cluster_resources("activations", ranked=True),
     params:
         launch=launch("activations"),
         omp=omp_threads,

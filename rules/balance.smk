@@ -13,6 +13,8 @@ rule balance:
     conda:
         CONDA_ENV
     threads: COMPUTE["threads"]["balance"]
+    resources:
+        **cluster_resources("balance"),
     params:
         launch=plain("balance"),
         ablation=ablation_flags,

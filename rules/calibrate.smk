@@ -15,7 +15,9 @@ rule calibrate:
         results("benchmarks", "calibrate.tsv")
     conda:
         CONDA_ENV
-    threads: workflow.cores
+    threads: calibrate_threads()
+    resources:
+        **cluster_resources("calibrate"),
     params:
         launch=plain("calibrate"),
         omp=threads_per_rank(COMPUTE["threads"]["evaluate"], COMPUTE["nproc_per_node"]),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from moefy import owners, tracking
 from moefy.cli import settings_flags
+from moefy.cluster import job_resources
 from moefy.config import PENALTIES, RECOVERIES, SELECTORS, SPLITS, validate
 from moefy.errors import MoefyError
 from moefy.launch import export_source_folder, interpreter_first_on_path, step_command, threads_per_rank
@@ -72,12 +73,37 @@ def plain(step):
     return step_command(step, python="python")
 
 
+# Jobs submitted to a cluster (the SLURM profile) each get an allocation of their own. The main
+# snakemake of a cluster run has no --cores (it has --jobs; the executor is not known yet while the
+# Snakefile is read), and each job runs inside its allocation in remote mode.
+ON_CLUSTER = workflow.remote_exec or workflow.resource_settings.cores is None
+
+
 def variant_threads(step):
     """Cores of a per-variant job (finetune, activations): at most compute.threads.<step>, and no more
-    than the cores shared by the variants, so that on a small machine they run side by side."""
+    than the cores shared by the variants, so that on a small machine they run side by side. On a
+    cluster, where every job has an allocation of its own, compute.threads.<step>."""
     wanted = COMPUTE["threads"][step]
+    if ON_CLUSTER:
+        return wanted
     cores = workflow.cores or wanted * len(GRID.variants)  # no --cores (a dry run, --lint): as configured
     return max(1, min(wanted, cores // max(1, len(GRID.variants))))
+
+
+def calibrate_threads():
+    """Every core here, so that nothing else runs while calibrate times; on a cluster, where the
+    allocation's cores are the job's alone, the cores an evaluate job gets (the kernels' threads)."""
+    return COMPUTE["threads"]["evaluate"] if ON_CLUSTER else workflow.cores
+
+
+def cores_of_job(wildcards, threads):
+    return threads
+
+
+def cluster_resources(rule, ranked=False):
+    """What `rule`'s jobs ask a cluster for (moefy.cluster, from config's cluster and compute
+    sections); `ranked`: the step starts compute.nproc_per_node ranks (launch). Cores: its threads."""
+    return {**job_resources(config["cluster"], COMPUTE, rule, ranked), "cpus_per_task": cores_of_job}
 
 
 def omp_threads(wildcards, threads):

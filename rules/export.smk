@@ -15,6 +15,8 @@ rule export:
         budget=r"[0-9.]+",
     conda:
         CONDA_ENV
+    resources:
+        **cluster_resources("export"),
     params:
         launch=plain("export"),
         ablation=lambda wildcards: ablation_flags({k: v for k, v in wildcards.items() if k != "budget"}),

@@ -12,6 +12,8 @@ rule finetune:
     conda:
         CONDA_ENV
     threads: variant_threads("finetune")
+    resources:
+        **cluster_resources("finetune", ranked=True),
     params:
         launch=launch("finetune"),
         omp=omp_threads,

@@ -18,6 +18,8 @@ rule usage:
     conda:
         CONDA_ENV
     threads: COMPUTE["threads"]["merge"]
+    resources:
+        **cluster_resources("usage", ranked=True),
     params:
         launch=launch("usage"),
         task=config["task"],
@@ -45,6 +47,8 @@ rule merge:
     conda:
         CONDA_ENV
     threads: COMPUTE["threads"]["merge"]
+    resources:
+        **cluster_resources("merge"),
     params:
         launch=plain("merge"),
         task=config["task"],
@@ -72,6 +76,8 @@ rule distil_merged:
     conda:
         CONDA_ENV
     threads: COMPUTE["threads"]["train_moe"]
+    resources:
+        **cluster_resources("distil_merged", ranked=True),
     params:
         launch=launch("train_moe"),
         omp=omp_threads,
@@ -100,6 +106,8 @@ rule compress:
     conda:
         CONDA_ENV
     threads: COMPUTE["threads"]["merge"]
+    resources:
+        **cluster_resources("compress"),
     params:
         launch=plain("compress"),
         task=config["task"],
@@ -124,6 +132,8 @@ rule evaluate_smoe:
     conda:
         CONDA_ENV
     threads: COMPUTE["threads"]["evaluate"]
+    resources:
+        **cluster_resources("evaluate_smoe", ranked=True),
     params:
         launch=launch("evaluate_smoe"),
         task=config["task"],
@@ -150,6 +160,8 @@ rule report_merging:
         logs("report_merging"),
     conda:
         CONDA_ENV
+    resources:
+        **cluster_resources("report_merging"),
     params:
         launch=plain("report_merging"),
         out=folder_of("table", "output"),

@@ -14,6 +14,8 @@ rule report:
         logs("report"),
     conda:
         CONDA_ENV
+    resources:
+        **cluster_resources("report"),
     params:
         launch=plain("report"),
         out=folder_of("summary", "output"),

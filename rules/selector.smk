@@ -13,6 +13,8 @@ rule selector:
     conda:
         CONDA_ENV
     threads: COMPUTE["threads"]["selector"]
+    resources:
+        **cluster_resources("selector", ranked=True),
     params:
         launch=launch("selector"),
         omp=omp_threads,

@@ -12,6 +12,8 @@ rule split:
     conda:
         CONDA_ENV
     threads: COMPUTE["threads"]["split"]
+    resources:
+        **cluster_resources("split", ranked=True),
     params:
         launch=launch("split"),
         omp=omp_threads,

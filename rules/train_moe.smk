@@ -19,6 +19,8 @@ rule recover:
     conda:
         CONDA_ENV
     threads: COMPUTE["threads"]["train_moe"]
+    resources:
+        **cluster_resources("recover", ranked=True),
     params:
         launch=launch("train_moe"),
         omp=omp_threads,

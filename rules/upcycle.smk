@@ -16,6 +16,8 @@ rule upcycle:
     conda:
         CONDA_ENV
     threads: COMPUTE["threads"]["upcycle"]
+    resources:
+        **cluster_resources("upcycle"),
     params:
         launch=plain("upcycle"),
         ablation=ablation_flags,
@@ -41,6 +43,8 @@ rule train_upcycled:
     conda:
         CONDA_ENV
     threads: COMPUTE["threads"]["train_moe"]
+    resources:
+        **cluster_resources("train_upcycled", ranked=True),
     params:
         launch=launch("train_moe"),
         omp=omp_threads,
@@ -69,6 +73,8 @@ rule continue_dense:
     conda:
         CONDA_ENV
     threads: COMPUTE["threads"]["train_moe"]
+    resources:
+        **cluster_resources("continue_dense", ranked=True),
     params:
         launch=launch("train_moe"),
         omp=omp_threads,
@@ -97,6 +103,8 @@ rule report_upcycling:
         logs("report_upcycling"),
     conda:
         CONDA_ENV
+    resources:
+        **cluster_resources("report_upcycling"),
     params:
         launch=plain("report_upcycling"),
         out=folder_of("table", "output"),
