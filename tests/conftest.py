@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib.util
 import os
 import random
 import subprocess
@@ -209,7 +210,9 @@ def environment(workdir: Path) -> dict[str, str]:
     return env
 
 
-def snakemake_command(workdir: Path, *args: str, cores: int = 2) -> list[str]:
+def snakemake_command(workdir: Path, *args: str, cores: int | None = 2) -> list[str]:
+    """The command line of a snakemake run in `workdir`; cores None: none given (a cluster run's
+    main snakemake, which has --jobs instead)."""
     return [
         sys.executable,
         "-m",
@@ -220,8 +223,7 @@ def snakemake_command(workdir: Path, *args: str, cores: int = 2) -> list[str]:
         str(workdir),
         "--configfile",
         str(workdir / "config.yaml"),
-        "--cores",
-        str(cores),
+        *(["--cores", str(cores)] if cores is not None else []),
         *args,
     ]
 
@@ -371,6 +373,67 @@ def tiny_study(_tiny_study_started) -> Path:
     finish_snakemake(proc, workdir)
     (workdir / "wall_seconds").write_text(f"{time.time() - started:.1f}")
     return workdir
+
+
+# --- the tiny study on a real SLURM cluster ---------------------------------------------------------
+
+SLURM_ARM = "kmeans-norm"  # one arm: every step of a conversion chain, without the grid's other arms
+SLURM_CLUSTER = {
+    "partition": "debug",
+    "account": "moefy",
+    "mem_mb": 2000,
+    "runtime": 30,
+    "rules": {"evaluate": {"mem_mb": 1500, "runtime": 20}},
+}
+
+
+def slurm_config() -> dict:
+    """The tiny study's kmeans / norm arm alone (data, calibrate, fine-tune, activations, split,
+    balance, selector, evaluate, report), with what its jobs ask the cluster for."""
+    config = tiny_config(cluster=SLURM_CLUSTER)
+    config["grid"] = {SLURM_ARM: config["grid"][SLURM_ARM]}
+    del config["upcycling"], config["merging"]
+    return config
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _slurm_study_started(request, tmp_path_factory):
+    """Start a single-node SLURM cluster and the SLURM study as the session begins, when a selected
+    test needs it: its jobs wait on the scheduler's status checks, which other tests fill. Returns
+    the running study, or why it cannot run here (a string), or the error that stopped it."""
+    if not any("slurm_study" in item.fixturenames for item in request.session.items):
+        return None
+    from slurm_cluster import CancelledThenRerun, SlurmCluster, cannot_start
+
+    reason = cannot_start()
+    if reason is None and importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
+        reason = 'snakemake-executor-plugin-slurm is not installed (pip install -e ".[slurm]")'
+    if reason:
+        return f"no SLURM cluster on this machine: {reason}"
+    try:
+        cluster = SlurmCluster(tmp_path_factory.mktemp("slurm-cluster")).start()
+    except RuntimeError as err:
+        return err
+    request.addfinalizer(cluster.stop)
+    workdir = make_workdir(tmp_path_factory.mktemp("slurm-study"), slurm_config())
+    profile = ["--workflow-profile", str(ROOT / "profiles" / "slurm"), "--slurm-init-seconds-before-status-checks", "1"]
+    command = snakemake_command(workdir, *profile, cores=None)
+    return CancelledThenRerun(cluster, command, workdir, environment(workdir), rule="finetune").start()
+
+
+@pytest.fixture(scope="session")
+def slurm_study(_slurm_study_started):
+    """The SLURM study, finished: its fine-tune cancelled with scancel in a first invocation, then
+    everything run by a second. Skips where the cluster cannot start, except where
+    MOEFY_REQUIRE_SLURM is set (CI), where that fails the test."""
+    started = _slurm_study_started
+    if isinstance(started, str):
+        if os.environ.get("MOEFY_REQUIRE_SLURM"):
+            pytest.fail(f"{started} (MOEFY_REQUIRE_SLURM is set)")
+        pytest.skip(started)
+    if isinstance(started, BaseException):
+        raise started
+    return started.join()
 
 
 # --- the suite's time budget -----------------------------------------------------------------------
