@@ -3,62 +3,20 @@ job runs, their params, metrics and served artifacts arrive; a server that is br
 out; one that stays down is one clear error naming it; and a study whose server went away between
 invocations stops before any job, then completes on a rerun with every job logged exactly once."""
 
-import os
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import E, environment, make_workdir, snakemake, snakemake_command, tiny_config
+from mlflow_server import Server
 from moefy import tracking
 from moefy.errors import MoefyError
 
 pytestmark = pytest.mark.e2e
-
-
-class Server:
-    """`mlflow server` on 127.0.0.1: a SQLite backend and served artifacts under `root`, which
-    outlive the process, so a restart is the same server."""
-
-    def __init__(self, root: Path):
-        self.root = root
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        mlflow = Path(sys.executable).with_name("mlflow")
-        command = [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-                   "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-                   "--artifacts-destination", str(self.root / "artifacts"), "--serve-artifacts"]  # fmt: skip
-        log = open(self.root / "server.log", "a")
-        self.process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        self.stop()
-        pytest.fail(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)  # killed, as a crashed server would be
-            self.process.wait()
-        self.process = None
 
 
 @pytest.fixture()
@@ -98,7 +56,7 @@ def test_job_runs_arrive_nested_with_params_metrics_and_served_artifacts(against
     assert len(stored) == 1 and stored[0].read_text() == "a,b\n1,2\n", "the server stores what it serves"
 
 
-def test_a_briefly_unreachable_server_is_waited_out_and_the_run_logged_once(against, monkeypatch):
+def test_a_briefly_unreachable_server_is_waited_out_and_the_run_logged_once(against, monkeypatch, capfd):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")  # 1, 2, 4, 8, ... s: the restart fits
     against.stop()
@@ -112,6 +70,10 @@ def test_a_briefly_unreachable_server_is_waited_out_and_the_run_logged_once(agai
     runs = MlflowClient(against.uri).search_runs([MlflowClient(against.uri).get_experiment_by_name("server-test").experiment_id])
     assert [(r.info.run_id, r.info.status) for r in runs] == [(run.run_id, "FINISHED")]
     assert runs[0].data.metrics == {"test_accuracy": 0.8}
+    retries = [line for line in capfd.readouterr().err.splitlines() if "retrying" in line]
+    assert retries and all(
+        line.startswith(f"moefy: the MLflow tracking server {against.uri} did not answer; retrying (") for line in retries
+    )
 
 
 def test_a_server_that_stays_down_is_one_clear_error_naming_it(against, monkeypatch):

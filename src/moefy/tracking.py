@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -44,12 +46,42 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
+class _RetryLine(logging.Handler):
+    """One line on stderr for each of MLflow's HTTP retries, which urllib3 logs to a logger that
+    nothing shows (no handler), so a job waiting on a server that is down says so."""
+
+    def __init__(self, uri: str):
+        super().__init__(logging.WARNING)
+        self.uri = uri
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not str(record.msg).startswith("Retrying"):
+            return
+        left = getattr(record.args[0], "total", None) if record.args else None
+        print(
+            f"moefy: the MLflow tracking server {self.uri} did not answer; retrying ({left} retries left)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _say_retries(uri: str) -> None:
+    """Name `uri`, the server of the latest client, in the retry lines of this process."""
+    pool = logging.getLogger("urllib3.connectionpool")
+    lines = [handler for handler in pool.handlers if isinstance(handler, _RetryLine)]
+    if lines:
+        lines[0].uri = uri
+    else:
+        pool.addHandler(_RetryLine(uri))
+
+
 def _client(uri: str):
     """An MlflowClient; for a local SQLite store, opened under a file lock, because the first
     client creates the tables and two processes doing that at once crash ("table already exists")."""
     from mlflow.tracking import MlflowClient
 
     if not uri.startswith("sqlite:///"):
+        _say_retries(uri)
         return MlflowClient(tracking_uri=uri)
     database = Path(uri[len("sqlite:///") :])
     database.parent.mkdir(parents=True, exist_ok=True)
