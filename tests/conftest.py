@@ -387,10 +387,11 @@ SLURM_CLUSTER = {
 }
 
 
-def slurm_config() -> dict:
+def slurm_config(tracking_uri: str) -> dict:
     """The tiny study's kmeans / norm arm alone (data, calibrate, fine-tune, activations, split,
-    balance, selector, evaluate, report), with what its jobs ask the cluster for."""
-    config = tiny_config(cluster=SLURM_CLUSTER)
+    balance, selector, evaluate, report), with what its jobs ask the cluster for, logging to the
+    tracking server at `tracking_uri`."""
+    config = tiny_config(cluster=SLURM_CLUSTER, mlflow={"tracking_uri": tracking_uri})
     config["grid"] = {SLURM_ARM: config["grid"][SLURM_ARM]}
     del config["upcycling"], config["merging"]
     return config
@@ -398,11 +399,13 @@ def slurm_config() -> dict:
 
 @pytest.fixture(scope="session", autouse=True)
 def _slurm_study_started(request, tmp_path_factory):
-    """Start a single-node SLURM cluster and the SLURM study as the session begins, when a selected
-    test needs it: its jobs wait on the scheduler's status checks, which other tests fill. Returns
-    the running study, or why it cannot run here (a string), or the error that stopped it."""
+    """Start a single-node SLURM cluster, an MLflow tracking server and the SLURM study as the session
+    begins, when a selected test needs it: its jobs wait on the scheduler's status checks, which
+    other tests fill. Returns the running study, or why it cannot run here (a string), or the error
+    that stopped it."""
     if not any("slurm_study" in item.fixturenames for item in request.session.items):
         return None
+    from mlflow_server import Server
     from slurm_cluster import CancelledThenRerun, SlurmCluster, cannot_start
 
     reason = cannot_start()
@@ -415,16 +418,30 @@ def _slurm_study_started(request, tmp_path_factory):
     except RuntimeError as err:
         return err
     request.addfinalizer(cluster.stop)
-    workdir = make_workdir(tmp_path_factory.mktemp("slurm-study"), slurm_config())
+    server = Server(tmp_path_factory.mktemp("slurm-mlflow-server"))
+    try:
+        server.start()
+    except RuntimeError as err:
+        return err
+    request.addfinalizer(server.stop)
+    workdir = make_workdir(tmp_path_factory.mktemp("slurm-study"), slurm_config(server.uri))
     profile = ["--workflow-profile", str(ROOT / "profiles" / "slurm"), "--slurm-init-seconds-before-status-checks", "1"]
     command = snakemake_command(workdir, *profile, cores=None)
-    return CancelledThenRerun(cluster, command, workdir, environment(workdir), rule="finetune").start()
+    study = CancelledThenRerun(
+        cluster,
+        command,
+        workdir,
+        environment(workdir),
+        rule="finetune",
+        outage=(server, "evaluate", workdir / "results" / TINY / "logs"),
+    )
+    return study.start()
 
 
 @pytest.fixture(scope="session")
 def slurm_study(_slurm_study_started):
     """The SLURM study, finished: its fine-tune cancelled with scancel in a first invocation, then
-    everything run by a second. Skips where the cluster cannot start, except where
+    everything run by a second, during which the tracking server was killed and restarted. Skips where the cluster cannot start, except where
     MOEFY_REQUIRE_SLURM is set (CI), where that fails the test."""
     started = _slurm_study_started
     if isinstance(started, str):

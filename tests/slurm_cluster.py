@@ -297,6 +297,9 @@ class SlurmCluster:
             self.linked = False
 
 
+RETRY_LINE = "did not answer; retrying"  # what a job logs for each retry on its tracking server (moefy.tracking)
+
+
 def rule_of(comment: str) -> str:
     """The rule of a job from its sacct comment: rule_<name> or rule_<name>_wildcards_<values>."""
     return comment.removeprefix("rule_").split("_wildcards_")[0]
@@ -307,15 +310,29 @@ class CancelledThenRerun:
     it runs, then run again, as a user would after a failure. Runs in a thread (start / join), so
     that the waits on the scheduler overlap other tests; each invocation's return code, stderr and
     wall-clock are kept, and the sacct records once both are done. An invocation still running after
-    `timeout` seconds is killed, with its process group, and fails the study with its log."""
+    `timeout` seconds is killed, with its process group, and fails the study with its log.
+
+    `outage` (server, rule, logs): in the second invocation, the tracking server (with stop() and
+    start(), tests/mlflow_server.py) is killed as that rule's job starts running, and started again
+    once a log in the folder `logs` says that a job is retrying (or after two minutes); `.outage`
+    records the job, how long the server was down and whether a job said it retried."""
 
     def __init__(
-        self, cluster: SlurmCluster, command: list[str], workdir: Path, env: dict[str, str], rule: str, timeout: float = 900
+        self,
+        cluster: SlurmCluster,
+        command: list[str],
+        workdir: Path,
+        env: dict[str, str],
+        rule: str,
+        outage: tuple | None = None,
+        timeout: float = 900,
     ):
         import threading
 
         self.cluster, self.command, self.workdir, self.rule, self.timeout = cluster, command, workdir, rule, timeout
         self.env = {**env, "SLURM_CONF": str(cluster.conf)}
+        self._outage = outage
+        self.outage: dict | None = None
         self.runs: list[dict] = []
         self.cancelled: str | None = None
         self.jobs: list[dict[str, str]] = []
@@ -335,12 +352,17 @@ class CancelledThenRerun:
     def _run_guarded(self) -> None:
         try:
             self.runs.append(self._invoke(cancel=True))
-            self.runs.append(self._invoke())
+            self.runs.append(self._invoke(outage=self._outage))
             self.jobs = self.cluster.sacct()
         except BaseException as err:  # re-raised by join, in the test's thread
             self.error = err
 
-    def _invoke(self, cancel: bool = False) -> dict:
+    def _running(self, rule: str) -> str | None:
+        """The id of a RUNNING job of `rule`, if any."""
+        jobs = [j for j in self.cluster.squeue() if j["State"] == "RUNNING" and rule_of(j["Comment"]) == rule]
+        return jobs[0]["JobID"] if jobs else None
+
+    def _invoke(self, cancel: bool = False, outage: tuple | None = None) -> dict:
         started = time.time()
         log = self.workdir / f"snakemake-{len(self.runs)}.stderr"
         with open(log, "w") as stderr:
@@ -349,10 +371,22 @@ class CancelledThenRerun:
                 self.command, cwd=self.workdir, env=self.env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True
             )
             while cancel and proc.poll() is None and self.cancelled is None:
-                running = [j for j in self.cluster.squeue() if j["State"] == "RUNNING" and rule_of(j["Comment"]) == self.rule]
-                if running:
-                    self.cancelled = running[0]["JobID"]
+                self.cancelled = self._running(self.rule)
+                if self.cancelled:
                     self.cluster.scancel(self.cancelled)
+                time.sleep(0.2)
+            while outage and proc.poll() is None and self.outage is None:
+                server, rule, logs = outage
+                job = self._running(rule)
+                if job:
+                    down = time.time()
+                    server.stop()
+                    retried = False
+                    while not retried and time.time() < down + 120:
+                        time.sleep(0.5)
+                        retried = any(RETRY_LINE in log.read_text(errors="replace") for log in logs.rglob("*.log"))
+                    server.start()
+                    self.outage = {"rule": rule, "job": job, "seconds": time.time() - down, "retried": retried}
                 time.sleep(0.2)
             try:
                 proc.wait(timeout=max(1.0, started + self.timeout - time.time()))

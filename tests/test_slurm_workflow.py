@@ -1,6 +1,8 @@
 """The tiny study's kmeans / norm arm through `--workflow-profile profiles/slurm` on a real
-single-node SLURM cluster (tests/slurm_cluster.py): the executor plugin submits every job with
-sbatch, reads its state with sacct, and the outputs are those of the local run.
+single-node SLURM cluster (tests/slurm_cluster.py), logging to a real MLflow tracking server
+(tests/mlflow_server.py): the executor plugin submits every job with sbatch, reads its state with
+squeue, the outputs are those of the local run, and so are the job runs on the server, which was
+killed and restarted while the study ran.
 
 Its fine-tune is cancelled with scancel in a first invocation (conftest's slurm_study), and a second
 invocation finishes the study; CI installs the daemons from Debian's packages and sets
@@ -16,6 +18,8 @@ import re
 
 import pandas as pd
 import pytest
+import yaml
+from mlflow.tracking import MlflowClient
 
 from conftest import TINY
 from slurm_cluster import rule_of
@@ -101,3 +105,46 @@ def _arm_rows(path):
         table = table[table["seed"] == "0"]
     table = table.drop(columns=[c for c in table.columns if WALL_CLOCK.search(c)])
     return table.reset_index(drop=True)
+
+
+def _job_runs(uri: str) -> tuple[list, list]:
+    """The workflow (parent) runs and the job runs of the tiny study's experiment at `uri`."""
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(TINY).experiment_id], max_results=1000)
+    parents = [r for r in runs if r.data.tags.get("moefy.kind") == "workflow"]
+    return parents, [r for r in runs if r.data.tags.get("moefy.kind") != "workflow"]
+
+
+def _job_key(run) -> tuple:
+    return run.data.tags["rule"], tuple(sorted((k, v) for k, v in run.data.tags.items() if k.startswith("wildcard.")))
+
+
+def test_every_job_logs_one_finished_run_to_the_server_as_the_local_run_does(slurm_study, tiny_study):
+    uri = yaml.safe_load((slurm_study.workdir / "config.yaml").read_text())["mlflow"]["tracking_uri"]
+    assert uri.startswith("http://127.0.0.1:")
+    parents, jobs = _job_runs(uri)
+    # one parent per invocation: the cancelled one failed, the second finished
+    assert sorted(r.info.status for r in parents) == ["FAILED", "FINISHED"]
+    finished = [r for r in jobs if r.info.status == "FINISHED"]
+    assert collections.Counter(r.data.tags["rule"] for r in finished) == collections.Counter(JOBS)
+    # the cancelled fine-tune's run, if its process got that far before scancel: not FINISHED
+    others = [(r.data.tags["rule"], r.info.status) for r in jobs if r.info.status != "FINISHED"]
+    assert others in ([], [("finetune", "FAILED")], [("finetune", "KILLED")]), others
+    assert {r.data.tags["mlflow.parentRunId"] for r in jobs} <= {r.info.run_id for r in parents}
+    local = {_job_key(r): r for r in _job_runs(f"sqlite:///{tiny_study / 'results' / 'mlflow' / 'mlflow.db'}")[1]}
+    for run in finished:
+        theirs = local[_job_key(run)]
+        assert set(run.data.params) == set(theirs.data.params), _job_key(run)
+        assert set(run.data.metrics) == set(theirs.data.metrics), _job_key(run)
+        ours_values = {k: v for k, v in run.data.metrics.items() if not WALL_CLOCK.search(k)}
+        assert ours_values == {k: v for k, v in theirs.data.metrics.items() if not WALL_CLOCK.search(k)}, _job_key(run)
+
+
+def test_a_server_killed_while_a_job_runs_is_waited_out_and_the_job_logged_once(slurm_study):
+    outage = slurm_study.outage
+    assert outage, "the tracking server was never stopped: no evaluate job showed up as RUNNING"
+    assert outage["retried"], f"no job log says it retried during the {outage['seconds']:.0f} s outage"
+    assert slurm_study.runs[1]["returncode"] == 0  # the study waited it out
+    uri = yaml.safe_load((slurm_study.workdir / "config.yaml").read_text())["mlflow"]["tracking_uri"]
+    evaluations = [r for r in _job_runs(uri)[1] if r.data.tags["rule"] == outage["rule"]]
+    assert [r.info.status for r in evaluations] == ["FINISHED"]
