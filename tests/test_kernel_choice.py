@@ -8,7 +8,7 @@ from torch import nn
 
 from moefy.errors import MoefyError
 from moefy.ffn import FFN
-from moefy.kernel_choice import FORMAT, KernelTable, measure, shape_key, table_for
+from moefy.kernel_choice import FORMAT, KernelTable, ffn_shape_key, layer_shape_key, measure, shape_key, table_for
 from moefy.moe import MoEFFN, default_kernel, kernel_calls
 from moefy.routers import MLPRouter
 
@@ -95,3 +95,10 @@ def test_measuring_fills_every_cell_with_its_fastest_kernel(gated):
             timed = {k: ms[row][column] for k, ms in table.milliseconds.items() if ms[row][column] is not None}
             assert "masked" in timed and winner == min(timed, key=timed.get)
     assert table.milliseconds["bags"][-1][-1] is None, "bags are not timed on thousands of tokens"
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_a_layer_looks_up_the_table_its_ffn_was_calibrated_under(gated):
+    dense = ffn(gated=gated)
+    layer = MoEFFN(dense, torch.arange(64) % 8, MLPRouter(16, 8), 8)
+    assert layer_shape_key(layer) == ffn_shape_key(dense, 8) == ("d16-ff64-E8-gated" if gated else "d16-ff64-E8")

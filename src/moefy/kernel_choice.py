@@ -47,6 +47,12 @@ def ffn_shape_key(ffn, num_experts: int) -> str:
     return shape_key(ffn.d_model, ffn.d_ff, num_experts, ffn.w_gate is not None, ffn.w_out.out_features)
 
 
+def layer_shape_key(layer) -> str:
+    """The shape key of a MoE layer (moefy.moe.MoEFFN): its FFN's, which the calibration measured."""
+    d_ff = layer.num_experts * layer.expert_size
+    return shape_key(layer.d_model, d_ff, layer.num_experts, layer.w_gate is not None, layer.d_out)
+
+
 def _nearest(ladder: tuple[float, ...], value: float) -> int:
     i = bisect.bisect_left(ladder, value)
     if i == 0:

@@ -28,7 +28,7 @@ from moefy.evaluation import SelectionRule, logged_metrics, record, run_pass, se
 from moefy.export import read_moe_parts
 from moefy.files import read_json, write_json
 from moefy.flops import model_flops
-from moefy.kernel_choice import KernelTable, shape_key, table_for
+from moefy.kernel_choice import KernelTable, layer_shape_key, table_for
 from moefy.models import load_model, load_tokenizer, read_training
 from moefy.moe import MoEFFN, moefy_model
 from moefy.tasks import get_task
@@ -77,9 +77,7 @@ def choose_kernels(args, layers: list[MoEFFN]) -> None:
     document = read_json(args.kernels)
     tables: dict[str, KernelTable | None] = {}
     for layer in layers:
-        key = shape_key(
-            layer.d_model, layer.num_experts * layer.expert_size, layer.num_experts, layer.w_gate is not None, layer.d_out
-        )
+        key = layer_shape_key(layer)
         if key not in tables:
             if key in document.get("shapes", {}):
                 tables[key] = table_for(document, key, str(args.kernels))
