@@ -183,10 +183,14 @@ def ablation_flags(wildcards):
     return settings_flags(flags)
 
 
+def variant_model(step, wildcards):
+    """The model folder that `step` (finetune or distill) wrote for the wildcards' variant."""
+    return results(step, f"{wildcards.penalty}-seed{wildcards.seed}", "model")
+
+
 def converted_model(wildcards):
     """The model folder a conversion chain reads: finetune's, or distill's for `-attention`."""
-    step = "distill" if wildcards.attention else "finetune"
-    return results(step, f"{wildcards.penalty}-seed{wildcards.seed}", "model")
+    return variant_model("distill" if wildcards.attention else "finetune", wildcards)
 
 
 def ffn_only(pattern):
@@ -196,7 +200,7 @@ def ffn_only(pattern):
 
 def reference_model(wildcards):
     """The fine-tuned model the relative numbers of a converted-attention evaluation compare with."""
-    return [results("finetune", f"{wildcards.penalty}-seed{wildcards.seed}", "model")] if wildcards.attention else []
+    return [variant_model("finetune", wildcards)] if wildcards.attention else []
 
 
 def evaluation_of(wildcards):
