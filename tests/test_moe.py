@@ -230,3 +230,15 @@ def test_dynamic_k_layer_computes_the_threshold_picks(selector):
     assert fewest.mean() < picked.sum(-1).float().mean()
     set_experts_per_token([moe], 3)
     assert moe.tau is None and moe.k == 3
+
+
+def test_top_k_picks_the_k_highest_router_scores():
+    ffn = synthetic_ffn(16, 96, gated=False, bias=True, act=nn.ReLU())
+    moe = MoEFFN(ffn, torch.arange(96) % 12, MLPRouter(16, 12), 12)
+    x = torch.randn(50, 16)
+    with torch.no_grad():
+        scores = moe.router(x)
+        for k in (1, 6, 11):
+            moe.k = k
+            floor = scores.sort(dim=-1, descending=True).values[:, k - 1 : k]
+            assert torch.equal(moe.select(x)[0], scores >= floor)

@@ -120,7 +120,7 @@ class MoEFFN(nn.Module):
     def dense_activations(self, x: torch.Tensor) -> torch.Tensor:
         """Every neuron's value [T, d_ff], in expert order."""
         up = _linear(x, self.w_in, self.b_in)
-        return self.act(up) if self.w_gate is None else self.act(_linear(x, self.w_gate, self.b_gate)) * up
+        return _act_(self.act, up) if self.w_gate is None else _act_(self.act, _linear(x, self.w_gate, self.b_gate)).mul_(up)
 
     def _dense(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         return _linear(self.dense_activations(x) if h is None else h, self.w_out, self.b_out)
@@ -135,7 +135,7 @@ class MoEFFN(nn.Module):
         if self.tau is not None:
             return threshold_pick(self.router.contribution(x, router_h), self.tau), h
         scores = self.router(x, router_h)
-        chosen = scores.topk(self.k, dim=-1).indices
+        chosen = scores.topk(self.k, dim=-1, sorted=False).indices  # a set: sorting it costs as much as the router
         return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True), h
 
     @property
@@ -245,6 +245,12 @@ class MoEFFN(nn.Module):
             mode="sum",
             per_sample_weights=h.reshape(-1),
         )
+
+
+def _act_(act: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """act(t), in place for the ReLU of a D2DMoE-style fine-tune: `t` is a fresh matmul output, and
+    a pass over a new [tokens, d_ff] tensor costs a few percent of the FFN."""
+    return t.relu_() if type(act) is nn.ReLU else act(t)
 
 
 def _sync(t: torch.Tensor) -> None:
