@@ -121,3 +121,5 @@ def test_the_slurm_profile_uses_the_executor_and_keeps_the_default_profile_s_set
     default = yaml.safe_load((ROOT / "profiles" / "default" / "config.yaml").read_text())
     assert slurm["executor"] == "slurm"
     assert default.items() <= slurm.items()  # a --workflow-profile replaces profiles/default
+    # sacct says "CANCELLED by <uid>" for a scancel'd job, which plugin 2.8.0 waits on forever
+    assert slurm["slurm-status-command"] == "squeue"
