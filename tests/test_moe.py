@@ -242,3 +242,18 @@ def test_top_k_picks_the_k_highest_router_scores():
             moe.k = k
             floor = scores.sort(dim=-1, descending=True).values[:, k - 1 : k]
             assert torch.equal(moe.select(x)[0], scores >= floor)
+
+
+@pytest.mark.parametrize("kernel", ["masked", "grouped", "bags"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_gradients_flow_through_the_layer_as_through_the_masked_dense_ffn(kernel, gated):
+    """The fresh projections are overwritten in place only where autograd does not need them."""
+    ffn = synthetic_ffn(16, 96, gated=gated, bias=True, act=nn.ReLU())
+    labels = torch.arange(96) % 12
+    moe = MoEFFN(ffn, labels, MLPRouter(16, 12), 12)
+    picked = torch.rand(20, 12, generator=torch.Generator().manual_seed(3)) < 0.4
+    x = torch.randn(20, 16, requires_grad=True)
+    moe.experts_forward(x, picked, kernel=kernel).square().sum().backward()
+    reference = x.detach().clone().requires_grad_()
+    masked_dense(ffn, reference, picked.float(), labels).square().sum().backward()
+    torch.testing.assert_close(x.grad, reference.grad, rtol=1e-4, atol=1e-5)

@@ -119,8 +119,15 @@ class MoEFFN(nn.Module):
     # -- every neuron ---------------------------------------------------------------------------
     def dense_activations(self, x: torch.Tensor) -> torch.Tensor:
         """Every neuron's value [T, d_ff], in expert order."""
-        up = _linear(x, self.w_in, self.b_in)
-        return _act_(self.act, up) if self.w_gate is None else _act_(self.act, _linear(x, self.w_gate, self.b_gate)).mul_(up)
+        gate = None if self.w_gate is None else _linear(x, self.w_gate, self.b_gate)
+        return self._hidden(_linear(x, self.w_in, self.b_in), gate)
+
+    def _hidden(self, up: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """act(up), or act(gate) * up for a gated FFN: every kernel's fresh projections, overwritten
+        in place unless autograd records them (it needs the values that in-place ops overwrite)."""
+        if up.requires_grad or (gate is not None and gate.requires_grad):
+            return self.act(up) if gate is None else self.act(gate) * up
+        return _act_(self.act, up) if gate is None else _act_(self.act, gate).mul_(up)
 
     def _dense(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         return _linear(self.dense_activations(x) if h is None else h, self.w_out, self.b_out)
@@ -177,7 +184,9 @@ class MoEFFN(nn.Module):
     def _masked(self, x: torch.Tensor, picked: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """Every neuron computed (or given as h, which is overwritten), the unpicked experts' zeroed."""
         h = self.dense_activations(x) if h is None else h
-        h.view(-1, self.num_experts, self.expert_size).mul_(picked.unsqueeze(-1))
+        mask = picked.unsqueeze(-1)
+        by_expert = h.view(-1, self.num_experts, self.expert_size)
+        h = (by_expert * mask).view_as(h) if h.requires_grad else by_expert.mul_(mask).view_as(h)  # as in _hidden
         return self._dense(x, h)
 
     def choose_kernel(self, tokens: int, pairs: int) -> str:
@@ -221,8 +230,7 @@ class MoEFFN(nn.Module):
         def project(w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # w [d, E*s] as E blocks [d, s]
             return _add_bias(F.grouped_mm(xs, w.view(-1, E, s).transpose(0, 1), offs=ends), bias, expert)
 
-        up = project(self.w_in, self.b_in)
-        h = self.act(up) if self.w_gate is None else self.act(project(self.w_gate, self.b_gate)) * up
+        h = self._hidden(project(self.w_in, self.b_in), None if self.w_gate is None else project(self.w_gate, self.b_gate))
         return F.grouped_mm(h, self.w_out.view(E, s, -1), offs=ends)
 
     def _bags(self, x, token, expert):
@@ -235,8 +243,7 @@ class MoEFFN(nn.Module):
             out = F.embedding_bag(rows, table.view(-1, s), starts, mode="sum", per_sample_weights=weights)
             return _add_bias(out, bias, expert)
 
-        up = project(self.w_in, self.b_in)
-        h = self.act(up) if self.w_gate is None else self.act(project(self.w_gate, self.b_gate)) * up
+        h = self._hidden(project(self.w_in, self.b_in), None if self.w_gate is None else project(self.w_gate, self.b_gate))
         neurons = ((expert * s).unsqueeze(1) + torch.arange(s, device=x.device)).view(-1)
         return F.embedding_bag(
             neurons,
