@@ -46,33 +46,30 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
+def _server() -> str:
+    """The tracking server a message names: the one this process's jobs log to."""
+    return os.environ.get(URI_ENV) or "the configured mlflow.tracking_uri"
+
+
 class _RetryLine(logging.Handler):
     """One line on stderr for each of MLflow's HTTP retries, which urllib3 logs to a logger that
     nothing shows (no handler), so a job waiting on a server that is down says so."""
-
-    def __init__(self, uri: str):
-        super().__init__(logging.WARNING)
-        self.uri = uri
 
     def emit(self, record: logging.LogRecord) -> None:
         if not str(record.msg).startswith("Retrying"):
             return
         left = getattr(record.args[0], "total", None) if record.args else None
         print(
-            f"moefy: the MLflow tracking server {self.uri} did not answer; retrying ({left} retries left)",
+            f"moefy: the MLflow tracking server {_server()} did not answer; retrying ({left} retries left)",
             file=sys.stderr,
             flush=True,
         )
 
 
-def _say_retries(uri: str) -> None:
-    """Name `uri`, the server of the latest client, in the retry lines of this process."""
+def _say_retries() -> None:
     pool = logging.getLogger("urllib3.connectionpool")
-    lines = [handler for handler in pool.handlers if isinstance(handler, _RetryLine)]
-    if lines:
-        lines[0].uri = uri
-    else:
-        pool.addHandler(_RetryLine(uri))
+    if not any(isinstance(handler, _RetryLine) for handler in pool.handlers):
+        pool.addHandler(_RetryLine(logging.WARNING))
 
 
 def _client(uri: str):
@@ -81,7 +78,7 @@ def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
     if not uri.startswith("sqlite:///"):
-        _say_retries(uri)
+        _say_retries()
         return MlflowClient(tracking_uri=uri)
     database = Path(uri[len("sqlite:///") :])
     database.parent.mkdir(parents=True, exist_ok=True)
@@ -104,9 +101,8 @@ def unreachable_server(err: BaseException) -> MoefyError:
     """The clear error of a tracking server that stayed down through MLflow's retries."""
     from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_MAX_RETRIES
 
-    uri = os.environ.get(URI_ENV) or "the configured mlflow.tracking_uri"
     return MoefyError(
-        f"the MLflow tracking server {uri} did not answer after {MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()} retries "
+        f"the MLflow tracking server {_server()} did not answer after {MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()} retries "
         f"(backoff factor {MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()}; set MLFLOW_HTTP_REQUEST_MAX_RETRIES and "
         "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR to wait longer): start it (make mlflow-server) or point mlflow.tracking_uri "
         f"at one that runs, then rerun; finished jobs are not redone ({type(err).__name__})"
