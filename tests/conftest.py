@@ -441,8 +441,9 @@ def _slurm_study_started(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def slurm_study(_slurm_study_started):
     """The SLURM study, finished: its fine-tune cancelled with scancel in a first invocation, then
-    everything run by a second, during which the tracking server was killed and restarted. Skips where the cluster cannot start, except where
-    MOEFY_REQUIRE_SLURM is set (CI), where that fails the test."""
+    everything run by a second, during which the tracking server was killed and restarted. Skips
+    where the cluster cannot start, except where MOEFY_REQUIRE_SLURM is set (CI), where that fails
+    the test."""
     started = _slurm_study_started
     if isinstance(started, str):
         if os.environ.get("MOEFY_REQUIRE_SLURM"):

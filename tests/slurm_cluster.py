@@ -29,8 +29,7 @@ SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
 
 def missing_programs() -> list[str]:
     """The daemons and commands this machine lacks (empty: a cluster can start here)."""
-    search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin"])
-    return [name for name in DAEMONS if shutil.which(name, path=search) is None]
+    return [name for name in DAEMONS if _program(name) is None]
 
 
 def cannot_start() -> str | None:
@@ -47,7 +46,8 @@ def cannot_start() -> str | None:
     return None
 
 
-def _program(name: str) -> str:
+def _program(name: str) -> str | None:
+    """Where `name` is, on PATH or in the sbin folders a non-root PATH lacks."""
     return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/usr/bin"]))
 
 
@@ -384,7 +384,7 @@ class CancelledThenRerun:
                     retried = False
                     while not retried and time.time() < down + 120:
                         time.sleep(0.5)
-                        retried = any(RETRY_LINE in log.read_text(errors="replace") for log in logs.rglob("*.log"))
+                        retried = any(RETRY_LINE in job_log.read_text(errors="replace") for job_log in logs.rglob("*.log"))
                     server.start()
                     self.outage = {"rule": rule, "job": job, "seconds": time.time() - down, "retried": retried}
                 time.sleep(0.2)

@@ -88,27 +88,26 @@ def test_a_bad_cluster_section_names_the_key(cluster, named):
         _config(cluster=cluster)
 
 
-def _workflow_rules_with_a_job() -> set[str]:
-    """Every rule of rules/*.smk that runs a command, but the fetches (local rules)."""
-    names = set()
+def _rules_with_a_job() -> dict[str, tuple[str, str]]:
+    """Every rule of rules/*.smk that runs a command, but the fetches (local rules): name ->
+    (file name, the rule's text)."""
+    rules = {}
     for path in (ROOT / "rules").glob("*.smk"):
         for block in re.split(r"(?m)^\s*rule ", path.read_text())[1:]:
             name = block.split(":", 1)[0]
             if "shell:" in block and not name.startswith("fetch_"):
-                names.add(name)
-    return names
+                rules[name] = (path.name, block)
+    return rules
 
 
 def test_the_schema_lists_every_rule_that_submits_a_job_and_every_such_rule_asks_for_resources():
     listed = set(schema()["properties"]["cluster"]["properties"]["rules"]["propertyNames"]["enum"])
-    assert listed == _workflow_rules_with_a_job()
-    for path in (ROOT / "rules").glob("*.smk"):
-        for block in re.split(r"(?m)^\s*rule ", path.read_text())[1:]:
-            name = block.split(":", 1)[0]
-            if name in listed:
-                ranked = "launch=launch(" in block
-                expected = f'**cluster_resources("{name}"' + (", ranked=True)" if ranked else ")")
-                assert expected in block, f"rule {name} in {path.name} does not ask for its cluster resources"
+    rules = _rules_with_a_job()
+    assert listed == set(rules)
+    for name, (file, block) in rules.items():
+        ranked = "launch=launch(" in block
+        expected = f'**cluster_resources("{name}"' + (", ranked=True)" if ranked else ")")
+        assert expected in block, f"rule {name} in {file} does not ask for its cluster resources"
 
 
 def test_fetches_run_where_snakemake_runs():

@@ -107,6 +107,10 @@ def _arm_rows(path):
     return table.reset_index(drop=True)
 
 
+def _tracking_uri(study) -> str:
+    return yaml.safe_load((study.workdir / "config.yaml").read_text())["mlflow"]["tracking_uri"]
+
+
 def _job_runs(uri: str) -> tuple[list, list]:
     """The workflow (parent) runs and the job runs of the tiny study's experiment at `uri`."""
     client = MlflowClient(uri)
@@ -120,7 +124,7 @@ def _job_key(run) -> tuple:
 
 
 def test_every_job_logs_one_finished_run_to_the_server_as_the_local_run_does(slurm_study, tiny_study):
-    uri = yaml.safe_load((slurm_study.workdir / "config.yaml").read_text())["mlflow"]["tracking_uri"]
+    uri = _tracking_uri(slurm_study)
     assert uri.startswith("http://127.0.0.1:")
     parents, jobs = _job_runs(uri)
     # one parent per invocation: the cancelled one failed, the second finished
@@ -136,8 +140,7 @@ def test_every_job_logs_one_finished_run_to_the_server_as_the_local_run_does(slu
         theirs = local[_job_key(run)]
         assert set(run.data.params) == set(theirs.data.params), _job_key(run)
         assert set(run.data.metrics) == set(theirs.data.metrics), _job_key(run)
-        ours_values = {k: v for k, v in run.data.metrics.items() if not WALL_CLOCK.search(k)}
-        assert ours_values == {k: v for k, v in theirs.data.metrics.items() if not WALL_CLOCK.search(k)}, _job_key(run)
+        assert _without_wall_clock(run.data.metrics) == _without_wall_clock(theirs.data.metrics), _job_key(run)
 
 
 def test_a_server_killed_while_a_job_runs_is_waited_out_and_the_job_logged_once(slurm_study):
@@ -145,6 +148,6 @@ def test_a_server_killed_while_a_job_runs_is_waited_out_and_the_job_logged_once(
     assert outage, "the tracking server was never stopped: no evaluate job showed up as RUNNING"
     assert outage["retried"], f"no job log says it retried during the {outage['seconds']:.0f} s outage"
     assert slurm_study.runs[1]["returncode"] == 0  # the study waited it out
-    uri = yaml.safe_load((slurm_study.workdir / "config.yaml").read_text())["mlflow"]["tracking_uri"]
+    uri = _tracking_uri(slurm_study)
     evaluations = [r for r in _job_runs(uri)[1] if r.data.tags["rule"] == outage["rule"]]
     assert [r.info.status for r in evaluations] == ["FINISHED"]
