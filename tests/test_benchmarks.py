@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from moefy.moe import KERNELS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,7 +50,7 @@ def test_moe_speed_cases_run_and_check_the_moe_output(moe_speed):
     assert [(r["tokens"], r["budget"], r["k"]) for r in rows] == [(1, 0.25, 2), (1, 1.0, 8), (32, 0.25, 2), (32, 1.0, 8)]
     assert all(r["dense_ms"] > 0 and r["moe_ms"] > 0 and r["max_abs_error"] < 1e-5 for r in rows)
     assert [r["kernel"] for r in rows if r["budget"] == 1.0] == ["dense", "dense"]  # every expert: the dense matmuls
-    assert all(r["kernel"] in ("bags", "grouped", "masked") and r["calibrated"] for r in rows if r["budget"] == 0.25)
+    assert all(set(r["kernel"].split(", ")) <= set(KERNELS) and r["calibrated"] for r in rows if r["budget"] == 0.25)
 
 
 def test_moe_train_speed_cases_run_and_report(tmp_path, capsys):

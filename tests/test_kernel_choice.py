@@ -54,19 +54,43 @@ def test_tables_round_trip_and_bad_files_say_what_to_do():
         table_for(broken, shape_key(16, 64, 8, False), "k.json")
 
 
-def test_the_layer_runs_the_kernel_its_table_chooses(monkeypatch):
+def rotating_picks(tokens: int, experts: int, k: int, always: tuple[int, ...] = ()) -> torch.Tensor:
+    """Token t picks `always` and the next k of the other experts from t on: every other expert
+    gets the same share of the tokens (up to one token)."""
+    others = [e for e in range(experts) if e not in always]
+    picked = torch.zeros(tokens, experts, dtype=torch.bool)
+    for t in range(tokens):
+        picked[t, list(always)] = True
+        picked[t, [others[(t + j) % len(others)] for j in range(k)]] = True
+    return picked
+
+
+def test_the_layer_runs_the_kernel_its_table_chooses_and_mixes_where_experts_shares_differ():
     layer = MoEFFN(ffn(), torch.arange(64) % 8, MLPRouter(16, 8), 8, kernels=TABLE)
-    x = torch.randn(64, 16)
     reference = MoEFFN(ffn(), torch.arange(64) % 8, MLPRouter(16, 8), 8)
+    x = torch.randn(64, 16)
+    assert TABLE.masked_share(64) == pytest.approx(0.7), "grouped wins up to 0.5 and loses at 0.9 in the 64-token row"
+    cases = (
+        (rotating_picks(64, 8, 4), "grouped"),  # every expert at share 0.5 < 0.7: the table's cell, grouped
+        (rotating_picks(64, 8, 7), "masked"),  # every expert at 0.875: the table's cell, masked
+        (rotating_picks(64, 8, 2, always=(0, 5)), "mixed"),  # experts 0 and 5 at share 1, the rest at 1/3
+    )
     with torch.no_grad():
-        for k, expected in ((4, "grouped"), (7, "masked")):  # 64 tokens at densities 0.5 and 0.875
-            layer.k = reference.k = k
+        for picked, expected in cases:
             kernel_calls([layer])
-            torch.testing.assert_close(layer(x), reference(x), rtol=0, atol=1e-5)
+            got = layer.experts_forward(x, picked)
             assert kernel_calls([layer]) == {expected: 1}
+            torch.testing.assert_close(got, reference.experts_forward(x, picked, kernel="masked"), rtol=0, atol=1e-5)
         layer.k = 8
         layer(x)
         assert kernel_calls([layer]) == {}, "every expert: the dense matmuls, no kernel"
+
+
+def test_the_share_where_masked_dense_takes_over_comes_from_the_measured_row():
+    assert TABLE.masked_share(1) is None, "grouped never wins on one token: nothing to mix"
+    assert TABLE.masked_share(4096) == pytest.approx(0.3), "grouped wins at 0.1, masked from 0.5"
+    everywhere = KernelTable(8, (64,), (0.1, 0.5), (("grouped", "grouped"),))
+    assert everywhere.masked_share(64) == 1.0, "grouped wins at every density: only experts every token picks"
 
 
 def test_without_a_table_fixed_rules_choose():

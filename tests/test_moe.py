@@ -94,7 +94,7 @@ def synthetic_ffn(d: int, d_ff: int, gated: bool, bias: bool, act: torch.nn.Modu
     )
 
 
-@pytest.mark.parametrize("kernel", ["bags", "grouped", "auto", "grouped in slabs", "masked"])
+@pytest.mark.parametrize("kernel", ["bags", "grouped", "auto", "grouped in slabs", "masked", "mixed"])
 @pytest.mark.parametrize("gated,bias,act", [(True, False, nn.SiLU()), (False, True, nn.GELU()), (True, True, nn.ReLU())])
 def test_both_kernels_match_the_masked_dense_ffn(kernel, gated, bias, act, monkeypatch):
     d, d_ff, experts = 16, 96, 12
@@ -244,7 +244,7 @@ def test_top_k_picks_the_k_highest_router_scores():
             assert torch.equal(moe.select(x)[0], scores >= floor)
 
 
-@pytest.mark.parametrize("kernel", ["masked", "grouped", "bags"])
+@pytest.mark.parametrize("kernel", ["masked", "grouped", "bags", "mixed"])
 @pytest.mark.parametrize("gated", [False, True])
 def test_gradients_flow_through_the_layer_as_through_the_masked_dense_ffn(kernel, gated):
     """The fresh projections are overwritten in place only where autograd does not need them."""

@@ -122,7 +122,7 @@ def test_evaluation_contract(tiny_study):
         # the whole model saves less than its FFNs: attention, scores and the head are not converted
         assert half["ffn_flops_fraction"] < half["model_flops_fraction"] < 1 and half["model_ms_moe"] > 0
         assert half["kernels"] != "dense" and all(
-            k.split()[0] in ("bags", "grouped", "masked") for k in half["kernels"].split(", ")
+            k.split()[0] in ("bags", "grouped", "masked", "mixed") for k in half["kernels"].split(", ")
         )
         tau0 = dynamic[0]  # only the top expert(s) of each token
         assert tau0["experts_per_token"] <= dynamic[1]["experts_per_token"] <= E and tau0["experts_per_token"] < 2

@@ -1,7 +1,7 @@
 """Which MoE kernel is fastest on this machine, measured once per FFN shape.
 
 The MoE layer has three ways to compute the picked experts (moefy.moe): embedding bags, grouped
-matmuls and masked-dense. Which one wins depends on the token count, the share of experts each
+matmuls and masked-dense (and a mix of the last two, split where this table puts their crossover). Which one wins depends on the token count, the share of experts each
 token uses, the expert size and the machine (its BLAS, caches, cores). So the calibrate step times
 all three on a random FFN of the study's shape over a ladder of token counts and densities
 (experts per token / E) and writes the winners to a file. Every evaluate job of the study reads
@@ -73,10 +73,24 @@ class KernelTable:
     winners: tuple[tuple[str, ...], ...]  # [token row][density column]
     milliseconds: dict[str, list[list[float | None]]] | None = None  # per kernel, as measured (None: not timed)
 
+    def _row(self, tokens: int) -> int:
+        return _nearest(tuple(math.log(t) for t in self.tokens), math.log(max(tokens, 1)))
+
     def choose(self, tokens: int, pairs: int) -> str:
-        row = _nearest(tuple(math.log(t) for t in self.tokens), math.log(max(tokens, 1)))
         density = pairs / max(tokens, 1) / self.num_experts
-        return self.winners[row][_nearest(self.densities, density)]
+        return self.winners[self._row(tokens)][_nearest(self.densities, density)]
+
+    def masked_share(self, tokens: int) -> float | None:
+        """The share of tokens picking an expert from which it costs less masked-dense than grouped:
+        with uniform picks every expert has the batch's density, so it is where grouped_mm stops
+        winning in this row (midway to the next density; 1.0 if it never stops; None if it never
+        wins, so the layer's mixed kernel has no grouped part to give experts to)."""
+        winners = self.winners[self._row(tokens)]
+        grouped = [i for i, kernel in enumerate(winners) if kernel == "grouped"]
+        if not grouped:
+            return None
+        last = grouped[-1]
+        return 1.0 if last == len(winners) - 1 else (self.densities[last] + self.densities[last + 1]) / 2
 
     def to_json(self) -> dict:
         return {

@@ -16,6 +16,11 @@ two kernels that torch already has:
   zeroed. On a CPU the per-expert matmuls of grouped_mm run at a fraction of the dense matmul's
   speed (32-neuron experts: about 40%), so beyond a share of experts per token the dense matmuls
   with a mask are faster, and they are always available as the fallback.
+- mixed: a trained router does not spread tokens evenly, so the choice between the last two is
+  made per expert. An expert that most tokens of the batch pick costs less computed for every
+  token (one wide matmul over the popular experts' neurons, then masked) than per token; the
+  rest go through grouped_mm. The share of tokens where the two break even is the density where
+  grouped_mm stops winning in the measured table (uniform picks: every expert at the same share).
 
 Which kernel is fastest depends on the machine: a KernelTable measured by the calibrate step
 (moefy.kernel_choice) decides by token count and experts per token; without one, fixed rules
@@ -37,7 +42,7 @@ from torch import nn
 from moefy.errors import MoefyError
 from moefy.ffn import FFN, find_ffns
 
-KERNELS = ("bags", "grouped", "masked")
+KERNELS = ("bags", "grouped", "masked", "mixed")
 # The rules used without a measured KernelTable (benchmarks/moe_speed.py measures them):
 # at most this many (token, expert) pairs per expert on average run through embedding_bag: a bag
 # re-reads its expert's weights, so it only wins while tokens rarely share an expert;
@@ -69,6 +74,8 @@ class KernelChoice(Protocol):
     """What picks a kernel for a batch: moefy.kernel_choice.KernelTable, measured on this machine."""
 
     def choose(self, tokens: int, pairs: int) -> str: ...
+
+    def masked_share(self, tokens: int) -> float | None: ...
 
 
 def default_kernel(tokens: int, pairs: int, num_experts: int, expert_size: int, grouped_ok: bool) -> str:
@@ -184,10 +191,20 @@ class MoEFFN(nn.Module):
     def _masked(self, x: torch.Tensor, picked: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """Every neuron computed (or given as h, which is overwritten), the unpicked experts' zeroed."""
         h = self.dense_activations(x) if h is None else h
-        mask = picked.unsqueeze(-1)
-        by_expert = h.view(-1, self.num_experts, self.expert_size)
-        h = (by_expert * mask).view_as(h) if h.requires_grad else by_expert.mul_(mask).view_as(h)  # as in _hidden
-        return self._dense(x, h)
+        return self._dense(x, _zero_unpicked(h, picked, self.expert_size))
+
+    def _masked_experts(self, x: torch.Tensor, picked: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """The output bias plus the experts `experts` (ids) for every token, each zeroed where the
+        token did not pick it: masked-dense on a copy of those experts' weights."""
+        d, E, s, n = self.d_model, self.num_experts, self.expert_size, len(experts)
+
+        def project(w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            columns = w.view(d, E, s).index_select(1, experts).view(d, n * s)
+            return _linear(x, columns, None if bias is None else bias.index_select(0, experts))
+
+        h = self._hidden(project(self.w_in, self.b_in), None if self.w_gate is None else project(self.w_gate, self.b_gate))
+        h = _zero_unpicked(h, picked.index_select(1, experts), s)
+        return _linear(h, self.w_out.view(E, s, -1).index_select(0, experts).view(n * s, -1), self.b_out)
 
     def choose_kernel(self, tokens: int, pairs: int) -> str:
         if self.kernels is not None:
@@ -196,19 +213,45 @@ class MoEFFN(nn.Module):
                 return kernel
         return default_kernel(tokens, pairs, self.num_experts, self.expert_size, self._grouped_ok)
 
+    def masked_share(self, tokens: int) -> float | None:
+        """The share of a batch's tokens from which an expert costs less masked-dense than grouped
+        (None: grouped_mm never wins here, so no expert goes through it)."""
+        if not self._grouped_ok:
+            return None
+        if self.kernels is not None:
+            return self.kernels.masked_share(tokens)
+        return MAX_GROUPED_DENSITY if self.expert_size >= MIN_GROUPED_EXPERT else None
+
+    def popular_experts(self, picked: torch.Tensor) -> torch.Tensor | None:
+        """Experts [E] bool that at least masked_share of the tokens picked (None: no share applies)."""
+        share = self.masked_share(picked.shape[0])
+        return None if share is None else picked.sum(0) >= share * picked.shape[0]
+
     def experts_forward(self, x: torch.Tensor, picked: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
         """Sum of the picked experts' outputs per token [T, d]; picked [T, E] bool.
 
         kernel: "bags" (embedding_bag), "grouped" (grouped_mm), "masked" (every neuron computed, the
-        unpicked zeroed) or "auto" (the kernel table's choice, else default_kernel).
+        unpicked zeroed), "mixed" (the popular experts masked-dense, the rest grouped) or "auto"
+        (the kernel table's choice, else default_kernel; mixed where the experts' shares differ).
         """
+        popular = None
         if kernel == "auto":
             kernel = self.choose_kernel(x.shape[0], int(picked.sum()))
+            if kernel in ("grouped", "masked") and (popular := self.popular_experts(picked)) is not None:
+                kernel = "masked" if bool(popular.all()) else "grouped" if not bool(popular.any()) else "mixed"
         self.kernel_calls[kernel] += 1
         if kernel == "masked":
             return self._masked(x, picked)
         rows = (x.shape[0], self.d_out)
-        out = x.new_zeros(rows) if self.b_out is None else self.b_out.expand(rows).clone()
+        if kernel == "mixed":
+            if popular is None:
+                popular = self.popular_experts(picked)
+            if popular is None:
+                popular = picked.sum(0) >= picked.sum(0).float().median()  # asked for by name: split at the median
+            out = self._masked_experts(x, picked, popular.nonzero().squeeze(1))
+            picked = picked & ~popular
+        else:
+            out = x.new_zeros(rows) if self.b_out is None else self.b_out.expand(rows).clone()
         if kernel == "bags":
             token, expert = picked.nonzero(as_tuple=True)
             return out.index_add_(0, token, self._bags(x, token, expert))
@@ -252,6 +295,14 @@ class MoEFFN(nn.Module):
             mode="sum",
             per_sample_weights=h.reshape(-1),
         )
+
+
+def _zero_unpicked(h: torch.Tensor, picked: torch.Tensor, expert_size: int) -> torch.Tensor:
+    """h [T, n*s] with each token's unpicked experts (picked [T, n] bool) zeroed, in place where
+    autograd does not record h (as in MoEFFN._hidden)."""
+    by_expert = h.view(h.shape[0], -1, expert_size)
+    mask = picked.unsqueeze(-1)
+    return (by_expert * mask).view_as(h) if h.requires_grad else by_expert.mul_(mask).view_as(h)
 
 
 def _act_(act: nn.Module, t: torch.Tensor) -> torch.Tensor:
