@@ -60,16 +60,17 @@ def picked_by(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
     return moe.select(x.reshape(-1, moe.d_model))[0].view(*x.shape[:-1], -1).float()
 
 
-@pytest.mark.parametrize("kernel", ["bags", "grouped"])
+@pytest.mark.parametrize("kernel", ["bags", "grouped", "masked", "mixed"])
 @pytest.mark.parametrize("selector", ["groundtruth", "similarity", "mlp"])
 def test_partial_budget_computes_exactly_the_chosen_experts(tiny_bert, selector, kernel, monkeypatch):
+    """Every kernel, also on the oracle's activations (it computed every neuron to pick)."""
     torch.manual_seed(0)
     reference = load_classifier(str(tiny_bert), label_names=["a", "b"], activation="relu").eval()
     ffn = find_ffns(reference)[0]
     _, layers, labels = moefied(tiny_bert, selector)
     moe: MoEFFN = layers[0]
     forward = moe.experts_forward
-    monkeypatch.setattr(moe, "experts_forward", lambda x, picked: forward(x, picked, kernel=kernel))
+    monkeypatch.setattr(moe, "experts_forward", lambda x, picked, h=None: forward(x, picked, kernel=kernel, h=h))
     x = torch.randn(5, 7, moe.d_model)
     with torch.no_grad():
         for k in (1, 3, E - 1):
@@ -120,9 +121,9 @@ def test_auto_kernel_uses_bags_for_few_tokens_and_grouped_for_many(monkeypatch):
     moe = MoEFFN(synthetic_ffn(d, d_ff, False, True, nn.ReLU()), torch.arange(d_ff) % experts, MLPRouter(d, experts), experts)
     moe.k = 3
     used = []
-    monkeypatch.setattr(MoEFFN, "_bags", lambda self, x, token, expert: used.append("bags") or torch.zeros(len(token), d))
+    monkeypatch.setattr(MoEFFN, "_bags", lambda self, x, token, expert, h=None: used.append("bags") or torch.zeros(len(token), d))
     monkeypatch.setattr(
-        MoEFFN, "_grouped", lambda self, x, token, expert, ends: used.append("grouped") or torch.zeros(len(token), d)
+        MoEFFN, "_grouped", lambda self, x, token, expert, ends, h=None: used.append("grouped") or torch.zeros(len(token), d)
     )
     moe(torch.randn(1, d))  # 3 pairs for 12 experts: bags
     moe(torch.randn(64, d))  # 192 pairs: grouped
@@ -257,3 +258,23 @@ def test_gradients_flow_through_the_layer_as_through_the_masked_dense_ffn(kernel
     reference = x.detach().clone().requires_grad_()
     masked_dense(ffn, reference, picked.float(), labels).square().sum().backward()
     torch.testing.assert_close(x.grad, reference.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.ReLU()])  # GELU: negative activations count too
+def test_the_oracle_picks_the_experts_with_the_most_activation_mass_without_reordering_them(act):
+    d, d_ff, experts = 16, 96, 12
+    ffn = synthetic_ffn(d, d_ff, gated=False, bias=True, act=act)
+    labels = torch.randperm(d_ff, generator=torch.Generator().manual_seed(4)) % experts
+    other = torch.randperm(d_ff, generator=torch.Generator().manual_seed(5)) % experts
+    x = torch.randn(30, d)
+    with torch.no_grad():
+        h = ffn.activations(x)
+        for router_labels, in_order in ((labels, True), (other, False)):  # an oracle for another split: reordered
+            moe = MoEFFN(ffn, labels, GroundTruthRouter(router_labels, experts), experts)
+            assert moe._oracle_in_order is in_order
+            mass = expert_mass(h, router_labels, experts)
+            moe.k = 4
+            top = torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, mass.topk(4, dim=-1).indices, True)
+            assert torch.equal(moe.select(x)[0], top)
+            moe.tau = 0.5
+            assert torch.equal(moe.select(x)[0], threshold_pick(mass, 0.5))

@@ -108,6 +108,11 @@ class MoEFFN(nn.Module):
         self.kernels = kernels
         self.kernel_calls: Counter[str] = Counter()  # which kernel ran how often, for evaluate's records
         self.register_buffer("inverse_order", torch.argsort(order), persistent=False)
+        # The oracle scores each expert by its neurons' activations; when its experts are this
+        # layer's, they are the blocks of h in expert order, so no reordering copy is needed.
+        self._oracle_in_order = getattr(router, "needs_activations", False) and torch.equal(
+            router.labels.cpu(), labels.long().cpu()
+        )
 
         def by_expert_t(linear: nn.Linear) -> nn.Parameter:  # W^T [d, d_ff], neurons in expert order
             return _frozen(linear.weight.detach()[order].t())
@@ -145,10 +150,14 @@ class MoEFFN(nn.Module):
         h = None
         if getattr(self.router, "needs_activations", False):
             h = self.dense_activations(x)
-        router_h = None if h is None else h[:, self.inverse_order]
+        if self._oracle_in_order:
+            by_expert = h.view(h.shape[0], self.num_experts, self.expert_size)  # expert_mass: the sum of |h|
+            scores = by_expert.sum(-1) if type(self.act) is nn.ReLU else by_expert.abs().sum(-1)  # ReLU: h >= 0
+        else:
+            router_h = None if h is None else h[:, self.inverse_order]
+            scores = (self.router.contribution if self.tau is not None else self.router)(x, router_h)
         if self.tau is not None:
-            return threshold_pick(self.router.contribution(x, router_h), self.tau), h
-        scores = self.router(x, router_h)
+            return threshold_pick(scores, self.tau), h
         chosen = scores.topk(self.k, dim=-1, sorted=False).indices  # a set: sorting it costs as much as the router
         return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True), h
 
@@ -183,26 +192,28 @@ class MoEFFN(nn.Module):
             return self._dense(x).view(shape)
         picked, h = self.select(x)
         self.experts_per_token = picked.sum(-1).to(x.dtype).view(shape[:-1])
-        if h is not None:  # the oracle computed every neuron anyway: mask them
-            self.kernel_calls["masked"] += 1
-            return self._masked(x, picked, h).view(shape)
-        return self.experts_forward(x, picked).view(shape)
+        return self.experts_forward(x, picked, h=h).view(shape)  # h: the oracle computed every neuron
 
     def _masked(self, x: torch.Tensor, picked: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """Every neuron computed (or given as h, which is overwritten), the unpicked experts' zeroed."""
         h = self.dense_activations(x) if h is None else h
         return self._dense(x, _zero_unpicked(h, picked, self.expert_size))
 
-    def _masked_experts(self, x: torch.Tensor, picked: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    def _masked_experts(
+        self, x: torch.Tensor, picked: torch.Tensor, experts: torch.Tensor, h: torch.Tensor | None
+    ) -> torch.Tensor:
         """The output bias plus the experts `experts` (ids) for every token, each zeroed where the
-        token did not pick it: masked-dense on a copy of those experts' weights."""
+        token did not pick it: masked-dense on a copy of those experts' weights (or of their h)."""
         d, E, s, n = self.d_model, self.num_experts, self.expert_size, len(experts)
 
         def project(w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
             columns = w.view(d, E, s).index_select(1, experts).view(d, n * s)
             return _linear(x, columns, None if bias is None else bias.index_select(0, experts))
 
-        h = self._hidden(project(self.w_in, self.b_in), None if self.w_gate is None else project(self.w_gate, self.b_gate))
+        if h is None:
+            h = self._hidden(project(self.w_in, self.b_in), None if self.w_gate is None else project(self.w_gate, self.b_gate))
+        else:
+            h = h.view(h.shape[0], E, s).index_select(1, experts).view(h.shape[0], n * s)
         h = _zero_unpicked(h, picked.index_select(1, experts), s)
         return _linear(h, self.w_out.view(E, s, -1).index_select(0, experts).view(n * s, -1), self.b_out)
 
@@ -227,12 +238,16 @@ class MoEFFN(nn.Module):
         share = self.masked_share(picked.shape[0])
         return None if share is None else picked.sum(0) >= share * picked.shape[0]
 
-    def experts_forward(self, x: torch.Tensor, picked: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
+    def experts_forward(
+        self, x: torch.Tensor, picked: torch.Tensor, kernel: str = "auto", h: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Sum of the picked experts' outputs per token [T, d]; picked [T, E] bool.
 
         kernel: "bags" (embedding_bag), "grouped" (grouped_mm), "masked" (every neuron computed, the
         unpicked zeroed), "mixed" (the popular experts masked-dense, the rest grouped) or "auto"
         (the kernel table's choice, else default_kernel; mixed where the experts' shares differ).
+        h: every neuron's activation [T, d_ff] in expert order, when the router computed them (the
+        oracle): only the output projection runs, and h may be overwritten.
         """
         popular = None
         if kernel == "auto":
@@ -241,20 +256,20 @@ class MoEFFN(nn.Module):
                 kernel = "masked" if bool(popular.all()) else "grouped" if not bool(popular.any()) else "mixed"
         self.kernel_calls[kernel] += 1
         if kernel == "masked":
-            return self._masked(x, picked)
+            return self._masked(x, picked, h)
         rows = (x.shape[0], self.d_out)
         if kernel == "mixed":
             if popular is None:
                 popular = self.popular_experts(picked)
             if popular is None:
                 popular = picked.sum(0) >= picked.sum(0).float().median()  # asked for by name: split at the median
-            out = self._masked_experts(x, picked, popular.nonzero().squeeze(1))
+            out = self._masked_experts(x, picked, popular.nonzero().squeeze(1), h)
             picked = picked & ~popular
         else:
             out = x.new_zeros(rows) if self.b_out is None else self.b_out.expand(rows).clone()
         if kernel == "bags":
             token, expert = picked.nonzero(as_tuple=True)
-            return out.index_add_(0, token, self._bags(x, token, expert))
+            return out.index_add_(0, token, self._bags(x, token, expert, h))
         expert, token = picked.t().nonzero(as_tuple=True)  # pairs grouped by expert
         ends = torch.cumsum(picked.sum(0), 0)
         # Slabs of pairs keep each [pairs, d] intermediate small enough for the allocator to reuse
@@ -264,36 +279,49 @@ class MoEFFN(nn.Module):
             stop = min(start + slab, len(token))
             offs = (ends.clamp(start, stop) - start).to(torch.int32)
             t = token[start:stop]
-            out.index_add_(0, t, self._grouped(x, t, expert[start:stop], offs))
+            out.index_add_(0, t, self._grouped(x, t, expert[start:stop], offs, h))
         return out
 
-    def _grouped(self, x, token, expert, ends):
-        xs, E, s = torch.index_select(x, 0, token), self.num_experts, self.expert_size
+    def _pair_activations(self, token: torch.Tensor, expert: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The [pairs, s] activations of (token, expert) pairs, read from every neuron's h."""
+        return h.view(-1, self.expert_size).index_select(0, token * self.num_experts + expert)
 
-        def project(w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # w [d, E*s] as E blocks [d, s]
-            return _add_bias(F.grouped_mm(xs, w.view(-1, E, s).transpose(0, 1), offs=ends), bias, expert)
+    def _grouped(self, x, token, expert, ends, h=None):
+        E, s = self.num_experts, self.expert_size
+        if h is None:
+            xs = torch.index_select(x, 0, token)
 
-        h = self._hidden(project(self.w_in, self.b_in), None if self.w_gate is None else project(self.w_gate, self.b_gate))
-        return F.grouped_mm(h, self.w_out.view(E, s, -1), offs=ends)
+            def project(w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # w [d, E*s] as E blocks [d, s]
+                return _add_bias(F.grouped_mm(xs, w.view(-1, E, s).transpose(0, 1), offs=ends), bias, expert)
 
-    def _bags(self, x, token, expert):
+            gate = None if self.w_gate is None else project(self.w_gate, self.b_gate)
+            pairs = self._hidden(project(self.w_in, self.b_in), gate)
+        else:
+            pairs = self._pair_activations(token, expert, h)
+        return F.grouped_mm(pairs, self.w_out.view(E, s, -1), offs=ends)
+
+    def _bags(self, x, token, expert, h=None):
         d, s, E = self.d_model, self.expert_size, self.num_experts
-        rows = torch.arange(0, d * E, E, device=x.device) + expert.unsqueeze(1)  # pair (t, e) reads rows c*E + e
-        rows, weights = rows.view(-1), x[token].reshape(-1)
-        starts = torch.arange(0, rows.numel(), d, device=x.device)
+        if h is None:
+            rows = torch.arange(0, d * E, E, device=x.device) + expert.unsqueeze(1)  # pair (t, e) reads rows c*E + e
+            rows, weights = rows.view(-1), x[token].reshape(-1)
+            starts = torch.arange(0, rows.numel(), d, device=x.device)
 
-        def project(table: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-            out = F.embedding_bag(rows, table.view(-1, s), starts, mode="sum", per_sample_weights=weights)
-            return _add_bias(out, bias, expert)
+            def project(table: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+                out = F.embedding_bag(rows, table.view(-1, s), starts, mode="sum", per_sample_weights=weights)
+                return _add_bias(out, bias, expert)
 
-        h = self._hidden(project(self.w_in, self.b_in), None if self.w_gate is None else project(self.w_gate, self.b_gate))
+            gate = None if self.w_gate is None else project(self.w_gate, self.b_gate)
+            pairs = self._hidden(project(self.w_in, self.b_in), gate)
+        else:
+            pairs = self._pair_activations(token, expert, h)
         neurons = ((expert * s).unsqueeze(1) + torch.arange(s, device=x.device)).view(-1)
         return F.embedding_bag(
             neurons,
             self.w_out,
             torch.arange(0, neurons.numel(), s, device=x.device),
             mode="sum",
-            per_sample_weights=h.reshape(-1),
+            per_sample_weights=pairs.reshape(-1),
         )
 
 
