@@ -6,7 +6,15 @@ from moefy import moe as moe_module
 from moefy.errors import MoefyError
 from moefy.ffn import FFN, find_ffns
 from moefy.models import load_classifier, load_tokenizer
-from moefy.moe import MoEFFN, moefy_model, set_experts_per_token, set_threshold, threshold_pick
+from moefy.moe import (
+    MoEFFN,
+    ffn_seconds,
+    moefy_model,
+    set_experts_per_token,
+    set_paired_timing,
+    set_threshold,
+    threshold_pick,
+)
 from moefy.routers import GroundTruthRouter, MLPRouter, NormRouter, SimilarityRouter, expert_centroids, expert_mass
 
 E = 8
@@ -278,3 +286,31 @@ def test_the_oracle_picks_the_experts_with_the_most_activation_mass_without_reor
             assert torch.equal(moe.select(x)[0], top)
             moe.tau = 0.5
             assert torch.equal(moe.select(x)[0], threshold_pick(mass, 0.5))
+
+
+def test_paired_timing_times_the_dense_ffn_next_to_each_moe_call_alternately_before_and_after(monkeypatch):
+    d, d_ff, experts = 16, 96, 12
+    moe = MoEFFN(synthetic_ffn(d, d_ff, False, True, nn.ReLU()), torch.arange(d_ff) % experts, MLPRouter(d, experts), experts)
+    moe.k = 3
+    x = torch.randn(2, 5, d)
+    with torch.no_grad():
+        alone = moe(x)
+        ffn_seconds([moe])
+        events = []
+        dense, forward = moe._time_dense, moe._forward
+        monkeypatch.setattr(moe, "_time_dense", lambda x: events.append(("dense", x.numel() // d)) or dense(x))
+        monkeypatch.setattr(moe, "_forward", lambda x: events.append(("moe", x.numel() // d)) or forward(x))
+        set_paired_timing([moe], True)
+        assert torch.equal(moe(x), alone) and torch.equal(moe(x), alone), "the paired dense call changes nothing"
+        assert events == [("moe", 10), ("dense", 10), ("dense", 10), ("moe", 10)]
+        moe_seconds, dense_seconds = ffn_seconds([moe])
+        assert moe_seconds > 0 and dense_seconds > 0 and ffn_seconds([moe]) == (0.0, 0.0), "read, then reset"
+        events.clear()
+        moe.k = experts
+        moe(x)
+        assert events == [("moe", 10)] and ffn_seconds([moe])[1] == 0.0, "the dense path is not paired"
+        set_paired_timing([moe], False)
+        moe.k = 3
+        events.clear()
+        moe(x)
+        assert events == [("moe", 10)]

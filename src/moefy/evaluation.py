@@ -17,7 +17,7 @@ import torch
 from moefy import dist
 from moefy.batches import Encoded, iterate
 from moefy.flops import ForwardTimer, ModelFlops
-from moefy.moe import MoEFFN, ffn_seconds, kernel_calls, set_experts_per_token, set_threshold
+from moefy.moe import MoEFFN, ffn_seconds, kernel_calls, set_experts_per_token, set_paired_timing, set_threshold
 from moefy.routers import budget_to_k
 from moefy.tasks import Task
 
@@ -62,7 +62,8 @@ class PassTotals:
     tokens: float = 0.0  # real (non-padding) tokens
     agreeing: float = 0.0  # predictions equal to the dense model's
     ffn_ms: float = 0.0  # wall-clock of every FFN layer, router included
-    model_ms: float = 0.0  # wall-clock of the whole forward passes
+    paired_dense_ffn_ms: float = 0.0  # the dense FFNs timed next to them on the same tokens (0 in the dense pass)
+    model_ms: float = 0.0  # wall-clock of the whole forward passes, the paired dense FFNs left out
     layer_experts: tuple[float, ...] = ()  # per MoE layer: experts per real token, summed over real tokens
 
     def all_reduced(self, ctx: dist.Context) -> PassTotals:
@@ -97,9 +98,13 @@ def run_pass(
 ) -> tuple[list[torch.Tensor], PassTotals, str]:
     """This rank's predictions per batch, the all-reduced totals of one pass under the layers'
     current selection rule (agreement counted against `dense_predictions`, per batch), and which
-    kernels the layers ran over all ranks (e.g. "grouped 60, masked 6"; "dense" for the dense path)."""
+    kernels the layers ran over all ranks (e.g. "grouped 60, masked 6"; "dense" for the dense path).
+
+    Each MoE layer call is timed next to the dense FFN on the same tokens (MoEFFN.paired_timing):
+    the FFN speed-up is the ratio of those, while the whole model's compares with the dense pass."""
     ffn_seconds(layers)
     kernel_calls(layers)
+    set_paired_timing(layers, True)
     predictions: list[torch.Tensor] = []
     totals = PassTotals()
     num_experts = layers[0].num_experts
@@ -126,8 +131,10 @@ def run_pass(
             totals.agreeing += (
                 len(predicted) if dense_predictions is None else float((predictions[-1] == dense_predictions[b]).sum())
             )
-    totals.ffn_ms = ffn_seconds(layers) * 1e3
-    totals.model_ms = timer.seconds * 1e3
+    set_paired_timing(layers, False)
+    moe_seconds, dense_seconds = ffn_seconds(layers)
+    totals.ffn_ms, totals.paired_dense_ffn_ms = moe_seconds * 1e3, dense_seconds * 1e3
+    totals.model_ms = (timer.seconds - dense_seconds) * 1e3
     used = sum((Counter(part) for part in dist.all_gather(dict(kernel_calls(layers)), ctx)), Counter())
     kernels = ", ".join(f"{name} {count}" for name, count in sorted(used.items())) or "dense"
     return predictions, totals.all_reduced(ctx), kernels
@@ -162,6 +169,7 @@ def record(
     projections = [layer for layer in layers if layer.projection]
     original = whole.total + sum(2 * p.d_model * p.d_out - p.dense_flops_per_token for p in projections)
     converted = whole.total - sum(layer.dense_flops_per_token for layer in layers) + sum(moe)
+    dense_ffn_ms = totals.paired_dense_ffn_ms or dense.ffn_ms  # paired where the pass timed it (see run_pass)
     entry = {
         "rule": rule.kind,
         "budget": rule.budget,
@@ -176,9 +184,9 @@ def record(
         "dense_model_flops_per_token": original,
         "dense_agreement": totals.agreeing / totals.count,
         f"dense_test_{metric}": dense_value,
-        "ffn_ms_dense": dense.ffn_ms,
+        "ffn_ms_dense": dense_ffn_ms,
         "ffn_ms_moe": totals.ffn_ms,
-        "ffn_speedup": dense.ffn_ms / totals.ffn_ms,
+        "ffn_speedup": dense_ffn_ms / totals.ffn_ms,
         "model_ms_dense": dense.model_ms,
         "model_ms_moe": totals.model_ms,
         "model_speedup": dense.model_ms / totals.model_ms,

@@ -105,6 +105,12 @@ class MoEFFN(nn.Module):
         self.tau: float | None = None  # dynamic-k threshold; None: top-k with self.k
         self.experts_per_token: torch.Tensor | None = None
         self.seconds = 0.0  # wall-clock spent in forward (router included), for evaluate's timings
+        # With paired timing each forward also times the dense FFN on the same tokens, next to it
+        # (alternately before and after), so a ratio of the two is not moved by what else the
+        # machine does between one pass and the next.
+        self.paired_timing = False
+        self.dense_seconds = 0.0
+        self._paired_calls = 0
         self.kernels = kernels
         self.kernel_calls: Counter[str] = Counter()  # which kernel ran how often, for evaluate's records
         self.register_buffer("inverse_order", torch.argsort(order), persistent=False)
@@ -177,12 +183,27 @@ class MoEFFN(nn.Module):
         return self.tau >= 1 if self.tau is not None else self.k >= self.num_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        paired = self.paired_timing and not self.runs_dense
+        dense_first = paired and self._paired_calls % 2 == 1
+        if dense_first:
+            self._time_dense(x)
         _sync(x)
         started = time.perf_counter()
         out = self._forward(x)
         _sync(out)
         self.seconds += time.perf_counter() - started
+        if paired and not dense_first:
+            self._time_dense(x)
         return out
+
+    def _time_dense(self, x: torch.Tensor) -> None:
+        """Run the dense FFN on x for its wall-clock only (the output is dropped)."""
+        self._paired_calls += 1
+        with torch.no_grad():
+            _sync(x)
+            started = time.perf_counter()
+            _sync(self._dense(x.reshape(-1, self.d_model)))
+            self.dense_seconds += time.perf_counter() - started
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = (*x.shape[:-1], self.d_out)
@@ -391,13 +412,20 @@ def set_threshold(layers: list[MoEFFN], tau: float) -> None:
         layer.tau = tau
 
 
-def ffn_seconds(layers: list[MoEFFN], reset: bool = True) -> float:
-    """Wall-clock spent in the layers' forwards since the last reset."""
-    total = sum(layer.seconds for layer in layers)
+def ffn_seconds(layers: list[MoEFFN], reset: bool = True) -> tuple[float, float]:
+    """Wall-clock spent in the layers' forwards since the last reset, and in their paired dense
+    FFNs (0 without paired timing)."""
+    total = sum(layer.seconds for layer in layers), sum(layer.dense_seconds for layer in layers)
     if reset:
         for layer in layers:
-            layer.seconds = 0.0
+            layer.seconds = layer.dense_seconds = 0.0
     return total
+
+
+def set_paired_timing(layers: list[MoEFFN], on: bool) -> None:
+    """Time the dense FFN next to every MoE forward that does not run dense anyway."""
+    for layer in layers:
+        layer.paired_timing = on
 
 
 def kernel_calls(layers: list[MoEFFN], reset: bool = True) -> Counter[str]:
