@@ -62,7 +62,8 @@ class PassTotals:
     tokens: float = 0.0  # real (non-padding) tokens
     agreeing: float = 0.0  # predictions equal to the dense model's
     ffn_ms: float = 0.0  # wall-clock of every FFN layer, router included
-    paired_dense_ffn_ms: float = 0.0  # the dense FFNs timed next to them on the same tokens (0 in the dense pass)
+    paired_ffn_ms: float = 0.0  # of it, the calls timed next to the dense FFN (0 in the dense pass)
+    paired_dense_ffn_ms: float = 0.0  # the dense FFN next to those, on the same tokens
     model_ms: float = 0.0  # wall-clock of the whole forward passes, the paired dense FFNs left out
     layer_experts: tuple[float, ...] = ()  # per MoE layer: experts per real token, summed over real tokens
 
@@ -100,7 +101,7 @@ def run_pass(
     current selection rule (agreement counted against `dense_predictions`, per batch), and which
     kernels the layers ran over all ranks (e.g. "grouped 60, masked 6"; "dense" for the dense path).
 
-    Each MoE layer call is timed next to the dense FFN on the same tokens (MoEFFN.paired_timing):
+    Every other MoE layer call is timed next to the dense FFN on the same tokens (MoEFFN.paired_timing):
     the FFN speed-up is the ratio of those, while the whole model's compares with the dense pass."""
     ffn_seconds(layers)
     kernel_calls(layers)
@@ -132,8 +133,8 @@ def run_pass(
                 len(predicted) if dense_predictions is None else float((predictions[-1] == dense_predictions[b]).sum())
             )
     set_paired_timing(layers, False)
-    moe_seconds, dense_seconds = ffn_seconds(layers)
-    totals.ffn_ms, totals.paired_dense_ffn_ms = moe_seconds * 1e3, dense_seconds * 1e3
+    moe_seconds, paired_seconds, dense_seconds = ffn_seconds(layers)
+    totals.ffn_ms, totals.paired_ffn_ms, totals.paired_dense_ffn_ms = moe_seconds * 1e3, paired_seconds * 1e3, dense_seconds * 1e3
     totals.model_ms = (timer.seconds - dense_seconds) * 1e3
     used = sum((Counter(part) for part in dist.all_gather(dict(kernel_calls(layers)), ctx)), Counter())
     kernels = ", ".join(f"{name} {count}" for name, count in sorted(used.items())) or "dense"
@@ -169,7 +170,10 @@ def record(
     projections = [layer for layer in layers if layer.projection]
     original = whole.total + sum(2 * p.d_model * p.d_out - p.dense_flops_per_token for p in projections)
     converted = whole.total - sum(layer.dense_flops_per_token for layer in layers) + sum(moe)
-    dense_ffn_ms = totals.paired_dense_ffn_ms or dense.ffn_ms  # paired where the pass timed it (see run_pass)
+    # The FFN speed-up is the paired calls' ratio where the pass timed them (see run_pass); the dense
+    # time is the whole pass's MoE time over that ratio.
+    speedup = totals.paired_dense_ffn_ms / totals.paired_ffn_ms if totals.paired_ffn_ms else dense.ffn_ms / totals.ffn_ms
+    dense_ffn_ms = totals.ffn_ms * speedup
     entry = {
         "rule": rule.kind,
         "budget": rule.budget,
@@ -186,7 +190,7 @@ def record(
         f"dense_test_{metric}": dense_value,
         "ffn_ms_dense": dense_ffn_ms,
         "ffn_ms_moe": totals.ffn_ms,
-        "ffn_speedup": dense_ffn_ms / totals.ffn_ms,
+        "ffn_speedup": speedup,
         "model_ms_dense": dense.model_ms,
         "model_ms_moe": totals.model_ms,
         "model_speedup": dense.model_ms / totals.model_ms,

@@ -56,6 +56,10 @@ MAX_GROUPED_DENSITY = 0.5
 # The grouped kernel works through (token, expert) pairs in slabs of at most this many floats per
 # [pairs, d] intermediate: below glibc's largest mmap threshold (32 MB), so freed slabs are reused.
 SLAB_FLOATS = 4 * 2**20
+# Paired timing (MoEFFN.paired_timing) times the dense FFN next to every this-many-th forward: every
+# call would add a dense FFN to each evaluate pass (+40% to the job), every other call still samples
+# every batch length, as evaluation batches are sorted by length and each layer keeps its own count.
+PAIR_EVERY = 2
 
 
 def expert_order(labels: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -105,12 +109,13 @@ class MoEFFN(nn.Module):
         self.tau: float | None = None  # dynamic-k threshold; None: top-k with self.k
         self.experts_per_token: torch.Tensor | None = None
         self.seconds = 0.0  # wall-clock spent in forward (router included), for evaluate's timings
-        # With paired timing each forward also times the dense FFN on the same tokens, next to it
-        # (alternately before and after), so a ratio of the two is not moved by what else the
-        # machine does between one pass and the next.
+        # With paired timing every PAIR_EVERY-th forward also times the dense FFN on the same tokens,
+        # next to it (alternately before and after), so the ratio of the two is not moved by what
+        # else the machine does between one pass and the next.
         self.paired_timing = False
-        self.dense_seconds = 0.0
-        self._paired_calls = 0
+        self.paired_seconds = 0.0  # the paired forwards' share of `seconds`
+        self.dense_seconds = 0.0  # the dense FFN next to them
+        self._calls = 0
         self.kernels = kernels
         self.kernel_calls: Counter[str] = Counter()  # which kernel ran how often, for evaluate's records
         self.register_buffer("inverse_order", torch.argsort(order), persistent=False)
@@ -183,22 +188,25 @@ class MoEFFN(nn.Module):
         return self.tau >= 1 if self.tau is not None else self.k >= self.num_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        paired = self.paired_timing and not self.runs_dense
-        dense_first = paired and self._paired_calls % 2 == 1
+        paired = self.paired_timing and not self.runs_dense and self._calls % PAIR_EVERY == 0
+        dense_first = paired and self._calls % (2 * PAIR_EVERY) == PAIR_EVERY
+        self._calls += 1
         if dense_first:
             self._time_dense(x)
         _sync(x)
         started = time.perf_counter()
         out = self._forward(x)
         _sync(out)
-        self.seconds += time.perf_counter() - started
-        if paired and not dense_first:
-            self._time_dense(x)
+        elapsed = time.perf_counter() - started
+        self.seconds += elapsed
+        if paired:
+            self.paired_seconds += elapsed
+            if not dense_first:
+                self._time_dense(x)
         return out
 
     def _time_dense(self, x: torch.Tensor) -> None:
         """Run the dense FFN on x for its wall-clock only (the output is dropped)."""
-        self._paired_calls += 1
         with torch.no_grad():
             _sync(x)
             started = time.perf_counter()
@@ -412,13 +420,14 @@ def set_threshold(layers: list[MoEFFN], tau: float) -> None:
         layer.tau = tau
 
 
-def ffn_seconds(layers: list[MoEFFN], reset: bool = True) -> tuple[float, float]:
-    """Wall-clock spent in the layers' forwards since the last reset, and in their paired dense
-    FFNs (0 without paired timing)."""
-    total = sum(layer.seconds for layer in layers), sum(layer.dense_seconds for layer in layers)
+def ffn_seconds(layers: list[MoEFFN], reset: bool = True) -> tuple[float, float, float]:
+    """Wall-clock spent in the layers' forwards since the last reset; of it, in the paired
+    forwards; and in the dense FFNs timed next to those (0, 0 without paired timing)."""
+    total = tuple(sum(getattr(layer, name) for layer in layers) for name in ("seconds", "paired_seconds", "dense_seconds"))
     if reset:
         for layer in layers:
-            layer.seconds = layer.dense_seconds = 0.0
+            layer.seconds = layer.paired_seconds = layer.dense_seconds = 0.0
+            layer._calls = 0
     return total
 
 
