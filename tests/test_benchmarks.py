@@ -1,11 +1,13 @@
 """The benchmark scripts still run (their full runs are minutes long; these are seconds)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import TINY, VARIANT, E
 from moefy.moe import KERNELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,3 +63,24 @@ def test_moe_train_speed_cases_run_and_report(tmp_path, capsys):
     assert rows[0]["num_experts"] == 8 and rows[0]["expert_size"] == 64 and rows[1]["expert_size"] == 16
     bench.print_table(rows)
     assert "| 32x64 | 16 | recovery b=0.2 |" in capsys.readouterr().out
+
+
+def test_study_layer_speed_times_a_finished_arm_three_ways(tiny_study, tmp_path, capsys):
+    bench = load_benchmark("study_layer_speed")
+    study = tiny_study / "results" / TINY
+    out = tmp_path / "layer_speed.json"
+    bench.main(
+        ["--study", str(study), "--variant", VARIANT, "--split", "coact", "--num-experts", str(E), "--selector", "mlp"]
+        + ["--budgets", "0.5", "--batches", "2", "--repeats", "1", "--batch-size", "16", "--json", str(out), "--no-mlflow"]
+    )
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["budget"] == 0.5 and row["dense_ms"] > 0 and row["moe_ms"] > 0 and row["per_batch_ms"] > 0
+    assert row["speedup"] == pytest.approx(row["dense_ms"] / row["moe_ms"])
+    assert sum(row["kernels"].values()) == sum(row["per_batch_kernels"].values()) > 0, "one kernel call per MoE call"
+    assert "mixed" not in row["per_batch_kernels"]
+    p10, p50, p90 = row["expert_share_p10_p50_p90"]
+    assert 0 <= p10 <= p50 <= p90 <= 1 and p50 > 0
+    assert "coact-E" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.main(["--study", str(study), "--variant", VARIANT, "--split", "nosuch", "--no-mlflow"])
+    assert "run the study's arm first" in capsys.readouterr().err
