@@ -9,6 +9,7 @@ from torch import nn
 from moefy.errors import MoefyError
 from moefy.ffn import FFN
 from moefy.kernel_choice import FORMAT, KernelTable, ffn_shape_key, layer_shape_key, measure, shape_key, table_for
+from moefy import moe as moe_module
 from moefy.moe import MoEFFN, default_kernel, kernel_calls
 from moefy.routers import MLPRouter
 
@@ -16,7 +17,7 @@ TABLE = KernelTable(
     num_experts=8,
     tokens=(1, 64, 4096),
     densities=(0.1, 0.5, 0.9),
-    winners=(("bags", "bags", "masked"), ("grouped", "grouped", "masked"), ("grouped", "masked", "masked")),
+    winners=(("bags", "bags", "masked"), ("looped", "looped", "masked"), ("grouped", "looped", "masked")),
 )
 
 
@@ -35,8 +36,8 @@ def ffn(d=16, d_ff=64, gated=False):
 def test_a_batch_takes_the_winner_of_its_nearest_cell():
     assert TABLE.choose(tokens=1, pairs=1) == "bags"  # density 1/8: nearest 0.1
     assert TABLE.choose(tokens=2, pairs=14) == "masked"  # 2 tokens ~ 1 on a log scale; density 0.875 -> 0.9
-    assert TABLE.choose(tokens=100, pairs=100 * 4) == "grouped"  # ~64 tokens, density 0.5
-    assert TABLE.choose(tokens=3000, pairs=3000 * 4) == "masked"  # ~4096 tokens (log scale), density 0.5
+    assert TABLE.choose(tokens=100, pairs=100 * 4) == "looped"  # ~64 tokens, density 0.5
+    assert TABLE.choose(tokens=3000, pairs=3000 * 7) == "masked"  # ~4096 tokens (log scale), density 0.875
     assert TABLE.choose(tokens=10**6, pairs=10**6) == "grouped"  # beyond the ladder: its last row
 
 
@@ -65,21 +66,23 @@ def rotating_picks(tokens: int, experts: int, k: int, always: tuple[int, ...] = 
     return picked
 
 
-def test_the_layer_runs_the_kernel_its_table_chooses_and_mixes_where_experts_shares_differ():
+def test_the_layer_runs_the_kernel_its_table_chooses_and_computes_popular_experts_for_every_token():
     layer = MoEFFN(ffn(), torch.arange(64) % 8, MLPRouter(16, 8), 8, kernels=TABLE)
     reference = MoEFFN(ffn(), torch.arange(64) % 8, MLPRouter(16, 8), 8)
     x = torch.randn(64, 16)
-    assert TABLE.masked_share(64) == pytest.approx(0.7), "grouped wins up to 0.5 and loses at 0.9 in the 64-token row"
+    assert TABLE.masked_share(64) == pytest.approx(0.7), "looped wins up to 0.5 and loses at 0.9 in the 64-token row"
     cases = (
-        (rotating_picks(64, 8, 4), "grouped"),  # every expert at share 0.5 < 0.7: the table's cell, grouped
-        (rotating_picks(64, 8, 7), "masked"),  # every expert at 0.875: the table's cell, masked
-        (rotating_picks(64, 8, 2, always=(0, 5)), "mixed"),  # experts 0 and 5 at share 1, the rest at 1/3
+        (rotating_picks(64, 8, 4), "looped", []),  # every expert at share 0.5 < 0.7: gathered
+        (rotating_picks(64, 8, 7), "masked", None),  # every expert at 0.875: the table's cell, masked
+        (rotating_picks(64, 8, 2, always=(0, 5)), "looped", [0, 5]),  # experts 0 and 5 at share 1, the rest at 1/3
     )
     with torch.no_grad():
-        for picked, expected in cases:
+        for picked, expected, popular in cases:
             kernel_calls([layer])
             got = layer.experts_forward(x, picked)
             assert kernel_calls([layer]) == {expected: 1}
+            if popular is not None:
+                assert layer.popular_experts(picked).nonzero().flatten().tolist() == popular
             torch.testing.assert_close(got, reference.experts_forward(x, picked, kernel="masked"), rtol=0, atol=1e-5)
         layer.k = 8
         layer(x)
@@ -87,23 +90,25 @@ def test_the_layer_runs_the_kernel_its_table_chooses_and_mixes_where_experts_sha
 
 
 def test_the_share_where_masked_dense_takes_over_comes_from_the_measured_row():
-    assert TABLE.masked_share(1) is None, "grouped never wins on one token: nothing to mix"
-    assert TABLE.masked_share(4096) == pytest.approx(0.3), "grouped wins at 0.1, masked from 0.5"
-    everywhere = KernelTable(8, (64,), (0.1, 0.5), (("grouped", "grouped"),))
-    assert everywhere.masked_share(64) == 1.0, "grouped wins at every density: only experts every token picks"
+    assert TABLE.masked_share(1) is None, "looped never wins on one token"
+    assert TABLE.masked_share(4096) == pytest.approx(0.7), "looped wins at 0.5, masked from 0.9"
+    everywhere = KernelTable(8, (64,), (0.1, 0.5), (("looped", "looped"),))
+    assert everywhere.masked_share(64) == 1.0, "looped wins at every density: only experts every token picks"
+    layer = MoEFFN(ffn(), torch.arange(64) % 8, MLPRouter(16, 8), 8, kernels=TABLE)
+    assert layer.masked_share(1) == moe_module.LOOPED_DENSE_SHARE, "no share measured: the fixed rule's"
 
 
 def test_without_a_table_fixed_rules_choose():
-    assert default_kernel(tokens=1, pairs=4, num_experts=8, expert_size=32, grouped_ok=True) == "bags"
-    assert default_kernel(tokens=1024, pairs=1024 * 2, num_experts=8, expert_size=32, grouped_ok=True) == "grouped"
-    assert default_kernel(tokens=1024, pairs=1024 * 6, num_experts=8, expert_size=32, grouped_ok=True) == "masked"
-    assert default_kernel(tokens=1024, pairs=1024 * 2, num_experts=8, expert_size=4, grouped_ok=True) == "masked"
-    assert default_kernel(tokens=1024, pairs=1024 * 2, num_experts=8, expert_size=32, grouped_ok=False) == "bags"
+    assert default_kernel(tokens=1, pairs=4, num_experts=8, expert_size=32, on_gpu=False) == "bags"
+    assert default_kernel(tokens=1024, pairs=1024 * 2, num_experts=8, expert_size=32, on_gpu=False) == "looped"
+    assert default_kernel(tokens=1024, pairs=1024 * 2, num_experts=8, expert_size=32, on_gpu=True) == "grouped"
+    assert default_kernel(tokens=1024, pairs=1024 * 2, num_experts=8, expert_size=4, on_gpu=False) == "masked"
 
 
 def test_an_unaligned_layer_never_runs_grouped_mm_whatever_the_table_says():
     layer = MoEFFN(ffn(6, 18), torch.arange(18) % 6, MLPRouter(6, 6), 6, kernels=TABLE)  # 6-float rows: not aligned
-    assert layer.choose_kernel(tokens=100, pairs=100 * 3) == "bags"
+    assert TABLE.choose(tokens=10**6, pairs=10**6) == "grouped"
+    assert layer.choose_kernel(tokens=10**6, pairs=10**6) == "masked", "experts of 3 neurons: masked-dense instead"
 
 
 @pytest.mark.parametrize("gated", [False, True])

@@ -68,10 +68,13 @@ def picked_by(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
     return moe.select(x.reshape(-1, moe.d_model))[0].view(*x.shape[:-1], -1).float()
 
 
-@pytest.mark.parametrize("kernel", ["bags", "grouped", "masked", "mixed"])
+@pytest.mark.parametrize("kernel", ["bags", "looped", "looped, every expert for every token", "grouped", "masked"])
 @pytest.mark.parametrize("selector", ["groundtruth", "similarity", "mlp"])
 def test_partial_budget_computes_exactly_the_chosen_experts(tiny_bert, selector, kernel, monkeypatch):
     """Every kernel, also on the oracle's activations (it computed every neuron to pick)."""
+    if kernel == "looped, every expert for every token":  # computed for all, masked: no gather
+        monkeypatch.setattr(moe_module, "LOOPED_DENSE_SHARE", 0.0)
+        kernel = "looped"
     torch.manual_seed(0)
     reference = load_classifier(str(tiny_bert), label_names=["a", "b"], activation="relu").eval()
     ffn = find_ffns(reference)[0]
@@ -103,13 +106,18 @@ def synthetic_ffn(d: int, d_ff: int, gated: bool, bias: bool, act: torch.nn.Modu
     )
 
 
-@pytest.mark.parametrize("kernel", ["bags", "grouped", "auto", "grouped in slabs", "masked", "mixed"])
+@pytest.mark.parametrize(
+    "kernel", ["bags", "looped", "looped, popular experts for every token", "grouped", "auto", "grouped in slabs", "masked"]
+)
 @pytest.mark.parametrize("gated,bias,act", [(True, False, nn.SiLU()), (False, True, nn.GELU()), (True, True, nn.ReLU())])
 def test_both_kernels_match_the_masked_dense_ffn(kernel, gated, bias, act, monkeypatch):
     d, d_ff, experts = 16, 96, 12
     if kernel == "grouped in slabs":  # 5 pairs per slab: slabs cut through experts' groups
         monkeypatch.setattr(moe_module, "SLAB_FLOATS", 5 * d)
         kernel = "grouped"
+    if kernel == "looped, popular experts for every token":  # experts at a share >= 0.3 masked, the rest gathered
+        monkeypatch.setattr(moe_module, "LOOPED_DENSE_SHARE", 0.3)
+        kernel = "looped"
     ffn = synthetic_ffn(d, d_ff, gated, bias, act)
     labels = torch.randperm(d_ff, generator=torch.Generator().manual_seed(2)) % experts
     moe = MoEFFN(ffn, labels, MLPRouter(d, experts), experts)
@@ -124,18 +132,17 @@ def test_both_kernels_match_the_masked_dense_ffn(kernel, gated, bias, act, monke
         torch.testing.assert_close(moe(x), ffn.w_out(ffn.activations(x)), rtol=0, atol=1e-5)
 
 
-def test_auto_kernel_uses_bags_for_few_tokens_and_grouped_for_many(monkeypatch):
+def test_auto_kernel_uses_bags_for_few_tokens_and_the_expert_loop_for_many(monkeypatch):
     d, d_ff, experts = 16, 192, 12  # experts of 16 neurons
     moe = MoEFFN(synthetic_ffn(d, d_ff, False, True, nn.ReLU()), torch.arange(d_ff) % experts, MLPRouter(d, experts), experts)
     moe.k = 3
     used = []
     monkeypatch.setattr(MoEFFN, "_bags", lambda self, x, token, expert, h=None: used.append("bags") or torch.zeros(len(token), d))
-    monkeypatch.setattr(
-        MoEFFN, "_grouped", lambda self, x, token, expert, ends, h=None: used.append("grouped") or torch.zeros(len(token), d)
-    )
+    monkeypatch.setattr(MoEFFN, "_looped", lambda self, x, picked, h, out: used.append("looped") or out)
     moe(torch.randn(1, d))  # 3 pairs for 12 experts: bags
-    moe(torch.randn(64, d))  # 192 pairs: grouped
-    assert used == ["bags", "grouped"]
+    moe(torch.randn(64, d))  # 192 pairs: one matmul pair per expert (grouped_mm is the GPU's choice)
+    assert used == ["bags", "looped"]
+    assert moe_module.default_kernel(64, 192, experts, 16, on_gpu=True) == "grouped"
 
 
 def test_auto_kernel_runs_many_tokens_on_tiny_experts_masked_dense(monkeypatch):
@@ -144,15 +151,18 @@ def test_auto_kernel_runs_many_tokens_on_tiny_experts_masked_dense(monkeypatch):
     labels = torch.arange(d_ff) % experts
     moe = MoEFFN(ffn, labels, MLPRouter(d, experts), experts)
     monkeypatch.setattr(MoEFFN, "_grouped", lambda *args: pytest.fail("tiny experts must not use grouped_mm"))
+    monkeypatch.setattr(MoEFFN, "_looped", lambda *args: pytest.fail("tiny experts must not loop over experts"))
     x, picked = torch.randn(64, d), torch.rand(64, experts) < 0.3
     torch.testing.assert_close(moe.experts_forward(x, picked), masked_dense(ffn, x, picked.float(), labels), rtol=0, atol=1e-5)
 
 
-def test_grouped_mm_alignment_falls_back_to_bags(monkeypatch):
+def test_weights_grouped_mm_cannot_read_never_go_through_it(monkeypatch):
     d, d_ff, experts = 6, 18, 6  # rows of 6 and experts of 3 floats: not 16-byte aligned
     ffn = synthetic_ffn(d, d_ff, False, True, nn.ReLU())
     labels = torch.arange(d_ff) % experts
     moe = MoEFFN(ffn, labels, MLPRouter(d, experts), experts)
+    monkeypatch.setattr(MoEFFN, "_grouped", lambda *args: pytest.fail("unaligned weights must not use grouped_mm"))
+    assert moe.choose_kernel(tokens=50, pairs=150, on_gpu=True) != "grouped"
     x, picked = torch.randn(50, d), torch.rand(50, experts) < 0.5
     torch.testing.assert_close(moe.experts_forward(x, picked), masked_dense(ffn, x, picked.float(), labels), rtol=0, atol=1e-5)
 
@@ -253,10 +263,13 @@ def test_top_k_picks_the_k_highest_router_scores():
             assert torch.equal(moe.select(x)[0], scores >= floor)
 
 
-@pytest.mark.parametrize("kernel", ["masked", "grouped", "bags", "mixed"])
+@pytest.mark.parametrize("kernel", ["masked", "grouped", "bags", "looped", "looped, popular experts for every token"])
 @pytest.mark.parametrize("gated", [False, True])
-def test_gradients_flow_through_the_layer_as_through_the_masked_dense_ffn(kernel, gated):
+def test_gradients_flow_through_the_layer_as_through_the_masked_dense_ffn(kernel, gated, monkeypatch):
     """The fresh projections are overwritten in place only where autograd does not need them."""
+    if kernel == "looped, popular experts for every token":
+        monkeypatch.setattr(moe_module, "LOOPED_DENSE_SHARE", 0.3)
+        kernel = "looped"
     ffn = synthetic_ffn(16, 96, gated=gated, bias=True, act=nn.ReLU())
     labels = torch.arange(96) % 12
     moe = MoEFFN(ffn, labels, MLPRouter(16, 12), 12)

@@ -1,9 +1,9 @@
 """Which MoE kernel is fastest on this machine, measured once per FFN shape.
 
-The MoE layer has three ways to compute the picked experts (moefy.moe): embedding bags, grouped
-matmuls and masked-dense (and a mix of the last two, split where this table puts their crossover). Which one wins depends on the token count, the share of experts each
-token uses, the expert size and the machine (its BLAS, caches, cores). So the calibrate step times
-all three on a random FFN of the study's shape over a ladder of token counts and densities
+The MoE layer has four ways to compute the picked experts (moefy.moe): embedding bags, a loop of
+matmuls over the experts, grouped matmuls and masked-dense. Which one wins depends on the token
+count, the share of experts each token uses, the expert size and the machine (its BLAS, caches,
+cores; a GPU). So the calibrate step times them all on a random FFN of the study's shape over a ladder of token counts and densities
 (experts per token / E) and writes the winners to a file. Every evaluate job of the study reads
 that file, so the kernels, and with them the last bits of every output, are the same in every
 rerun on the machine, while another machine measures its own.
@@ -27,9 +27,9 @@ from moefy.ffn import FFN
 TOKENS = (1, 4, 16, 64, 256, 1024, 4096)
 DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # Embedding bags re-read their expert's weights for every pair: timed only while there are at most
-# this many pairs per expert (beyond, they lose to grouped_mm by far).
+# this many pairs per expert (beyond, they lose to the per-expert matmuls by far).
 BAG_PAIRS_PER_EXPERT = 16
-# Bags and grouped matmuls only get slower against masked-dense as the density grows: in a row, a
+# Bags, looped and grouped matmuls only get slower against masked-dense as the density grows: in a row, a
 # kernel this many times slower than the best at two densities in a row is not timed further.
 GIVE_UP_RATIO = 1.5
 FORMAT = "moefy-kernels/1"
@@ -81,15 +81,15 @@ class KernelTable:
         return self.winners[self._row(tokens)][_nearest(self.densities, density)]
 
     def masked_share(self, tokens: int) -> float | None:
-        """The share of tokens picking an expert from which it costs less masked-dense than grouped:
-        with uniform picks every expert has the batch's density, so it is where grouped_mm stops
-        winning in this row (midway to the next density; 1.0 if it never stops; None if it never
-        wins, so the layer's mixed kernel has no grouped part to give experts to)."""
+        """The share of tokens picking an expert from which the looped kernel computes it for every
+        token, masked, rather than for its tokens alone: with uniform picks every expert has the
+        batch's density, so it is where looped stops winning in this row (midway to the next
+        density; 1.0 if it never stops; None if it never wins in this row)."""
         winners = self.winners[self._row(tokens)]
-        grouped = [i for i, kernel in enumerate(winners) if kernel == "grouped"]
-        if not grouped:
+        looped = [i for i, kernel in enumerate(winners) if kernel == "looped"]
+        if not looped:
             return None
-        last = grouped[-1]
+        last = looped[-1]
         return 1.0 if last == len(winners) - 1 else (self.densities[last] + self.densities[last + 1]) / 2
 
     def to_json(self) -> dict:
@@ -127,6 +127,17 @@ def table_for(document: dict, key: str, source: str) -> KernelTable:
     return KernelTable.from_json(document["shapes"][key])
 
 
+class _GatherEveryExpert:
+    """The kernel choice of the layer being measured: kernels are asked for by name, and the looped
+    kernel never computes an expert for every token."""
+
+    def choose(self, tokens: int, pairs: int) -> str:
+        raise AssertionError("the calibration names every kernel it times")
+
+    def masked_share(self, tokens: int) -> float:
+        return math.inf
+
+
 def _milliseconds(call, sync, repeats: int) -> float:
     """Best of `repeats` timed calls after one warm-up."""
     call()
@@ -151,10 +162,12 @@ def measure(ffn: FFN, num_experts: int, device: torch.device, repeats: int = 3, 
     from moefy.moe import MoEFFN
 
     d_model, d_ff = ffn.d_model, ffn.d_ff
-    layer = MoEFFN(ffn, torch.arange(d_ff, device=device) % num_experts, nn.Identity(), num_experts)
+    # The looped kernel is timed gathering every expert's tokens: where that stops winning is the
+    # share from which the study's layers compute an expert for every token (masked_share).
+    layer = MoEFFN(ffn, torch.arange(d_ff, device=device) % num_experts, nn.Identity(), num_experts, _GatherEveryExpert())
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     generator = torch.Generator().manual_seed(1)
-    usable = [k for k in ("bags", "grouped", "masked") if k != "grouped" or layer._grouped_ok]
+    usable = [k for k in ("bags", "looped", "grouped", "masked") if k != "grouped" or layer._grouped_ok]
     tokens_measured, winners = [], []
     timings: dict[str, list[list[float | None]]] = {k: [] for k in usable}
     cells = [(t, density) for t in TOKENS for density in DENSITIES]

@@ -3,30 +3,31 @@
 Neurons are reordered once so that expert e owns neurons [e*s, (e+1)*s), and every projection is
 kept the way `x @ W` reads it: input projections W_in^T [d, d_ff], the output projection W_out^T
 [d_ff, d] = [E, s, d]. Viewed as a table of [d*E, s] rows, W_in^T's row c*E + e is expert e's
-weights for input coordinate c, so an expert's weights can be read in place, never copied, by
-two kernels that torch already has:
+weights for input coordinate c, and W_in^T[:, e*s:(e+1)*s] its [d, s] block, so an expert's weights
+are read in place, never copied, by every kernel:
 
 - few tokens (memory-bound): `embedding_bag` with per-sample weights, one bag per (token,
   expert) pair. h_e = sum_c x_c * W_in^T[c*E + e] and y = sum_j h_j * W_out^T[j] are exactly
   weighted sums of table rows; bags run in parallel over the threads.
-- many tokens (compute-bound): tokens grouped by expert and one `grouped_mm` per projection,
-  so each picked expert's weights are read once for all its tokens.
-
+- many tokens (compute-bound): a loop over the picked experts, each a pair of plain matmuls on the
+  rows of the tokens that picked it (gathered, then scatter-added into the output). The
+  intermediates of one expert are small enough for the allocator and the caches to reuse, where
+  one `grouped_mm` over all (token, expert) pairs writes and re-reads [pairs, d] tensors of tens
+  of MB (on a CPU that traffic, not the arithmetic, made it 0.8x of dense at half the experts).
+  An expert that most tokens of the batch picked costs less computed for every token and masked
+  than gathered: the share where the two break even is where looped stops winning in the
+  measured table (uniform picks put every expert at the batch's density), and a trained router,
+  which gives some experts most of a batch and others few, gains most from this.
+- many tokens on a GPU: tokens grouped by expert and one `grouped_mm` per projection (one kernel
+  launch for all experts, where the loop launches several per expert).
 - many tokens on many experts: masked-dense, every neuron computed and the unpicked experts'
-  zeroed. On a CPU the per-expert matmuls of grouped_mm run at a fraction of the dense matmul's
-  speed (32-neuron experts: about 40%), so beyond a share of experts per token the dense matmuls
-  with a mask are faster, and they are always available as the fallback.
-- mixed: a trained router does not spread tokens evenly, so the choice between the last two is
-  made per expert. An expert that most tokens of the batch pick costs less computed for every
-  token (one wide matmul over the popular experts' neurons, then masked) than per token; the
-  rest go through grouped_mm. The share of tokens where the two break even is the density where
-  grouped_mm stops winning in the measured table (uniform picks: every expert at the same share).
+  zeroed, always available as the fallback.
 
 Which kernel is fastest depends on the machine: a KernelTable measured by the calibrate step
 (moefy.kernel_choice) decides by token count and experts per token; without one, fixed rules
 measured on the project's machine decide. With every expert picked it runs the dense matmuls on
 the reordered weights, so budget 1.0 costs what the dense FFN costs. No Python loop runs over
-tokens or experts.
+tokens; the looped kernel's loop over experts costs a few microseconds per expert.
 """
 
 from __future__ import annotations
@@ -42,17 +43,18 @@ from torch import nn
 from moefy.errors import MoefyError
 from moefy.ffn import FFN, find_ffns
 
-KERNELS = ("bags", "grouped", "masked", "mixed")
+KERNELS = ("bags", "looped", "grouped", "masked")
 # The rules used without a measured KernelTable (benchmarks/moe_speed.py measures them):
 # at most this many (token, expert) pairs per expert on average run through embedding_bag: a bag
 # re-reads its expert's weights, so it only wins while tokens rarely share an expert;
 BAG_PAIRS_PER_EXPERT = 1.0
-# experts narrower than this make grouped_mm's per-expert matmuls too small to beat the dense
-# matmul (384 experts of 4 neurons on MiniLM: 0.2x of dense at budget 0.2);
-MIN_GROUPED_EXPERT = 16
-# and beyond this share of experts per token masked-dense is faster than grouped_mm (MiniLM's
-# 48 experts of 32 neurons on 4096 tokens, one AVX2 core: grouped 1.2x of dense at 0.5, 0.9x at 0.7).
-MAX_GROUPED_DENSITY = 0.5
+# experts narrower than this make per-expert matmuls too small to beat the dense matmul (384
+# experts of 4 neurons on MiniLM: grouped_mm 0.2x of dense at budget 0.2), so they run masked-dense;
+MIN_EXPERT_SIZE = 16
+# and an expert that at least this share of the tokens picked runs on every token, masked, in
+# the looped kernel (MiniLM's 48 experts of 32 neurons, 3,072 tokens, one core with AVX-512:
+# 1.18-1.27x of dense at budget 0.5 gathering every expert, 0.80x computing every one for all).
+LOOPED_DENSE_SHARE = 0.7
 # The grouped kernel works through (token, expert) pairs in slabs of at most this many floats per
 # [pairs, d] intermediate: below glibc's largest mmap threshold (32 MB), so freed slabs are reused.
 SLAB_FLOATS = 4 * 2**20
@@ -82,13 +84,13 @@ class KernelChoice(Protocol):
     def masked_share(self, tokens: int) -> float | None: ...
 
 
-def default_kernel(tokens: int, pairs: int, num_experts: int, expert_size: int, grouped_ok: bool) -> str:
+def default_kernel(tokens: int, pairs: int, num_experts: int, expert_size: int, on_gpu: bool) -> str:
     """The kernel for `pairs` (token, expert) pairs of `tokens` tokens when nothing was measured."""
-    if pairs <= BAG_PAIRS_PER_EXPERT * num_experts or not grouped_ok:
+    if pairs <= BAG_PAIRS_PER_EXPERT * num_experts:
         return "bags"
-    if expert_size < MIN_GROUPED_EXPERT or pairs > MAX_GROUPED_DENSITY * tokens * num_experts:
+    if expert_size < MIN_EXPERT_SIZE:
         return "masked"
-    return "grouped"
+    return "grouped" if on_gpu else "looped"
 
 
 def _frozen(t: torch.Tensor | None) -> nn.Parameter | None:
@@ -138,6 +140,10 @@ class MoEFFN(nn.Module):
         self.b_out = _frozen(ffn.w_out.bias)
         elsize = self.w_in.element_size()
         self._grouped_ok = (d_model * elsize) % 16 == 0 and (s * elsize) % 16 == 0  # grouped_mm's alignment
+        # Expert e's weights as views: [d, s] blocks of the input projections, [s, d_out] of the output's.
+        self._in_blocks = self.w_in.view(d_model, E, s).unbind(1)
+        self._gate_blocks = None if self.w_gate is None else self.w_gate.view(d_model, E, s).unbind(1)
+        self._out_blocks = self.w_out.view(E, s, -1).unbind(0)
 
     # -- every neuron ---------------------------------------------------------------------------
     def dense_activations(self, x: torch.Tensor) -> torch.Tensor:
@@ -228,74 +234,45 @@ class MoEFFN(nn.Module):
         h = self.dense_activations(x) if h is None else h
         return self._dense(x, _zero_unpicked(h, picked, self.expert_size))
 
-    def _masked_experts(
-        self, x: torch.Tensor, picked: torch.Tensor, experts: torch.Tensor, h: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The output bias plus the experts `experts` (ids) for every token, each zeroed where the
-        token did not pick it: masked-dense on a copy of those experts' weights (or of their h)."""
-        d, E, s, n = self.d_model, self.num_experts, self.expert_size, len(experts)
-
-        def project(w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-            columns = w.view(d, E, s).index_select(1, experts).view(d, n * s)
-            return _linear(x, columns, None if bias is None else bias.index_select(0, experts))
-
-        if h is None:
-            h = self._hidden(project(self.w_in, self.b_in), None if self.w_gate is None else project(self.w_gate, self.b_gate))
-        else:
-            h = h.view(h.shape[0], E, s).index_select(1, experts).view(h.shape[0], n * s)
-        h = _zero_unpicked(h, picked.index_select(1, experts), s)
-        return _linear(h, self.w_out.view(E, s, -1).index_select(0, experts).view(n * s, -1), self.b_out)
-
-    def choose_kernel(self, tokens: int, pairs: int) -> str:
+    def choose_kernel(self, tokens: int, pairs: int, on_gpu: bool = False) -> str:
         if self.kernels is not None:
             kernel = self.kernels.choose(tokens, pairs)
             if kernel != "grouped" or self._grouped_ok:
                 return kernel
-        return default_kernel(tokens, pairs, self.num_experts, self.expert_size, self._grouped_ok)
+        if not self._grouped_ok and on_gpu:
+            on_gpu = False  # grouped_mm cannot read these weights: the loop instead
+        return default_kernel(tokens, pairs, self.num_experts, self.expert_size, on_gpu)
 
-    def masked_share(self, tokens: int) -> float | None:
-        """The share of a batch's tokens from which an expert costs less masked-dense than grouped
-        (None: grouped_mm never wins here, so no expert goes through it)."""
-        if not self._grouped_ok:
-            return None
-        if self.kernels is not None:
-            return self.kernels.masked_share(tokens)
-        return MAX_GROUPED_DENSITY if self.expert_size >= MIN_GROUPED_EXPERT else None
+    def masked_share(self, tokens: int) -> float:
+        """The share of a batch's tokens from which the looped kernel computes an expert for every
+        token (masked) rather than for the tokens that picked it."""
+        share = None if self.kernels is None else self.kernels.masked_share(tokens)
+        return LOOPED_DENSE_SHARE if share is None else share
 
-    def popular_experts(self, picked: torch.Tensor) -> torch.Tensor | None:
-        """Experts [E] bool that at least masked_share of the tokens picked (None: no share applies)."""
-        share = self.masked_share(picked.shape[0])
-        return None if share is None else picked.sum(0) >= share * picked.shape[0]
+    def popular_experts(self, picked: torch.Tensor) -> torch.Tensor:
+        """Experts [E] bool that at least masked_share of the tokens picked (picked [T, E] bool)."""
+        return picked.sum(0) >= self.masked_share(picked.shape[0]) * picked.shape[0]
 
     def experts_forward(
         self, x: torch.Tensor, picked: torch.Tensor, kernel: str = "auto", h: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Sum of the picked experts' outputs per token [T, d]; picked [T, E] bool.
 
-        kernel: "bags" (embedding_bag), "grouped" (grouped_mm), "masked" (every neuron computed, the
-        unpicked zeroed), "mixed" (the popular experts masked-dense, the rest grouped) or "auto"
-        (the kernel table's choice, else default_kernel; mixed where the experts' shares differ).
+        kernel: "bags" (embedding_bag), "looped" (a matmul pair per expert), "grouped" (grouped_mm),
+        "masked" (every neuron computed, the unpicked zeroed) or "auto" (the kernel table's choice,
+        else default_kernel).
         h: every neuron's activation [T, d_ff] in expert order, when the router computed them (the
         oracle): only the output projection runs, and h may be overwritten.
         """
-        popular = None
         if kernel == "auto":
-            kernel = self.choose_kernel(x.shape[0], int(picked.sum()))
-            if kernel in ("grouped", "masked") and (popular := self.popular_experts(picked)) is not None:
-                kernel = "masked" if bool(popular.all()) else "grouped" if not bool(popular.any()) else "mixed"
+            kernel = self.choose_kernel(x.shape[0], int(picked.sum()), x.is_cuda)
         self.kernel_calls[kernel] += 1
         if kernel == "masked":
             return self._masked(x, picked, h)
         rows = (x.shape[0], self.d_out)
-        if kernel == "mixed":
-            if popular is None:
-                popular = self.popular_experts(picked)
-            if popular is None:
-                popular = picked.sum(0) >= picked.sum(0).float().median()  # asked for by name: split at the median
-            out = self._masked_experts(x, picked, popular.nonzero().squeeze(1), h)
-            picked = picked & ~popular
-        else:
-            out = x.new_zeros(rows) if self.b_out is None else self.b_out.expand(rows).clone()
+        out = x.new_zeros(rows) if self.b_out is None else self.b_out.expand(rows).clone()
+        if kernel == "looped":
+            return self._looped(x, picked, h, out)
         if kernel == "bags":
             token, expert = picked.nonzero(as_tuple=True)
             return out.index_add_(0, token, self._bags(x, token, expert, h))
@@ -309,6 +286,30 @@ class MoEFFN(nn.Module):
             offs = (ends.clamp(start, stop) - start).to(torch.int32)
             t = token[start:stop]
             out.index_add_(0, t, self._grouped(x, t, expert[start:stop], offs, h))
+        return out
+
+    def _looped(self, x: torch.Tensor, picked: torch.Tensor, h: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+        """One expert at a time: its tokens' rows gathered, two matmuls, the result scatter-added into
+        `out`; an expert that at least masked_share of the tokens picked is computed for every token
+        and masked instead (no gather, no scatter)."""
+        T, E, s = x.shape[0], self.num_experts, self.expert_size
+        expert, token = picked.t().nonzero(as_tuple=True)  # pairs grouped by expert
+        tokens_of = token.split(picked.sum(0).tolist())
+        everyone = self.popular_experts(picked).tolist()
+        blocks = None if h is None else h.view(T, E, s)
+        for e in expert.unique_consecutive().tolist():
+            rows = None if everyone[e] else tokens_of[e]
+            if blocks is not None:  # the oracle's activations: expert e's block of h
+                hidden = blocks[:, e] if rows is None else blocks[:, e].index_select(0, rows)
+            else:
+                xs = x if rows is None else x.index_select(0, rows)
+                gate = None if self._gate_blocks is None else _linear(xs, self._gate_blocks[e], _row(self.b_gate, e))
+                hidden = self._hidden(_linear(xs, self._in_blocks[e], _row(self.b_in, e)), gate)
+            if rows is None:
+                hidden = hidden * picked[:, e, None] if hidden.requires_grad else hidden.mul_(picked[:, e, None])
+                out = out.addmm_(hidden, self._out_blocks[e])
+            else:
+                out = out.index_add_(0, rows, hidden @ self._out_blocks[e])
         return out
 
     def _pair_activations(self, token: torch.Tensor, expert: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -375,6 +376,10 @@ def _sync(t: torch.Tensor) -> None:
 
 def _linear(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return x @ w_t if b is None else torch.addmm(b.reshape(-1), x, w_t)
+
+
+def _row(bias: torch.Tensor | None, expert: int) -> torch.Tensor | None:
+    return None if bias is None else bias[expert]
 
 
 def _add_bias(out: torch.Tensor, bias: torch.Tensor | None, expert: torch.Tensor) -> torch.Tensor:
