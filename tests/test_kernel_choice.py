@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from moefy import moe as moe_module
 from moefy.errors import MoefyError
 from moefy.ffn import FFN
 from moefy.kernel_choice import FORMAT, KernelTable, ffn_shape_key, layer_shape_key, measure, shape_key, table_for
-from moefy import moe as moe_module
 from moefy.moe import MoEFFN, default_kernel, kernel_calls
 from moefy.routers import MLPRouter
 
