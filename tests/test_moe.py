@@ -329,3 +329,18 @@ def test_paired_timing_times_the_dense_ffn_next_to_every_other_moe_call_alternat
         events.clear()
         moe(x)
         assert events == ["moe"]
+
+
+@pytest.mark.parametrize("kernel", ["bags", "looped", "masked"])  # grouped_mm takes no float64 (tests/test_cuda.py: GPU)
+def test_every_kernel_reads_the_weights_the_layer_was_moved_to(kernel):
+    """.to() replaces the parameters (another dtype here, a GPU elsewhere): no kernel may keep
+    reading views of the old ones."""
+    ffn = synthetic_ffn(16, 96, gated=True, bias=True, act=nn.SiLU())
+    labels = torch.arange(96) % 12
+    moe = MoEFFN(ffn, labels, MLPRouter(16, 12), 12).to(torch.float64)
+    for linear in (ffn.w_in, ffn.w_gate, ffn.w_out):
+        linear.double()
+    x, picked = torch.randn(30, 16, dtype=torch.float64), torch.rand(30, 12) < 0.4
+    with torch.no_grad():
+        got = moe.experts_forward(x, picked, kernel=kernel)
+        torch.testing.assert_close(got, masked_dense(ffn, x, picked.double(), labels), rtol=1e-10, atol=1e-10)

@@ -164,7 +164,8 @@ def measure(ffn: FFN, num_experts: int, device: torch.device, repeats: int = 3, 
     d_model, d_ff = ffn.d_model, ffn.d_ff
     # The looped kernel is timed gathering every expert's tokens: where that stops winning is the
     # share from which the study's layers compute an expert for every token (masked_share).
-    layer = MoEFFN(ffn, torch.arange(d_ff, device=device) % num_experts, nn.Identity(), num_experts, _GatherEveryExpert())
+    labels = torch.arange(d_ff) % num_experts
+    layer = MoEFFN(ffn, labels.to(ffn.w_in.weight.device), nn.Identity(), num_experts, _GatherEveryExpert()).to(device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     generator = torch.Generator().manual_seed(1)
     usable = [k for k in ("bags", "looped", "grouped", "masked") if k != "grouped" or layer._grouped_ok]

@@ -140,10 +140,6 @@ class MoEFFN(nn.Module):
         self.b_out = _frozen(ffn.w_out.bias)
         elsize = self.w_in.element_size()
         self._grouped_ok = (d_model * elsize) % 16 == 0 and (s * elsize) % 16 == 0  # grouped_mm's alignment
-        # Expert e's weights as views: [d, s] blocks of the input projections, [s, d_out] of the output's.
-        self._in_blocks = self.w_in.view(d_model, E, s).unbind(1)
-        self._gate_blocks = None if self.w_gate is None else self.w_gate.view(d_model, E, s).unbind(1)
-        self._out_blocks = self.w_out.view(E, s, -1).unbind(0)
 
     # -- every neuron ---------------------------------------------------------------------------
     def dense_activations(self, x: torch.Tensor) -> torch.Tensor:
@@ -292,7 +288,11 @@ class MoEFFN(nn.Module):
         """One expert at a time: its tokens' rows gathered, two matmuls, the result scatter-added into
         `out`; an expert that at least masked_share of the tokens picked is computed for every token
         and masked instead (no gather, no scatter)."""
-        T, E, s = x.shape[0], self.num_experts, self.expert_size
+        T, E, s, d = x.shape[0], self.num_experts, self.expert_size, self.d_model
+        # Expert e's weights, read in place: [d, s] blocks of the input projections, [s, d_out] of the output's.
+        in_blocks = self.w_in.view(d, E, s).unbind(1)
+        gate_blocks = None if self.w_gate is None else self.w_gate.view(d, E, s).unbind(1)
+        out_blocks = self.w_out.view(E, s, -1).unbind(0)
         expert, token = picked.t().nonzero(as_tuple=True)  # pairs grouped by expert
         tokens_of = token.split(picked.sum(0).tolist())
         everyone = self.popular_experts(picked).tolist()
@@ -303,13 +303,13 @@ class MoEFFN(nn.Module):
                 hidden = blocks[:, e] if rows is None else blocks[:, e].index_select(0, rows)
             else:
                 xs = x if rows is None else x.index_select(0, rows)
-                gate = None if self._gate_blocks is None else _linear(xs, self._gate_blocks[e], _row(self.b_gate, e))
-                hidden = self._hidden(_linear(xs, self._in_blocks[e], _row(self.b_in, e)), gate)
+                gate = None if gate_blocks is None else _linear(xs, gate_blocks[e], _row(self.b_gate, e))
+                hidden = self._hidden(_linear(xs, in_blocks[e], _row(self.b_in, e)), gate)
             if rows is None:
                 hidden = hidden * picked[:, e, None] if hidden.requires_grad else hidden.mul_(picked[:, e, None])
-                out = out.addmm_(hidden, self._out_blocks[e])
+                out = out.addmm_(hidden, out_blocks[e])
             else:
-                out = out.index_add_(0, rows, hidden @ self._out_blocks[e])
+                out = out.index_add_(0, rows, hidden @ out_blocks[e])
         return out
 
     def _pair_activations(self, token: torch.Tensor, expert: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
