@@ -68,12 +68,17 @@ def picked_by(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
     return moe.select(x.reshape(-1, moe.d_model))[0].view(*x.shape[:-1], -1).float()
 
 
-@pytest.mark.parametrize("kernel", ["bags", "looped", "looped, every expert for every token", "grouped", "masked"])
+@pytest.mark.parametrize(
+    "kernel", ["bags", "looped", "looped, every expert for every token", "looped in blocks", "grouped", "masked"]
+)
 @pytest.mark.parametrize("selector", ["groundtruth", "similarity", "mlp"])
 def test_partial_budget_computes_exactly_the_chosen_experts(tiny_bert, selector, kernel, monkeypatch):
     """Every kernel, also on the oracle's activations (it computed every neuron to pick)."""
     if kernel == "looped, every expert for every token":  # computed for all, masked: no gather
         monkeypatch.setattr(moe_module, "LOOPED_DENSE_SHARE", 0.0)
+        kernel = "looped"
+    if kernel == "looped in blocks":  # blocks of 4 of the 35 tokens, the last one shorter
+        monkeypatch.setattr(moe_module, "LOOPED_BLOCK_TOKENS", 4)
         kernel = "looped"
     torch.manual_seed(0)
     reference = load_classifier(str(tiny_bert), label_names=["a", "b"], activation="relu").eval()
@@ -107,7 +112,17 @@ def synthetic_ffn(d: int, d_ff: int, gated: bool, bias: bool, act: torch.nn.Modu
 
 
 @pytest.mark.parametrize(
-    "kernel", ["bags", "looped", "looped, popular experts for every token", "grouped", "auto", "grouped in slabs", "masked"]
+    "kernel",
+    [
+        "bags",
+        "looped",
+        "looped, popular experts for every token",
+        "looped in blocks",
+        "grouped",
+        "auto",
+        "grouped in slabs",
+        "masked",
+    ],
 )
 @pytest.mark.parametrize("gated,bias,act", [(True, False, nn.SiLU()), (False, True, nn.GELU()), (True, True, nn.ReLU())])
 def test_both_kernels_match_the_masked_dense_ffn(kernel, gated, bias, act, monkeypatch):
@@ -117,6 +132,9 @@ def test_both_kernels_match_the_masked_dense_ffn(kernel, gated, bias, act, monke
         kernel = "grouped"
     if kernel == "looped, popular experts for every token":  # experts at a share >= 0.3 masked, the rest gathered
         monkeypatch.setattr(moe_module, "LOOPED_DENSE_SHARE", 0.3)
+        kernel = "looped"
+    if kernel == "looped in blocks":  # blocks of 3 tokens: 40 tokens end in a block of 1
+        monkeypatch.setattr(moe_module, "LOOPED_BLOCK_TOKENS", 3)
         kernel = "looped"
     ffn = synthetic_ffn(d, d_ff, gated, bias, act)
     labels = torch.randperm(d_ff, generator=torch.Generator().manual_seed(2)) % experts
@@ -263,12 +281,18 @@ def test_top_k_picks_the_k_highest_router_scores():
             assert torch.equal(moe.select(x)[0], scores >= floor)
 
 
-@pytest.mark.parametrize("kernel", ["masked", "grouped", "bags", "looped", "looped, popular experts for every token"])
+@pytest.mark.parametrize(
+    "kernel", ["masked", "grouped", "bags", "looped", "looped, popular experts for every token", "looped in blocks"]
+)
 @pytest.mark.parametrize("gated", [False, True])
 def test_gradients_flow_through_the_layer_as_through_the_masked_dense_ffn(kernel, gated, monkeypatch):
     """The fresh projections are overwritten in place only where autograd does not need them."""
     if kernel == "looped, popular experts for every token":
         monkeypatch.setattr(moe_module, "LOOPED_DENSE_SHARE", 0.3)
+        kernel = "looped"
+    if kernel == "looped in blocks":  # in-place updates of views of the output, recorded by autograd
+        monkeypatch.setattr(moe_module, "LOOPED_BLOCK_TOKENS", 6)
+        monkeypatch.setattr(moe_module, "LOOPED_DENSE_SHARE", 0.5)
         kernel = "looped"
     ffn = synthetic_ffn(16, 96, gated=gated, bias=True, act=nn.ReLU())
     labels = torch.arange(96) % 12
