@@ -94,3 +94,13 @@ def test_the_default_study_trains_in_fp32_on_every_cpu(study):
     assert validate(study)["finetune"]["precision"] == "fp32"
     assert {arm["split"][0] for arm in study["grid"].values()} <= {"random", "kmeans", "coact"}
     assert set(study["grid"]) == {"moefication", "d2dmoe"} and study["grid"]["d2dmoe"]["selector"] == ["norm"]
+
+
+def test_the_seeds_study_is_the_default_study_with_three_seeds(study):
+    """The README quotes config/seeds.yaml as the default study's methods over three seeds: nothing
+    else may differ (its seed 0 is then the default study)."""
+    seeds = yaml.safe_load((ROOT / "config" / "seeds.yaml").read_text())
+    assert seeds.pop("study") == study.pop("study") + "-seeds"
+    for arm in seeds["grid"].values():
+        assert arm.pop("seed") == [0, 1, 2]
+    assert seeds == study
