@@ -14,7 +14,7 @@ are read in place, never copied, by every kernel:
   intermediates of one expert are small enough for the allocator and the caches to reuse, where
   one `grouped_mm` over all (token, expert) pairs writes and re-reads [pairs, d] tensors of tens
   of MB (on a CPU that traffic, not the arithmetic, made it 0.8x of dense at half the experts).
-  An expert that most tokens of the batch picked costs less computed for every token and masked
+  An expert that most tokens of a block picked costs less computed for every token and masked
   than gathered: the share where the two break even is where looped stops winning in the
   measured table (uniform picks put every expert at the batch's density), and a trained router,
   which gives some experts most of a batch and others few, gains most from this.
