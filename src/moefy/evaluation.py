@@ -99,7 +99,7 @@ def run_pass(
 ) -> tuple[list[torch.Tensor], PassTotals, str]:
     """This rank's predictions per batch, the all-reduced totals of one pass under the layers'
     current selection rule (agreement counted against `dense_predictions`, per batch), and which
-    kernels the layers ran over all ranks (e.g. "grouped 60, masked 6"; "dense" for the dense path).
+    kernels the layers ran over all ranks (e.g. "looped 60, masked 6"; "dense" for the dense path).
 
     Every other MoE layer call is timed next to the dense FFN on the same tokens (MoEFFN.paired_timing):
     the FFN speed-up is the ratio of those, while the whole model's compares with the dense pass."""
