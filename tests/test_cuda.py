@@ -46,12 +46,17 @@ def masked_dense(dense: FFN, x: torch.Tensor, picked: torch.Tensor, labels: torc
     return dense.w_out(dense.activations(x) * picked.float()[:, labels])
 
 
-@pytest.mark.parametrize("kernel", ["bags", "looped", "looped, popular experts for every token", "grouped", "masked", "auto"])
+@pytest.mark.parametrize(
+    "kernel", ["bags", "looped", "looped, popular experts for every token", "looped in blocks", "grouped", "masked", "auto"]
+)
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("oracle", [False, True])
 def test_every_kernel_on_cuda_computes_exactly_the_picked_experts(kernel, gated, oracle, monkeypatch):
     if kernel == "looped, popular experts for every token":
         monkeypatch.setattr(moe_module, "LOOPED_DENSE_SHARE", 0.3)
+        kernel = "looped"
+    if kernel == "looped in blocks":  # 600 tokens in blocks of 256, the last one shorter
+        monkeypatch.setattr(moe_module, "LOOPED_BLOCK_TOKENS", 256)
         kernel = "looped"
     dense = ffn(gated=gated)
     labels = torch.randperm(256, generator=torch.Generator().manual_seed(1)) % 8
