@@ -175,12 +175,12 @@ def test_auto_kernel_runs_many_tokens_on_tiny_experts_masked_dense(monkeypatch):
 
 
 def test_weights_grouped_mm_cannot_read_never_go_through_it(monkeypatch):
-    d, d_ff, experts = 6, 18, 6  # rows of 6 and experts of 3 floats: not 16-byte aligned
+    d, d_ff, experts = 6, 96, 6  # rows of 6 floats: not 16-byte aligned; experts of 16 neurons, big enough for it
     ffn = synthetic_ffn(d, d_ff, False, True, nn.ReLU())
     labels = torch.arange(d_ff) % experts
     moe = MoEFFN(ffn, labels, MLPRouter(d, experts), experts)
     monkeypatch.setattr(MoEFFN, "_grouped", lambda *args: pytest.fail("unaligned weights must not use grouped_mm"))
-    assert moe.choose_kernel(tokens=50, pairs=150, on_gpu=True) != "grouped"
+    assert moe.choose_kernel(tokens=50, pairs=150, on_gpu=True) == "looped"
     x, picked = torch.randn(50, d), torch.rand(50, experts) < 0.5
     torch.testing.assert_close(moe.experts_forward(x, picked), masked_dense(ffn, x, picked.float(), labels), rtol=0, atol=1e-5)
 

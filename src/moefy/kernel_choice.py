@@ -3,8 +3,8 @@
 The MoE layer has four ways to compute the picked experts (moefy.moe): embedding bags, a loop of
 matmuls over the experts, grouped matmuls and masked-dense. Which one wins depends on the token
 count, the share of experts each token uses, the expert size and the machine (its BLAS, caches,
-cores; a GPU). So the calibrate step times them all on a random FFN of the study's shape over a ladder of token counts and densities
-(experts per token / E) and writes the winners to a file. Every evaluate job of the study reads
+cores; a GPU). So the calibrate step times them all on a random FFN of the study's shape over a
+ladder of token counts and densities (experts per token / E) and writes the winners to a file. Every evaluate job of the study reads
 that file, so the kernels, and with them the last bits of every output, are the same in every
 rerun on the machine, while another machine measures its own.
 """
@@ -29,8 +29,8 @@ DENSITIES = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 # Embedding bags re-read their expert's weights for every pair: timed only while there are at most
 # this many pairs per expert (beyond, they lose to the per-expert matmuls by far).
 BAG_PAIRS_PER_EXPERT = 16
-# Bags, looped and grouped matmuls only get slower against masked-dense as the density grows: in a row, a
-# kernel this many times slower than the best at two densities in a row is not timed further.
+# Bags, looped and grouped matmuls only get slower against masked-dense as the density grows: in a
+# row, a kernel this many times slower than the best at two densities in a row is not timed further.
 GIVE_UP_RATIO = 1.5
 FORMAT = "moefy-kernels/1"
 

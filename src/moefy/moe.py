@@ -239,9 +239,8 @@ class MoEFFN(nn.Module):
             kernel = self.kernels.choose(tokens, pairs)
             if kernel != "grouped" or self._grouped_ok:
                 return kernel
-        if not self._grouped_ok and on_gpu:
-            on_gpu = False  # grouped_mm cannot read these weights: the loop instead
-        return default_kernel(tokens, pairs, self.num_experts, self.expert_size, on_gpu)
+        # grouped_mm cannot read unaligned weights: they take the CPU's rules (the loop) on a GPU too
+        return default_kernel(tokens, pairs, self.num_experts, self.expert_size, on_gpu and self._grouped_ok)
 
     def masked_share(self, tokens: int) -> float:
         """The share of a batch's tokens from which the looped kernel computes an expert for every
@@ -302,10 +301,11 @@ class MoEFFN(nn.Module):
             rows = slice(start, start + LOOPED_BLOCK_TOKENS)
             x_block, picked_block, out_block = x[rows], picked[rows], out[rows]
             h_block = None if h is None else h[rows].view(-1, E, s)  # the oracle's activations, by expert
-            expert, token = picked_block.t().nonzero(as_tuple=True)  # pairs grouped by expert
-            tokens_of = token.split(picked_block.sum(0).tolist())
+            token = picked_block.t().nonzero(as_tuple=True)[1]  # the pairs' tokens, grouped by expert
+            counts = picked_block.sum(0).tolist()
+            tokens_of = token.split(counts)
             everyone = self.popular_experts(picked_block).tolist()
-            for e in expert.unique_consecutive().tolist():
+            for e in (e for e, count in enumerate(counts) if count):
                 tokens = None if everyone[e] else tokens_of[e]
                 if h_block is not None:
                     hidden = h_block[:, e] if tokens is None else h_block[:, e].index_select(0, tokens)
