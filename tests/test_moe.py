@@ -368,3 +368,9 @@ def test_every_kernel_reads_the_weights_the_layer_was_moved_to(kernel):
     with torch.no_grad():
         got = moe.experts_forward(x, picked, kernel=kernel)
         torch.testing.assert_close(got, masked_dense(ffn, x, picked.double(), labels), rtol=1e-10, atol=1e-10)
+
+
+def test_an_unknown_kernel_is_a_clear_error_naming_the_kernels():
+    moe = MoEFFN(synthetic_ffn(16, 96, False, True, nn.ReLU()), torch.arange(96) % 12, MLPRouter(16, 12), 12)
+    with pytest.raises(MoefyError, match="no MoE kernel 'mixed': choose one of bags, looped, grouped, masked or 'auto'"):
+        moe.experts_forward(torch.randn(4, 16), torch.ones(4, 12, dtype=torch.bool), kernel="mixed")

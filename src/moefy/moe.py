@@ -265,6 +265,8 @@ class MoEFFN(nn.Module):
         """
         if kernel == "auto":
             kernel = self.choose_kernel(x.shape[0], int(picked.sum()), x.is_cuda)
+        elif kernel not in KERNELS:
+            raise MoefyError(f"no MoE kernel {kernel!r}: choose one of {', '.join(KERNELS)} or 'auto'")
         self.kernel_calls[kernel] += 1
         if kernel == "masked":
             return self._masked(x, picked, h)
