@@ -75,6 +75,9 @@ def test_the_layer_runs_the_kernel_its_table_chooses_and_computes_popular_expert
         (rotating_picks(64, 8, 4), "looped", []),  # every expert at share 0.5 < 0.7: gathered
         (rotating_picks(64, 8, 7), "masked", None),  # every expert at 0.875: the table's cell, masked
         (rotating_picks(64, 8, 2, always=(0, 5)), "looped", [0, 5]),  # experts 0 and 5 at share 1, the rest at 1/3
+        # density 7/8, the table's cell says masked, but experts 6 and 7 have share 1/2 < 0.7: looped,
+        # the six popular experts computed for every token, the other two gathered
+        (rotating_picks(64, 8, 1, always=(0, 1, 2, 3, 4, 5)), "looped", [0, 1, 2, 3, 4, 5]),
     )
     with torch.no_grad():
         for picked, expected, popular in cases:
@@ -87,6 +90,15 @@ def test_the_layer_runs_the_kernel_its_table_chooses_and_computes_popular_expert
         layer.k = 8
         layer(x)
         assert kernel_calls([layer]) == {}, "every expert: the dense matmuls, no kernel"
+
+
+def test_uneven_picks_run_looped_only_where_looped_wins_somewhere_in_the_row():
+    layer = MoEFFN(ffn(), torch.arange(64) % 8, MLPRouter(16, 8), 8, kernels=TABLE)
+    uneven = rotating_picks(64, 8, 1, always=(0, 1, 2, 3, 4, 5))
+    assert layer.uneven_picks_loop(uneven)
+    assert not layer.uneven_picks_loop(rotating_picks(64, 8, 7)), "every expert popular: masked-dense as measured"
+    assert not layer.uneven_picks_loop(uneven[:1]), "one token: looped never wins in that row"
+    assert not MoEFFN(ffn(), torch.arange(64) % 8, MLPRouter(16, 8), 8).uneven_picks_loop(uneven), "no table: no override"
 
 
 def test_the_share_where_masked_dense_takes_over_comes_from_the_measured_row():
