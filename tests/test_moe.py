@@ -305,6 +305,40 @@ def test_gradients_flow_through_the_layer_as_through_the_masked_dense_ffn(kernel
     torch.testing.assert_close(x.grad, reference.grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("oracle", [False, True])
+def test_the_looped_kernel_writes_its_intermediates_into_one_reused_block_each_unless_autograd_records_it(oracle, monkeypatch):
+    d, d_ff, experts = 16, 96, 12
+    ffn = synthetic_ffn(d, d_ff, gated=True, bias=True, act=nn.ReLU())
+    labels = torch.arange(d_ff) % experts
+    moe = MoEFFN(ffn, labels, MLPRouter(d, experts), experts)
+    monkeypatch.setattr(moe_module, "LOOPED_BLOCK_TOKENS", 8)
+    monkeypatch.setattr(moe_module, "LOOPED_DENSE_SHARE", 1.01)  # no expert popular: every one gathered
+    taken: list[tuple[str, int | None]] = []
+    take = moe_module._LoopScratch.take
+
+    def spy(self, name: str, rows: int) -> torch.Tensor | None:
+        buffer = take(self, name, rows)
+        taken.append((name, None if buffer is None else buffer.data_ptr()))
+        return buffer
+
+    monkeypatch.setattr(moe_module._LoopScratch, "take", spy)
+    x = torch.randn(20, d)
+    picked = torch.rand(20, experts, generator=torch.Generator().manual_seed(6)) < 0.5
+    h = moe.dense_activations(x) if oracle else None
+    expected = masked_dense(ffn, x, picked.float(), labels)
+    with torch.no_grad():
+        torch.testing.assert_close(moe.experts_forward(x, picked, kernel="looped", h=h), expected, rtol=0, atol=1e-5)
+    names = {"up", "out"} if oracle else {"rows", "gate", "up", "out"}
+    assert {name for name, _ in taken} == names
+    for name in names:  # every expert of every block (3: 8 + 8 + 4 tokens) writes into the same rows
+        addresses = {address for n, address in taken if n == name}
+        assert len(addresses) == 1 and None not in addresses
+    taken.clear()
+    x.requires_grad_()  # out= ops cannot be differentiated: every op allocates its own
+    moe.experts_forward(x, picked, kernel="looped").sum().backward()
+    assert taken and all(address is None for _, address in taken)
+
+
 @pytest.mark.parametrize("act", [nn.GELU(), nn.ReLU()])  # GELU: negative activations count too
 def test_the_oracle_picks_the_experts_with_the_most_activation_mass_without_reordering_them(act):
     d, d_ff, experts = 16, 96, 12
