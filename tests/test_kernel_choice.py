@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from moefy import kernel_choice
 from moefy import moe as moe_module
 from moefy.errors import MoefyError
 from moefy.ffn import FFN
@@ -143,3 +144,32 @@ def test_a_layer_looks_up_the_table_its_ffn_was_calibrated_under(gated):
     dense = ffn(gated=gated)
     layer = MoEFFN(dense, torch.arange(64) % 8, MLPRouter(16, 8), 8)
     assert layer_shape_key(layer) == ffn_shape_key(dense, 8) == ("d16-ff64-E8-gated" if gated else "d16-ff64-E8")
+
+
+def test_the_calibration_times_a_cells_kernels_in_turns_so_a_burst_of_load_slows_each_of_them_once(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(kernel_choice.time, "perf_counter", lambda: clock[0])
+    ran: list[str] = []
+
+    def kernel(name: str, seconds: float):
+        def call():
+            ran.append(name)
+            busy = 1 <= len(ran) - 3 <= 3  # the first three timed calls (after 3 warm-ups) run under load
+            clock[0] += seconds + (10 if busy else 0)
+
+        return call
+
+    calls = {"looped": kernel("looped", 1), "masked": kernel("masked", 2), "bags": kernel("bags", 3)}
+    milliseconds = kernel_choice._fastest_milliseconds(calls, lambda: None, repeats=3)
+    assert ran == ["looped", "masked", "bags"] + [
+        "looped",
+        "masked",
+        "bags",
+        "masked",
+        "bags",
+        "looped",
+        "bags",
+        "looped",
+        "masked",
+    ]
+    assert milliseconds == {"looped": 1000, "masked": 2000, "bags": 3000}

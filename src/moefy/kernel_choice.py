@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -138,17 +139,22 @@ class _GatherEveryExpert:
         return math.inf
 
 
-def _milliseconds(call, sync, repeats: int) -> float:
-    """Best of `repeats` timed calls after one warm-up."""
-    call()
-    best = math.inf
-    for _ in range(repeats):
-        sync()
-        started = time.perf_counter()
+def _fastest_milliseconds(calls: dict[str, Callable[[], object]], sync, repeats: int) -> dict[str, float]:
+    """Each call's best of `repeats` timings after one warm-up. The calls take turns, each round
+    in another order, so that a burst of load on the machine slows every kernel of a cell rather
+    than only the one running then (one kernel's three timings in a row flipped winners)."""
+    for call in calls.values():
         call()
-        sync()
-        best = min(best, time.perf_counter() - started)
-    return best * 1e3
+    best = dict.fromkeys(calls, math.inf)
+    names = list(calls)
+    for round_ in range(repeats):
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            sync()
+            started = time.perf_counter()
+            calls[name]()
+            sync()
+            best[name] = min(best[name], time.perf_counter() - started)
+    return {name: seconds * 1e3 for name, seconds in best.items()}
 
 
 def measure(ffn: FFN, num_experts: int, device: torch.device, repeats: int = 3, max_seconds_per_call: float = 0.5) -> KernelTable:
@@ -178,7 +184,7 @@ def measure(ffn: FFN, num_experts: int, device: torch.device, repeats: int = 3, 
     ):
         for tokens in TOKENS:
             x = torch.randn(tokens, d_model, generator=generator).to(device)
-            if _milliseconds(partial(layer._dense, x), sync, 1) / 1e3 > max_seconds_per_call:
+            if _fastest_milliseconds({"dense": partial(layer._dense, x)}, sync, 1)["dense"] / 1e3 > max_seconds_per_call:
                 break
             row, row_times = [], {k: [] for k in usable}
             losses = {k: 0 for k in usable}  # densities in a row at which the kernel lost by GIVE_UP_RATIO
@@ -186,12 +192,12 @@ def measure(ffn: FFN, num_experts: int, device: torch.device, repeats: int = 3, 
                 k = max(1, min(num_experts, round(density * num_experts)))
                 scores = torch.rand(tokens, num_experts, generator=generator).to(device)
                 picked = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(k, dim=-1).indices, True)
-                measured = {}
+                calls = {}
                 for kernel in usable:
                     too_many = kernel == "bags" and tokens * k > BAG_PAIRS_PER_EXPERT * num_experts
-                    if kernel != "masked" and (too_many or losses[kernel] >= 2):
-                        continue
-                    measured[kernel] = _milliseconds(partial(layer.experts_forward, x, picked, kernel=kernel), sync, repeats)
+                    if kernel == "masked" or not (too_many or losses[kernel] >= 2):
+                        calls[kernel] = partial(layer.experts_forward, x, picked, kernel=kernel)
+                measured = _fastest_milliseconds(calls, sync, repeats)
                 best = min(measured, key=measured.get)
                 for kernel in usable:
                     row_times[kernel].append(round(measured[kernel], 4) if kernel in measured else None)
