@@ -227,7 +227,7 @@ def test_unnormalised_gates_scale_the_ffn_as_the_formula_says(gated):
 def test_new_router_is_drawn_from_n_0_002():
     ffn = plain_ffn(d=256, d_ff=64)
     moe = upcycle(ffn, 32, Routing(), generator=torch.Generator().manual_seed(0))
-    w = moe.router.weight
+    w = moe.router.weight.detach()
     assert w.shape == (32, 256) and moe.router.bias is None
     assert abs(float(w.std()) - 0.02) < 0.001 and abs(float(w.mean())) < 0.001, (float(w.std()), float(w.mean()))
 
