@@ -135,6 +135,7 @@ def test_both_kernels_match_the_masked_dense_ffn(kernel, gated, bias, act, monke
         kernel = "looped"
     if kernel == "looped in blocks":  # blocks of 3 tokens: 40 tokens end in a block of 1
         monkeypatch.setattr(moe_module, "LOOPED_BLOCK_TOKENS", 3)
+        monkeypatch.setattr(moe_module, "NATIVE_BLOCK_TOKENS", 3)
         kernel = "looped"
     ffn = synthetic_ffn(d, d_ff, gated, bias, act)
     labels = torch.randperm(d_ff, generator=torch.Generator().manual_seed(2)) % experts
@@ -313,6 +314,7 @@ def test_the_looped_kernel_writes_its_intermediates_into_one_reused_block_each_u
     moe = MoEFFN(ffn, labels, MLPRouter(d, experts), experts)
     monkeypatch.setattr(moe_module, "LOOPED_BLOCK_TOKENS", 8)
     monkeypatch.setattr(moe_module, "LOOPED_DENSE_SHARE", 1.01)  # no expert popular: every one gathered
+    monkeypatch.setattr(moe_module.native, "looped_kernel", lambda: None)  # the Python loop (looped.cpp has its own)
     taken: list[tuple[str, int | None]] = []
     take = moe_module._LoopScratch.take
 

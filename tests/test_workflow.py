@@ -57,6 +57,7 @@ RECORD_KEYS = {
     "model_speedup",
     "kernels",
     "precision",
+    "looped_kernel",
 }
 
 pytestmark = pytest.mark.e2e
@@ -78,6 +79,8 @@ def test_calibration_contract(tiny_study):
     document = json.loads(in_study(tiny_study, "calibrate", "moe_kernels.json").read_text())
     table = document["shapes"][f"d32-ff{D_FF}-E{E}"]
     assert document["threads"] == 1 and document["machine"]["cores"] >= 1
+    # which looped kernel the timings are of: the compiled one, or the Python loop and why
+    assert document["looped_kernel"] == "native" or document["looped_kernel"].startswith("python (")
     assert len(table["winners"]) == len(table["tokens"]) and {w for row in table["winners"] for w in row} <= {
         "bags",
         "grouped",

@@ -14,7 +14,9 @@ are read in place, never copied, by every kernel:
   intermediates of one expert are small enough for the allocator and the caches to reuse, where
   one `grouped_mm` over all (token, expert) pairs writes and re-reads [pairs, d] tensors of tens
   of MB (on a CPU that traffic, not the arithmetic, made it 0.8x of dense at half the experts).
-  An expert that most tokens of a block picked costs less computed for every token and masked
+  For CPU inference in float32 the loop runs compiled (moefy.native): the same algorithm without
+  the microseconds of dispatch per op and expert that kept it at the dense FFN's speed at half the
+  experts. An expert that most tokens of a block picked costs less computed for every token and masked
   than gathered: the share where the two break even is where looped stops winning in the
   measured table (uniform picks put every expert at the batch's density), and a trained router,
   which gives some experts most of a batch and others few, gains most from this.
@@ -40,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moefy import native
 from moefy.errors import MoefyError
 from moefy.ffn import FFN, find_ffns
 
@@ -59,6 +62,10 @@ LOOPED_DENSE_SHARE = 0.7
 # and output stay nearer the core (384x1536, 48 experts, 8,192 tokens, one core: 1.32x of dense at
 # budget 0.5 in blocks of 2,048 against 1.12x in one; 768x3072 at 4,096 tokens: 1.29x against 1.24x).
 LOOPED_BLOCK_TOKENS = 2048
+# The native looped kernel (moefy.native) takes smaller blocks, as it has no per-op cost to spread:
+# 384x1536, 48 experts, 4,096 tokens, one AVX2 core, budget 0.5: 1.63x of dense in blocks of 512,
+# 1.74x in blocks of 1,024.
+NATIVE_BLOCK_TOKENS = 1024
 # The grouped kernel works through (token, expert) pairs in slabs of at most this many floats per
 # [pairs, d] intermediate: below glibc's largest mmap threshold (32 MB), so freed slabs are reused.
 SLAB_FLOATS = 4 * 2**20
@@ -144,6 +151,7 @@ class MoEFFN(nn.Module):
         self.b_out = _frozen(ffn.w_out.bias)
         elsize = self.w_in.element_size()
         self._grouped_ok = (d_model * elsize) % 16 == 0 and (s * elsize) % 16 == 0  # grouped_mm's alignment
+        self._native_act = native.activation_code(self.act)  # None: the native looped kernel cannot compute it
 
     # -- every neuron ---------------------------------------------------------------------------
     def dense_activations(self, x: torch.Tensor) -> torch.Tensor:
@@ -303,6 +311,24 @@ class MoEFFN(nn.Module):
         return out
 
     def _looped(self, x: torch.Tensor, picked: torch.Tensor, h: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+        """The looped kernel: compiled (moefy.native) for CPU inference in float32 where it could be
+        built, the Python loop otherwise (a GPU, autograd, another dtype or activation)."""
+        kernel = native.looped_kernel() if self._native_runs(x, h) else None
+        if kernel is None:
+            return self._looped_python(x, picked, h, out)
+        block = min(NATIVE_BLOCK_TOKENS, x.shape[0])
+        kernel.looped(
+            x.contiguous(), picked.contiguous(), self.w_in, self.b_in, self.w_gate, self.b_gate, self.w_out,
+            out, h, self.num_experts, self._native_act, NATIVE_BLOCK_TOKENS, float(self.masked_share(block)),
+        )  # fmt: skip
+        return out
+
+    def _native_runs(self, x: torch.Tensor, h: torch.Tensor | None) -> bool:
+        recorded = torch.is_grad_enabled() and (x.requires_grad or (h is not None and h.requires_grad))
+        inputs_fit = x.dtype == torch.float32 and (h is None or (h.dtype == torch.float32 and h.is_contiguous()))
+        return self._native_act is not None and not x.is_cuda and not recorded and inputs_fit and self.w_in.dtype == torch.float32
+
+    def _looped_python(self, x: torch.Tensor, picked: torch.Tensor, h: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
         """Blocks of LOOPED_BLOCK_TOKENS tokens, and in each one expert at a time: its tokens' rows
         gathered, two matmuls, the result scatter-added into `out`; an expert that at least
         masked_share of the block's tokens picked is computed for every token of the block and masked

@@ -64,6 +64,7 @@ def columns(metric: str) -> list[str]:
         f"dense_test_{metric}",
         *WALL_CLOCK,
         "precision",
+        "looped_kernel",
     ]
 
 

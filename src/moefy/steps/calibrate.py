@@ -1,7 +1,7 @@
 """Step calibrate: measure which MoE kernel is fastest on this machine for the study's FFN shape
 (and, when the grid converts attention, for each distilled projection's shape).
 
-Times embedding bags, grouped matmuls and masked-dense on the model's first FFN (with the
+Times embedding bags, the loop of matmuls over the experts (native where it builds), grouped matmuls and masked-dense on the model's first FFN (with the
 activation the fine-tune will give it) over a ladder of token counts and experts per token, for
 every expert count of the grid, with the threads an evaluate job gets. Writes
 <out>/moe_kernels.json, which every evaluate job of the study reads, so that all of them, and
@@ -15,7 +15,7 @@ import itertools
 
 import torch
 
-from moefy import dist, machine, tracking
+from moefy import dist, machine, native, tracking
 from moefy.cli import run_step, step_parser
 from moefy.config import section_properties
 from moefy.ffn import FFN, find_ffns
@@ -84,7 +84,13 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"  {tokens:>5} tokens: {' '.join(f'{w:>7}' for w in row)}", flush=True)
         write_json(
             args.out / "moe_kernels.json",
-            {"format": FORMAT, "machine": machine.describe(ctx.device), "threads": torch.get_num_threads(), "shapes": shapes},
+            {
+                "format": FORMAT,
+                "machine": machine.describe(ctx.device),
+                "threads": torch.get_num_threads(),
+                "looped_kernel": native.implementation(),
+                "shapes": shapes,
+            },
         )
         run.log_artifact(args.out / "moe_kernels.json")
     dist.teardown()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from moefy import dist, pause, tracking
+from moefy import dist, native, pause, tracking
 from moefy.batches import Encoded, eval_batches
 from moefy.cli import ablation, add_section_flags, run_step, step_parser
 from moefy.datafiles import read_split
@@ -104,7 +104,11 @@ def main(argv: list[str] | None = None) -> None:
         raise MoefyError(f"{args.data / 'test.jsonl'} has no labels, but task {task.name} needs them; rerun the data step")
     targets_t = None if targets is None else torch.as_tensor(targets, dtype=torch.long)
     batches = eval_batches(encoded, args.batch_size, ctx)
-    identity = {**ablation(args), "precision": read_training(args.model).get("precision", "unknown")}
+    identity = {
+        **ablation(args),
+        "precision": read_training(args.model).get("precision", "unknown"),
+        "looped_kernel": native.implementation(),  # built here, not in the first timed batch
+    }
 
     def measure(rule: SelectionRule, dense_predictions=None, on=(model, layers)):
         rule.apply(on[1])
