@@ -80,9 +80,19 @@ def test_the_native_kernel_gives_the_python_loops_outputs(kernel, gated, bias, a
     assert len(calls) == 3
 
 
-def test_the_native_kernel_runs_its_blocks_on_the_threads_with_the_same_outputs(kernel, monkeypatch):
+def test_the_threads_share_out_the_blocks_with_the_same_outputs(kernel, monkeypatch):
+    """Each thread takes whole blocks, its matmuls on one thread (splitting an expert's small matmuls
+    over two threads made the loop twice as slow): a batch is cut into at least one block per thread."""
     moe = layer(False, True, nn.GELU())
-    monkeypatch.setattr(moe_module, "NATIVE_BLOCK_TOKENS", 4)
+    blocks = []
+
+    class Spy:
+        def looped(self, *args):
+            blocks.append(args[11])
+            return kernel.looped(*args)
+
+    monkeypatch.setattr(moe_module.native, "looped_kernel", Spy)
+    monkeypatch.setattr(moe_module, "LOOPED_DENSE_SHARE", 0.4)  # popular experts: out written by addmm_ too
     x, picked = torch.randn(64, 16), torch.rand(64, 12) < 0.5
     threads = torch.get_num_threads()
     try:
@@ -91,9 +101,14 @@ def test_the_native_kernel_runs_its_blocks_on_the_threads_with_the_same_outputs(
             one = moe.experts_forward(x, picked, kernel="looped")
             torch.set_num_threads(2)
             two = moe.experts_forward(x, picked, kernel="looped")
+        with torch.inference_mode():  # the other thread writes the output made in this mode too
+            inferred = moe.experts_forward(x, picked, kernel="looped")
     finally:
         torch.set_num_threads(threads)
-    torch.testing.assert_close(two, one, rtol=0, atol=0)
+    assert blocks == [64, 32, 32]
+    torch.testing.assert_close(inferred, two, rtol=0, atol=0)
+    assert kernel.parallel(), "built without OpenMP, at::parallel_for runs every block on one thread"
+    torch.testing.assert_close(two, one, rtol=0, atol=1e-6)
     torch.testing.assert_close(one, python_loop(moe, x, picked), rtol=0, atol=1e-6)
 
 

@@ -34,6 +34,7 @@ tokens; the looped kernel's loop over experts costs a few microseconds per exper
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from typing import Protocol
@@ -316,10 +317,11 @@ class MoEFFN(nn.Module):
         kernel = native.looped_kernel() if self._native_runs(x, h) else None
         if kernel is None:
             return self._looped_python(x, picked, h, out)
-        block = min(NATIVE_BLOCK_TOKENS, x.shape[0])
+        # Each thread takes whole blocks (see looped.cpp): at least one block per thread.
+        block = max(1, min(NATIVE_BLOCK_TOKENS, math.ceil(x.shape[0] / torch.get_num_threads())))
         kernel.looped(
             x.contiguous(), picked.contiguous(), self.w_in, self.b_in, self.w_gate, self.b_gate, self.w_out,
-            out, h, self.num_experts, self._native_act, NATIVE_BLOCK_TOKENS, float(self.masked_share(block)),
+            out, h, self.num_experts, self._native_act, block, float(self.masked_share(block)),
         )  # fmt: skip
         return out
 

@@ -56,7 +56,17 @@ def _build() -> ModuleType:
         (folder / "lock").unlink(missing_ok=True)
         if not any(folder.glob("*.so")):
             print("moefy: compiling the native looped MoE kernel (once on this machine, about 30 s)", file=sys.stderr, flush=True)
-        return load("moefy_looped", [str(SOURCE)], build_directory=str(folder), extra_cflags=["-O3"], verbose=False)
+        # -fopenmp: at::parallel_for runs its range on torch's OpenMP threads only in code compiled
+        # with OpenMP; without it, serially on one.
+        flags = ["-O3", "-fopenmp"]
+        return load(
+            "moefy_looped",
+            [str(SOURCE)],
+            build_directory=str(folder),
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
 
 
 def looped_kernel() -> ModuleType | None:

@@ -10,6 +10,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
 #include <cstring>
@@ -71,7 +72,11 @@ void looped(const at::Tensor& x, const at::Tensor& picked, const at::Tensor& w_i
   TORCH_CHECK(picked.size(0) == T && picked.size(1) == E && out.size(0) == T && out.size(1) == d_out, "shapes disagree");
   const bool* picks = picked.data_ptr<bool>();
 
+  // The caller's grad and inference modes, for the ops the other threads run: without them, an
+  // output made under torch.inference_mode could not be written there.
+  const at::ThreadLocalState caller;
   auto run_blocks = [&](int64_t first, int64_t last) {
+    at::ThreadLocalStateGuard same_modes(caller);
     const auto options = x.options();
     auto rows = at::empty({block, h.has_value() ? s : d}, options);  // gathered x (or h) rows
     auto up = at::empty({block, s}, options);
@@ -136,14 +141,22 @@ void looped(const at::Tensor& x, const at::Tensor& picked, const at::Tensor& w_i
       }
     }
   };
-  const int64_t blocks = (T + block - 1) / block;
-  // Blocks run on the threads when there are enough of them; otherwise one block at a time, each
-  // matmul on every thread (inside parallel_for an op runs on one).
-  if (blocks >= at::get_num_threads() && at::get_num_threads() > 1) {
-    at::parallel_for(0, blocks, 1, run_blocks);
-  } else {
-    run_blocks(0, blocks);
-  }
+  // The threads share out the blocks, each running its matmuls on one thread (inside parallel_for
+  // an op runs on one): an expert's matmuls are too small to split, and on two threads splitting
+  // them made the loop twice as slow as on one.
+  at::parallel_for(0, (T + block - 1) / block, 1, run_blocks);
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("looped", &looped, "moefy's looped MoE kernel (CPU, float32, inference)"); }
+// Whether at::parallel_for can use torch's threads here: only in code compiled with OpenMP.
+bool parallel() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("looped", &looped, "moefy's looped MoE kernel (CPU, float32, inference)");
+  m.def("parallel", &parallel, "whether the blocks can run on torch's threads (built with OpenMP)");
+}
