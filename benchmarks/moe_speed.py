@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moefy import benchmarking
+from moefy import benchmarking, native
 from moefy.ffn import FFN
 from moefy.kernel_choice import measure
 from moefy.moe import MoEFFN, kernel_calls
@@ -138,6 +138,7 @@ def shape_cases(
 
 
 def print_table(rows: list[dict]) -> None:
+    print(f"\nlooped kernel: {native.implementation()}")
     print("\n| shape | E | tokens | budget | dense ms | MoE ms | speed-up | kernel |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(

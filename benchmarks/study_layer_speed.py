@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from moefy import benchmarking, dist
+from moefy import benchmarking, dist, native
 from moefy.batches import Encoded, eval_batches, iterate
 from moefy.datafiles import read_split
 from moefy.errors import MoefyError
@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     ctx = dist.setup("cpu")
     batches = eval_batches(encoded, args.batch_size, ctx)[::3][: args.batches]
     rows = []
+    print(f"looped kernel: {native.implementation()}", flush=True)
     with torch.inference_mode():
         inputs = ffn_inputs(model, layers, encoded, batches, ctx)
         for budget in args.budgets:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY, VARIANT, E
+from moefy import native
 from moefy.moe import KERNELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,13 +74,16 @@ def test_study_layer_speed_times_a_finished_arm_three_ways(tiny_study, tmp_path,
         ["--study", str(study), "--variant", VARIANT, "--split", "coact", "--num-experts", str(E), "--selector", "mlp"]
         + ["--budgets", "0.5", "--batches", "2", "--repeats", "1", "--batch-size", "16", "--json", str(out), "--no-mlflow"]
     )
-    (row,) = json.loads(out.read_text())["rows"]
+    document = json.loads(out.read_text())
+    (row,) = document["rows"]
+    assert document["machine"]["looped_kernel"] == native.implementation()  # which loop the timings are of
     assert row["budget"] == 0.5 and row["dense_ms"] > 0 and row["moe_ms"] > 0 and row["gathered_ms"] > 0
     assert row["speedup"] == pytest.approx(row["dense_ms"] / row["moe_ms"])
     assert sum(row["kernels"].values()) == sum(row["gathered_kernels"].values()) > 0, "one kernel call per MoE call"
     p10, p50, p90 = row["expert_share_p10_p50_p90"]
     assert 0 <= p10 <= p50 <= p90 <= 1 and p50 > 0
-    assert "coact-E" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "coact-E" in printed and f"looped kernel: {native.implementation()}" in printed
     with pytest.raises(SystemExit):
         bench.main(["--study", str(study), "--variant", VARIANT, "--split", "nosuch", "--no-mlflow"])
     assert "run the study's arm first" in capsys.readouterr().err

@@ -10,12 +10,18 @@ from pathlib import Path
 
 import torch
 
-from moefy import machine, tracking
+from moefy import machine, native, tracking
 
 
 def where(device: torch.device) -> dict:
-    """The Python, OMP threads and CPU / GPU a benchmark measured, for its records."""
-    return {"python": platform.python_version(), "omp_threads": os.environ.get("OMP_NUM_THREADS"), **machine.describe(device)}
+    """The Python, OMP threads, CPU / GPU and looped MoE kernel (native or the Python loop, and
+    why) a benchmark measured, for its records."""
+    return {
+        "python": platform.python_version(),
+        "omp_threads": os.environ.get("OMP_NUM_THREADS"),
+        "looped_kernel": native.implementation(),
+        **machine.describe(device),
+    }
 
 
 def save(
