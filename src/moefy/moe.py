@@ -328,7 +328,8 @@ class MoEFFN(nn.Module):
     def _native_runs(self, x: torch.Tensor, h: torch.Tensor | None) -> bool:
         recorded = torch.is_grad_enabled() and (x.requires_grad or (h is not None and h.requires_grad))
         inputs_fit = x.dtype == torch.float32 and (h is None or (h.dtype == torch.float32 and h.is_contiguous()))
-        return self._native_act is not None and not x.is_cuda and not recorded and inputs_fit and self.w_in.dtype == torch.float32
+        on_cpu = x.device.type == "cpu"
+        return self._native_act is not None and on_cpu and not recorded and inputs_fit and self.w_in.dtype == torch.float32
 
     def _looped_python(self, x: torch.Tensor, picked: torch.Tensor, h: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
         """Blocks of LOOPED_BLOCK_TOKENS tokens, and in each one expert at a time: its tokens' rows

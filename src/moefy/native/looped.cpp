@@ -63,7 +63,7 @@ void looped(const at::Tensor& x, const at::Tensor& picked, const at::Tensor& w_i
             const c10::optional<at::Tensor>& w_gate, const c10::optional<at::Tensor>& b_gate, const at::Tensor& w_out,
             at::Tensor& out, const c10::optional<at::Tensor>& h, int64_t num_experts, int64_t act, int64_t block,
             double masked_share) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && !x.is_cuda(), "x: contiguous float32 [T, d] on CPU");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x: contiguous float32 [T, d] on CPU");
   TORCH_CHECK(picked.scalar_type() == at::kBool && picked.is_contiguous(), "picked: contiguous bool [T, E]");
   TORCH_CHECK(out.is_contiguous() && w_out.is_contiguous() && w_in.is_contiguous(), "out and weights: contiguous");
   TORCH_CHECK(!h.has_value() || h->is_contiguous(), "h: contiguous [T, E*s]");
