@@ -138,7 +138,7 @@ def shape_cases(
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\nlooped kernel: {native.implementation()}")
+    print(f"\nlooped kernel on the CPU: {native.implementation(torch.device('cpu'))}")
     print("\n| shape | E | tokens | budget | dense ms | MoE ms | speed-up | kernel |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(

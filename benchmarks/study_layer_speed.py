@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     ctx = dist.setup("cpu")
     batches = eval_batches(encoded, args.batch_size, ctx)[::3][: args.batches]
     rows = []
-    print(f"looped kernel: {native.implementation()}", flush=True)
+    print(f"looped kernel: {native.implementation(torch.device('cpu'))}", flush=True)
     with torch.inference_mode():
         inputs = ffn_inputs(model, layers, encoded, batches, ctx)
         for budget in args.budgets:

@@ -76,14 +76,14 @@ def test_study_layer_speed_times_a_finished_arm_three_ways(tiny_study, tmp_path,
     )
     document = json.loads(out.read_text())
     (row,) = document["rows"]
-    assert document["machine"]["looped_kernel"] == native.implementation()  # which loop the timings are of
+    assert document["machine"]["looped_kernel"] == native.implementation(torch.device("cpu"))  # which loop the timings are of
     assert row["budget"] == 0.5 and row["dense_ms"] > 0 and row["moe_ms"] > 0 and row["gathered_ms"] > 0
     assert row["speedup"] == pytest.approx(row["dense_ms"] / row["moe_ms"])
     assert sum(row["kernels"].values()) == sum(row["gathered_kernels"].values()) > 0, "one kernel call per MoE call"
     p10, p50, p90 = row["expert_share_p10_p50_p90"]
     assert 0 <= p10 <= p50 <= p90 <= 1 and p50 > 0
     printed = capsys.readouterr().out
-    assert "coact-E" in printed and f"looped kernel: {native.implementation()}" in printed
+    assert "coact-E" in printed and f"looped kernel: {native.implementation(torch.device('cpu'))}" in printed
     with pytest.raises(SystemExit):
         bench.main(["--study", str(study), "--variant", VARIANT, "--split", "nosuch", "--no-mlflow"])
     assert "run the study's arm first" in capsys.readouterr().err

@@ -17,6 +17,8 @@ from moefy.ffn import FFN
 from moefy.moe import MoEFFN
 from moefy.routers import MLPRouter
 
+CPU = torch.device("cpu")
+
 
 @pytest.fixture(scope="module")
 def kernel():
@@ -24,7 +26,7 @@ def kernel():
     (CI), whose machines have one: there a failed build fails."""
     built = native.looped_kernel()
     if built is None:
-        message = f"the native looped kernel did not build: {native.implementation()}"
+        message = f"the native looped kernel did not build: {native.implementation(CPU)}"
         if os.environ.get("MOEFY_REQUIRE_NATIVE"):
             pytest.fail(message)
         pytest.skip(message)
@@ -137,12 +139,19 @@ def test_without_a_build_the_layers_run_the_python_loop_and_say_why(monkeypatch,
 
     monkeypatch.setattr(native, "_build", no_compiler)
     assert native.looped_kernel() is None
-    assert native.implementation() == "python (RuntimeError: c++: command not found)"
+    assert native.implementation(CPU) == "python (RuntimeError: c++: command not found)"
     assert "could not be built (RuntimeError: c++: command not found)" in capsys.readouterr().err
     moe = layer(True, True, nn.ReLU())
     x, picked = torch.randn(30, 16), torch.rand(30, 12) < 0.5
     with torch.no_grad():
         torch.testing.assert_close(moe.experts_forward(x, picked, kernel="looped"), python_loop(moe, x, picked), rtol=0, atol=0)
+
+
+def test_on_another_device_the_python_loop_is_named_and_nothing_is_built(monkeypatch):
+    monkeypatch.setattr(native, "_module", None)
+    monkeypatch.setattr(native, "_failure", None)
+    monkeypatch.setattr(native, "_build", lambda: pytest.fail("nothing should be built for a GPU"))
+    assert native.implementation(torch.device("cuda")) == "python (the native kernel is for CPUs, this is cuda)"
 
 
 def test_a_build_left_by_a_killed_process_does_not_block_the_next(tmp_path, monkeypatch):

@@ -19,7 +19,7 @@ def where(device: torch.device) -> dict:
     return {
         "python": platform.python_version(),
         "omp_threads": os.environ.get("OMP_NUM_THREADS"),
-        "looped_kernel": native.implementation(),
+        "looped_kernel": native.implementation(device),
         **machine.describe(device),
     }
 

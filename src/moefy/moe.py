@@ -326,7 +326,7 @@ class MoEFFN(nn.Module):
         return out
 
     def _native_runs(self, x: torch.Tensor, h: torch.Tensor | None) -> bool:
-        recorded = torch.is_grad_enabled() and (x.requires_grad or (h is not None and h.requires_grad))
+        recorded = _autograd_records(x, h)
         inputs_fit = x.dtype == torch.float32 and (h is None or (h.dtype == torch.float32 and h.is_contiguous()))
         on_cpu = x.device.type == "cpu"
         return self._native_act is not None and on_cpu and not recorded and inputs_fit and self.w_in.dtype == torch.float32
@@ -434,6 +434,11 @@ def _linear(x: torch.Tensor, w_t: torch.Tensor, b: torch.Tensor | None, out: tor
     return torch.mm(x, w_t, out=out) if b is None else torch.addmm(b.reshape(-1), x, w_t, out=out)
 
 
+def _autograd_records(x: torch.Tensor, h: torch.Tensor | None) -> bool:
+    """Whether autograd records ops on the looped kernel's inputs (x, or the oracle's h)."""
+    return torch.is_grad_enabled() and (x.requires_grad or (h is not None and h.requires_grad))
+
+
 class _LoopScratch:
     """The looped kernel's intermediates, one block of rows each, reused by every expert. A fresh
     tensor per expert and matmul (a few MB each) costs page faults and cold caches: at density 0.5
@@ -447,7 +452,7 @@ class _LoopScratch:
     def for_block(cls, x: torch.Tensor, h: torch.Tensor | None, rows: int, expert_size: int, d_out: int, gated: bool):
         """Scratch for a block of `rows` tokens, or one that hands out nothing (every op allocates)
         where autograd records the kernel: ops with out= tensors cannot be differentiated."""
-        if torch.is_grad_enabled() and (x.requires_grad or (h is not None and h.requires_grad)):
+        if _autograd_records(x, h):
             return cls(x, 0, {})
         widths = {"up": expert_size, "out": d_out}  # with the oracle's h: its gathered rows, the output
         if h is None:  # the input projections' too

@@ -6,7 +6,7 @@ overhead alone kept the MoE layer at about the dense FFN's speed. looped.cpp run
 algorithm in one call (see its header). It is compiled with torch's JIT extension builder (a C++
 compiler, ninja and the Python headers: all there with a usual Python and build tools) into a
 per-source folder of the user's cache, once per machine, under a lock so that parallel jobs build
-it once. Where it cannot be built the layers run the Python loop, and `implementation()` says why,
+it once. Where it cannot be built the layers run the Python loop, and `implementation` says why,
 so the calibrate step's file and evaluate's records name the kernel that was measured.
 """
 
@@ -56,15 +56,15 @@ def _build() -> ModuleType:
         (folder / "lock").unlink(missing_ok=True)
         if not any(folder.glob("*.so")):
             print("moefy: compiling the native looped MoE kernel (once on this machine, about 30 s)", file=sys.stderr, flush=True)
-        # -fopenmp: at::parallel_for runs its range on torch's OpenMP threads only in code compiled
-        # with OpenMP; without it, serially on one.
-        flags = ["-O3", "-fopenmp"]
+        # at::parallel_for runs its range on torch's OpenMP threads only in code compiled with
+        # OpenMP; without it, serially on one.
+        openmp = ["-fopenmp"]
         return load(
             "moefy_looped",
             [str(SOURCE)],
             build_directory=str(folder),
-            extra_cflags=flags,
-            extra_ldflags=["-fopenmp"],
+            extra_cflags=["-O3", *openmp],
+            extra_ldflags=openmp,
             verbose=False,
         )
 
@@ -84,8 +84,11 @@ def looped_kernel() -> ModuleType | None:
     return _module
 
 
-def implementation() -> str:
-    """'native', or 'python (why the native kernel is missing)', building it if not yet tried."""
+def implementation(device: torch.device) -> str:
+    """The looped kernel that runs on `device`: 'native', or 'python (why)'. On a CPU it builds the
+    native kernel if not yet tried; elsewhere it never runs, and nothing is built."""
+    if device.type != "cpu":
+        return f"python (the native kernel is for CPUs, this is {device.type})"
     return "native" if looped_kernel() is not None else f"python ({_failure})"
 
 

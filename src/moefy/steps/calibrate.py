@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         args.model, args.task, activation="relu" if args.activation == "relu" else None, trust_remote_code=args.trust_remote_code
     ).to(ctx.device)
     with tracking.job_run("calibrate", vars(args)) as run:
-        looped = native.implementation()  # built now, before the timings and their progress bar
+        looped = native.implementation(ctx.device)  # built now, before the timings and their progress bar
         shapes = {}
         for ffn, num_experts in itertools.product(shapes_to_measure(model, args), args.num_experts):
             check_num_experts(ffn.d_ff, num_experts)

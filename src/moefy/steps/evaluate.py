@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     identity = {
         **ablation(args),
         "precision": read_training(args.model).get("precision", "unknown"),
-        "looped_kernel": native.implementation(),  # built here, not in the first timed batch
+        "looped_kernel": native.implementation(ctx.device),  # built here, not in the first timed batch
     }
 
     def measure(rule: SelectionRule, dense_predictions=None, on=(model, layers)):
