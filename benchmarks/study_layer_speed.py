@@ -23,16 +23,17 @@ from pathlib import Path
 
 import torch
 
-from moefy import benchmarking, dist, native
-from moefy.batches import Encoded, eval_batches, iterate
-from moefy.datafiles import read_split
+from moefy import dist, native
+from moefy.adapters.models import load_model, load_tokenizer, read_training
+from moefy.conversion.routers import budget_to_k
+from moefy.data.batches import Encoded, eval_batches, iterate
+from moefy.data.subsets import read_split
 from moefy.errors import MoefyError
-from moefy.export import read_moe_parts
 from moefy.files import read_json
-from moefy.kernel_choice import layer_shape_key, table_for
-from moefy.models import load_model, load_tokenizer, read_training
-from moefy.moe import MoEFFN, kernel_calls, moefy_model
-from moefy.routers import budget_to_k
+from moefy.moe.checkpoints import read_moe_parts
+from moefy.moe.kernel_choice import layer_shape_key, table_for
+from moefy.moe.layer import MoEFFN, kernel_calls, moefy_model
+from moefy.workflow import benchmarking
 
 WAYS = ("dense", "as the study runs it", "every expert gathered")
 

@@ -1,16 +1,17 @@
 # Helpers that turn the validated config into paths, inputs and command lines. No step logic here:
-# everything a rule runs is a module of src/moefy/steps, and what the grid holds is moefy.study.
+# everything a rule runs is a module of src/moefy/steps, and what the grid holds is moefy.workflow.study.
 import os
 import sys
 from pathlib import Path
 
-from moefy import owners, tracking
-from moefy.cli import settings_flags
-from moefy.cluster import job_resources
+from moefy.workflow import owners, tracking
+from moefy.workflow.cli import settings_flags
+from moefy.workflow.cluster import job_resources
 from moefy.config import PENALTIES, RECOVERIES, SELECTORS, SPLITS, validate
 from moefy.errors import MoefyError
-from moefy.launch import export_source_folder, interpreter_first_on_path, step_command, threads_per_rank
-from moefy.study import ATTENTION_SUFFIX, Evaluation, Study, Variant
+from moefy.workflow.launch import export_source_folder, interpreter_first_on_path, step_command, threads_per_rank
+from moefy.training.merging import CHAIN_PATTERN, GROUPS_PATTERN, MERGED_PATTERN, METHOD_PATTERN
+from moefy.workflow.study import ATTENTION_SUFFIX, VARIANT_FORMAT, Evaluation, Study, Variant
 
 try:
     validate(config)
@@ -28,10 +29,10 @@ export_source_folder(workflow.basedir)
 STUDY = config["study"]
 COMPUTE = config["compute"]
 GRID = Study(config)
-VARIANT = "{penalty}-seed{seed}"
+VARIANT = VARIANT_FORMAT
 # The model a conversion chain starts from: the fine-tuned variant, or (`{attention}` = -attention)
 # its model with distilled attention projections, whose projections are converted beside the FFNs.
-CONVERTED = "{penalty}-seed{seed}{attention}"
+CONVERTED = VARIANT + "{attention}"
 CONVERSION = "{split}-E{num_experts}"
 
 # Jobs find the MLflow store and experiment here; the parent run id follows in onstart.
@@ -48,10 +49,10 @@ wildcard_constraints:
     attention=f"|{ATTENTION_SUFFIX}",  # empty: the FFNs only
     recovery="|".join(r for r in RECOVERIES if r != "none"),  # none: the plain evaluate rule
     upcycled="|".join(sorted(config["upcycling"]["models"])) or "(?!)",  # never `dense`
-    method="average|frequency|prune|msmoe",
-    groups=r"\d+(\.\d+)?",
-    chain=r"[a-z]+-G\d+(\.\d+)?(-kd|-svd)*",  # a merged model's steps (moefy.merging.chain_of)
-    merged=r"full|[a-z]+-G\d+(\.\d+)?(-kd|-svd)*",
+    method=METHOD_PATTERN,
+    groups=GROUPS_PATTERN,
+    chain=CHAIN_PATTERN,  # a merged model's steps (moefy.training.merging.chain_of)
+    merged=MERGED_PATTERN,
 
 
 def results(*parts):
@@ -101,7 +102,7 @@ def cores_of_job(wildcards, threads):
 
 
 def cluster_resources(rule, ranked=False):
-    """What `rule`'s jobs ask a cluster for (moefy.cluster, from config's cluster and compute
+    """What `rule`'s jobs ask a cluster for (moefy.workflow.cluster, from config's cluster and compute
     sections); `ranked`: the step starts compute.nproc_per_node ranks (launch). Cores: its threads."""
     return {**job_resources(config["cluster"], COMPUTE, rule, ranked), "cpus_per_task": cores_of_job}
 
@@ -183,9 +184,13 @@ def ablation_flags(wildcards):
     return settings_flags(flags)
 
 
+def variant_of(wildcards):
+    return Variant(wildcards.penalty, int(wildcards.seed))
+
+
 def variant_model(step, wildcards):
     """The model folder that `step` (finetune or distill) wrote for the wildcards' variant."""
-    return results(step, f"{wildcards.penalty}-seed{wildcards.seed}", "model")
+    return results(step, variant_of(wildcards).name, "model")
 
 
 def converted_model(wildcards):
@@ -205,7 +210,7 @@ def reference_model(wildcards):
 
 def evaluation_of(wildcards):
     return Evaluation(
-        Variant(wildcards.penalty, int(wildcards.seed)),
+        variant_of(wildcards),
         wildcards.split,
         int(wildcards.num_experts),
         wildcards.selector,
@@ -248,8 +253,8 @@ def merge_folder(*parts):
 def merged_model(wildcards):
     """The folder evaluate_smoe measures: the trained upcycled model (full), or a merged one."""
     if wildcards.merged == "full":
-        return results("upcycle", f"{wildcards.penalty}-seed{wildcards.seed}", wildcards.upcycled, "model")
-    return results("merge", f"{wildcards.penalty}-seed{wildcards.seed}", wildcards.upcycled, wildcards.merged, "model")
+        return results("upcycle", variant_of(wildcards).name, wildcards.upcycled, "model")
+    return results("merge", variant_of(wildcards).name, wildcards.upcycled, wildcards.merged, "model")
 
 
 def merged_evaluations():
@@ -272,7 +277,7 @@ def merged_distillation_flags():
 def check_before_jobs():
     """From onstart (a real run, not a dry run, --lint or --report): the checks that read the model
     and data, this study's lock, the MLflow store and the parent run of this invocation."""
-    from moefy.preflight import check_study
+    from moefy.workflow.preflight import check_study
 
     try:
         check_study(config)

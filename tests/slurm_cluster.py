@@ -297,7 +297,7 @@ class SlurmCluster:
             self.linked = False
 
 
-RETRY_LINE = "did not answer; retrying"  # what a job logs for each retry on its tracking server (moefy.tracking)
+RETRY_LINE = "did not answer; retrying"  # what a job logs for each retry on its tracking server (moefy.workflow.tracking)
 
 
 def rule_of(comment: str) -> str:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from moefy.assignment import balanced_assignment
+from moefy.conversion.assignment import balanced_assignment
 from moefy.errors import MoefyError
 
 

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from conftest import ATTENTION, LAYERS, E, in_study
+from moefy.adapters.models import load_model
 from moefy.files import read_json
-from moefy.models import load_model
 
 CONVERSION = f"kmeans-E{E}-norm"
 

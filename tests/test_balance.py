@@ -3,7 +3,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from moefy.balance import balance_least_loss, balance_random, expert_sizes, is_balanced, weight_kept
+from moefy.conversion.balance import balance_least_loss, balance_random, expert_sizes, is_balanced, weight_kept
 from moefy.errors import MoefyError
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from moefy.batches import length_grouped_batches, shard_batches
+from moefy.data.batches import length_grouped_batches, shard_batches
 
 
 def test_eval_batches_are_sorted_by_length():

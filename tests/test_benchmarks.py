@@ -9,7 +9,7 @@ import torch
 
 from conftest import TINY, VARIANT, E
 from moefy import native
-from moefy.moe import KERNELS
+from moefy.moe.layer import KERNELS
 
 ROOT = Path(__file__).resolve().parents[1]
 

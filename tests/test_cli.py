@@ -4,9 +4,9 @@ import shlex
 
 import pytest
 
-from moefy.cli import add_section_flags, run_step, settings_flags
 from moefy.config import STEP_SECTIONS, section_defaults
 from moefy.errors import MoefyError
+from moefy.workflow.cli import add_section_flags, run_step, settings_flags
 
 
 @pytest.mark.parametrize("section", STEP_SECTIONS)
@@ -47,7 +47,7 @@ def test_user_error_is_one_line_and_exit_2(capsys):
 
 
 def test_shared_flags_read_the_same_in_every_step():
-    from moefy.cli import ablation, step_parser
+    from moefy.workflow.cli import ablation, step_parser
 
     parser = step_parser("split", "Step split: doc.", "model", "penalty", "seed", "split", "num_experts")
     args = parser.parse_args(
@@ -74,7 +74,7 @@ def test_every_step_has_one_parser_with_out(step):
 
 
 def test_one_rank_runs_a_plain_process_and_more_use_torch_distributed_run():
-    from moefy.launch import step_command, threads_per_rank
+    from moefy.workflow.launch import step_command, threads_per_rank
 
     assert step_command("evaluate", 1, python="/venv/bin/python") == "/venv/bin/python -m moefy.steps.evaluate"
     assert step_command("finetune", 2, python="/my venv/python") == (
@@ -89,7 +89,7 @@ def test_several_nodes_run_one_torch_distributed_run_per_node_at_a_c10d_rendezvo
     srun and scontrol, it expands to what each node would run."""
     import subprocess
 
-    from moefy.launch import step_command
+    from moefy.workflow.launch import step_command
 
     command = step_command("finetune", 4, python="/venv/bin/python", nnodes=2)
     assert command.startswith("srun --nodes=2 --ntasks-per-node=1 /venv/bin/python -m torch.distributed.run --nnodes=2 ")
@@ -107,7 +107,7 @@ def test_several_nodes_run_one_torch_distributed_run_per_node_at_a_c10d_rendezvo
 
 
 def test_jobs_find_the_interpreter_that_runs_snakemake_first(monkeypatch):
-    from moefy.launch import interpreter_first_on_path
+    from moefy.workflow.launch import interpreter_first_on_path
 
     monkeypatch.setenv("PATH", "/usr/bin:/venv/bin:/bin")
     interpreter_first_on_path("/venv/bin/python")
@@ -122,7 +122,7 @@ def test_the_conda_environment_installs_this_checkout(tmp_path, monkeypatch):
 
     import yaml
 
-    from moefy.launch import SOURCE_ENV, export_source_folder
+    from moefy.workflow.launch import SOURCE_ENV, export_source_folder
 
     root = __import__("pathlib").Path(__file__).resolve().parents[1]
     env = yaml.safe_load((root / "envs" / "moefy.yaml").read_text())

@@ -1,4 +1,4 @@
-"""What jobs ask a cluster for (moefy.cluster), the config section it reads, and the SLURM profile."""
+"""What jobs ask a cluster for (moefy.workflow.cluster), the config section it reads, and the SLURM profile."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moefy.cluster import job_resources
 from moefy.config import schema, validate
 from moefy.errors import MoefyError
+from moefy.workflow.cluster import job_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from moefy import coactivation
-from moefy.coactivation import CoactivationCounter, choose_kernel, excess, fastest_kernel, probe_seconds
+from moefy.conversion import coactivation
+from moefy.conversion.coactivation import CoactivationCounter, choose_kernel, excess, fastest_kernel, probe_seconds
 
 
 @pytest.mark.parametrize("kernel", ["int8", "float32"])

@@ -82,7 +82,10 @@ def test_every_shipped_study_is_valid(path):
 
 
 def test_the_vocabulary_is_the_schema_s():
-    from moefy import config, routers, sparsity, tasks
+    from moefy import config
+    from moefy.adapters import tasks
+    from moefy.conversion import routers
+    from moefy.training import sparsity
 
     assert config.SELECTORS == ("groundtruth", "similarity", "mlp", "norm") and routers.SELECTORS is config.SELECTORS
     assert config.PENALTIES == ("none", "l1", "hoyer") and sparsity.PENALTIES is config.PENALTIES

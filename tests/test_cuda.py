@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from moefy import moe as moe_module
-from moefy.ffn import FFN
-from moefy.kernel_choice import measure
-from moefy.moe import MoEFFN, kernel_calls
-from moefy.routers import GroundTruthRouter, MLPRouter
-from moefy.sparse_moe import Routing, from_split
+from moefy.adapters.ffn import FFN
+from moefy.conversion.routers import GroundTruthRouter, MLPRouter
+from moefy.moe import layer as moe_module
+from moefy.moe.kernel_choice import measure
+from moefy.moe.layer import MoEFFN, kernel_calls
+from moefy.moe.sparse import Routing, from_split
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 CUDA = torch.device("cuda")

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moefy.data import load_hub, load_table, prepare_splits, prepare_texts
-from moefy.datafiles import read_label_names, read_split, write_splits
+from moefy.data.subsets import read_label_names, read_split, write_splits
+from moefy.data.tables import load_hub, load_table, prepare_splits, prepare_texts
 from moefy.errors import MoefyError
 
 

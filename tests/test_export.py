@@ -3,13 +3,13 @@
 import pytest
 import torch
 
+from moefy.adapters.ffn import find_ffns
+from moefy.adapters.models import load_classifier, load_tokenizer, save_classifier
+from moefy.conversion.routers import MLPRouter, SimilarityRouter, budget_to_k, expert_centroids
 from moefy.errors import MoefyError
-from moefy.export import MOE_FILE, load_moe, save_moe
-from moefy.ffn import find_ffns
 from moefy.files import save_tensors
-from moefy.models import load_classifier, load_tokenizer, save_classifier
-from moefy.moe import moefy_model, set_experts_per_token
-from moefy.routers import MLPRouter, SimilarityRouter, budget_to_k, expert_centroids
+from moefy.moe.checkpoints import MOE_FILE, load_moe, save_moe
+from moefy.moe.layer import moefy_model, set_experts_per_token
 
 E = 8
 
@@ -52,7 +52,7 @@ def test_round_trip_gives_identical_logits(finetuned, tmp_path, selector, budget
 
 
 def find_moe_layers(model):
-    from moefy.moe import MoEFFN
+    from moefy.moe.layer import MoEFFN
 
     return [m for m in model.modules() if isinstance(m, MoEFFN)]
 

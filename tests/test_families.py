@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from conftest import DECODERS, FAMILIES, build_tiny
+from moefy.adapters.ffn import TransposedLinear, capture, find_ffns
+from moefy.adapters.models import load_model, load_tokenizer
+from moefy.conversion.routers import GroundTruthRouter, MLPRouter, SimilarityRouter, expert_centroids, expert_mass
 from moefy.errors import MoefyError
-from moefy.ffn import TransposedLinear, capture, find_ffns
-from moefy.models import load_model, load_tokenizer
-from moefy.moe import moefy_model, set_experts_per_token
-from moefy.routers import GroundTruthRouter, MLPRouter, SimilarityRouter, expert_centroids, expert_mass
+from moefy.moe.layer import moefy_model, set_experts_per_token
 
 E = 8
 GATED = {"t5-gated", "llama", "mistral", "qwen2"}

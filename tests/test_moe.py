@@ -2,20 +2,18 @@ import pytest
 import torch
 from torch import nn
 
-from moefy import moe as moe_module
+from moefy.adapters.ffn import FFN, find_ffns
+from moefy.adapters.models import load_classifier, load_tokenizer
+from moefy.conversion.routers import GroundTruthRouter, MLPRouter, NormRouter, SimilarityRouter, expert_centroids, expert_mass
 from moefy.errors import MoefyError
-from moefy.ffn import FFN, find_ffns
-from moefy.models import load_classifier, load_tokenizer
-from moefy.moe import (
+from moefy.moe import layer as moe_module
+from moefy.moe.layer import (
     MoEFFN,
-    ffn_seconds,
     moefy_model,
     set_experts_per_token,
-    set_paired_timing,
     set_threshold,
     threshold_pick,
 )
-from moefy.routers import GroundTruthRouter, MLPRouter, NormRouter, SimilarityRouter, expert_centroids, expert_mass
 
 E = 8
 
@@ -359,36 +357,6 @@ def test_the_oracle_picks_the_experts_with_the_most_activation_mass_without_reor
             assert torch.equal(moe.select(x)[0], top)
             moe.tau = 0.5
             assert torch.equal(moe.select(x)[0], threshold_pick(mass, 0.5))
-
-
-def test_paired_timing_times_the_dense_ffn_next_to_every_other_moe_call_alternately_before_and_after(monkeypatch):
-    d, d_ff, experts = 16, 96, 12
-    moe = MoEFFN(synthetic_ffn(d, d_ff, False, True, nn.ReLU()), torch.arange(d_ff) % experts, MLPRouter(d, experts), experts)
-    moe.k = 3
-    x = torch.randn(2, 5, d)
-    assert moe_module.PAIR_EVERY == 2
-    with torch.no_grad():
-        alone = moe(x)
-        ffn_seconds([moe])
-        events = []
-        dense, forward = moe._time_dense, moe._forward
-        monkeypatch.setattr(moe, "_time_dense", lambda x: events.append("dense") or dense(x))
-        monkeypatch.setattr(moe, "_forward", lambda x: events.append("moe") or forward(x))
-        set_paired_timing([moe], True)
-        assert all(torch.equal(moe(x), alone) for _ in range(5)), "the paired dense call changes nothing"
-        assert events == ["moe", "dense", "moe", "dense", "moe", "moe", "moe", "dense"]
-        moe_seconds, paired_seconds, dense_seconds = ffn_seconds([moe])
-        assert moe_seconds > paired_seconds > 0 and dense_seconds > 0, "3 of the 5 calls were paired"
-        assert ffn_seconds([moe]) == (0.0, 0.0, 0.0), "read, then reset"
-        events.clear()
-        moe.k = experts
-        moe(x)
-        assert events == ["moe"] and ffn_seconds([moe])[2] == 0.0, "the dense path is not paired"
-        set_paired_timing([moe], False)
-        moe.k = 3
-        events.clear()
-        moe(x)
-        assert events == ["moe"]
 
 
 @pytest.mark.parametrize("kernel", ["bags", "looped", "masked"])  # grouped_mm takes no float64 (tests/test_cuda.py: GPU)

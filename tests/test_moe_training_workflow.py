@@ -13,9 +13,9 @@ import torch
 from test_workflow import first_invocation
 
 from conftest import BUDGETS, MERGED, RECOVERED, UPCYCLED_MODELS, VARIANT, E, in_study
-from moefy.export import load_sparse_moe
+from moefy.adapters.models import load_model
 from moefy.files import read_json
-from moefy.models import load_model
+from moefy.moe.checkpoints import load_sparse_moe
 
 pytestmark = pytest.mark.e2e
 

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 from transformers.activations import GELUActivation
 
-from moefy import moe as moe_module
 from moefy import native
-from moefy.ffn import FFN
-from moefy.moe import MoEFFN
-from moefy.routers import MLPRouter
+from moefy.adapters.ffn import FFN
+from moefy.conversion.routers import MLPRouter
+from moefy.moe import layer as moe_module
+from moefy.moe.layer import MoEFFN
 
 CPU = torch.device("cpu")
 

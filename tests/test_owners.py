@@ -2,7 +2,7 @@ import signal
 import subprocess
 import sys
 
-from moefy import owners
+from moefy.workflow import owners
 
 
 def dead_token() -> str:
@@ -22,7 +22,7 @@ def test_liveness():
     assert not owners.is_dead("")
 
 
-HOLD = "import sys, time; from pathlib import Path; from moefy import owners; owners.hold_lock(Path(sys.argv[1]), 'study t'); print('held', flush=True); time.sleep(60)"
+HOLD = "import sys, time; from pathlib import Path; from moefy.workflow import owners; owners.hold_lock(Path(sys.argv[1]), 'study t'); print('held', flush=True); time.sleep(60)"
 
 
 def test_a_held_study_lock_names_its_holder_and_dies_with_it(tmp_path):
@@ -32,7 +32,7 @@ def test_a_held_study_lock_names_its_holder_and_dies_with_it(tmp_path):
     check = [
         sys.executable,
         "-c",
-        "import sys; from pathlib import Path; from moefy import owners; owners.hold_lock(Path(sys.argv[1]), 'study t')",
+        "import sys; from pathlib import Path; from moefy.workflow import owners; owners.hold_lock(Path(sys.argv[1]), 'study t')",
         str(path),
     ]
     refused = subprocess.run(check, capture_output=True, text=True)
@@ -49,7 +49,7 @@ def test_a_held_study_lock_names_its_holder_and_dies_with_it(tmp_path):
 def test_the_same_process_cannot_take_a_lock_twice(tmp_path):
     path = tmp_path / "lock"
     code = (
-        "import sys; from pathlib import Path; from moefy import owners; from moefy.errors import MoefyError\n"
+        "import sys; from pathlib import Path; from moefy.workflow import owners; from moefy.errors import MoefyError\n"
         "owners.hold_lock(Path(sys.argv[1]), 'x')\n"
         "try:\n    owners.hold_lock(Path(sys.argv[1]), 'x')\nexcept MoefyError as err:\n    print(err)"
     )

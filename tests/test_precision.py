@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from moefy import precision
 from moefy.errors import MoefyError
+from moefy.training import precision
 
 
 def test_bf16_is_chosen_only_with_a_clear_margin():

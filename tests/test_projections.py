@@ -7,9 +7,11 @@ import torch
 from torch import nn
 
 from conftest import DECODERS, FAMILIES, build_tiny
+from moefy.adapters.attention import find_projections
+from moefy.adapters.ffn import ProjectionMLP
+from moefy.adapters.models import load_model
+from moefy.conversion.distillation import DistillSettings, distill, r_squared, svd_start, width_for
 from moefy.errors import MoefyError
-from moefy.models import load_model
-from moefy.projections import DistillSettings, ProjectionMLP, distill, find_projections, r_squared, width_for
 
 
 def _batch(config) -> dict[str, torch.Tensor]:
@@ -38,7 +40,7 @@ def test_exact_mlps_in_every_projection_keep_the_logits(family, tmp_path):
     assert len({id(p.linear) for p in found}) == len(found)
     for projection in found:
         d_out, d_in = projection.linear.weight.shape
-        projection.replace(ProjectionMLP.from_linear(projection.linear, 2 * min(d_in, d_out), min(d_in, d_out)))
+        projection.replace(svd_start(projection.linear, 2 * min(d_in, d_out), min(d_in, d_out)))
     assert sum(isinstance(m, ProjectionMLP) for m in model.modules()) == len(found)
     with torch.no_grad():
         after = model(**batch).logits
@@ -56,7 +58,7 @@ def test_a_narrow_start_is_the_truncated_svd():
     torch.manual_seed(0)
     linear = nn.Linear(12, 10)
     x = torch.randn(500, 12)
-    mlp = ProjectionMLP.from_linear(linear, 8, 4)  # no spare neurons
+    mlp = svd_start(linear, 8, 4)  # no spare neurons
     u, s, vh = torch.linalg.svd(linear.weight.detach(), full_matrices=False)
     truncated = x @ (u[:, :4] * s[:4] @ vh[:4]).t() + linear.bias.detach()
     with torch.no_grad():
@@ -84,13 +86,13 @@ def test_training_improves_on_the_truncated_start_and_keeps_the_best():
     with torch.no_grad():
         x, x_val = torch.randn(3000, 16), torch.randn(800, 16)
         y, y_val = target(x), target(x_val)
-    mlp = ProjectionMLP.from_linear(target, 24)  # rank 6 of 16 to start, 12 spare neurons
+    mlp = svd_start(target, 24)  # rank 6 of 16 to start, 12 spare neurons
     result = distill(mlp, (x, y), (x_val, y_val), DistillSettings(learning_rate=1e-3, batch_size=128, max_epochs=30, patience=2))
     assert result.mse < 0.5 * result.mse_initial
     assert result.epochs <= 30
     assert result.mse == pytest.approx(float(nn.functional.mse_loss(mlp(x_val), y_val).detach()), rel=1e-5)
     # a learning rate that only diverges: the start is kept
-    diverging = ProjectionMLP.from_linear(target, 24)
+    diverging = svd_start(target, 24)
     bad = distill(
         diverging, (x, y), (x_val, y_val), DistillSettings(learning_rate=10.0, batch_size=128, max_epochs=3, patience=1)
     )
@@ -103,7 +105,7 @@ def test_width_matches_the_projection_flops():
     assert width_for(384, 384, 2.0) == 384
     assert width_for(576, 192, 1.0) == 144  # a grouped-query k projection
     with pytest.raises(MoefyError, match="rank 5"):
-        ProjectionMLP.from_linear(nn.Linear(4, 4), 8, 5)
+        svd_start(nn.Linear(4, 4), 8, 5)
     assert r_squared(torch.ones(3, 2), torch.ones(3, 2)) == 1.0
     with pytest.raises(MoefyError, match="training and held-out"):
         distill(ProjectionMLP(2, 4, 2), (torch.zeros(0, 2), torch.zeros(0, 2)), (torch.zeros(1, 2), torch.zeros(1, 2)))
@@ -119,17 +121,17 @@ def _distilled_llama_with_grouped_kv() -> nn.Module:
     model = LlamaForCausalLM(config).eval()
     for projection in find_projections(model):
         d_out, d_in = projection.linear.weight.shape  # k and v: 32 -> 16
-        projection.replace(ProjectionMLP.from_linear(projection.linear, 32, 8))
+        projection.replace(svd_start(projection.linear, 32, 8))
     return model
 
 
 def test_distilled_projections_are_converted_like_ffns():
     """find_ffns lists the distilled MLPs after the FFNs; at budget 1.0 the MoE model (FFNs and
     projections) equals the model with distilled projections, and it runs with fewer experts."""
-    from moefy.ffn import find_ffns
-    from moefy.moe import moefy_model, set_experts_per_token
-    from moefy.routers import MLPRouter
-    from moefy.split import random_split
+    from moefy.adapters.ffn import find_ffns
+    from moefy.conversion.routers import MLPRouter
+    from moefy.conversion.split import random_split
+    from moefy.moe.layer import moefy_model, set_experts_per_token
 
     model = _distilled_llama_with_grouped_kv()
     ffns = find_ffns(model)
@@ -160,12 +162,12 @@ def test_distilled_projections_are_converted_like_ffns():
 def test_a_saved_model_with_distilled_projections_loads_back_equal(tmp_path, tiny_relu_bert):
     from transformers import AutoTokenizer
 
-    from moefy.models import save_model
-    from moefy.projections import PROJECTIONS_FILE
+    from moefy.adapters.attention import PROJECTIONS_FILE
+    from moefy.adapters.models import save_model
 
     model = load_model(str(tiny_relu_bert), "classification", ["a", "b"]).eval()
     for projection in find_projections(model)[::3]:  # q of layer 0, o of layer 0, v of layer 1, ...
-        projection.replace(ProjectionMLP.from_linear(projection.linear, 16))
+        projection.replace(svd_start(projection.linear, 16))
     batch = _batch(model.config)
     with torch.no_grad():
         expected = model(**batch).logits
@@ -201,7 +203,7 @@ def test_the_distill_step_writes_a_model_whose_projections_are_ffns(tmp_path, ti
     from transformers import AutoTokenizer
 
     from conftest import FILLER, NEGATIVE, POSITIVE
-    from moefy.ffn import find_ffns
+    from moefy.adapters.ffn import find_ffns
     from moefy.steps import distill as step
 
     model_folder = tmp_path / "model"

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from moefy.errors import MoefyError
-from moefy.report import by_method, flops_at_99, flops_at_99_by_method, plot_relative_vs_flops, summarise, summary_files
+from moefy.report.summary import by_method, flops_at_99, flops_at_99_by_method, plot_relative_vs_flops, summarise, summary_files
 
 
 def write_eval(folder, name, accuracies, penalty="none", rule="top_k", seed=0, dense=0.9):
@@ -154,7 +154,7 @@ def test_mixed_metrics_are_refused(tmp_path):
 
 def test_upcycling_table_compares_each_model_with_the_dense_continuation_of_its_seed(tmp_path):
     from moefy.files import write_json
-    from moefy.report import upcycling_by_model, upcycling_table
+    from moefy.report.upcycling import upcycling_by_model, upcycling_table
 
     def trained(name, seed, accuracy, routing=None):
         spec = {} if routing is None else {"upcycling": {"layers": [1, 3], "experts": 8, "routing": routing, "drop_ratio": 0.0}}
@@ -185,8 +185,8 @@ def test_upcycling_table_compares_each_model_with_the_dense_continuation_of_its_
 
 def test_merging_table_is_relative_to_the_full_smoe_of_its_seed_and_ranks_the_methods(tmp_path):
     from moefy.files import write_json
-    from moefy.merging import chain_of
-    from moefy.report import merging_by_method, merging_table, plot_merging
+    from moefy.report.merging import merging_by_method, merging_table, plot_merging
+    from moefy.training.merging import chain_of
 
     def evaluated(name, seed, accuracy, size, flops):
         path = tmp_path / f"{name}-{seed}.json"

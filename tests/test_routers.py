@@ -1,6 +1,6 @@
 import torch
 
-from moefy.routers import (
+from moefy.conversion.routers import (
     LOSSES,
     GroundTruthRouter,
     MLPRouter,

@@ -10,9 +10,10 @@ import transformers as tf
 from torch import nn
 
 from conftest import FILLER, NEGATIVE, POSITIVE, SPECIAL
+from moefy.adapters.families import smoe_families
+from moefy.adapters.smoe import CapacityLimited, SharedExpertMoE, convert_smoes, find_smoe_blocks, load_hf_smoe
 from moefy.errors import MoefyError
-from moefy.smoe import CapacityLimited, SharedExpertMoE, convert_smoes, find_smoe_blocks, load_hf_smoe, smoe_families
-from moefy.sparse_moe import SparseMoE
+from moefy.moe.sparse import SparseMoE
 
 VOCAB = 100
 DECODER = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)

@@ -11,13 +11,13 @@ import torch
 from torch import nn
 
 from conftest import DECODERS, FAMILIES, build_tiny
+from moefy.adapters.ffn import FFN, find_ffns
+from moefy.adapters.models import load_model, load_tokenizer
+from moefy.conversion.routers import MLPRouter
 from moefy.errors import MoefyError
-from moefy.ffn import FFN, find_ffns
-from moefy.models import load_model, load_tokenizer
-from moefy.moe import MoEFFN
-from moefy.routers import MLPRouter
-from moefy.sparse_moe import Dispatch, Routing, SparseMoE, balance_loss, expert_capacity, from_split, route, z_loss
-from moefy.upcycling import upcycle, upcycle_model, upcycled_layers
+from moefy.moe.layer import MoEFFN
+from moefy.moe.sparse import Dispatch, Routing, SparseMoE, balance_loss, expert_capacity, from_split, route, z_loss
+from moefy.training.upcycling import upcycle, upcycle_model, upcycled_layers
 
 TEXTS = ["the movie was good and funny", "bad", "a dull boring plot with its cast"]
 

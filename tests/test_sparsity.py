@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import write_toy_sentiment
-from moefy.sparsity import layers_penalty, ramped_weight, token_penalty
 from moefy.steps import data as data_step
 from moefy.steps import finetune as finetune_step
+from moefy.training.sparsity import layers_penalty, ramped_weight, token_penalty
 
 
 def test_hoyer_is_the_share_of_effectively_active_neurons():

@@ -4,9 +4,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from moefy.balance import balance_least_loss, balance_random, expert_sizes, is_balanced
-from moefy.errors import MoefyError
-from moefy.split import (
+from moefy.conversion.balance import balance_least_loss, balance_random, expert_sizes, is_balanced
+from moefy.conversion.split import (
     association_graph,
     balanced_kmeans,
     check_num_experts,
@@ -14,6 +13,7 @@ from moefy.split import (
     kmeans_objective,
     random_split,
 )
+from moefy.errors import MoefyError
 
 
 def same_partition(a: np.ndarray, b: np.ndarray) -> bool:

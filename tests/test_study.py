@@ -6,7 +6,7 @@ import pytest
 
 from moefy.config import validate
 from moefy.errors import MoefyError
-from moefy.study import Evaluation, Rules, Study, Variant
+from moefy.workflow.study import Evaluation, Rules, Study, Variant
 
 BASE = {
     "study": "s",
@@ -119,7 +119,7 @@ def test_merged_models_are_named_by_their_chain_of_steps():
         "prune-G2.5", "prune-G2.5-kd", "msmoe-G2.5-svd", "msmoe-G2.5-kd-svd-kd",
     ]  # fmt: skip
     assert {m.upcycled.name for m in grid.merged} == {"top2"} and len(grid.merged) == 2 * len(names)
-    from moefy.merging import chain_of
+    from moefy.training.merging import chain_of
 
     assert [chain_of(n)["method"] for n in names[:5]] == ["full", "prune", "prune", "mcsmoe", "mcsmoe"]
     config["merging"]["models"] = ["nope"]

@@ -1,7 +1,7 @@
 import pytest
 from mlflow.tracking import MlflowClient
 
-from moefy import tracking
+from moefy.workflow import tracking
 
 
 def test_job_runs_nest_under_the_workflow_run(mlflow_store, monkeypatch):
@@ -58,7 +58,7 @@ def test_jobs_creating_a_fresh_store_at_once_do_not_crash(tmp_path):
     import sys
 
     uri = f"sqlite:///{tmp_path / 'fresh' / 'mlflow.db'}"
-    code = "from moefy import tracking; tracking.job_run('split', {}).__enter__()"
+    code = "from moefy.workflow import tracking; tracking.job_run('split', {}).__enter__()"
     env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": "race", "PATH": "/usr/bin:/bin"}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True) for _ in range(4)]
     errors = [p.communicate()[1] for p in procs]
@@ -72,7 +72,7 @@ def test_runs_of_killed_processes_are_closed_by_the_next_invocation(mlflow_store
     import sys
 
     code = (
-        "import os, signal; from moefy import tracking; "
+        "import os, signal; from moefy.workflow import tracking; "
         "tracking.start_workflow_run(os.environ['MLFLOW_TRACKING_URI'], 'test', 'snakemake test', {}); "
         "job = tracking.job_run('finetune', {}); job.__enter__(); os.kill(os.getpid(), signal.SIGKILL)"
     )

@@ -16,19 +16,19 @@ import torch
 from transformers import BertModel
 
 from conftest import DECODERS, build_tiny, build_tiny_bert, write_toy_sentiment
+from moefy.adapters.models import load_model, load_tokenizer
+from moefy.conversion.routers import MLPRouter, router_tensors
 from moefy.errors import MoefyError
-from moefy.export import load_sparse_moe, save_sparse_moe
 from moefy.files import read_json, save_tensors
-from moefy.models import load_model, load_tokenizer
-from moefy.moe_training import LossWeights, distillation_loss, select_trainable
-from moefy.routers import MLPRouter, router_tensors
-from moefy.sparse_moe import Routing, mask_padding
+from moefy.moe.checkpoints import load_sparse_moe, save_sparse_moe
+from moefy.moe.sparse import Routing, mask_padding
 from moefy.steps import data as data_step
 from moefy.steps import evaluate as evaluate_step
 from moefy.steps import finetune as finetune_step
 from moefy.steps import train_moe as train_moe_step
 from moefy.steps import upcycle as upcycle_step
-from moefy.upcycling import upcycle_model
+from moefy.training.moe_training import LossWeights, distillation_loss, select_trainable
+from moefy.training.upcycling import upcycle_model
 
 E, BUDGET, FFN_SCALE = 8, 0.125, 10.0
 
@@ -184,7 +184,7 @@ def test_upcycled_training_saves_a_model_that_reloads_to_what_was_measured(task,
 
 
 def evaluate_upcycled(model, tokenizer, root):
-    from moefy.datafiles import read_split
+    from moefy.data.subsets import read_split
 
     texts, labels = read_split(root / "data" / "test.jsonl")
     with torch.no_grad():

@@ -33,9 +33,9 @@ from conftest import (
     in_study,
     snakemake,
 )
-from moefy.evaluation import MEASURES
-from moefy.export import load_moe
-from moefy.report import reproducible
+from moefy.measure.evaluation import MEASURES
+from moefy.moe.checkpoints import load_moe
+from moefy.report.summary import reproducible
 
 RECORD_KEYS = {
     "penalty",
@@ -296,7 +296,7 @@ def run_step(module: str, nproc: int, *args: str, cwd: Path) -> None:
     for one rank its main in this process, which is what the workflow's plain process runs."""
     import importlib
 
-    from moefy.launch import step_command
+    from moefy.workflow.launch import step_command
 
     if nproc == 1:
         threads = torch.get_num_threads()

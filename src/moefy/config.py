@@ -44,6 +44,8 @@ PRECISIONS = _names("precision")
 RECOVERIES = _names("recovery")
 CONVERTS = _names("convert")
 ROUTINGS = _names("routing")
+# What identifies one job of the ablation grid: its MLflow tags and the fields of its records.
+ABLATION = ("penalty", "seed", "convert", "split", "num_experts", "selector", "recovery")
 
 
 def _with_defaults(validator_class):

@@ -1,6 +1,6 @@
 """The looped MoE kernel compiled to native code, built on this machine on first use.
 
-The Python loop of moefy.moe spends, around its matmuls, a few microseconds of dispatch per op and
+The Python loop of moefy.moe.layer spends, around its matmuls, a few microseconds of dispatch per op and
 expert and generic indexing code in each gather and scatter-add; at half the experts on a CPU that
 overhead alone kept the MoE layer at about the dense FFN's speed. looped.cpp runs the same
 algorithm in one call (see its header). It is compiled with torch's JIT extension builder (a C++

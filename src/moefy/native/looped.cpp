@@ -1,4 +1,4 @@
-// The looped MoE kernel (moefy.moe.MoEFFN._looped) in one native call, for CPU inference in float32.
+// The looped MoE kernel (moefy.moe.layer.MoEFFN._looped) in one native call, for CPU inference in float32.
 //
 // Same algorithm as the Python loop: blocks of tokens, and in each block one expert at a time, its
 // tokens' rows gathered, two matmuls, the result added back into the output rows; an expert that at

@@ -19,14 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moefy import dist, tracking
-from moefy.batches import Encoded, choose_texts, iterate, length_grouped_batches
-from moefy.cli import ablation, add_section_flags, run_step, step_parser
-from moefy.coactivation import CoactivationCounter, fastest_kernel
-from moefy.datafiles import read_split
-from moefy.ffn import capture, find_ffns
+from moefy import dist
+from moefy.adapters.ffn import capture, find_ffns
+from moefy.adapters.models import load_model, load_tokenizer
+from moefy.conversion.coactivation import CoactivationCounter, fastest_kernel
+from moefy.data.batches import Encoded, choose_texts, iterate, length_grouped_batches
+from moefy.data.subsets import read_split
 from moefy.files import save_tensors, write_json
-from moefy.models import load_model, load_tokenizer
+from moefy.workflow import tracking
+from moefy.workflow.cli import ablation, add_section_flags, run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):

@@ -15,16 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moefy import tracking
-from moefy.balance import balance_least_loss, balance_random, is_balanced, weight_kept
-from moefy.cli import ablation, run_step, step_parser
-from moefy.coactivation import excess
+from moefy.adapters.ffn import find_ffns
+from moefy.adapters.models import load_model
 from moefy.config import section_defaults
+from moefy.conversion.balance import balance_least_loss, balance_random, is_balanced, weight_kept
+from moefy.conversion.coactivation import excess
+from moefy.conversion.split import association_graph, check_num_experts, kmeans_objective
 from moefy.errors import MoefyError
-from moefy.ffn import find_ffns
 from moefy.files import load_tensors, save_tensors, tensors_metadata, write_json
-from moefy.models import load_model
-from moefy.split import association_graph, check_num_experts, kmeans_objective
+from moefy.workflow import tracking
+from moefy.workflow.cli import ablation, run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):

@@ -5,7 +5,7 @@ Times embedding bags, the loop of matmuls over the experts (native where it buil
 activation the fine-tune will give it) over a ladder of token counts and experts per token, for
 every expert count of the grid, with the threads an evaluate job gets. Writes
 <out>/moe_kernels.json, which every evaluate job of the study reads, so that all of them, and
-every rerun, use the same kernels (see moefy.kernel_choice).
+every rerun, use the same kernels (see moefy.moe.kernel_choice).
 """
 
 from __future__ import annotations
@@ -15,15 +15,18 @@ import itertools
 
 import torch
 
-from moefy import dist, machine, native, tracking
-from moefy.cli import run_step, step_parser
+from moefy import dist, native
+from moefy.adapters.attention import find_projections
+from moefy.adapters.ffn import FFN, ProjectionMLP, find_ffns
+from moefy.adapters.models import load_model
 from moefy.config import section_properties
-from moefy.ffn import FFN, find_ffns
+from moefy.conversion.distillation import width_for
+from moefy.conversion.split import check_num_experts
 from moefy.files import write_json
-from moefy.kernel_choice import FORMAT, ffn_shape_key, measure
-from moefy.models import load_model
-from moefy.projections import ProjectionMLP, find_projections, width_for
-from moefy.split import check_num_experts
+from moefy.measure import machine
+from moefy.moe.kernel_choice import FORMAT, ffn_shape_key, measure
+from moefy.workflow import tracking
+from moefy.workflow.cli import run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):

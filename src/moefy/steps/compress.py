@@ -1,6 +1,6 @@
 """Step compress: MC-SMoE's compression of a merged sparse MoE, one-shot from an SVD.
 
-Every expert weight becomes a low-rank product plus a sparse remainder (moefy.compression):
+Every expert weight becomes a low-rank product plus a sparse remainder (moefy.moe.compression):
 rank `rank_fraction` of the smaller dimension, the remainder's largest `sparse_fraction` of
 entries kept. A distillation run (train_moe --mode merged) then trains the factors. Writes
 <out>/model and <out>/metrics.json (relative reconstruction error of every weight).
@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import torch
 
-from moefy import tracking
-from moefy.cli import ablation, add_section_flags, run_step, step_parser
-from moefy.compression import compress_experts
-from moefy.export import load_smoe, save_sparse_moe
+from moefy.adapters.models import read_training
 from moefy.files import write_json
-from moefy.models import read_training
+from moefy.moe.checkpoints import load_smoe, save_sparse_moe
+from moefy.moe.compression import compress_experts
+from moefy.workflow import tracking
+from moefy.workflow.cli import ablation, add_section_flags, run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moefy import tracking
-from moefy.cli import run_step, step_parser
-from moefy.data import load_hub, load_table, prepare_splits, prepare_texts
-from moefy.datafiles import write_splits
+from moefy.data.subsets import write_splits
+from moefy.data.tables import load_hub, load_table, prepare_splits, prepare_texts
+from moefy.workflow import tracking
+from moefy.workflow.cli import run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):

@@ -4,7 +4,7 @@ model replaced by a two-layer ReLU MLP that reproduces it.
 Records every projection's inputs and outputs on a seeded sample of training tokens in one pass of
 the dense model (so each MLP learns from the dense model's own inputs, layer by layer, backbone
 frozen), holds out whole texts for early stopping, and trains each MLP with MSE
-(moefy.projections.distill). Writes <out>/ as a model folder: the fine-tuned model's files,
+(moefy.adapters.attention.distill). Writes <out>/ as a model folder: the fine-tuned model's files,
 projections.safetensors (the MLPs) and distillation.json (per projection: width, held-out MSE
 before and after, R^2, epochs), also logged to MLflow. Later steps load it like any model and see
 the MLPs as FFNs.
@@ -18,13 +18,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from moefy import dist, tracking
-from moefy.batches import Encoded, choose_texts, iterate, length_grouped_batches
-from moefy.cli import ablation, add_section_flags, run_step, step_parser
-from moefy.datafiles import read_split
+from moefy import dist
+from moefy.adapters.attention import find_projections
+from moefy.adapters.models import load_model, load_tokenizer, save_model
+from moefy.conversion.distillation import DistillSettings, distill, svd_start, width_for
+from moefy.data.batches import Encoded, choose_texts, iterate, length_grouped_batches
+from moefy.data.subsets import read_split
 from moefy.files import atomic_dir, write_json
-from moefy.models import load_model, load_tokenizer, save_model
-from moefy.projections import DistillSettings, ProjectionMLP, distill, find_projections, width_for
+from moefy.workflow import tracking
+from moefy.workflow.cli import ablation, add_section_flags, run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
 
             linear = projection.linear
             d_out, d_in = linear.weight.shape
-            mlp = ProjectionMLP.from_linear(linear, width_for(d_in, d_out, args.flops_factor, args.width_multiple))
+            mlp = svd_start(linear, width_for(d_in, d_out, args.flops_factor, args.width_multiple))
             with torch.enable_grad():
                 result = distill(mlp, stacked(lambda p: p not in held_out), stacked(lambda p: p in held_out), settings, args.seed)
             projection.replace(mlp.eval().requires_grad_(False))

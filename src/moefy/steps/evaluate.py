@@ -19,19 +19,20 @@ from pathlib import Path
 
 import torch
 
-from moefy import dist, native, pause, tracking
-from moefy.batches import Encoded, eval_batches
-from moefy.cli import ablation, add_section_flags, run_step, step_parser
-from moefy.datafiles import read_split
+from moefy import dist, native
+from moefy.adapters.models import load_model, load_tokenizer, read_training
+from moefy.adapters.tasks import get_task
+from moefy.data.batches import Encoded, eval_batches
+from moefy.data.subsets import read_split
 from moefy.errors import MoefyError
-from moefy.evaluation import SelectionRule, logged_metrics, record, run_pass, selection_rules
-from moefy.export import read_moe_parts
 from moefy.files import read_json, write_json
-from moefy.flops import model_flops
-from moefy.kernel_choice import KernelTable, layer_shape_key, table_for
-from moefy.models import load_model, load_tokenizer, read_training
-from moefy.moe import MoEFFN, moefy_model
-from moefy.tasks import get_task
+from moefy.measure.evaluation import SelectionRule, logged_metrics, record, run_pass, selection_rules
+from moefy.measure.flops import model_flops
+from moefy.moe.checkpoints import read_moe_parts
+from moefy.moe.kernel_choice import KernelTable, layer_shape_key, table_for
+from moefy.moe.layer import MoEFFN, moefy_model
+from moefy.workflow import pause, tracking
+from moefy.workflow.cli import ablation, add_section_flags, run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):

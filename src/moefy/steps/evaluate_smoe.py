@@ -3,7 +3,7 @@
 Writes one JSON record: the test metric; total parameters, expert parameters and bytes of the
 weight files on disk; FFN FLOPs per token as measured on the test set (a merged layer computes a
 token's two experts of one group once; a compressed weight counts as its factored kernel) against
-the dense model's FFNs, and the whole model's FLOPs against the dense model's (moefy.flops);
+the dense model's FFNs, and the whole model's FLOPs against the dense model's (moefy.measure.flops);
 experts per MoE layer; distillation steps since merging.
 """
 
@@ -11,17 +11,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moefy import dist, machine, tracking
-from moefy.batches import Encoded, measure
-from moefy.cli import ablation, run_step, step_parser
-from moefy.export import bytes_on_disk, load_smoe
-from moefy.ffn import dense_ffn_flops
+from moefy import dist
+from moefy.adapters.ffn import dense_ffn_flops
+from moefy.adapters.models import load_model, read_training
+from moefy.adapters.tasks import get_task
+from moefy.data.batches import Encoded, measure
 from moefy.files import write_json
-from moefy.flops import model_flops
-from moefy.merging import chain_of
-from moefy.models import load_model, read_training
-from moefy.tasks import get_task
-from moefy.training import read_texts
+from moefy.measure import machine
+from moefy.measure.flops import model_flops
+from moefy.moe.checkpoints import bytes_on_disk, load_smoe
+from moefy.training.merging import chain_of
+from moefy.training.recipe import read_texts
+from moefy.workflow import tracking
+from moefy.workflow.cli import ablation, run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):

@@ -1,4 +1,4 @@
-"""Step export: one MoEfied model as a self-contained folder (see moefy.export) for inference elsewhere.
+"""Step export: one MoEfied model as a self-contained folder (see moefy.moe.checkpoints) for inference elsewhere.
 
 The model at one expert budget: the fine-tuned weights, each layer's expert layout and router,
 and the top-k rule. `moefy.export.load_moe(folder)` restores it with the same logits.
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moefy import tracking
-from moefy.cli import ablation, run_step, step_parser
-from moefy.export import read_moe_parts, save_moe
-from moefy.routers import budget_to_k
+from moefy.conversion.routers import budget_to_k
+from moefy.moe.checkpoints import read_moe_parts, save_moe
+from moefy.workflow import tracking
+from moefy.workflow.cli import ablation, run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):

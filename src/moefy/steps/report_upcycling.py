@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moefy import tracking
-from moefy.cli import run_step, step_parser
-from moefy.report import plot_upcycling, upcycling_by_model, upcycling_table, write_csv
+from moefy.report.tables import write_csv
+from moefy.report.upcycling import plot_upcycling, upcycling_by_model, upcycling_table
+from moefy.workflow import tracking
+from moefy.workflow.cli import run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):

@@ -19,14 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moefy import dist, tracking
-from moefy.cli import ablation, add_section_flags, run_step, step_parser
+from moefy import dist
+from moefy.adapters.ffn import find_ffns
+from moefy.adapters.models import load_model
 from moefy.config import section_defaults
+from moefy.conversion.routers import RouterSettings, fit_router, router_tensors
 from moefy.errors import MoefyError
-from moefy.ffn import find_ffns
 from moefy.files import load_tensors, save_tensors, write_json
-from moefy.models import load_model
-from moefy.routers import RouterSettings, fit_router, router_tensors
+from moefy.workflow import tracking
+from moefy.workflow.cli import ablation, add_section_flags, run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):

@@ -16,14 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moefy import dist, tracking
-from moefy.balance import expert_sizes
-from moefy.cli import ablation, add_section_flags, run_step, step_parser
+from moefy import dist
+from moefy.adapters.ffn import find_ffns
+from moefy.adapters.models import load_model
+from moefy.conversion.balance import expert_sizes
+from moefy.conversion.split import balanced_kmeans, check_num_experts, coact_split, random_split
 from moefy.errors import MoefyError
-from moefy.ffn import find_ffns
 from moefy.files import load_tensors, save_tensors, tensors_metadata, write_json
-from moefy.models import load_model
-from moefy.split import balanced_kmeans, check_num_experts, coact_split, random_split
+from moefy.workflow import tracking
+from moefy.workflow.cli import ablation, add_section_flags, run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):

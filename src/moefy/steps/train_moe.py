@@ -2,7 +2,7 @@
 
 Modes:
 - recover: a conversion (the balance step's labels, the selector step's router) trained at
-  recover.budget with MoEfication's unweighted top-k and its router frozen (moefy.sparse_moe);
+  recover.budget with MoEfication's unweighted top-k and its router frozen (moefy.moe.sparse);
   recovery `task` trains on the task loss, `kd` adds distillation from the dense model's logits.
   The trained experts go back into the FFNs, so <out>/model is a standard checkpoint that the
   evaluate step measures at every budget with the same labels and router.
@@ -30,14 +30,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from moefy import dist, machine, pause, tracking
-from moefy.batches import Encoded, length_grouped_batches, measure, shard_batches
-from moefy.cli import ablation, add_section_flags, run_step, step_parser
-from moefy.export import load_smoe, read_moe_parts, save_sparse_moe
-from moefy.ffn import dense_ffn_flops, find_ffns
+from moefy import dist
+from moefy.adapters.ffn import dense_ffn_flops, find_ffns
+from moefy.adapters.models import TRAINING_FILE, load_model, load_tokenizer, read_training, save_model
+from moefy.adapters.tasks import get_task
+from moefy.conversion.routers import budget_to_k
+from moefy.data.batches import Encoded, length_grouped_batches, measure, shard_batches
 from moefy.files import atomic_dir, write_json
-from moefy.models import TRAINING_FILE, load_model, load_tokenizer, read_training, save_model
-from moefy.moe_training import (
+from moefy.measure import machine
+from moefy.moe.checkpoints import load_smoe, read_moe_parts, save_sparse_moe
+from moefy.moe.sparse import SparseMoE, from_split, mask_padding
+from moefy.training.moe_training import (
     LossWeights,
     auxiliary_loss,
     distillation_loss,
@@ -46,10 +49,9 @@ from moefy.moe_training import (
     select_trainable,
     write_back,
 )
-from moefy.routers import budget_to_k
-from moefy.sparse_moe import SparseMoE, from_split, mask_padding
-from moefy.tasks import get_task
-from moefy.training import optimiser, read_texts
+from moefy.training.recipe import optimiser, read_texts
+from moefy.workflow import pause, tracking
+from moefy.workflow.cli import ablation, add_section_flags, run_step, step_parser
 
 MODES = ("recover", "moe", "dense", "merged")
 

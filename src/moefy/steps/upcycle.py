@@ -1,7 +1,7 @@
 """Step upcycle: Sparse Upcycling of a fine-tuned model, written before any training.
 
 The chosen FFNs become MoEs whose experts are copies of the FFN (a share redrawn with
-Drop-Upcycling), each with a new router (moefy.upcycling). The folder it writes is what the
+Drop-Upcycling), each with a new router (moefy.training.upcycling). The folder it writes is what the
 train_moe step trains on, and what a user reloads with moefy.export.load_sparse_moe; its
 metrics.json gives the parameters and active parameters per token at initialisation.
 """
@@ -12,13 +12,13 @@ from dataclasses import asdict
 
 import torch
 
-from moefy import tracking
-from moefy.cli import ablation, add_section_flags, run_step, step_parser
-from moefy.export import save_sparse_moe
+from moefy.adapters.models import load_model, load_tokenizer, read_training
 from moefy.files import write_json
-from moefy.models import load_model, load_tokenizer, read_training
-from moefy.sparse_moe import Routing
-from moefy.upcycling import upcycle_model
+from moefy.moe.checkpoints import save_sparse_moe
+from moefy.moe.sparse import Routing
+from moefy.training.upcycling import upcycle_model
+from moefy.workflow import tracking
+from moefy.workflow.cli import ablation, add_section_flags, run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):

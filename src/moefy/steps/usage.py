@@ -2,7 +2,7 @@
 
 Runs calibration examples (a seeded sample of the training split, 256 in MC-SMoE's runs) through
 the model and writes, per MoE layer, the (token, expert) pairs each expert took and the Gram
-matrix of the router's logit columns (moefy.merging.Usage), to <out>/usage.safetensors, with
+matrix of the router's logit columns (moefy.training.merging.Usage), to <out>/usage.safetensors, with
 <out>/metrics.json: usage shares, and how different the experts are (mean pairwise cosine of
 their flattened weights: upcycled copies start at 1, and merging copies of one FFN proves nothing).
 """
@@ -13,14 +13,15 @@ from pathlib import Path
 
 import torch
 
-from moefy import dist, tracking
-from moefy.batches import Encoded, eval_batches, iterate
-from moefy.cli import ablation, add_section_flags, run_step, step_parser
-from moefy.export import load_smoe
+from moefy import dist
+from moefy.adapters.tasks import get_task
+from moefy.data.batches import Encoded, eval_batches, iterate
 from moefy.files import save_tensors, write_json
-from moefy.merging import record_usage, similarity
-from moefy.tasks import get_task
-from moefy.training import read_texts
+from moefy.moe.checkpoints import load_smoe
+from moefy.training.merging import record_usage, similarity
+from moefy.training.recipe import read_texts
+from moefy.workflow import tracking
+from moefy.workflow.cli import ablation, add_section_flags, run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):

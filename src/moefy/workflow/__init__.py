@@ -1,0 +1,1 @@
+"""The workflow layer: what a study runs, how rules launch steps and ask a cluster for resources, the checks before jobs, locks, command lines and MLflow. Only rules/, steps/ and benchmarks/ import it; the library never does."""

@@ -1,0 +1,101 @@
+"""Checks of a study that need the model or the data, run once per real invocation (from the
+Snakefile's onstart, never for a dry run, --lint or --report).
+
+A wrong expert count or a misnamed column should stop the study before a 4-minute fine-tune,
+not after it. Model and data that a fetch rule has not extracted yet are checked by their steps.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from moefy.errors import MoefyError
+
+# Hugging Face repo ids: "name" or "owner/name" of letters, digits, '-', '_', '.'
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _model_config(model: dict[str, Any]):
+    """The model's HF config, or None while a fetch rule still has to extract it."""
+    from transformers import AutoConfig
+
+    name = model["name_or_path"]
+    path = Path(name).expanduser()
+    if name.lower().endswith(".gguf"):
+        if not path.exists() and model.get("fetch"):
+            return None
+        from moefy.adapters.models import load_config
+
+        try:
+            return load_config(str(path), model["trust_remote_code"])
+        except MoefyError as err:
+            raise MoefyError(f"config key model.name_or_path: {err}") from None
+    if not path.exists():
+        if model.get("fetch"):
+            return None
+        if not _HUB_ID.match(name) or name.startswith((".", "/", "~")):
+            raise MoefyError(
+                f"config key model.name_or_path: folder {name!r} does not exist; point it at a model folder or a hub id"
+            )
+    elif not (path / "config.json").is_file():
+        raise MoefyError(
+            f"config key model.name_or_path: {name!r} has no config.json; point it at a saved Hugging Face model folder"
+        )
+    try:
+        return AutoConfig.from_pretrained(str(path) if path.exists() else name, trust_remote_code=model["trust_remote_code"])
+    except (OSError, ValueError) as err:
+        raise MoefyError(
+            f"config key model.name_or_path: cannot load {name!r} ({str(err).splitlines()[0]}); "
+            "check the hub id and that the hub (or its local cache) is reachable, or use a local folder"
+        ) from None
+
+
+def check_model(config: dict[str, Any]) -> None:
+    """The model family is supported (with a next-token head for causal_lm) and every
+    grid.num_experts divides its d_ff."""
+    from moefy.adapters.families import causal_lm_families, family
+    from moefy.conversion.split import check_num_experts
+
+    model_config = _model_config(config["model"])
+    if model_config is None:
+        return
+    adapter = family(model_config)
+    if config.get("task", "classification") == "causal_lm" and not adapter.causal_lm:
+        raise MoefyError(
+            f"config key task: causal_lm needs a decoder-only model, and {config['model']['name_or_path']!r} is a "
+            f"{model_config.model_type!r} model; use task: classification or one of {', '.join(causal_lm_families())}"
+        )
+    d_ff = adapter.d_ff(model_config)
+    for name, arm in config["grid"].items():
+        for num_experts in arm["num_experts"]:
+            try:
+                check_num_experts(d_ff, num_experts)
+            except MoefyError as err:
+                raise MoefyError(f"config key grid.{name}.num_experts: {err}") from None
+
+
+def check_dataset(config: dict[str, Any]) -> None:
+    """A local data file exists, has the columns, and splits into non-empty train/validation/test."""
+    from moefy.data.tables import load_table, prepare_splits, prepare_texts
+
+    dataset = config["dataset"]
+    if "path" not in dataset:
+        return  # a hub dataset is checked by the data step, which can reach the hub
+    path = Path(dataset["path"])
+    if not path.exists():
+        if dataset.get("fetch"):
+            return
+        raise MoefyError(f"config key dataset.path: data file {str(path)!r} does not exist")
+    if config.get("task", "classification") == "causal_lm":
+        table = load_table(path, dataset["text_column"], None)
+        prepare_texts(table, dataset["validation_fraction"], dataset["test_fraction"], dataset["seed"])
+        return
+    table = load_table(path, dataset["text_column"], dataset["label_column"])
+    prepare_splits(table, dataset["labels"], dataset["validation_fraction"], dataset["test_fraction"], dataset["seed"])
+
+
+def check_study(config: dict[str, Any]) -> None:
+    check_model(config)
+    check_dataset(config)

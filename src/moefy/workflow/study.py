@@ -1,0 +1,178 @@
+"""What a study runs: the validated config's grid of arms turned into variants and evaluations.
+
+A variant is one fine-tuned model (a sparsity penalty and a replicate seed); an evaluation is one
+conversion of a variant (what it converts, split, expert count, selector), as converted or after recovery training,
+measured at the top-k budgets and dynamic-k thresholds of every arm that contains it. An upcycled
+model is one of `upcycling.models` built from one variant; a merged model is one of those merged
+(and compressed, distilled) by `merging`. rules/common.smk turns these into file paths.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from moefy.errors import MoefyError
+
+
+# The folder of one fine-tuned model, as a format (rules/common.smk uses it as a wildcard pattern).
+VARIANT_FORMAT = "{penalty}-seed{seed}"
+
+
+@dataclass(frozen=True, order=True)
+class Variant:
+    """One fine-tuned dense model: its folder name is `<penalty>-seed<seed>`."""
+
+    penalty: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return VARIANT_FORMAT.format(penalty=self.penalty, seed=self.seed)
+
+
+# The folder suffix of a variant whose attention projections are converted too (convert ffn+attention).
+ATTENTION_SUFFIX = "-attention"
+
+
+@dataclass(frozen=True, order=True)
+class Evaluation:
+    variant: Variant
+    split: str
+    num_experts: int
+    selector: str
+    recovery: str = "none"
+    convert: str = "ffn"
+
+    @property
+    def converted(self) -> str:
+        """The folder of the model its conversion chain starts from: `<variant>`, or
+        `<variant>-attention` for the variant's distilled model (convert ffn+attention)."""
+        return self.variant.name + (ATTENTION_SUFFIX if self.convert == "ffn+attention" else "")
+
+    @property
+    def conversion(self) -> str:
+        """`<split>-E<num_experts>-<selector>`: the folder of its router (and of its recovery)."""
+        return f"{self.split}-E{self.num_experts}-{self.selector}"
+
+    @property
+    def name(self) -> str:
+        """The file name of its records: the conversion, then `-<recovery>` if it was recovered."""
+        return self.conversion + ("" if self.recovery == "none" else f"-{self.recovery}")
+
+
+@dataclass(frozen=True, order=True)
+class Upcycled:
+    """One model of `upcycling.models` built from one variant (name `dense`: the dense continuation)."""
+
+    variant: Variant
+    name: str
+
+
+@dataclass(frozen=True, order=True)
+class Merged:
+    """One merged model (name as moefy.training.merging.chain_of reads it; `full`: the SMoE as trained) of
+    one upcycled model."""
+
+    upcycled: Upcycled
+    name: str
+
+
+def merged_names(groups: list[float], methods: list[str], recoveries: list[str]) -> list[str]:
+    """`full`, then every method at every group count and recovery, named by its chain of steps:
+    mcsmoe is msmoe-G<g>-svd (one-shot) and msmoe-G<g>-kd-svd-kd (MC-SMoE's merge, distil,
+    compress, distil)."""
+    names = ["full"]
+    for g, method, recovery in itertools.product(groups, methods, recoveries):
+        head = f"{'msmoe' if method == 'mcsmoe' else method}-G{g:g}"
+        if method == "mcsmoe":
+            names.append(f"{head}-svd" if recovery == "none" else f"{head}-kd-svd-kd")
+        else:
+            names.append(head if recovery == "none" else f"{head}-kd")
+    return names
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Which selection rules an evaluation measures."""
+
+    budgets: tuple[float, ...]
+    thresholds: tuple[float, ...]
+
+
+class Study:
+    def __init__(self, config: dict[str, Any]):
+        """`config` must be validated (moefy.config.validate fills in the defaults read here)."""
+        self.config = config
+        defaults = config["evaluate"]
+        budgets: dict[Evaluation, set[float]] = {}
+        thresholds: dict[Evaluation, set[float]] = {}
+        for name, arm in config["grid"].items():
+            if "ffn+attention" in arm["convert"] and set(arm["recovery"]) != {"none"}:
+                raise MoefyError(
+                    f"grid.{name}: recovery {', '.join(r for r in arm['recovery'] if r != 'none')} of converted attention "
+                    "projections is not supported; give that arm convert: [ffn] or recovery: [none]"
+                )
+            for penalty, seed, split, num_experts, selector, recovery, convert in itertools.product(
+                arm["penalty"], arm["seed"], arm["split"], arm["num_experts"], arm["selector"], arm["recovery"], arm["convert"]
+            ):
+                evaluation = Evaluation(Variant(penalty, seed), split, num_experts, selector, recovery, convert)
+                budgets.setdefault(evaluation, set()).update(arm.get("budgets", defaults["budgets"]))
+                thresholds.setdefault(evaluation, set()).update(arm.get("thresholds", defaults["thresholds"]))
+        self._rules = {e: Rules(tuple(sorted(budgets[e])), tuple(sorted(thresholds[e]))) for e in sorted(budgets)}
+        self._defaults = Rules(tuple(sorted(defaults["budgets"])), tuple(sorted(defaults["thresholds"])))
+        upcycling = config["upcycling"]
+        names = sorted(upcycling["models"])
+        self.upcycled = [
+            Upcycled(Variant(upcycling["penalty"], seed), name)
+            for seed in upcycling["seeds"]
+            for name in (names + ["dense"] if names else [])
+        ]
+        merging = config["merging"]
+        unknown = sorted(set(merging["models"]) - set(names))
+        if unknown:
+            raise MoefyError(
+                f"merging.models names {', '.join(unknown)}, not in upcycling.models ({', '.join(names) or 'none'}): "
+                "merge models the study upcycles"
+            )
+        self.merged = [
+            Merged(u, name)
+            for u in self.upcycled
+            if u.name in merging["models"]
+            for name in merged_names(merging["groups"], merging["methods"], merging["recovery"])
+        ]
+
+    @property
+    def evaluations(self) -> list[Evaluation]:
+        return list(self._rules)
+
+    @property
+    def variants(self) -> list[Variant]:
+        """Every fine-tuned model the study needs: those converted and those upcycled."""
+        return sorted({e.variant for e in self._rules} | {u.variant for u in self.upcycled})
+
+    def upcycle_settings(self, name: str) -> dict[str, Any]:
+        """The upcycle keys of model `name` (validated: the section's defaults filled in)."""
+        return dict(self.config["upcycling"]["models"][name])
+
+    @property
+    def distilled(self) -> list[Variant]:
+        """The variants whose attention projections are distilled (an arm converts ffn+attention)."""
+        return sorted({e.variant for e in self._rules if e.convert == "ffn+attention"})
+
+    @property
+    def width_multiple(self) -> int:
+        """What the distilled MLPs' widths are rounded to: every expert count an ffn+attention
+        conversion splits them into divides it (1 if there are none)."""
+        return math.lcm(1, *(e.num_experts for e in self._rules if e.convert == "ffn+attention"))
+
+    @property
+    def expert_counts(self) -> list[int]:
+        return sorted({e.num_experts for e in self._rules})
+
+    def rules(self, evaluation: Evaluation) -> Rules:
+        """The arms' budgets and thresholds; an evaluation outside the grid (asked for by file name)
+        gets evaluate.budgets and evaluate.thresholds."""
+        return self._rules.get(evaluation, self._defaults)
