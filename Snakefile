@@ -1,4 +1,4 @@
-# moefy: fine-tune -> [distill attention] -> activations -> split -> balance -> selector -> [recover] -> evaluate -> report,
+# moefy: fine-tune -> [distill attention] -> activations -> split -> balance -> router -> [recover] -> evaluate -> report,
 # fine-tune -> upcycle -> train (beside a dense continuation) -> report_upcycling,
 # and trained upcycled model -> usage -> merge -> [distil] -> [compress -> distil] -> evaluate_smoe -> report_merging.
 # `snakemake --cores all` runs the grid in config.yaml; asking for one evaluate/*.json file runs one ablation.
@@ -21,13 +21,13 @@ include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/calibrate.smk"
 include: "rules/finetune.smk"
-include: "rules/distill.smk"
+include: "rules/distill_attention.smk"
 include: "rules/activations.smk"
 include: "rules/split.smk"
 include: "rules/balance.smk"
-include: "rules/selector.smk"
+include: "rules/router.smk"
 include: "rules/evaluate.smk"
-include: "rules/train_moe.smk"
+include: "rules/recover.smk"
 include: "rules/upcycle.smk"
 include: "rules/merge.smk"
 include: "rules/export.smk"

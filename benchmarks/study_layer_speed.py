@@ -10,7 +10,7 @@ gathering every expert's tokens (no expert computed for every token). It also re
 the router shares a batch's tokens out.
 
     python benchmarks/study_layer_speed.py --study results/minilm-rotten-tomatoes \\
-        --variant none-seed0 --split kmeans --selector mlp
+        --variant none-seed0 --split kmeans --router mlp
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from moefy import dist, native
 from moefy.adapters.models import load_model, load_tokenizer, read_training
 from moefy.conversion.routers import budget_to_k
 from moefy.data.batches import Encoded, eval_batches, iterate
-from moefy.data.subsets import read_split
+from moefy.data.subsets import read_subset
 from moefy.errors import MoefyError
 from moefy.files import read_json
 from moefy.moe.checkpoints import read_moe_parts
@@ -38,12 +38,12 @@ from moefy.workflow import benchmarking
 WAYS = ("dense", "as the study runs it", "every expert gathered")
 
 
-def arm_files(study: Path, variant: str, split: str, num_experts: int, selector: str) -> dict[str, Path]:
+def arm_files(study: Path, variant: str, split: str, num_experts: int, router: str) -> dict[str, Path]:
     arm = f"{split}-E{num_experts}"
     files = {
         "model": study / "finetune" / variant / "model",
         "labels": study / "balance" / variant / arm / "labels.safetensors",
-        "router": study / "selector" / variant / f"{arm}-{selector}" / "router.safetensors",
+        "router_file": study / "router" / variant / f"{arm}-{router}" / "router.safetensors",
         "kernels": study / "calibrate" / "moe_kernels.json",
         "test": study / "data" / "test.jsonl",
     }
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variant", default="none-seed0", help="<penalty>-seed<seed>")
     parser.add_argument("--split", default="kmeans")
     parser.add_argument("--num-experts", type=int, default=48)
-    parser.add_argument("--selector", default="mlp")
+    parser.add_argument("--router", default="mlp")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.2, 0.5])
     parser.add_argument("--batches", type=int, default=4, help="test batches (every third of the length-sorted ones)")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -119,17 +119,17 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     try:
-        files = arm_files(args.study, args.variant, args.split, args.num_experts, args.selector)
+        files = arm_files(args.study, args.variant, args.split, args.num_experts, args.router)
     except MoefyError as err:
         parser.error(str(err))
     task = read_training(files["model"]).get("task", "classification")
     model = load_model(str(files["model"]), task)
-    labels, routers = read_moe_parts(files["labels"], files["router"], args.selector, args.num_experts)
+    labels, routers = read_moe_parts(files["labels"], files["router_file"], args.router, args.num_experts)
     layers = moefy_model(model, labels, routers, args.num_experts)
     calibration = read_json(files["kernels"])
     for layer in layers:
         layer.kernels = table_for(calibration, layer_shape_key(layer), str(files["kernels"]))
-    texts, _ = read_split(files["test"])
+    texts, _ = read_subset(files["test"])
     encoded = Encoded(load_tokenizer(str(files["model"])), texts)
     ctx = dist.setup("cpu")
     batches = eval_batches(encoded, args.batch_size, ctx)[::3][: args.batches]
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
             result = time_ways(layers, inputs, budget, args.repeats)
             ms = result["ms"]
             row = {
-                "case": f"{args.variant} {args.split}-E{args.num_experts}-{args.selector} b={budget:g}",
+                "case": f"{args.variant} {args.split}-E{args.num_experts}-{args.router} b={budget:g}",
                 "budget": budget,
                 "dense_ms": ms["dense"],
                 "moe_ms": ms["as the study runs it"],

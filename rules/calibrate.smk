@@ -27,7 +27,7 @@ rule calibrate:
         experts=settings_flags({"num_experts": GRID.expert_counts}),
         activation=config["finetune"]["activation"],
         projections=(
-            f"--projection-flops-factor {config['distill']['flops_factor']} --width-multiple {GRID.width_multiple}"
+            f"--projection-flops-factor {config['distill_attention']['flops_factor']} --width-multiple {GRID.width_multiple}"
             if GRID.distilled
             else ""
         ),

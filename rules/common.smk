@@ -7,7 +7,7 @@ from pathlib import Path
 from moefy.workflow import owners, tracking
 from moefy.workflow.cli import settings_flags
 from moefy.workflow.cluster import job_resources
-from moefy.config import PENALTIES, RECOVERIES, SELECTORS, SPLITS, validate
+from moefy.config import PENALTIES, RECOVERIES, ROUTERS, SPLITS, validate
 from moefy.errors import MoefyError
 from moefy.workflow.launch import export_source_folder, interpreter_first_on_path, step_command, threads_per_rank
 from moefy.training.merging import CHAIN_PATTERN, GROUPS_PATTERN, MERGED_PATTERN, METHOD_PATTERN
@@ -30,9 +30,10 @@ STUDY = config["study"]
 COMPUTE = config["compute"]
 GRID = Study(config)
 VARIANT = VARIANT_FORMAT
-# The model a conversion chain starts from: the fine-tuned variant, or (`{attention}` = -attention)
+# The model a conversion chain starts from: the fine-tuned variant, or (`{convert}` = -attention, the folder
+# suffix of config's convert: ffn+attention)
 # its model with distilled attention projections, whose projections are converted beside the FFNs.
-CONVERTED = VARIANT + "{attention}"
+CONVERTED = f"{VARIANT}{{convert}}"
 CONVERSION = "{split}-E{num_experts}"
 
 # Jobs find the MLflow store and experiment here; the parent run id follows in onstart.
@@ -44,9 +45,9 @@ wildcard_constraints:
     penalty="|".join(PENALTIES),
     seed=r"\d+",
     split="|".join(SPLITS),
-    selector="|".join(SELECTORS),
+    router="|".join(ROUTERS),
     num_experts=r"\d+",
-    attention=f"|{ATTENTION_SUFFIX}",  # empty: the FFNs only
+    convert=f"|{ATTENTION_SUFFIX}",  # empty: convert ffn (the FFNs only)
     recovery="|".join(r for r in RECOVERIES if r != "none"),  # none: the plain evaluate rule
     upcycled="|".join(sorted(config["upcycling"]["models"])) or "(?!)",  # never `dense`
     method=METHOD_PATTERN,
@@ -172,14 +173,14 @@ def coactivation_flag(wildcards, input):
 
 
 def convert_of(wildcards):
-    """What the job's chain converts: its `{attention}` wildcard as config's grid names it."""
-    return "ffn+attention" if wildcards.get("attention") else "ffn"
+    """What the job's chain converts: its `{convert}` wildcard (a folder suffix) as config's grid names it."""
+    return "ffn+attention" if wildcards.get("convert") else "ffn"
 
 
 def ablation_flags(wildcards):
     """The job's place in the grid as the step's flags (--penalty, --seed, --convert, --split, ...)."""
-    flags = {k: v for k, v in wildcards.items() if k != "attention"}
-    if "attention" in wildcards.keys():
+    flags = {k: v for k, v in wildcards.items() if k != "convert"}
+    if "convert" in wildcards.keys():
         flags["convert"] = convert_of(wildcards)
     return settings_flags(flags)
 
@@ -189,23 +190,23 @@ def variant_of(wildcards):
 
 
 def variant_model(step, wildcards):
-    """The model folder that `step` (finetune or distill) wrote for the wildcards' variant."""
+    """The model folder that `step` (finetune or distill_attention) wrote for the wildcards' variant."""
     return results(step, variant_of(wildcards).name, "model")
 
 
 def converted_model(wildcards):
-    """The model folder a conversion chain reads: finetune's, or distill's for `-attention`."""
-    return variant_model("distill" if wildcards.attention else "finetune", wildcards)
+    """The model folder a conversion chain reads: finetune's, or distill_attention's for `-attention`."""
+    return variant_model("distill_attention" if wildcards.convert else "finetune", wildcards)
 
 
 def ffn_only(pattern):
     """A chain file's pattern for the FFN-only conversion (rules that do not take attention yet)."""
-    return pattern.replace("{attention}", "")
+    return pattern.replace("{convert}", "")
 
 
 def reference_model(wildcards):
     """The fine-tuned model the relative numbers of a converted-attention evaluation compare with."""
-    return [variant_model("finetune", wildcards)] if wildcards.attention else []
+    return [variant_model("finetune", wildcards)] if wildcards.convert else []
 
 
 def evaluation_of(wildcards):
@@ -213,7 +214,7 @@ def evaluation_of(wildcards):
         variant_of(wildcards),
         wildcards.split,
         int(wildcards.num_experts),
-        wildcards.selector,
+        wildcards.router,
         wildcards.get("recovery", "none"),
         convert_of(wildcards),
     )

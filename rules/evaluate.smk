@@ -4,14 +4,14 @@ rule evaluate:
         reference=reference_model,
         test=rules.data.output.test,
         labels=rules.balance.output.labels,
-        router=rules.selector.output.router,
+        router_file=rules.router.output.router_file,
         kernels=rules.calibrate.output[0],
     output:
-        results("evaluate", CONVERTED, f"{CONVERSION}-{{selector}}.json"),
+        results("evaluate", CONVERTED, f"{CONVERSION}-{{router}}.json"),
     log:
-        logs("evaluate", f"{CONVERTED}/{CONVERSION}-{{selector}}"),
+        logs("evaluate", f"{CONVERTED}/{CONVERSION}-{{router}}"),
     benchmark:
-        results("benchmarks", "evaluate", CONVERTED, f"{CONVERSION}-{{selector}}.tsv")
+        results("benchmarks", "evaluate", CONVERTED, f"{CONVERSION}-{{router}}.tsv")
     conda:
         CONDA_ENV
     threads: COMPUTE["threads"]["evaluate"]
@@ -29,5 +29,5 @@ rule evaluate:
         reference=reference_flag,
     shell:
         "OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} {params.reference} --task {params.task} {params.ablation} "
-        "--data {params.data} --labels {input.labels} --router {input.router} --kernels {input.kernels} {params.rules} --out {output} "
+        "--data {params.data} --labels {input.labels} --router-file {input.router_file} --kernels {input.kernels} {params.rules} --out {output} "
         "--device {params.device} {params.settings} > {log} 2>&1"

@@ -1,4 +1,4 @@
-# On demand: ask for results/<study>/export/<penalty>-seed<seed>/<split>-E<E>-<selector>-b<budget> to get a
+# On demand: ask for results/<study>/export/<penalty>-seed<seed>/<split>-E<E>-<router>-b<budget> to get a
 # folder that moefy.moe.checkpoints.load_moe restores for inference outside the workflow.
 
 
@@ -6,11 +6,11 @@ rule export:
     input:
         model=rules.finetune.output.model,
         labels=ffn_only(rules.balance.output.labels),
-        router=ffn_only(rules.selector.output.router),
+        router_file=ffn_only(rules.router.output.router_file),
     output:
-        directory(results("export", VARIANT, f"{CONVERSION}-{{selector}}-b{{budget}}")),
+        directory(results("export", VARIANT, f"{CONVERSION}-{{router}}-b{{budget}}")),
     log:
-        logs("export", f"{VARIANT}/{CONVERSION}-{{selector}}-b{{budget}}"),
+        logs("export", f"{VARIANT}/{CONVERSION}-{{router}}-b{{budget}}"),
     wildcard_constraints:
         budget=r"[0-9.]+",
     conda:
@@ -23,4 +23,4 @@ rule export:
         task=config["task"],
     shell:
         "{params.launch} --model {input.model} --task {params.task} {params.ablation} --labels {input.labels} "
-        "--router {input.router} --budget {wildcards.budget} --out {output} > {log} 2>&1"
+        "--router-file {input.router_file} --budget {wildcards.budget} --out {output} > {log} 2>&1"

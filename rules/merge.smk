@@ -61,7 +61,7 @@ rule merge:
         "{params.settings} > {log} 2>&1"
 
 
-rule distil_merged:
+rule distill_merged:
     input:
         model=merge_folder("{chain}", "model"),
         teacher=rules.train_upcycled.output.model,
@@ -70,14 +70,14 @@ rule distil_merged:
         model=directory(merge_folder("{chain}-kd", "model")),
         metrics=merge_folder("{chain}-kd", "metrics.json"),
     log:
-        logs("train_moe", f"{MERGED}/{{chain}}-kd"),
+        logs("distill_merged", f"{MERGED}/{{chain}}-kd"),
     benchmark:
-        results("benchmarks", "train_moe", VARIANT, "{upcycled}", "{chain}-kd.tsv")
+        results("benchmarks", "distill_merged", VARIANT, "{upcycled}", "{chain}-kd.tsv")
     conda:
         CONDA_ENV
     threads: COMPUTE["threads"]["train_moe"]
     resources:
-        **cluster_resources("distil_merged", ranked=True),
+        **cluster_resources("distill_merged", ranked=True),
     params:
         launch=launch("train_moe"),
         omp=omp_threads,

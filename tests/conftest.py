@@ -266,9 +266,9 @@ def finish_snakemake(proc: subprocess.Popen, workdir: Path) -> None:
 
 TINY = "tiny"
 E, D_FF, LAYERS = 4, 64, 2
-SPLITS, SELECTORS = ["random", "kmeans", "coact"], ["groundtruth", "similarity", "mlp", "norm"]
-# Every split and every selector runs end to end; their cross product adds no path to test (each
-# step handles one split or one selector), so the study is its diagonal, plus norm (D2DMoE) on kmeans.
+SPLITS, ROUTERS = ["random", "kmeans", "coact"], ["groundtruth", "similarity", "mlp", "norm"]
+# Every split and every router runs end to end; their cross product adds no path to test (each
+# step handles one split or one router), so the study is its diagonal, plus norm (D2DMoE) on kmeans.
 CONVERSIONS = [("random", "groundtruth"), ("kmeans", "similarity"), ("coact", "mlp"), ("kmeans", "norm")]
 BUDGETS, THRESHOLDS = [0.25, 0.5, 0.75, 1.0], [0.0, 0.5, 1.0]
 VARIANT = "hoyer-seed0"  # D2DMoE's penalty: its fine-tuning path is the one with most to test
@@ -282,15 +282,14 @@ UPCYCLED_MODELS = {"expert-choice": {"experts": E, "routing": "expert_choice", "
 
 
 def diagonal(conversions, **arm) -> dict:
-    """One grid arm per (split, selector): every split and selector of `conversions`, not their product."""
+    """One grid arm per (split, router): every split and router of `conversions`, not their product."""
     return {
-        f"{split}-{selector}": {"split": [split], "num_experts": [E], "selector": [selector], **arm}
-        for split, selector in conversions
+        f"{split}-{router}": {"split": [split], "num_experts": [E], "router": [router], **arm} for split, router in conversions
     }
 
 
 def tiny_config(**overrides) -> dict:
-    """Every split and selector on one Hoyer-fine-tuned tiny BERT, budgets and thresholds, plus a
+    """Every split and router on one Hoyer-fine-tuned tiny BERT, budgets and thresholds, plus a
     second seed of coact / mlp, kmeans / norm with the attention projections converted too, a recovered conversion, an upcycled model with its dense
     continuation, and that model merged and compressed (MC-SMoE, with and without distillation)."""
     config = {
@@ -299,21 +298,21 @@ def tiny_config(**overrides) -> dict:
         "dataset": {"path": "reviews.csv", "text_column": "text", "label_column": "category", "labels": ["rotten", "fresh"]},
         "grid": {
             **diagonal(CONVERSIONS, penalty=["hoyer"], thresholds=THRESHOLDS),
-            "replicate": {"penalty": ["hoyer"], "seed": [1], "split": ["coact"], "num_experts": [E], "selector": ["mlp"]},
+            "replicate": {"penalty": ["hoyer"], "seed": [1], "split": ["coact"], "num_experts": [E], "router": ["mlp"]},
             # D2DMoE on attention too: the variant's projections distilled, then kmeans / norm
             "attention": {
                 "penalty": ["hoyer"],
                 "convert": ["ffn+attention"],
                 "split": ["kmeans"],
                 "num_experts": [E],
-                "selector": ["norm"],
+                "router": ["norm"],
                 "thresholds": THRESHOLDS,
             },
             "recovered": {
                 "penalty": ["hoyer"],
                 "split": ["kmeans"],
                 "num_experts": [E],
-                "selector": ["similarity"],
+                "router": ["similarity"],
                 "recovery": ["kd"],
             },
         },
@@ -332,8 +331,12 @@ def tiny_config(**overrides) -> dict:
             "precision": "fp32",
         },
         "activations": {"max_tokens": 3000, "sample_tokens": 1500, "batch_size": 32},
-        "distill": {"max_tokens": 3000, "max_epochs": 30, "flops_factor": 2.0},  # width 32: R^2 0.92-0.96 (16: 0.56-0.83)
-        "selector": {"mlp_epochs": 5, "norm_hidden": 16},
+        "distill_attention": {
+            "max_tokens": 3000,
+            "max_epochs": 30,
+            "flops_factor": 2.0,
+        },  # width 32: R^2 0.92-0.96 (16: 0.56-0.83)
+        "router": {"mlp_epochs": 5, "norm_hidden": 16},
         "evaluate": {"budgets": BUDGETS, "batch_size": 32},
     }
     config.update(copy.deepcopy(overrides))
@@ -367,7 +370,7 @@ def _tiny_study_started(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_study(_tiny_study_started) -> Path:
-    """The shared tiny study, run once with 4 jobs at a time: its selector and evaluate jobs become
+    """The shared tiny study, run once with 4 jobs at a time: its router and evaluate jobs become
     ready together and write to one fresh SQLite MLflow store."""
     workdir, proc, started = _tiny_study_started
     finish_snakemake(proc, workdir)
@@ -389,7 +392,7 @@ SLURM_CLUSTER = {
 
 def slurm_config(tracking_uri: str) -> dict:
     """The tiny study's kmeans / norm arm alone (data, calibrate, fine-tune, activations, split,
-    balance, selector, evaluate, report), with what its jobs ask the cluster for, logging to the
+    balance, router, evaluate, report), with what its jobs ask the cluster for, logging to the
     tracking server at `tracking_uri`."""
     config = tiny_config(cluster=SLURM_CLUSTER, mlflow={"tracking_uri": tracking_uri})
     config["grid"] = {SLURM_ARM: config["grid"][SLURM_ARM]}

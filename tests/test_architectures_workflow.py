@@ -18,8 +18,8 @@ from conftest import build_tiny, diagonal, finish_snakemake, start_snakemake, wr
 pytestmark = pytest.mark.e2e
 
 E, D_FF = 4, 64
-# Two conversions per family: the shared tiny study runs every split and selector on BERT, and
-# test_families every selector on every family; these check that the whole chain runs on each.
+# Two conversions per family: the shared tiny study runs every split and router on BERT, and
+# test_families every router on every family; these check that the whole chain runs on each.
 CONVERSIONS = [("kmeans", "similarity"), ("coact", "mlp")]
 BUDGETS = [0.5, 1.0]
 VARIANT = "none-seed0"
@@ -43,7 +43,7 @@ def write_study(workdir: Path, family: str, task: str, finetune: dict) -> Path:
             **finetune,
         },
         "activations": {"max_tokens": 2000, "sample_tokens": 1000, "batch_size": 32},
-        "selector": {"mlp_epochs": 3},
+        "router": {"mlp_epochs": 3},
         "evaluate": {"budgets": BUDGETS, "batch_size": 32},
     }
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
@@ -86,8 +86,8 @@ def test_t5_labels_cover_encoder_and_decoder_layers(t5_study):
 
 
 def test_t5_evaluations_match_dense_at_full_budget(t5_study):
-    for split, selector in CONVERSIONS:
-        records = json.loads((t5_study / "evaluate" / VARIANT / f"{split}-E{E}-{selector}.json").read_text())
+    for split, router in CONVERSIONS:
+        records = json.loads((t5_study / "evaluate" / VARIANT / f"{split}-E{E}-{router}.json").read_text())
         assert [r["budget"] for r in records] == BUDGETS
         assert records[-1]["relative_accuracy"] == 1.0 and records[-1]["dense_agreement"] == 1.0
         assert records[0]["experts_per_token"] == E // 2
@@ -99,8 +99,8 @@ def test_llama_causal_lm_reports_perplexity(llama_study):
     assert 1 < metrics["test_perplexity"] < 39  # learned something over a uniform guess on 39 tokens
     sparsity = json.loads((llama_study / "activations" / VARIANT / "metrics.json").read_text())["sparsity_per_layer"]
     assert sparsity == pytest.approx([0.9, 0.9], abs=0.02)  # SiLU never 0: the top 10% by |h| fire
-    for split, selector in CONVERSIONS:
-        records = json.loads((llama_study / "evaluate" / VARIANT / f"{split}-E{E}-{selector}.json").read_text())
+    for split, router in CONVERSIONS:
+        records = json.loads((llama_study / "evaluate" / VARIANT / f"{split}-E{E}-{router}.json").read_text())
         full = records[-1]
         assert full["relative_perplexity"] == 1.0 and full["dense_agreement"] == 1.0
         assert full["test_perplexity"] == pytest.approx(metrics["test_perplexity"], rel=1e-4)
@@ -114,5 +114,5 @@ def test_llama_causal_lm_reports_perplexity(llama_study):
 def test_llama_data_has_texts_only(llama_study):
     first = json.loads((llama_study / "data" / "train.jsonl").read_text().splitlines()[0])
     assert set(first) == {"text"}
-    router = load_file(llama_study / "selector" / VARIANT / f"coact-E{E}-mlp" / "router.safetensors")
+    router = load_file(llama_study / "router" / VARIANT / f"coact-E{E}-mlp" / "router.safetensors")
     assert router["layer.0.fc1.weight"].shape == (E, 32) and torch.isfinite(router["layer.0.fc1.weight"]).all()

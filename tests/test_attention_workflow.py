@@ -29,7 +29,7 @@ def test_the_distilled_model_has_every_projection_as_an_mlp_that_splits_into_the
     assert sorted(report) == sorted(f"{layer}.{p}" for layer in range(LAYERS) for p in "qkvo")
     assert all(entry["width"] % E == 0 and entry["mse"] <= entry["mse_initial"] for entry in report.values())
     assert all(entry["r2"] > 0.8 for key, entry in report.items() if not key.endswith(".o")), report
-    for step in ("activations", "split", "balance", "selector"):
+    for step in ("activations", "split", "balance", "router"):
         assert in_study(tiny_study, step, variant=ATTENTION).is_dir(), step
 
 
@@ -53,7 +53,7 @@ def test_attention_evaluations_are_against_the_fine_tuned_model_and_count_the_wh
     assert full["projection_flops_fraction"] == pytest.approx(2 * width / hidden)
     assert full["model_flops_fraction"] == pytest.approx(1 + extra / full["dense_model_flops_per_token"])
     quarter = attention[("top_k", 0.25)]
-    norm_router = 2 * (hidden * 16 + 16 * E)  # selector.norm_hidden 16 in the tiny study
+    norm_router = 2 * (hidden * 16 + 16 * E)  # router.norm_hidden 16 in the tiny study
     assert quarter["projection_flops_fraction"] == pytest.approx(0.25 * 2 * width / hidden + norm_router / (2 * hidden * hidden))
     assert (
         quarter["model_flops_fraction"] < full["model_flops_fraction"]
@@ -63,7 +63,7 @@ def test_attention_evaluations_are_against_the_fine_tuned_model_and_count_the_wh
 
 def test_the_report_has_the_attention_curves_and_their_whole_model_flops_at_99pct(tiny_study):
     table = pd.read_csv(in_study(tiny_study, "report", "flops_at_99pct.csv"))
-    rows = table[(table["convert"] == "ffn+attention") & (table["selector"] == "norm")]
+    rows = table[(table["convert"] == "ffn+attention") & (table["router"] == "norm")]
     assert set(rows["rule"]) == {"top_k", "dynamic"} and "model_flops_at_99pct_mean" in table
     summary = pd.read_csv(in_study(tiny_study, "report", "summary.csv"))
     assert summary[summary["convert"] == "ffn+attention"]["projection_flops_fraction"].notna().all()

@@ -71,7 +71,7 @@ def test_study_layer_speed_times_a_finished_arm_three_ways(tiny_study, tmp_path,
     study = tiny_study / "results" / TINY
     out = tmp_path / "layer_speed.json"
     bench.main(
-        ["--study", str(study), "--variant", VARIANT, "--split", "coact", "--num-experts", str(E), "--selector", "mlp"]
+        ["--study", str(study), "--variant", VARIANT, "--split", "coact", "--num-experts", str(E), "--router", "mlp"]
         + ["--budgets", "0.5", "--batches", "2", "--repeats", "1", "--batch-size", "16", "--json", str(out), "--no-mlflow"]
     )
     document = json.loads(out.read_text())

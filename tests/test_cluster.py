@@ -20,7 +20,7 @@ def _config(**sections) -> dict:
         "study": "s",
         "model": {"name_or_path": "m"},
         "dataset": {"path": "d.csv", "text_column": "text", "label_column": "label"},
-        "grid": {"a": {"split": ["random"], "num_experts": [4], "selector": ["groundtruth"]}},
+        "grid": {"a": {"split": ["random"], "num_experts": [4], "router": ["groundtruth"]}},
         **sections,
     }
     return validate(config)

@@ -20,7 +20,7 @@ def test_default_study_is_valid_and_gets_defaults(study):
     assert study["grid"]["moefication"]["seed"] == [0] and study["grid"]["moefication"]["penalty"] == ["none"]
     assert study["dataset"]["seed"] == 0
     assert study["finetune"]["max_length"] == 64
-    assert study["selector"]["mlp_patience"] == section_defaults("selector")["mlp_patience"]
+    assert study["router"]["mlp_patience"] == section_defaults("router")["mlp_patience"]
     assert study["compute"]["threads"]["finetune"] >= 1
     assert study["mlflow"]["tracking_uri"] is None
 
@@ -29,7 +29,7 @@ def test_default_study_is_valid_and_gets_defaults(study):
     ("change", "fragment"),
     [
         (lambda c: c["grid"]["moefication"].update(split=["kmean"]), "grid.moefication.split.0"),
-        (lambda c: c["grid"]["moefication"].update(selector=["oracle"]), "'oracle' is not allowed"),
+        (lambda c: c["grid"]["moefication"].update(router=["oracle"]), "'oracle' is not allowed"),
         (lambda c: c["grid"]["d2dmoe"].update(penalty=["hoyr"]), "grid.d2dmoe.penalty.0: 'hoyr' is not allowed"),
         (lambda c: c["grid"]["d2dmoe"].update(thresholds=[1.5]), "grid.d2dmoe.thresholds.0"),
         (lambda c: c["grid"]["d2dmoe"].update(seed=[-1]), "grid.d2dmoe.seed.0"),
@@ -55,6 +55,49 @@ def test_bad_config_names_the_key(study, change, fragment):
     with pytest.raises(MoefyError) as err:
         validate(bad)
     assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("change", "old", "new"),
+    [
+        (
+            lambda c: c["grid"]["moefication"].__setitem__("selector", c["grid"]["moefication"].pop("router")),
+            "grid.moefication.selector",
+            "grid.<arm>.router",
+        ),
+        (lambda c: c.__setitem__("selector", {"mlp_epochs": 5}), "selector", "router"),
+        (lambda c: c.__setitem__("compute", {"threads": {"selector": 2}}), "compute.threads.selector", "compute.threads.router"),
+        (lambda c: c.__setitem__("distill", {"max_epochs": 5}), "distill", "distill_attention"),
+        (
+            lambda c: c.__setitem__("compute", {"threads": {"distill": 2}}),
+            "compute.threads.distill",
+            "compute.threads.distill_attention",
+        ),
+        (
+            lambda c: c.__setitem__("cluster", {"rules": {"distil_merged": {"runtime": 5}}}),
+            "cluster.rules.distil_merged",
+            "cluster.rules.distill_merged",
+        ),
+        (lambda c: c.__setitem__("train_moe", {"balance_weight": 0.1}), "train_moe.balance_weight", "train_moe.load_loss_weight"),
+    ],
+)
+def test_a_renamed_key_is_refused_with_its_new_name(study, change, old, new):
+    """An old config must not silently mean something else: a renamed step section would be filled
+    with defaults and its settings ignored."""
+    bad = copy.deepcopy(study)
+    change(bad)
+    with pytest.raises(MoefyError) as err:
+        validate(bad)
+    assert f"config key {old} was renamed: write {new}" in str(err.value)
+
+
+def test_every_renamed_key_names_a_key_of_the_schema():
+    from moefy.config import RENAMED, schema
+
+    rules = schema()["properties"]["cluster"]["properties"]["rules"]["propertyNames"]["enum"]
+    documented = {key for key, *_ in iter_keys()} | {f"cluster.rules.{rule}" for rule in rules}
+    assert set(RENAMED.values()) <= documented
+    assert not {".".join(old) for old in RENAMED} & documented, "an old name must not be a key again"
 
 
 def test_every_key_is_documented():
@@ -87,7 +130,7 @@ def test_the_vocabulary_is_the_schema_s():
     from moefy.conversion import routers
     from moefy.training import sparsity
 
-    assert config.SELECTORS == ("groundtruth", "similarity", "mlp", "norm") and routers.SELECTORS is config.SELECTORS
+    assert config.ROUTERS == ("groundtruth", "similarity", "mlp", "norm") and routers.ROUTERS is config.ROUTERS
     assert config.PENALTIES == ("none", "l1", "hoyer") and sparsity.PENALTIES is config.PENALTIES
     assert set(tasks._TASKS) == set(config.TASKS) and config.SPLITS == ("random", "kmeans", "coact")
 
@@ -96,7 +139,7 @@ def test_the_default_study_trains_in_fp32_on_every_cpu(study):
     """docs/results.md promises the default study's dense model does not depend on bf16 support."""
     assert validate(study)["finetune"]["precision"] == "fp32"
     assert {arm["split"][0] for arm in study["grid"].values()} <= {"random", "kmeans", "coact"}
-    assert set(study["grid"]) == {"moefication", "d2dmoe"} and study["grid"]["d2dmoe"]["selector"] == ["norm"]
+    assert set(study["grid"]) == {"moefication", "d2dmoe"} and study["grid"]["d2dmoe"]["router"] == ["norm"]
 
 
 def test_the_seeds_study_is_the_default_study_with_three_seeds(study):

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moefy.data.subsets import read_label_names, read_split, write_splits
-from moefy.data.tables import load_hub, load_table, prepare_splits, prepare_texts
+from moefy.data.subsets import read_label_names, read_subset, write_subsets
+from moefy.data.tables import load_hub, load_table, prepare_subsets, prepare_texts
 from moefy.errors import MoefyError
 
 
@@ -40,7 +40,7 @@ def test_load_table_rotten_tomatoes_shape_from_bz2_csv(tmp_path):
     assert list(df.columns) == ["text", "label"]
     assert len(df) == 30 and set(df["label"]) == {"fresh", "rotten", "plot"}
 
-    splits, names = prepare_splits(df, ["rotten", "fresh"], 0.2, 0.2, seed=0)
+    splits, names = prepare_subsets(df, ["rotten", "fresh"], 0.2, 0.2, seed=0)
     assert names == ["rotten", "fresh"]
     both = pd.concat(splits.values())
     assert len(both) == 20  # the 10 "plot" rows are dropped
@@ -164,12 +164,12 @@ def test_load_hub_unreachable_suggests_a_local_file(monkeypatch):
         load_hub("demo", None, "text", "label")
 
 
-# --- prepare_splits -------------------------------------------------------------------------------
+# --- prepare_subsets -------------------------------------------------------------------------------
 
 
 def test_splits_are_disjoint_sized_and_cover_all_rows():
     df = table(1000)
-    splits, names = prepare_splits(df, None, 0.1, 0.2, seed=3)
+    splits, names = prepare_subsets(df, None, 0.1, 0.2, seed=3)
     assert names == ["a", "b", "c"]
     assert set(splits) == {"train", "validation", "test"}
     texts = {k: set(v["text"]) for k, v in splits.items()}
@@ -185,9 +185,9 @@ def test_splits_are_disjoint_sized_and_cover_all_rows():
 
 def test_splits_are_deterministic_per_seed_and_change_with_seed():
     df = table(200)
-    a, _ = prepare_splits(df, None, 0.1, 0.1, seed=1)
-    b, _ = prepare_splits(df, None, 0.1, 0.1, seed=1)
-    c, _ = prepare_splits(df, None, 0.1, 0.1, seed=2)
+    a, _ = prepare_subsets(df, None, 0.1, 0.1, seed=1)
+    b, _ = prepare_subsets(df, None, 0.1, 0.1, seed=1)
+    c, _ = prepare_subsets(df, None, 0.1, 0.1, seed=2)
     for split in a:
         pd.testing.assert_frame_equal(a[split], b[split])
     assert set(a["test"]["text"]) != set(c["test"]["text"])
@@ -197,7 +197,7 @@ def test_duplicate_texts_stay_in_one_split():
     base = table(100)
     df = pd.concat([base, base.head(50), base.head(10)], ignore_index=True)
     df.loc[len(df)] = ["  text 3  ", "a"]  # same text after stripping whitespace
-    splits, _ = prepare_splits(df, None, 0.2, 0.2, seed=0)
+    splits, _ = prepare_subsets(df, None, 0.2, 0.2, seed=0)
     where = {}
     for split, frame in splits.items():
         for text in frame["text"]:
@@ -208,14 +208,14 @@ def test_duplicate_texts_stay_in_one_split():
 
 def test_drops_missing_and_blank_rows():
     df = pd.DataFrame({"text": ["a", None, "   ", "b", "c", "d", "e", "f"], "label": ["x", "y", "y", None, "y", "x", "y", "x"]})
-    splits, names = prepare_splits(df, None, 0.25, 0.25, seed=0)
+    splits, names = prepare_subsets(df, None, 0.25, 0.25, seed=0)
     assert names == ["x", "y"]
     assert sorted(pd.concat(splits.values())["text"]) == ["a", "c", "d", "e", "f"]
 
 
 def test_labels_compare_as_strings_and_set_the_id_order():
     df = pd.DataFrame({"text": [f"t{i}" for i in range(30)], "label": [i % 3 for i in range(30)]})
-    splits, names = prepare_splits(df, ["2", 0], 0.2, 0.2, seed=0)
+    splits, names = prepare_subsets(df, ["2", 0], 0.2, 0.2, seed=0)
     assert names == ["2", "0"]
     merged = pd.concat(splits.values())
     assert len(merged) == 20
@@ -225,31 +225,31 @@ def test_labels_compare_as_strings_and_set_the_id_order():
 
 def test_default_numeric_labels_sort_numerically():
     df = pd.DataFrame({"text": [f"t{i}" for i in range(40)], "label": [[10, 2, 1, 0][i % 4] for i in range(40)]})
-    _, names = prepare_splits(df, None, 0.2, 0.2, seed=0)
+    _, names = prepare_subsets(df, None, 0.2, 0.2, seed=0)
     assert names == ["0", "1", "2", "10"]
 
 
 def test_requested_label_that_never_occurs():
     with pytest.raises(MoefyError, match=r"'neutral'.*'a', 'b', 'c'"):
-        prepare_splits(table(), ["a", "neutral"], 0.1, 0.1, seed=0)
+        prepare_subsets(table(), ["a", "neutral"], 0.1, 0.1, seed=0)
 
 
 def test_fewer_than_two_classes():
     df = pd.DataFrame({"text": [f"t{i}" for i in range(20)], "label": ["only"] * 20})
     with pytest.raises(MoefyError, match=r"'only'.*at least 2"):
-        prepare_splits(df, None, 0.1, 0.1, seed=0)
+        prepare_subsets(df, None, 0.1, 0.1, seed=0)
 
 
 def test_empty_split_is_an_error():
     df = table(6)
-    with pytest.raises(MoefyError, match="validation split would be empty"):
-        prepare_splits(df, None, 0.05, 0.4, seed=0)
+    with pytest.raises(MoefyError, match="validation subset would be empty"):
+        prepare_subsets(df, None, 0.05, 0.4, seed=0)
 
 
 @pytest.mark.parametrize("val,test,key", [(0.0, 0.1, "validation_fraction"), (0.1, 1.2, "test_fraction"), (0.5, 0.5, "sum")])
 def test_bad_fractions(val, test, key):
     with pytest.raises(MoefyError, match=key if key != "sum" else "nothing for training"):
-        prepare_splits(table(), None, val, test, seed=0)
+        prepare_subsets(table(), None, val, test, seed=0)
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -258,8 +258,8 @@ def test_bad_fractions(val, test, key):
 def test_jsonl_round_trip(tmp_path):
     df = pd.DataFrame({"text": ['héllo "wörld"\nnew line', "日本語", "plain", "x\u2028y"] * 5, "label": ["p", "n"] * 10})
     df["text"] = df["text"] + pd.Series([str(i) for i in range(20)])
-    splits, names = prepare_splits(df, None, 0.2, 0.2, seed=0)
-    write_splits(tmp_path / "data", splits, names)
+    splits, names = prepare_subsets(df, None, 0.2, 0.2, seed=0)
+    write_subsets(tmp_path / "data", splits, names)
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
         "labels.json",
         "test.jsonl",
@@ -270,7 +270,7 @@ def test_jsonl_round_trip(tmp_path):
         tmp_path / "data" / "test.jsonl"
     ).read_text(encoding="utf-8") + (tmp_path / "data" / "validation.jsonl").read_text(encoding="utf-8")
     for split, frame in splits.items():
-        texts, labels = read_split(tmp_path / "data" / f"{split}.jsonl")
+        texts, labels = read_subset(tmp_path / "data" / f"{split}.jsonl")
         assert texts == list(frame["text"]) and labels == list(frame["label"])
     assert read_label_names(tmp_path / "data") == names
     meta = json.loads((tmp_path / "data" / "labels.json").read_text())
@@ -279,14 +279,14 @@ def test_jsonl_round_trip(tmp_path):
 
 def test_read_split_missing_or_damaged(tmp_path):
     with pytest.raises(MoefyError, match=r"train\.jsonl.*data step"):
-        read_split(tmp_path / "train.jsonl")
+        read_subset(tmp_path / "train.jsonl")
     path = tmp_path / "test.jsonl"
     path.write_text('{"text": "a", "label": 0}\n{"text": "b", "la')
     with pytest.raises(MoefyError, match=r"test\.jsonl.*line 2.*data step"):
-        read_split(path)
+        read_subset(path)
     path.write_text('{"text": "a", "label": "zero"}\n')
     with pytest.raises(MoefyError, match=r"test\.jsonl.*line 1"):
-        read_split(path)
+        read_subset(path)
 
 
 def test_read_label_names_damaged(tmp_path):
@@ -303,9 +303,9 @@ def test_text_only_splits_for_causal_lm(tmp_path):
     texts = {split: list(frame["text"]) for split, frame in splits.items()}
     assert sum(map(len, texts.values())) == 42 and "" not in sum(texts.values(), [])
     assert sum(t == "a b" for t in sum(texts.values(), [])) == 2 and len({s for s, ts in texts.items() if "a b" in ts}) == 1
-    write_splits(tmp_path / "out", splits, [])
+    write_subsets(tmp_path / "out", splits, [])
     assert json.loads((tmp_path / "out" / "train.jsonl").read_text().splitlines()[0]).keys() == {"text"}
-    read_texts, labels = read_split(tmp_path / "out" / "test.jsonl")
+    read_texts, labels = read_subset(tmp_path / "out" / "test.jsonl")
     assert read_texts == texts["test"] and labels is None
 
 
@@ -313,7 +313,7 @@ def test_split_mixing_labelled_and_unlabelled_rows_is_damaged(tmp_path):
     path = tmp_path / "train.jsonl"
     path.write_text('{"text": "a", "label": 1}\n{"text": "b"}\n')
     with pytest.raises(MoefyError, match="damaged at line 2"):
-        read_split(path)
+        read_subset(path)
     path.write_text('{"text": "a"}\n{"text": "b", "label": 0}\n')
     with pytest.raises(MoefyError, match="damaged at line 2"):
-        read_split(path)
+        read_subset(path)

@@ -23,11 +23,11 @@ def finetuned(tiny_bert, tmp_path_factory):
     return folder
 
 
-def parts(model, selector: str):
+def parts(model, router: str):
     labels, routers = {}, {}
     for ffn in find_ffns(model):
         labels[ffn.index] = torch.randperm(ffn.d_ff, generator=torch.Generator().manual_seed(ffn.index)) % E
-        if selector == "similarity":
+        if router == "similarity":
             routers[ffn.index] = SimilarityRouter(expert_centroids(ffn.w_in.weight.detach(), labels[ffn.index], E))
         else:
             torch.manual_seed(10 + ffn.index)
@@ -35,11 +35,11 @@ def parts(model, selector: str):
     return labels, routers
 
 
-@pytest.mark.parametrize("selector,budget", [("mlp", 0.25), ("similarity", 0.5), ("mlp", 1.0)])
-def test_round_trip_gives_identical_logits(finetuned, tmp_path, selector, budget):
+@pytest.mark.parametrize("router,budget", [("mlp", 0.25), ("similarity", 0.5), ("mlp", 1.0)])
+def test_round_trip_gives_identical_logits(finetuned, tmp_path, router, budget):
     model = load_classifier(str(finetuned)).eval()
-    labels, routers = parts(model, selector)
-    out = save_moe(finetuned, labels, routers, selector, E, budget, tmp_path / "exported")
+    labels, routers = parts(model, router)
+    out = save_moe(finetuned, labels, routers, router, E, budget, tmp_path / "exported")
     layers = moefy_model(model, labels, routers, E)
     set_experts_per_token(layers, budget_to_k(budget, E))
 

@@ -38,15 +38,15 @@ def batch(folder):
     return load_tokenizer(str(folder))(TEXTS, padding=True, return_tensors="pt")
 
 
-def moefied(folder, task, selector, activation=None):
+def moefied(folder, task, router, activation=None):
     model = load(folder, task, activation)
     ffns = find_ffns(model)
     labels = {f.index: torch.randperm(f.d_ff, generator=torch.Generator().manual_seed(f.index)) % E for f in ffns}
     routers = {}
     for f in ffns:
-        if selector == "groundtruth":
+        if router == "groundtruth":
             routers[f.index] = GroundTruthRouter(labels[f.index], E)
-        elif selector == "similarity":
+        elif router == "similarity":
             routers[f.index] = SimilarityRouter(expert_centroids(f.keys, labels[f.index], E))
         else:
             torch.manual_seed(f.index)
@@ -71,11 +71,11 @@ def test_adapter_finds_every_ffn_with_unique_indices(folders, family):
 
 
 @pytest.mark.parametrize("family,task", CASES)
-@pytest.mark.parametrize("selector", ["groundtruth", "similarity", "mlp"])
-def test_full_budget_is_the_dense_model_and_a_partial_one_is_not(folders, family, task, selector):
+@pytest.mark.parametrize("router", ["groundtruth", "similarity", "mlp"])
+def test_full_budget_is_the_dense_model_and_a_partial_one_is_not(folders, family, task, router):
     inputs = batch(folders[family])
     dense = load(folders[family], task, activation="relu")
-    model, layers = moefied(folders[family], task, selector, activation="relu")
+    model, layers = moefied(folders[family], task, router, activation="relu")
     with torch.no_grad():
         expected = dense(**inputs).logits
         # the MoE's dense path sums neurons in expert order: equal up to float rounding

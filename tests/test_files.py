@@ -70,7 +70,7 @@ def test_tensor_files_are_byte_identical_across_processes(tmp_path):
     code = (
         "import sys, torch; from moefy.files import save_tensors; "
         "save_tensors(sys.argv[1], {'b': torch.ones(2), 'a': torch.arange(3)}, "
-        "{'selector': 'mlp', 'num_experts': '48', 'layers': '6', 'tokens': '7'})"
+        "{'router': 'mlp', 'num_experts': '48', 'layers': '6', 'tokens': '7'})"
     )
     for i in range(4):
         subprocess.run(

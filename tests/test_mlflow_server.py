@@ -90,7 +90,7 @@ def test_a_server_that_stays_down_is_one_clear_error_naming_it(against, monkeypa
 def test_a_study_stops_before_any_job_while_its_server_is_down_and_a_rerun_logs_each_job_once(server, tmp_path):
     config = tiny_config(
         study="server",
-        grid={"one": {"penalty": ["none"], "split": ["random"], "num_experts": [E], "selector": ["groundtruth"]}},
+        grid={"one": {"penalty": ["none"], "split": ["random"], "num_experts": [E], "router": ["groundtruth"]}},
         upcycling={"models": {}},
         merging={"models": []},
         mlflow={"tracking_uri": server.uri},

@@ -22,16 +22,16 @@ def balanced_labels(d_ff: int, seed: int) -> torch.Tensor:
     return torch.randperm(d_ff, generator=torch.Generator().manual_seed(seed)) % E
 
 
-def moefied(folder, selector: str):
+def moefied(folder, router: str):
     torch.manual_seed(0)  # the same fresh classifier head as `dense` below
     model = load_classifier(str(folder), label_names=["a", "b"], activation="relu").eval()
     ffns = find_ffns(model)
     labels = {f.index: balanced_labels(f.d_ff, f.index) for f in ffns}
     routers = {}
     for f in ffns:
-        if selector == "groundtruth":
+        if router == "groundtruth":
             routers[f.index] = GroundTruthRouter(labels[f.index], E)
-        elif selector == "similarity":
+        elif router == "similarity":
             routers[f.index] = SimilarityRouter(expert_centroids(f.w_in.weight.detach(), labels[f.index], E))
         else:
             torch.manual_seed(f.index)
@@ -47,11 +47,11 @@ def batch(tiny_bert):
     )
 
 
-@pytest.mark.parametrize("selector", ["groundtruth", "similarity", "mlp"])
-def test_full_budget_gives_the_dense_logits(tiny_bert, batch, selector):
+@pytest.mark.parametrize("router", ["groundtruth", "similarity", "mlp"])
+def test_full_budget_gives_the_dense_logits(tiny_bert, batch, router):
     torch.manual_seed(0)
     dense = load_classifier(str(tiny_bert), label_names=["a", "b"], activation="relu").eval()
-    model, layers, _ = moefied(tiny_bert, selector)
+    model, layers, _ = moefied(tiny_bert, router)
     set_experts_per_token(layers, E)
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, dense(**batch).logits, rtol=0, atol=1e-5)
@@ -69,8 +69,8 @@ def picked_by(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     "kernel", ["bags", "looped", "looped, every expert for every token", "looped in blocks", "grouped", "masked"]
 )
-@pytest.mark.parametrize("selector", ["groundtruth", "similarity", "mlp"])
-def test_partial_budget_computes_exactly_the_chosen_experts(tiny_bert, selector, kernel, monkeypatch):
+@pytest.mark.parametrize("router", ["groundtruth", "similarity", "mlp"])
+def test_partial_budget_computes_exactly_the_chosen_experts(tiny_bert, router, kernel, monkeypatch):
     """Every kernel, also on the oracle's activations (it computed every neuron to pick)."""
     if kernel == "looped, every expert for every token":  # computed for all, masked: no gather
         monkeypatch.setattr(moe_module, "LOOPED_DENSE_SHARE", 0.0)
@@ -81,7 +81,7 @@ def test_partial_budget_computes_exactly_the_chosen_experts(tiny_bert, selector,
     torch.manual_seed(0)
     reference = load_classifier(str(tiny_bert), label_names=["a", "b"], activation="relu").eval()
     ffn = find_ffns(reference)[0]
-    _, layers, labels = moefied(tiny_bert, selector)
+    _, layers, labels = moefied(tiny_bert, router)
     moe: MoEFFN = layers[0]
     forward = moe.experts_forward
     monkeypatch.setattr(moe, "experts_forward", lambda x, picked, h=None: forward(x, picked, kernel=kernel, h=h))
@@ -241,14 +241,14 @@ def test_dynamic_k_rule_keeps_experts_near_the_tokens_best():
     assert threshold_pick(c, 1.0).all()
 
 
-@pytest.mark.parametrize("selector", ["groundtruth", "mlp", "norm"])
-def test_dynamic_k_layer_computes_the_threshold_picks(selector):
+@pytest.mark.parametrize("router", ["groundtruth", "mlp", "norm"])
+def test_dynamic_k_layer_computes_the_threshold_picks(router):
     d, d_ff, experts = 16, 96, 12
     ffn = synthetic_ffn(d, d_ff, False, True, nn.ReLU())
     labels = torch.randperm(d_ff, generator=torch.Generator().manual_seed(2)) % experts
     torch.manual_seed(3)
     router = {"groundtruth": GroundTruthRouter(labels, experts), "mlp": MLPRouter(d, experts), "norm": NormRouter(d, experts, 8)}[
-        selector
+        router
     ]
     moe = MoEFFN(ffn, labels, router, experts)
     x = torch.randn(30, d)
@@ -257,7 +257,7 @@ def test_dynamic_k_layer_computes_the_threshold_picks(selector):
         picked = threshold_pick(router.contribution(x, ffn.activations(x)), 0.4)
         torch.testing.assert_close(moe(x), masked_dense(ffn, x, picked.float(), labels), rtol=0, atol=1e-5)
         assert torch.equal(moe.experts_per_token, picked.sum(-1).float())
-        assert moe.experts_per_token.min() >= (0 if selector == "groundtruth" else 1)
+        assert moe.experts_per_token.min() >= (0 if router == "groundtruth" else 1)
         set_threshold([moe], 0.0)
         fewest = moe(x) is not None and moe.experts_per_token.clone()
         set_threshold([moe], 1.0)

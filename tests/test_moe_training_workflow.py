@@ -38,7 +38,7 @@ def test_a_recovered_conversion_is_evaluated_against_the_dense_model(tiny_study)
     changed = {k for k in dense if not torch.equal(dense[k], after[k])}
     assert changed and all(".intermediate." in k or (".output.dense." in k and "attention" not in k) for k in changed), changed
     summary = pd.read_csv(in_study(tiny_study, "report", "summary.csv"))
-    assert set(summary[(summary.split == "kmeans") & (summary.selector == "similarity")]["recovery"]) == {"none", "kd"}
+    assert set(summary[(summary.split == "kmeans") & (summary.router == "similarity")]["recovery"]) == {"none", "kd"}
 
 
 def test_upcycled_models_and_dense_continuation(tiny_study):

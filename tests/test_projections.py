@@ -204,7 +204,7 @@ def test_the_distill_step_writes_a_model_whose_projections_are_ffns(tmp_path, ti
 
     from conftest import FILLER, NEGATIVE, POSITIVE
     from moefy.adapters.ffn import find_ffns
-    from moefy.steps import distill as step
+    from moefy.steps import distill_attention as step
 
     model_folder = tmp_path / "model"
     shutil.copytree(tiny_relu_bert, model_folder)
@@ -245,7 +245,7 @@ def test_the_distill_step_writes_a_model_whose_projections_are_ffns(tmp_path, ti
 
 
 def test_the_distill_step_refuses_a_width_multiple_below_one(capsys):
-    from moefy.steps import distill as step
+    from moefy.steps import distill_attention as step
 
     with pytest.raises(SystemExit) as exit_info:
         step.main(["--model", "m", "--data", "d", "--out", "o", "--width-multiple", "0"])

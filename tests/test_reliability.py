@@ -23,7 +23,7 @@ from moefy.adapters.models import load_classifier
 from moefy.config import validate
 from moefy.errors import MoefyError
 from moefy.report.summary import reproducible
-from moefy.steps import selector as selector_step
+from moefy.steps import router as router_step
 from moefy.workflow.cli import run_step
 from moefy.workflow.preflight import check_dataset, check_model, check_study
 
@@ -41,7 +41,7 @@ def change(config: dict, dotted: str, value) -> dict:
 
 BAD_CONFIGS = [
     ("grid.kmeans-norm.split", ["random", "kmean"], "grid.kmeans-norm.split.1: 'kmean' is not allowed"),
-    ("grid.kmeans-norm.selector", ["oracle"], "grid.kmeans-norm.selector.0: 'oracle' is not allowed"),
+    ("grid.kmeans-norm.router", ["oracle"], "grid.kmeans-norm.router.0: 'oracle' is not allowed"),
     ("grid.kmeans-norm.num_experts", [5], "grid.kmeans-norm.num_experts: num_experts=5 cannot split d_ff=64"),
     ("evaluate.budgets", [0.2, 1.5], "evaluate.budgets.1: 1.5 is greater than the maximum of 1"),
     ("evaluate.budgets", [0], "evaluate.budgets.0: 0 is less than or equal to the minimum of 0"),
@@ -228,7 +228,7 @@ def test_a_step_reading_a_damaged_file_names_it(tiny_study, tmp_path, damaged, c
         str(base / "balance/hoyer-seed0/kmeans-E4/labels.safetensors"),
         "--hidden",
         str(base / "activations/hoyer-seed0/hidden.safetensors"),
-        "--selector",
+        "--router",
         "mlp",
         "--num-experts",
         "4",
@@ -240,7 +240,7 @@ def test_a_step_reading_a_damaged_file_names_it(tiny_study, tmp_path, damaged, c
         str(tmp_path / "out"),
     ]
     with pytest.raises(SystemExit) as exit_info:
-        run_step(selector_step.main, argv)
+        run_step(router_step.main, argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert str(base / damaged.split("/model.safetensors")[0]) in err and "rerun" in err, err
@@ -303,7 +303,7 @@ def compared(workdir: Path) -> dict[str, bytes]:
     """What a rerun of ONE_ABLATION must reproduce exactly: labels, router, evaluation, dense metrics."""
     files = [
         in_study(workdir, "balance", "random-E4", "labels.safetensors"),
-        in_study(workdir, "selector", "random-E4-groundtruth", "router.safetensors"),
+        in_study(workdir, "router", "random-E4-groundtruth", "router.safetensors"),
     ]
     out = {str(p.relative_to(workdir)): p.read_bytes() for p in files}
     evaluation = workdir / ONE_ABLATION

@@ -9,14 +9,14 @@ from moefy.report.summary import by_method, flops_at_99, flops_at_99_by_method, 
 
 def write_eval(folder, name, accuracies, penalty="none", rule="top_k", seed=0, dense=0.9):
     """Records as the evaluate step writes them: each names its place in the grid."""
-    split, experts, selector = name.removesuffix(".json").split("-")
+    split, experts, router = name.removesuffix(".json").split("-")
     records = [
         {
             "penalty": penalty,
             "seed": seed,
             "split": split,
             "num_experts": int(experts[1:]),
-            "selector": selector,
+            "router": router,
             "rule": rule,
             "budget": b if rule == "top_k" else None,
             "tau": None if rule == "top_k" else b,
@@ -49,7 +49,7 @@ def test_summary_has_one_row_per_budget_with_grid_columns(tmp_path):
         write_eval(tmp_path, "random-E8-similarity.json", [(0.5, 0.7), (1.0, 0.9)]),
     ]
     table = summarise(files)
-    assert list(table.columns[:8]) == ["penalty", "seed", "convert", "split", "num_experts", "selector", "recovery", "rule"]
+    assert list(table.columns[:8]) == ["penalty", "seed", "convert", "split", "num_experts", "router", "recovery", "rule"]
     assert set(table["convert"]) == {"ffn"}, "records written before the convert axis are FFN-only"
     assert len(table) == 4 and set(table["split"]) == {"kmeans", "random"}
     assert table.loc[(table.split == "kmeans") & (table.budget == 0.5), "test_accuracy"].item() == 0.85
@@ -121,7 +121,7 @@ def test_perplexity_evaluations_are_summarised_and_plotted(tmp_path):
             "seed": 0,
             "split": "kmeans",
             "num_experts": 8,
-            "selector": "mlp",
+            "router": "mlp",
             "rule": "top_k",
             "budget": b,
             "k": int(b * 8),

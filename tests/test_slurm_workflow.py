@@ -28,11 +28,11 @@ pytestmark = pytest.mark.e2e
 
 # The arm's jobs, each run once to completion across both invocations (the report's plot aside,
 # every rule with a shell is a SLURM job; `all` runs where snakemake runs).
-JOBS = ["data", "calibrate", "finetune", "activations", "split", "balance", "selector", "evaluate", "report"]
+JOBS = ["data", "calibrate", "finetune", "activations", "split", "balance", "router", "evaluate", "report"]
 # What the machine measures, not what the study computes: times, speed-ups, and the kernels
 # chosen by timing them (their results are the same).
 WALL_CLOCK = re.compile(r"seconds|(^|_)ms(_|$)|speedup|kernel")
-ARM = {"penalty": "hoyer", "convert": "ffn", "split": "kmeans", "num_experts": 4, "selector": "norm"}
+ARM = {"penalty": "hoyer", "convert": "ffn", "split": "kmeans", "num_experts": 4, "router": "norm"}
 
 
 def test_a_cancelled_job_is_reported_failed_and_rerun_by_the_next_invocation(slurm_study):

@@ -16,7 +16,7 @@ from moefy.adapters.models import load_model, load_tokenizer
 from moefy.conversion.routers import MLPRouter
 from moefy.errors import MoefyError
 from moefy.moe.layer import MoEFFN
-from moefy.moe.sparse import Dispatch, Routing, SparseMoE, balance_loss, expert_capacity, from_split, route, z_loss
+from moefy.moe.sparse import Dispatch, Routing, SparseMoE, expert_capacity, from_split, load_loss, route, z_loss
 from moefy.training.upcycling import upcycle, upcycle_model, upcycled_layers
 
 TEXTS = ["the movie was good and funny", "bad", "a dull boring plot with its cast"]
@@ -128,19 +128,19 @@ def test_bad_routing_is_a_clear_error():
 # -- auxiliary losses --------------------------------------------------------------------------------
 
 
-def test_balance_loss_is_the_switch_formula_on_a_hand_count():
+def test_load_loss_is_the_switch_formula_on_a_hand_count():
     # 4 tokens, 2 experts, top-1: tokens 0, 1, 2 go to expert 0, token 3 to expert 1
     logits = torch.log(torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]]))
     d = route(logits, Routing("top_k", k=1))
     assert d.counts.tolist() == [3, 1]
     # f = (3/4, 1/4); P = mean probs = (0.6, 0.4); loss = 2 * (0.75 * 0.6 + 0.25 * 0.4) = 1.1
-    assert float(balance_loss(logits, d)) == pytest.approx(1.1, rel=1e-6)
+    assert float(load_loss(logits, d)) == pytest.approx(1.1, rel=1e-6)
     uniform = torch.zeros(6, 3)
     assert float(
-        balance_loss(uniform, Dispatch(torch.arange(6), torch.arange(6) % 3, torch.ones(6), torch.tensor([2, 2, 2])))
+        load_loss(uniform, Dispatch(torch.arange(6), torch.arange(6) % 3, torch.ones(6), torch.tensor([2, 2, 2])))
     ) == pytest.approx(1.0)
     logits.requires_grad_(True)
-    balance_loss(logits, route(logits, Routing("top_k", k=1))).backward()
+    load_loss(logits, route(logits, Routing("top_k", k=1))).backward()
     assert logits.grad.abs().sum() > 0  # through P: the router learns to balance
 
 

@@ -23,8 +23,8 @@ def study(grid: dict) -> Study:
 def test_each_arm_is_a_cross_product_and_the_study_their_union():
     grid = study(
         {
-            "moefication": {"split": ["random", "kmeans"], "num_experts": [8], "selector": ["mlp", "groundtruth"]},
-            "d2dmoe": {"penalty": ["hoyer"], "seed": [0, 1], "split": ["kmeans"], "num_experts": [8], "selector": ["norm"]},
+            "moefication": {"split": ["random", "kmeans"], "num_experts": [8], "router": ["mlp", "groundtruth"]},
+            "d2dmoe": {"penalty": ["hoyer"], "seed": [0, 1], "split": ["kmeans"], "num_experts": [8], "router": ["norm"]},
         }
     )
     none, hoyer0, hoyer1 = Variant("none", 0), Variant("hoyer", 0), Variant("hoyer", 1)
@@ -38,11 +38,11 @@ def test_each_arm_is_a_cross_product_and_the_study_their_union():
 def test_an_evaluation_two_arms_share_runs_once_with_both_arms_rules():
     grid = study(
         {
-            "a": {"split": ["kmeans"], "num_experts": [8], "selector": ["mlp"]},
+            "a": {"split": ["kmeans"], "num_experts": [8], "router": ["mlp"]},
             "b": {
                 "split": ["kmeans"],
                 "num_experts": [8],
-                "selector": ["mlp", "norm"],
+                "router": ["mlp", "norm"],
                 "budgets": [0.3],
                 "thresholds": [0.5, 0.2],
             },
@@ -55,20 +55,20 @@ def test_an_evaluation_two_arms_share_runs_once_with_both_arms_rules():
 
 
 def test_an_evaluation_outside_the_grid_gets_the_evaluate_section_s_rules():
-    grid = study({"a": {"split": ["kmeans"], "num_experts": [8], "selector": ["mlp"], "thresholds": [0.5]}})
+    grid = study({"a": {"split": ["kmeans"], "num_experts": [8], "router": ["mlp"], "thresholds": [0.5]}})
     outside = Evaluation(Variant("hoyer", 3), "coact", 384, "norm")
     assert grid.rules(outside) == Rules(budgets=(0.1, 0.5, 1.0), thresholds=())
 
 
-@pytest.mark.parametrize("key", ["penalty", "seed", "split", "num_experts", "selector"])
+@pytest.mark.parametrize("key", ["penalty", "seed", "split", "num_experts", "router"])
 def test_an_empty_list_is_refused(key):
-    arm = {"split": ["kmeans"], "num_experts": [8], "selector": ["mlp"], key: []}
+    arm = {"split": ["kmeans"], "num_experts": [8], "router": ["mlp"], key: []}
     with pytest.raises(MoefyError, match=f"grid.a.{key}"):
         study({"a": arm})
 
 
 def test_recovery_is_an_axis_whose_evaluations_get_their_own_files():
-    grid = study({"a": {"split": ["kmeans"], "num_experts": [8], "selector": ["mlp"], "recovery": ["none", "kd"]}})
+    grid = study({"a": {"split": ["kmeans"], "num_experts": [8], "router": ["mlp"], "recovery": ["none", "kd"]}})
     by_recovery = {e.recovery: e for e in grid.evaluations}
     assert sorted(by_recovery) == ["kd", "none"]
     plain, recovered = by_recovery["none"], by_recovery["kd"]
@@ -78,7 +78,7 @@ def test_recovery_is_an_axis_whose_evaluations_get_their_own_files():
 
 def test_upcycled_models_come_with_a_dense_continuation_and_their_variant():
     config = copy.deepcopy(BASE) | {
-        "grid": {"a": {"split": ["kmeans"], "num_experts": [8], "selector": ["mlp"]}},
+        "grid": {"a": {"split": ["kmeans"], "num_experts": [8], "router": ["mlp"]}},
         "upcycling": {"penalty": "hoyer", "seeds": [0, 2], "models": {"top2": {}, "ec": {"routing": "expert_choice"}}},
     }
     grid = Study(validate(config))
@@ -99,7 +99,7 @@ def test_upcycled_models_come_with_a_dense_continuation_and_their_variant():
 )
 def test_bad_upcycling_models_are_refused(models, fragment):
     config = copy.deepcopy(BASE) | {
-        "grid": {"a": {"split": ["kmeans"], "num_experts": [8], "selector": ["mlp"]}},
+        "grid": {"a": {"split": ["kmeans"], "num_experts": [8], "router": ["mlp"]}},
         "upcycling": {"models": models},
     }
     with pytest.raises(MoefyError, match=fragment):
@@ -108,7 +108,7 @@ def test_bad_upcycling_models_are_refused(models, fragment):
 
 def test_merged_models_are_named_by_their_chain_of_steps():
     config = copy.deepcopy(BASE) | {
-        "grid": {"a": {"split": ["kmeans"], "num_experts": [8], "selector": ["mlp"]}},
+        "grid": {"a": {"split": ["kmeans"], "num_experts": [8], "router": ["mlp"]}},
         "upcycling": {"seeds": [0, 1], "models": {"top2": {}, "ec": {"routing": "expert_choice"}}},
         "merging": {"models": ["top2"], "groups": [4, 2.5], "methods": ["prune", "mcsmoe"]},
     }
@@ -131,7 +131,7 @@ def test_merged_models_are_named_by_their_chain_of_steps():
 
 
 def test_attention_is_an_axis_whose_chains_start_from_the_distilled_model():
-    grid = study({"a": {"penalty": ["hoyer"], "split": ["kmeans"], "num_experts": [8, 12], "selector": ["norm"],
+    grid = study({"a": {"penalty": ["hoyer"], "split": ["kmeans"], "num_experts": [8, 12], "router": ["norm"],
                         "convert": ["ffn", "ffn+attention"]}})  # fmt: skip
     by_convert = {(e.convert, e.num_experts): e for e in grid.evaluations}
     assert (
@@ -140,10 +140,10 @@ def test_attention_is_an_axis_whose_chains_start_from_the_distilled_model():
     )
     assert by_convert[("ffn+attention", 12)].name == "kmeans-E12-norm"
     assert grid.distilled == [Variant("hoyer", 0)] and grid.width_multiple == 24  # both expert counts divide the widths
-    assert study({"a": {"split": ["kmeans"], "num_experts": [8], "selector": ["mlp"]}}).width_multiple == 1
+    assert study({"a": {"split": ["kmeans"], "num_experts": [8], "router": ["mlp"]}}).width_multiple == 1
 
 
 def test_recovery_of_converted_attention_is_refused_by_name():
-    arm = {"split": ["kmeans"], "num_experts": [8], "selector": ["mlp"], "convert": ["ffn+attention"], "recovery": ["none", "kd"]}
+    arm = {"split": ["kmeans"], "num_experts": [8], "router": ["mlp"], "convert": ["ffn+attention"], "recovery": ["none", "kd"]}
     with pytest.raises(MoefyError, match="grid.a: recovery kd of converted attention projections is not supported"):
         study({"a": arm})

@@ -8,7 +8,7 @@ def test_job_runs_nest_under_the_workflow_run(mlflow_store, monkeypatch):
     parent = tracking.start_workflow_run(mlflow_store, "test", "snakemake test", {"study": "t"})
     monkeypatch.setenv(tracking.PARENT_RUN_ENV, parent)
     with tracking.job_run(
-        "evaluate", {"budgets": [0.1, 0.5], "nested": {"a": 1}}, {"split": "kmeans", "num_experts": 8, "selector": "mlp"}
+        "evaluate", {"budgets": [0.1, 0.5], "nested": {"a": 1}}, {"split": "kmeans", "num_experts": 8, "router": "mlp"}
     ) as run:
         run.log_metrics({"test_accuracy/budget_0.1": 0.7, "x": 1})
     tracking.end_workflow_run(mlflow_store, parent, succeeded=True)
@@ -90,7 +90,7 @@ def test_runs_of_killed_processes_are_closed_by_the_next_invocation(mlflow_store
 
 def test_run_names_read_like_the_job_s_paths():
     assert (
-        tracking.run_name("evaluate", {"penalty": "hoyer", "seed": 0, "split": "kmeans", "num_experts": 48, "selector": "norm"})
+        tracking.run_name("evaluate", {"penalty": "hoyer", "seed": 0, "split": "kmeans", "num_experts": 48, "router": "norm"})
         == "evaluate hoyer-seed0 kmeans-E48-norm"
     )
     assert tracking.run_name("finetune", {"penalty": "none", "seed": 1}) == "finetune none-seed1"
@@ -98,7 +98,7 @@ def test_run_names_read_like_the_job_s_paths():
 
 
 def test_run_names_of_training_jobs_name_the_recovery_and_the_upcycled_model():
-    wildcards = {"penalty": "none", "seed": 0, "split": "kmeans", "num_experts": 48, "selector": "mlp", "recovery": "kd"}
+    wildcards = {"penalty": "none", "seed": 0, "split": "kmeans", "num_experts": 48, "router": "mlp", "recovery": "kd"}
     assert tracking.run_name("train_moe", wildcards) == "train_moe none-seed0 kmeans-E48-mlp-kd"
     assert tracking.run_name("evaluate", wildcards | {"recovery": "none"}) == "evaluate none-seed0 kmeans-E48-mlp"
     assert tracking.run_name("train_moe", {"penalty": "none", "seed": 1, "upcycled": "top2"}) == "train_moe none-seed1 top2"

@@ -95,13 +95,13 @@ def task(tmp_path_factory, one_thread):
         {f"layer.{i}": t.to(torch.int32) for i, t in labels.items()},
         {"split": "random", "num_experts": str(E)},
     )
-    save_tensors(root / "router.safetensors", router_tensors(routers), {"selector": "mlp", "num_experts": str(E), "layers": "2"})
+    save_tensors(root / "router.safetensors", router_tensors(routers), {"router": "mlp", "num_experts": str(E), "layers": "2"})
     return root
 
 
 def conversion_flags(root):
-    return ["--labels", str(root / "labels.safetensors"), "--router", str(root / "router.safetensors"),
-            "--selector", "mlp", "--num-experts", str(E), "--split", "random"]  # fmt: skip
+    return ["--labels", str(root / "labels.safetensors"), "--router-file", str(root / "router.safetensors"),
+            "--router", "mlp", "--num-experts", str(E), "--split", "random"]  # fmt: skip
 
 
 def train(root, mode, out, *extra, model=None):
@@ -163,7 +163,7 @@ def test_upcycled_training_saves_a_model_that_reloads_to_what_was_measured(task,
         out,
         "--max-steps",
         "12",
-        "--balance-weight",
+        "--load-loss-weight",
         "0.01",
         "--z-weight",
         "0.001",
@@ -184,9 +184,9 @@ def test_upcycled_training_saves_a_model_that_reloads_to_what_was_measured(task,
 
 
 def evaluate_upcycled(model, tokenizer, root):
-    from moefy.data.subsets import read_split
+    from moefy.data.subsets import read_subset
 
-    texts, labels = read_split(root / "data" / "test.jsonl")
+    texts, labels = read_subset(root / "data" / "test.jsonl")
     with torch.no_grad():
         predictions = []
         for start in range(0, len(texts), 128):
@@ -206,7 +206,7 @@ def test_bad_requests_are_clear_errors(task, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train(task, "recover", tmp_path / "x")
     assert (
-        "--mode recover needs --labels, --router, --split, --selector, --num-experts, --recovery task or kd"
+        "--mode recover needs --labels, --router-file, --split, --router, --num-experts, --recovery task or kd"
         in capsys.readouterr().err
     )
     with pytest.raises(SystemExit):
@@ -279,7 +279,7 @@ def test_two_cpu_ranks_train_the_same_model_as_one(task, tmp_path):
     initial = upcycle(task, tmp_path / "init", "--experts", "4", "--layers", "1", "--drop-ratio", "0.5")
     learning_rate = 3e-3
     common = ["--mode", "moe", "--model", str(initial), "--data", str(task / "data"),
-              "--batch-size", "16", "--learning-rate", str(learning_rate), "--max-steps", "6", "--balance-weight", "0"]  # fmt: skip
+              "--batch-size", "16", "--learning-rate", str(learning_rate), "--max-steps", "6", "--load-loss-weight", "0"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     for ranks in (1, 2):
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
@@ -354,7 +354,7 @@ def test_distilled_attention_projections_keep_the_fine_tuned_accuracy(task, tmp_
     """D2DMoE's first stage on a model that learnt the task (0.97-1.0 test accuracy): every q, k, v
     and o replaced by an MLP distilled on 3,000 training tokens keeps test accuracy within 5 points
     (4 of 77 texts), and the MLPs reproduce their projections (held-out R^2 above 0.95; 0.99-1.0 measured)."""
-    from moefy.steps import distill as distill_step
+    from moefy.steps import distill_attention as distill_step
 
     out = tmp_path / "distilled"
     distill_step.main(["--model", str(task / "finetune" / "model"), "--data", str(task / "data"), "--out", str(out),

@@ -42,7 +42,7 @@ RECORD_KEYS = {
     "seed",
     "split",
     "num_experts",
-    "selector",
+    "router",
     "budget",
     "experts_per_token",
     "test_accuracy",
@@ -110,14 +110,14 @@ def test_balanced_labels_contract(tiny_study):
 
 
 def test_evaluation_contract(tiny_study):
-    for split, selector in CONVERSIONS:
-        records = json.loads(in_study(tiny_study, "evaluate", f"{split}-E{E}-{selector}.json").read_text())
+    for split, router in CONVERSIONS:
+        records = json.loads(in_study(tiny_study, "evaluate", f"{split}-E{E}-{router}.json").read_text())
         top_k, dynamic = records[: len(BUDGETS)], records[len(BUDGETS) :]
         assert [r["budget"] for r in top_k] == BUDGETS and {r["rule"] for r in top_k} == {"top_k"}
         assert [r["tau"] for r in dynamic] == THRESHOLDS and {r["rule"] for r in dynamic} == {"dynamic"}
         assert all(RECORD_KEYS <= set(r) for r in records)
-        assert {(r["penalty"], r["seed"], r["split"], r["num_experts"], r["selector"]) for r in records} == {
-            ("hoyer", 0, split, E, selector)
+        assert {(r["penalty"], r["seed"], r["split"], r["num_experts"], r["router"]) for r in records} == {
+            ("hoyer", 0, split, E, router)
         }
         for full in (top_k[-1], dynamic[-1]):  # budget 1.0 and tau 1 run every expert: the dense model
             assert full["relative_accuracy"] == 1.0 and full["ffn_flops_fraction"] == 1.0 and full["experts_per_token"] == E
@@ -125,7 +125,7 @@ def test_evaluation_contract(tiny_study):
         half = top_k[1]
         assert half["experts_per_token"] == E // 2 and half["experts_per_token_std"] == 0
         # half the experts, plus the router's cost if it has one (the oracle has none)
-        assert half["ffn_flops_fraction"] == 0.5 if selector == "groundtruth" else 0.5 < half["ffn_flops_fraction"] < 0.7
+        assert half["ffn_flops_fraction"] == 0.5 if router == "groundtruth" else 0.5 < half["ffn_flops_fraction"] < 0.7
         # the whole model saves less than its FFNs: attention, scores and the head are not converted
         assert half["ffn_flops_fraction"] < half["model_flops_fraction"] < 1 and half["model_ms_moe"] > 0
         assert half["kernels"] != "dense" and all(
@@ -137,19 +137,19 @@ def test_evaluation_contract(tiny_study):
 
 def test_summary_contract(tiny_study):
     table = pd.read_csv(in_study(tiny_study, "report", "summary.csv"))
-    assert {"penalty", "seed", "split", "num_experts", "selector", "rule", "flops_at_99pct", "precision", *RECORD_KEYS} <= set(
+    assert {"penalty", "seed", "split", "num_experts", "router", "rule", "flops_at_99pct", "precision", *RECORD_KEYS} <= set(
         table.columns
     )
     main = (len(CONVERSIONS) + 1) * (len(BUDGETS) + len(THRESHOLDS))  # + kmeans / norm with attention converted
     assert len(table) == main + 2 * len(BUDGETS)  # + the second seed of coact / mlp and the recovered one, top-k only
     assert set(table["penalty"]) == {"hoyer"} and set(table["seed"]) == {0, 1}
-    assert (table.groupby(["seed", "split", "selector", "rule"])["flops_at_99pct"].nunique() <= 1).all()
+    assert (table.groupby(["seed", "split", "router", "rule"])["flops_at_99pct"].nunique() <= 1).all()
     assert in_study(tiny_study, "report", "accuracy_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
     methods = pd.read_csv(in_study(tiny_study, "report", "flops_at_99pct.csv"))
-    two_seeds = methods[(methods.split == "coact") & (methods.selector == "mlp") & (methods.rule == "top_k")].iloc[0]
+    two_seeds = methods[(methods.split == "coact") & (methods.router == "mlp") & (methods.rule == "top_k")].iloc[0]
     assert two_seeds["seeds"] == 2 and len(two_seeds["flops_at_99pct_per_seed"].split()) == 2
     points = pd.read_csv(in_study(tiny_study, "report", "by_method.csv"))
-    assert set(points[(points.split == "coact") & (points.selector == "mlp") & (points.rule == "top_k")]["seeds"]) == {2}
+    assert set(points[(points.split == "coact") & (points.router == "mlp") & (points.rule == "top_k")]["seeds"]) == {2}
 
 
 def test_a_second_seed_is_a_model_and_conversion_of_its_own(tiny_study):
@@ -188,11 +188,11 @@ def test_mlflow_parent_and_job_runs(tiny_study):
         "data": 1,
         "calibrate": 1,
         "finetune": 2,
-        "distill": 1,
+        "distill_attention": 1,
         "activations": 3,  # two seeds, and the distilled model
         "split": len(SPLITS) + 2,
         "balance": len(SPLITS) + 2,
-        "selector": evaluations,
+        "router": evaluations,
         "evaluate": evaluations + 1,  # + the recovered conversion
         "report": 1,
         "train_moe": 5,  # recovery, the upcycled model, the dense continuation, 2 distillations of merged models
@@ -207,13 +207,13 @@ def test_mlflow_parent_and_job_runs(tiny_study):
     assert {rule: rules.count(rule) for rule in set(rules)} == expected
     assert first.info.status == "FINISHED" and all(r.info.status == "FINISHED" for r in children)
     seeded = {
-        (r.data.tags["wildcard.seed"], r.data.tags["wildcard.split"], r.data.tags["wildcard.selector"]): r
+        (r.data.tags["wildcard.seed"], r.data.tags["wildcard.split"], r.data.tags["wildcard.router"]): r
         for r in children
         if r.data.tags["rule"] == "evaluate" and r.data.tags["wildcard.convert"] == "ffn"
     }
     assert set(seeded) == {("0", s, q) for s, q in CONVERSIONS} | {("1", "coact", "mlp")}
     attention = [r for r in children if r.data.tags.get("wildcard.convert") == "ffn+attention"]
-    assert sorted(r.data.tags["rule"] for r in attention) == ["activations", "balance", "evaluate", "selector", "split"]
+    assert sorted(r.data.tags["rule"] for r in attention) == ["activations", "balance", "evaluate", "router", "split"]
     coact_mlp = seeded[("0", "coact", "mlp")]
     assert coact_mlp.info.run_name == f"evaluate {VARIANT} coact-E{E}-mlp"
     assert coact_mlp.data.params["batch_size"] == "32" and coact_mlp.data.params["wildcard.num_experts"] == str(E)
@@ -238,7 +238,7 @@ def test_parallel_jobs_lose_no_mlflow_run_or_metric(tiny_study):
             r.data.tags.get("wildcard.seed"),
             r.data.tags.get("wildcard.convert"),
             r.data.tags.get("wildcard.split"),
-            r.data.tags.get("wildcard.selector"),
+            r.data.tags.get("wildcard.router"),
             r.data.tags.get("wildcard.recovery"),
             r.data.tags.get("wildcard.mode"),
             r.data.tags.get("wildcard.upcycled"),
@@ -249,7 +249,7 @@ def test_parallel_jobs_lose_no_mlflow_run_or_metric(tiny_study):
     conversions = len(CONVERSIONS) + 1
     training = 1 + 3 + 1 + 1  # the recovered evaluate, train_moe, upcycle, report_upcycling
     merging = 1 + 1 + 2 + 2 + 3 + 1  # usage, merge, 2 distillations, 2 compressions, 3 evaluate_smoe, report_merging
-    attention = 1 + 1 + 1 + 1 + 2  # distill, then activations, split, balance, selector and evaluate of its model
+    attention = 1 + 1 + 1 + 1 + 2  # distill, then activations, split, balance, router and evaluate of its model
     assert len(keys) == len(set(keys)) == 1 + 1 + 2 + 2 + 4 + 4 + 2 * conversions + 1 + training + merging + attention, (
         "one run per job, none lost, none twice"
     )
@@ -258,7 +258,7 @@ def test_parallel_jobs_lose_no_mlflow_run_or_metric(tiny_study):
         if tags["rule"] == "evaluate" and tags["wildcard.seed"] == "0" and tags["wildcard.recovery"] == "none":
             per_rule = 2 + len(MEASURES)  # test and relative metric, then every measure
             assert len(run.data.metrics) == (len(BUDGETS) + len(THRESHOLDS)) * per_rule, run.info.run_name
-        if run.data.tags["rule"] == "selector":
+        if run.data.tags["rule"] == "router":
             assert {f"recall_at_{b:g}" for b in BUDGETS} <= set(run.data.metrics)
 
 
@@ -358,15 +358,15 @@ def test_two_cpu_ranks_give_the_same_results_as_one(tiny_study, tmp_path, mlflow
             str(data),
             "--labels",
             str(in_study(tiny_study, "balance", f"coact-E{E}", "labels.safetensors")),
-            "--router",
-            str(in_study(tiny_study, "selector", f"coact-E{E}-mlp", "router.safetensors")),
+            "--router-file",
+            str(in_study(tiny_study, "router", f"coact-E{E}-mlp", "router.safetensors")),
             "--kernels",
             str(in_study(tiny_study, "calibrate", "moe_kernels.json")),
             "--split",
             "coact",
             "--num-experts",
             str(E),
-            "--selector",
+            "--router",
             "mlp",
             "--budgets",
             "0.25",

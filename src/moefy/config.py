@@ -2,7 +2,7 @@
 
 The Snakefile validates config.yaml with `validate`; step command-line flags and the config
 reference in docs/configuration.md are generated from the same schema, so they cannot drift
-apart. The names a split, selector, penalty, task, device or precision can have (the schema's
+apart. The names a split, router, penalty, task, device or precision can have (the schema's
 `$defs`) are read here once; every other module takes them from this module.
 """
 
@@ -22,7 +22,7 @@ SCHEMA_PATH = files("moefy") / "schemas" / "config.schema.yaml"
 
 # Config sections whose keys become a step's command-line flags.
 STEP_SECTIONS = (
-    "finetune", "activations", "split", "selector", "evaluate", "train_moe", "recover", "upcycle", "usage", "merge", "compress",
+    "finetune", "activations", "split", "router", "evaluate", "train_moe", "recover", "upcycle", "usage", "merge", "compress",
 )  # fmt: skip
 
 
@@ -36,7 +36,7 @@ def _names(definition: str) -> tuple[str, ...]:
 
 
 SPLITS = _names("split")
-SELECTORS = _names("selector")
+ROUTERS = _names("router")
 PENALTIES = _names("penalty")
 TASKS = _names("task")
 DEVICES = _names("device")
@@ -45,7 +45,7 @@ RECOVERIES = _names("recovery")
 CONVERTS = _names("convert")
 ROUTINGS = _names("routing")
 # What identifies one job of the ablation grid: its MLflow tags and the fields of its records.
-ABLATION = ("penalty", "seed", "convert", "split", "num_experts", "selector", "recovery")
+ABLATION = ("penalty", "seed", "convert", "split", "num_experts", "router", "recovery")
 
 
 def _with_defaults(validator_class):
@@ -74,14 +74,49 @@ def _describe(error) -> str:
     if error.validator == "oneOf" and key == "dataset":
         return "config key dataset: give exactly one of `path` (a local file) or `hub` (a Hugging Face dataset)"
     if error.validator == "minProperties" and key == "grid":
-        return "config key grid: name at least one arm, e.g. grid: {moefication: {split: [kmeans], num_experts: [48], selector: [mlp]}}"
+        return "config key grid: name at least one arm, e.g. grid: {moefication: {split: [kmeans], num_experts: [48], router: [mlp]}}"
     hint = error.schema.get("description") if isinstance(error.schema, dict) else None
     return f"config key {key}: {error.message}" + (f" ({hint})" if hint else "")
+
+
+# Keys that were renamed, with their new names: an old config is refused with the new name rather
+# than read with the schema's "unexpected key" alone. `*` stands for any name (a grid arm).
+RENAMED = {
+    ("selector",): "router",
+    ("grid", "*", "selector"): "grid.<arm>.router",
+    ("compute", "threads", "selector"): "compute.threads.router",
+    ("cluster", "rules", "selector"): "cluster.rules.router",
+    ("distill",): "distill_attention",
+    ("compute", "threads", "distill"): "compute.threads.distill_attention",
+    ("cluster", "rules", "distill"): "cluster.rules.distill_attention",
+    ("cluster", "rules", "distil_merged"): "cluster.rules.distill_merged",
+    ("train_moe", "balance_weight"): "train_moe.load_loss_weight",
+}
+
+
+def _found(node: Any, path: tuple[str, ...], prefix: str = "") -> Iterator[str]:
+    """The dotted keys of `node` that `path` (with `*` for any name) matches."""
+    if not path:
+        yield prefix.rstrip(".")
+        return
+    if not isinstance(node, dict):
+        return
+    for key in sorted(node) if path[0] == "*" else [path[0]] if path[0] in node else []:
+        yield from _found(node[key], path[1:], f"{prefix}{key}.")
+
+
+def renamed_keys(config: dict[str, Any]) -> list[str]:
+    """One message per renamed key `config` still uses, naming the new key."""
+    return [f"config key {old} was renamed: write {new}" for path, new in RENAMED.items() for old in _found(config, path)]
 
 
 def validate(config: dict[str, Any]) -> dict[str, Any]:
     """Check `config` against the schema and fill in defaults, in place; raise one clear MoefyError."""
     from jsonschema import Draft202012Validator
+
+    renamed = renamed_keys(config)
+    if renamed:
+        raise MoefyError("invalid config: " + "; ".join(renamed))
 
     validator = _with_defaults(Draft202012Validator)(schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))

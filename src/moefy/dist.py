@@ -1,7 +1,7 @@
 """torchrun awareness: one process group per step, or none for a plain single process.
 
 Steps shard work with `shard` (data for finetune/activations/evaluate, layers for split and
-selector), combine with `all_gather` / `all_reduce_sum`, and let only rank 0 write outputs.
+router), combine with `all_gather` / `all_reduce_sum`, and let only rank 0 write outputs.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Expert selectors ("routers"): given a token's FFN input x, score the experts of one layer.
+"""Expert routers: given a token's FFN input x, score the experts of one layer.
 
 All share one call signature, `router(x, h) -> scores [..., E]`, so the MoE layer does not care
 which it has; only the ground-truth oracle reads the neuron activations h. Top-k needs only the
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from moefy.config import SELECTORS, check_names
+from moefy.config import ROUTERS, check_names
 
 
 def expert_mass(h: torch.Tensor, labels: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -155,7 +155,7 @@ def scaled_mass(mass: torch.Tensor) -> torch.Tensor:
 
 
 def topk_recall(scores: torch.Tensor, mass: torch.Tensor, k: int) -> float:
-    """Activation mass in the selector's top-k experts over the mass in the oracle's top-k."""
+    """Activation mass in the router's top-k experts over the mass in the oracle's top-k."""
     picked = mass.gather(-1, scores.topk(k, dim=-1).indices).sum(-1)
     best = mass.topk(k, dim=-1).values.sum(-1)
     keep = best > 0
@@ -232,18 +232,18 @@ def router_tensors(routers: dict[int, nn.Module]) -> dict[str, torch.Tensor]:
 
 
 def build_routers(
-    selector: str, tensors: dict[str, torch.Tensor], labels: dict[int, torch.Tensor], num_experts: int
+    kind: str, tensors: dict[str, torch.Tensor], labels: dict[int, torch.Tensor], num_experts: int
 ) -> dict[int, nn.Module]:
-    """Rebuild each layer's router from `router_tensors` output."""
+    """Rebuild each layer's router of kind `kind` (groundtruth, similarity, mlp, norm) from `router_tensors` output."""
     routers: dict[int, nn.Module] = {}
     for i, layer_labels in labels.items():
         own = {k.split(".", 2)[2]: t for k, t in tensors.items() if k.startswith(f"layer.{i}.")}
-        if selector == "groundtruth":
+        if kind == "groundtruth":
             routers[i] = GroundTruthRouter(layer_labels, num_experts)
             continue
-        if selector == "similarity":
+        if kind == "similarity":
             routers[i] = SimilarityRouter(own["centroids"])
-        elif selector == "norm":
+        elif kind == "norm":
             hidden, d_model = own["fc1.weight"].shape
             routers[i] = NormRouter(d_model, num_experts, hidden)
         else:
@@ -254,7 +254,7 @@ def build_routers(
 
 @dataclass(frozen=True)
 class RouterSettings:
-    """How trained routers are fitted: the config section `selector`."""
+    """How trained routers are fitted: the config section `router`."""
 
     heldout_fraction: float = 0.1
     mlp_epochs: int = 30
@@ -270,7 +270,7 @@ class RouterSettings:
 
 
 def fit_router(
-    selector: str,
+    kind: str,
     ffn,
     labels: torch.Tensor,
     x: torch.Tensor,
@@ -279,10 +279,10 @@ def fit_router(
     budgets: Sequence[float],
     seed: int,
 ) -> tuple[nn.Module, dict[str, float]]:
-    """One layer's router for `selector`, built from the FFN inputs x [N, d] sampled by the
+    """One layer's router of kind `kind` (groundtruth, similarity, mlp, norm), built from the FFN inputs x [N, d] sampled by the
     activations step, and its held-out statistics: training curve for the trained routers, and
     recall of the oracle's activation mass at each budget (on the last heldout_fraction of x)."""
-    check_names("selector", selector, SELECTORS)
+    check_names("router", kind, ROUTERS)
     E = num_experts
     with torch.no_grad():
         h = ffn.activations(x)
@@ -291,13 +291,13 @@ def fit_router(
     x_fit, x_val, mass_val = x[:-heldout], x[-heldout:], mass[-heldout:]
     centroids = expert_centroids(ffn.keys, labels, E)
     stats: dict[str, float] = {}
-    if selector == "groundtruth":
+    if kind == "groundtruth":
         router: nn.Module = GroundTruthRouter(labels, E)
-    elif selector == "similarity":
+    elif kind == "similarity":
         router = SimilarityRouter(centroids)
     else:
         torch.manual_seed(seed)
-        if selector == "mlp":
+        if kind == "mlp":
             router, target = MLPRouter(x.shape[1], E, centroids), scaled_mass(mass)
         else:
             with torch.no_grad():
@@ -305,7 +305,7 @@ def fit_router(
             router, target = NormRouter(x.shape[1], E, settings.norm_hidden), norms / norms[:-heldout].mean().clamp(min=1e-12)
         fit = train_router(
             router.to(x.device),
-            LOSSES[selector],
+            LOSSES[kind],
             x_fit,
             target[:-heldout],
             x_val,
@@ -317,7 +317,7 @@ def fit_router(
             seed=seed,
             desc=f"layer {ffn.index}",
         )
-        router, loss = fit.router, LOSS_NAMES[selector]
+        router, loss = fit.router, LOSS_NAMES[kind]
         stats = {
             "epochs_run": fit.epochs_run,
             "best_epoch": fit.best_epoch,

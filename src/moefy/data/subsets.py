@@ -14,36 +14,36 @@ from typing import Any
 from moefy.errors import MoefyError
 from moefy.files import atomic_path, read_json, write_json
 
-SPLITS = ("train", "validation", "test")
+SUBSETS = ("train", "validation", "test")
 
 
 def _rerun_hint(path: Path) -> str:
     return f"delete it and rerun the data step (`snakemake --cores all {path}`)"
 
 
-def write_splits(out_dir: str | Path, splits: Mapping[str, Mapping[str, Any]], label_names: Sequence[str]) -> None:
+def write_subsets(out_dir: str | Path, subsets: Mapping[str, Mapping[str, Any]], label_names: Sequence[str]) -> None:
     """Write train/validation/test.jsonl and labels.json, each appearing only once complete.
 
-    Each split is a table with columns text and, for classification, label (label ids); without a
+    Each subset is a table with columns text and, for classification, label (label ids); without a
     label column (causal LM) rows are {"text"} and there are no label names."""
     out_dir = Path(out_dir)
-    for split in SPLITS:
-        frame = splits[split]
-        with atomic_path(out_dir / f"{split}.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
+    for subset in SUBSETS:
+        frame = subsets[subset]
+        with atomic_path(out_dir / f"{subset}.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
             labels = frame["label"] if "label" in frame else [None] * len(frame["text"])
             for text, label in zip(frame["text"], labels):
                 row = {"text": str(text)} if label is None else {"text": str(text), "label": int(label)}
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
     write_json(
         out_dir / "labels.json",
-        {"names": [str(n) for n in label_names], "sizes": {split: len(splits[split]["text"]) for split in SPLITS}},
+        {"names": [str(n) for n in label_names], "sizes": {subset: len(subsets[subset]["text"]) for subset in SUBSETS}},
     )
 
 
-def read_split(path: str | Path) -> tuple[list[str], list[int] | None]:
-    """Read one split written by write_splits: (texts, labels), labels None for a text-only split.
+def read_subset(path: str | Path) -> tuple[list[str], list[int] | None]:
+    """Read one subset written by write_subsets: (texts, labels), labels None for a text-only subset.
 
-    A damaged file is an error, never a silently shorter split."""
+    A damaged file is an error, never a silently shorter subset."""
     path = Path(path)
     if not path.is_file():
         raise MoefyError(f"{path} does not exist; run the data step first (`snakemake --cores all {path}`)")
@@ -66,7 +66,7 @@ def read_split(path: str | Path) -> tuple[list[str], list[int] | None]:
                         raise ValueError('expected {"text": string, "label": integer}')
                     labels.append(row["label"])
                 elif "label" in row:
-                    raise ValueError("a label in a split whose first row has none")
+                    raise ValueError("a label in a subset whose first row has none")
                 texts.append(row["text"])
     except (UnicodeDecodeError, ValueError, AttributeError) as err:
         raise MoefyError(f"{path} is damaged at line {lineno} ({err}); {_rerun_hint(path)}") from None

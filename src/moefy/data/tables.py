@@ -1,8 +1,8 @@
 """The task's data: reading the user's table (CSV, JSONL, Parquet or a Hugging Face dataset) and
-splitting it into train / validation / test without leakage.
+dividing it into the train / validation / test subsets without leakage.
 
-Everything downstream reads the three jsonl files that moefy.data.subsets writes from these splits,
-so label ids and the split are decided once, from the seed, and never recomputed by later steps.
+Everything downstream reads the three jsonl files that moefy.data.subsets writes from these subsets,
+so label ids and the subsets are decided once, from the seed, and never recomputed by later steps.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from moefy.data.subsets import SPLITS
+from moefy.data.subsets import SUBSETS
 from moefy.errors import MoefyError
 
 FORMATS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
@@ -99,7 +99,7 @@ def load_table(path: str | Path, text_column: str, label_column: str | None) -> 
 
 
 def load_hub(name: str, config: str | None, text_column: str, label_column: str | None) -> pd.DataFrame:
-    """Pool every split of a Hugging Face dataset into columns text, label (we re-split it ourselves)."""
+    """Pool every split of a Hugging Face dataset into columns text, label (moefy divides them into its own subsets)."""
     try:
         import datasets
     except ImportError:
@@ -170,48 +170,48 @@ def _check_fractions(validation_fraction: float, test_fraction: float) -> None:
         )
 
 
-def _split_rows(texts: pd.Series, validation_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
-    """The split of every row, decided per distinct text so no text is in two splits."""
+def _subset_rows(texts: pd.Series, validation_fraction: float, test_fraction: float, seed: int) -> np.ndarray:
+    """The subset of every row, decided per distinct text so no text is in two subsets."""
     codes, unique_texts = pd.factorize(texts)
     n = len(unique_texts)
     n_test = round(test_fraction * n)
     n_val = round(validation_fraction * n)
     sizes = {"test": n_test, "validation": n_val, "train": n - n_test - n_val}
-    for split, size in sizes.items():
+    for subset, size in sizes.items():
         if size <= 0:
             raise MoefyError(
-                f"the {split} split would be empty: there are only {n} distinct texts, and with "
+                f"the {subset} subset would be empty: there are only {n} distinct texts, and with "
                 f"dataset.validation_fraction={validation_fraction}, dataset.test_fraction={test_fraction} "
-                f"none of them goes to {split}; use more data or adjust the fractions"
+                f"none of them goes to {subset}; use more data or adjust the fractions"
             )
     order = np.random.default_rng(seed).permutation(n)
-    split_of_text = np.empty(n, dtype=object)
-    split_of_text[order[:n_test]] = "test"
-    split_of_text[order[n_test : n_test + n_val]] = "validation"
-    split_of_text[order[n_test + n_val :]] = "train"
-    return split_of_text[codes]
+    subset_of_text = np.empty(n, dtype=object)
+    subset_of_text[order[:n_test]] = "test"
+    subset_of_text[order[n_test : n_test + n_val]] = "validation"
+    subset_of_text[order[n_test + n_val :]] = "train"
+    return subset_of_text[codes]
 
 
 def prepare_texts(df: pd.DataFrame, validation_fraction: float, test_fraction: float, seed: int) -> dict[str, pd.DataFrame]:
-    """Texts only (causal language modelling): clean and split by distinct text, like prepare_splits."""
+    """Texts only (causal language modelling): clean and divide into subsets by distinct text, like prepare_subsets."""
     _check_fractions(validation_fraction, test_fraction)
     texts = df["text"][df["text"].notna()].astype(str).str.strip()
     texts = texts[texts != ""].reset_index(drop=True)
     if texts.empty:
         raise MoefyError("the text column has no non-blank texts; check dataset.text_column")
-    split_of_row = _split_rows(texts, validation_fraction, test_fraction, seed)
+    subset_of_row = _subset_rows(texts, validation_fraction, test_fraction, seed)
     values = texts.to_numpy()
-    return {split: pd.DataFrame({"text": values[split_of_row == split]}) for split in SPLITS}
+    return {subset: pd.DataFrame({"text": values[subset_of_row == subset]}) for subset in SUBSETS}
 
 
-def prepare_splits(
+def prepare_subsets(
     df: pd.DataFrame,
     labels: list | None,
     validation_fraction: float,
     test_fraction: float,
     seed: int,
 ) -> tuple[dict[str, pd.DataFrame], list[str]]:
-    """Clean, filter and split by distinct text, so no text is both trained on and evaluated on.
+    """Clean, filter and divide into subsets by distinct text, so no text is both trained on and evaluated on.
 
     Returns ({"train", "validation", "test"} -> DataFrame(text, label id int64), label names).
     """
@@ -242,10 +242,11 @@ def prepare_splits(
             f"classification needs at least 2 — check dataset.label_column and dataset.labels"
         )
 
-    split_of_row = _split_rows(rows["text"], validation_fraction, test_fraction, seed)
+    subset_of_row = _subset_rows(rows["text"], validation_fraction, test_fraction, seed)
     label_id = rows["name"].map({name: i for i, name in enumerate(names)}).astype("int64").to_numpy()
     texts = rows["text"].to_numpy()
-    splits = {
-        split: pd.DataFrame({"text": texts[split_of_row == split], "label": label_id[split_of_row == split]}) for split in SPLITS
+    subsets = {
+        subset: pd.DataFrame({"text": texts[subset_of_row == subset], "label": label_id[subset_of_row == subset]})
+        for subset in SUBSETS
     }
-    return splits, names
+    return subsets, names

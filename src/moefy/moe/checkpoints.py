@@ -2,7 +2,7 @@
 
 The folder is the fine-tuned Hugging Face model (config, tokenizer, weights in safetensors)
 plus `moe.safetensors`: each layer's expert layout (neuron -> expert labels) and router
-weights, with the selector, expert count and selection rule in its metadata. Loading rebuilds
+weights, with the router, expert count and selection rule in its metadata. Loading rebuilds
 exactly the MoE layers evaluate measured, so the logits are the same bit for bit.
 
     from moefy.moe.checkpoints import load_moe
@@ -29,25 +29,25 @@ from moefy.moe.compression import LowRankSparse
 from moefy.moe.layer import MoEFFN, moefy_model, set_experts_per_token
 from moefy.moe.sparse import Routing, SparseMoE, mask_padding
 
-FORMAT = "moefy-moe/1"
+FORMAT = "moefy-moe/2"  # /2: the router kind is metadata key `router` (/1 called it `selector`)
 MOE_FILE = "moe.safetensors"
 
 
 def read_moe_parts(
-    labels_path: Path, router_path: Path, selector: str, num_experts: int
+    labels_path: Path, router_path: Path, router: str, num_experts: int
 ) -> tuple[dict[int, torch.Tensor], dict[int, torch.nn.Module]]:
-    """The balance step's labels and the selector step's routers, checked against each other."""
+    """The balance step's labels and the router step's routers, checked against each other."""
     labels = {int(k.split(".")[1]): v.long() for k, v in load_tensors(labels_path).items()}
     meta = tensors_metadata(router_path)
-    if meta.get("selector") != selector or meta.get("num_experts") != str(num_experts):
+    if meta.get("router") != router or meta.get("num_experts") != str(num_experts):
         raise MoefyError(
-            f"{router_path} holds {meta.get('selector')} routers for {meta.get('num_experts')} experts, "
-            f"not {selector} for {num_experts}; rerun its selector job"
+            f"{router_path} holds {meta.get('router')} routers for {meta.get('num_experts')} experts, "
+            f"not {router} for {num_experts}; rerun its router job"
         )
     try:
-        routers = build_routers(selector, load_tensors(router_path), labels, num_experts)
+        routers = build_routers(router, load_tensors(router_path), labels, num_experts)
     except (KeyError, RuntimeError) as err:
-        raise MoefyError(f"{router_path} does not match {labels_path} ({err}); rerun the selector job") from None
+        raise MoefyError(f"{router_path} does not match {labels_path} ({err}); rerun the router job") from None
     return labels, routers
 
 
@@ -55,7 +55,7 @@ def save_moe(
     model_folder: str | os.PathLike,
     labels: dict[int, torch.Tensor],
     routers: dict[int, torch.nn.Module],
-    selector: str,
+    router: str,
     num_experts: int,
     budget: float,
     out: str | os.PathLike,
@@ -64,9 +64,9 @@ def save_moe(
     """Write `out`: the model folder's files plus the expert layout, routers, top-k rule and task."""
     if task not in TASKS:
         raise MoefyError(f"task {task!r} is unknown; choose one of {', '.join(TASKS)}")
-    if selector == "groundtruth":
+    if router == "groundtruth":
         raise MoefyError(
-            "the groundtruth selector is an oracle that computes every neuron, so it saves nothing at "
+            "the groundtruth router is an oracle that computes every neuron, so it saves nothing at "
             "inference; export a similarity or mlp router instead"
         )
     model_folder, out = Path(model_folder), Path(out)
@@ -75,7 +75,7 @@ def save_moe(
     metadata = {
         "format": FORMAT,
         "task": task,
-        "selector": selector,
+        "router": router,
         "num_experts": str(num_experts),
         "rule": "top_k",
         "budget": repr(float(budget)),
@@ -102,7 +102,7 @@ def load_moe(folder: str | os.PathLike, device: str | torch.device = "cpu") -> t
     labels = {int(key.split(".")[1]): t.long() for key, t in tensors.items() if key.startswith("labels.")}
     num_experts = int(meta["num_experts"])
     router_weights = {key.removeprefix("router."): t for key, t in tensors.items() if key.startswith("router.")}
-    routers = build_routers(meta["selector"], router_weights, labels, num_experts)
+    routers = build_routers(meta["router"], router_weights, labels, num_experts)
     model = load_model(str(folder), meta.get("task", "classification")).to(device).eval()
     layers: list[MoEFFN] = moefy_model(model, labels, routers, num_experts)
     set_experts_per_token(layers, int(meta["k"]))

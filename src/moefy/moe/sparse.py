@@ -15,7 +15,7 @@ Routing (`Routing.kind`):
 - `expert_choice`: every expert takes the capacity_factor * T / E tokens it scores highest
   (softmax over experts), so no expert is ever over capacity and some tokens may go untaken;
 - `unweighted_top_k`: MoEfication's rule, the k best-scored experts summed with gate 1. The task
-  loss then gives the router no gradient: its router keeps its selector training or stays frozen.
+  loss then gives the router no gradient: its router keeps what the router step trained, or stays frozen.
 
 A merged layer (moefy.training.merging) keeps its router over the original experts and an `expert_map`
 from them to the experts it stores: a token sent to two experts of one group gets that group's
@@ -110,8 +110,8 @@ def regroup(dispatch: Dispatch, expert_map: torch.Tensor, num_groups: int, token
     return Dispatch(unique % tokens, group, gate, torch.bincount(group, minlength=num_groups))
 
 
-def balance_loss(logits: torch.Tensor, dispatch: Dispatch, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Switch Transformer's auxiliary loss, E * sum_e f_e * P_e: f_e the share of (token, expert)
+def load_loss(logits: torch.Tensor, dispatch: Dispatch, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch Transformer's load loss (its auxiliary load-balancing loss), E * sum_e f_e * P_e: f_e the share of (token, expert)
     pairs sent to expert e (top-1: the share of tokens), P_e the router's mean probability for e.
     1 when routing is uniform; only P_e carries a gradient."""
     num_experts = logits.shape[-1]
@@ -261,10 +261,10 @@ class SparseMoE(nn.Module):
                 self.tokens_dropped += tokens - int(torch.bincount(dispatch.token).count_nonzero())
 
     def auxiliary_losses(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(load-balancing loss, router z-loss) of the last forward."""
+        """(load loss, router z-loss) of the last forward."""
         if self.logits is None:
             raise RuntimeError("auxiliary_losses() before any forward")
-        return balance_loss(self.logits, self.dispatch, self.valid), z_loss(self.logits, self.valid)
+        return load_loss(self.logits, self.dispatch, self.valid), z_loss(self.logits, self.valid)
 
     def expert_parameter_count(self) -> int:
         """Parameters the experts store (compressed weights: their factors); the router and the
@@ -345,11 +345,11 @@ def from_split(ffn: FFN, labels: torch.Tensor, num_experts: int, router: nn.Modu
 
 
 class _RouterScores(nn.Module):
-    """A selector (router(x, h) -> scores) seen as router(x) -> logits."""
+    """A router (router(x, h) -> scores) seen as router(x) -> logits."""
 
-    def __init__(self, selector: nn.Module):
+    def __init__(self, router: nn.Module):
         super().__init__()
-        self.selector = selector
+        self.router = router
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.selector(x, None)
+        return self.router(x, None)

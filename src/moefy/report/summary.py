@@ -1,7 +1,7 @@
 """The study's summary: every evaluation in one table, each method over its seeds, and the task
 metric against FFN compute.
 
-Every record names its place in the grid (penalty, seed, split, num_experts, selector, recovery) and its
+Every record names its place in the grid (penalty, seed, split, num_experts, router, recovery) and its
 rule, so the report reads no file names. The metric is whatever the evaluate step recorded as
 test_<metric> (accuracy, or perplexity for causal language modelling), so the report needs no
 task of its own. A method is a grid point without its seed: its numbers over seeds are given as
@@ -78,7 +78,7 @@ def _keeps(table: pd.DataFrame, metric: str) -> pd.Series:
 
 
 def summarise(evaluation_files: Iterable[str | Path]) -> pd.DataFrame:
-    """All evaluation records as rows, and per curve (penalty, seed, split, E, selector, rule) the
+    """All evaluation records as rows, and per curve (penalty, seed, split, E, router, rule) the
     smallest FFN FLOPs fraction that keeps 99% of the dense model's quality (accuracy at least
     0.99 x dense, or perplexity at most dense / 0.99; NaN if no point does), and the same for the
     whole model's FLOPs fraction."""
@@ -150,7 +150,7 @@ def plot_relative_vs_flops(table: pd.DataFrame, path: str | Path, title: str = "
     """The relative metric (mean over seeds, with their spread as error bars) against the FFN FLOPs
     fraction, or the whole model's when some conversion converts attention too (its FFN fraction
     would hide what the projections save), one panel per fine-tuning penalty: colour = split /
-    selector, solid = top-k, dashed = dynamic-k, thick = after recovery (a darker shade per
+    router, solid = top-k, dashed = dynamic-k, thick = after recovery (a darker shade per
     recovery), dotted = FFNs and attention converted; the 99% line dotted grey."""
     import matplotlib
 
@@ -162,7 +162,7 @@ def plot_relative_vs_flops(table: pd.DataFrame, path: str | Path, title: str = "
     relative = f"relative_{metric}"
     penalties = sorted(curves["penalty"].unique(), key=PENALTIES.index)
     fig, axes = plt.subplots(1, len(penalties), figsize=(7.5 * len(penalties), 5.5), squeeze=False, sharey=True)
-    pairs = sorted({(r.split, r.selector) for r in curves.itertuples()})
+    pairs = sorted({(r.split, r.router) for r in curves.itertuples()})
     colours = {pair: plt.get_cmap("tab20")(i % 20) for i, pair in enumerate(pairs)}
     styles = {"top_k": "-", "dynamic": "--"}
     markers = {e: m for e, m in zip(sorted(curves["num_experts"].unique()), "os^Dv<>p")}
@@ -171,11 +171,11 @@ def plot_relative_vs_flops(table: pd.DataFrame, path: str | Path, title: str = "
     x = "model_flops_fraction_mean" if whole else "ffn_flops_fraction_mean"
     for ax, penalty in zip(axes[0], penalties):
         part = curves[curves["penalty"] == penalty]
-        for (convert, split, num_experts, selector, recovery, rule), group in part.groupby(
-            ["convert", "split", "num_experts", "selector", "recovery", "rule"], sort=True
+        for (convert, split, num_experts, router, recovery, rule), group in part.groupby(
+            ["convert", "split", "num_experts", "router", "recovery", "rule"], sort=True
         ):
             label = (
-                f"{split} / {selector}"
+                f"{split} / {router}"
                 + (f" E={num_experts}" if len(markers) > 1 else "")
                 + (" dynamic-k" if rule == "dynamic" else "")
                 + ("" if recovery == "none" else f" + {recovery}")
@@ -187,7 +187,7 @@ def plot_relative_vs_flops(table: pd.DataFrame, path: str | Path, title: str = "
                 group[f"{relative}_mean"],
                 yerr=group[f"{relative}_std"] if seeds > 1 else None,
                 fmt=":" if convert == "ffn+attention" else styles.get(rule, "-"),
-                color=tuple(shade * c for c in colours[(split, selector)][:3]),
+                color=tuple(shade * c for c in colours[(split, router)][:3]),
                 marker=markers.get(num_experts, "o"),
                 markersize=3,
                 capsize=2,

@@ -24,7 +24,7 @@ from moefy.adapters.ffn import capture, find_ffns
 from moefy.adapters.models import load_model, load_tokenizer
 from moefy.conversion.coactivation import CoactivationCounter, fastest_kernel
 from moefy.data.batches import Encoded, choose_texts, iterate, length_grouped_batches
-from moefy.data.subsets import read_split
+from moefy.data.subsets import read_subset
 from moefy.files import save_tensors, write_json
 from moefy.workflow import tracking
 from moefy.workflow.cli import ablation, add_section_flags, run_step, step_parser
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, args.task).to(ctx.device)
     ffns = find_ffns(model)
-    texts, _ = read_split(args.data / "train.jsonl")
+    texts, _ = read_subset(args.data / "train.jsonl")
     chosen, n_sample = choose_texts(Encoded(tokenizer, texts).lengths, args.max_tokens, args.sample_tokens, args.seed)
     encoded = Encoded(tokenizer, [texts[i] for i in chosen])  # position p = p-th chosen text
 

@@ -1,4 +1,4 @@
-"""Step data: read the task's texts (and labels) and make the seeded train / validation / test split.
+"""Step data: read the task's texts (and labels) and make the seeded train / validation / test subsets.
 
 Identical texts always land in the same split (no leakage). Writes <out>/train.jsonl,
 validation.jsonl, test.jsonl ({"text", "label"} per line; {"text"} for causal_lm, which ignores
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moefy.data.subsets import write_splits
-from moefy.data.tables import load_hub, load_table, prepare_splits, prepare_texts
+from moefy.data.subsets import write_subsets
+from moefy.data.tables import load_hub, load_table, prepare_subsets, prepare_texts
 from moefy.workflow import tracking
 from moefy.workflow.cli import run_step, step_parser
 
@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> None:
         if label_column is None:
             splits, names = prepare_texts(table, args.validation_fraction, args.test_fraction, args.seed), []
         else:
-            splits, names = prepare_splits(table, args.labels, args.validation_fraction, args.test_fraction, args.seed)
-        write_splits(args.out, splits, names)
+            splits, names = prepare_subsets(table, args.labels, args.validation_fraction, args.test_fraction, args.seed)
+        write_subsets(args.out, splits, names)
         sizes = {name: len(frame) for name, frame in splits.items()}
         run.log_metrics({f"{name}_examples": n for name, n in sizes.items()} | {"classes": len(names)})
         print(

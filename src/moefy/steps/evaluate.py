@@ -10,7 +10,7 @@ router, and the measured wall-clock of all FFNs over the test set: the MoE (only
 computed, router included) against the same weights run dense. The dense model is the MoE with
 every expert, measured here on the same batches. Test texts are sharded over ranks; sums are
 added. Writes one JSON file: a list of records, each naming its place in the grid (penalty, seed,
-split, num_experts, selector) and the precision the model was fine-tuned in.
+split, num_experts, router) and the precision the model was fine-tuned in.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from moefy import dist, native
 from moefy.adapters.models import load_model, load_tokenizer, read_training
 from moefy.adapters.tasks import get_task
 from moefy.data.batches import Encoded, eval_batches
-from moefy.data.subsets import read_split
+from moefy.data.subsets import read_subset
 from moefy.errors import MoefyError
 from moefy.files import read_json, write_json
 from moefy.measure.evaluation import SelectionRule, logged_metrics, record, run_pass, selection_rules
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None):
         "convert",
         "split",
         "num_experts",
-        "selector",
+        "router",
         "recovery",
         "device",
         out="output JSON file",
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--data", required=True, type=Path, help="folder with test.jsonl")
     parser.add_argument("--labels", required=True, type=Path, help="balance/<variant>/<split>-E<E>/labels.safetensors")
     parser.add_argument(
-        "--router", required=True, type=Path, help="selector/<variant>/<split>-E<E>-<selector>/router.safetensors"
+        "--router-file", required=True, type=Path, help="router/<variant>/<split>-E<E>-<router>/router.safetensors"
     )
     parser.add_argument(
         "--kernels",
@@ -94,8 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     task = get_task(args.task)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, task.name).to(ctx.device)
-    labels, routers = read_moe_parts(args.labels, args.router, args.selector, args.num_experts)
-    texts, targets = read_split(args.data / "test.jsonl")
+    labels, routers = read_moe_parts(args.labels, args.router_file, args.router, args.num_experts)
+    texts, targets = read_subset(args.data / "test.jsonl")
     encoded = Encoded(tokenizer, texts)
     whole = model_flops(model, float(encoded.lengths.mean()), causal=task.name == "causal_lm")  # before any FFN is replaced
     layers = moefy_model(model, labels, routers, args.num_experts)

@@ -15,10 +15,10 @@ from moefy.workflow.cli import ablation, run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):
-    parser = step_parser("export", __doc__, "model", "task", "penalty", "seed", "split", "num_experts", "selector")
+    parser = step_parser("export", __doc__, "model", "task", "penalty", "seed", "split", "num_experts", "router")
     parser.add_argument("--labels", required=True, type=Path, help="balance/<variant>/<split>-E<E>/labels.safetensors")
     parser.add_argument(
-        "--router", required=True, type=Path, help="selector/<variant>/<split>-E<E>-<selector>/router.safetensors"
+        "--router-file", required=True, type=Path, help="router/<variant>/<split>-E<E>-<router>/router.safetensors"
     )
     parser.add_argument("--budget", required=True, type=float, help="share of experts per token, in (0, 1]")
     args = parser.parse_args(argv)
@@ -29,12 +29,12 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    labels, routers = read_moe_parts(args.labels, args.router, args.selector, args.num_experts)
+    labels, routers = read_moe_parts(args.labels, args.router_file, args.router, args.num_experts)
     with tracking.job_run("export", vars(args), ablation(args) | {"budget": args.budget}) as run:
-        save_moe(args.model, labels, routers, args.selector, args.num_experts, args.budget, args.out, args.task)
+        save_moe(args.model, labels, routers, args.router, args.num_experts, args.budget, args.out, args.task)
         k = budget_to_k(args.budget, args.num_experts)
         print(
-            f"exported {args.split} E={args.num_experts} {args.selector} at budget {args.budget:g} (k={k}) to {args.out}",
+            f"exported {args.split} E={args.num_experts} {args.router} at budget {args.budget:g} (k={k}) to {args.out}",
             flush=True,
         )
         run.set_tags({"export.folder": str(args.out)})

@@ -18,7 +18,7 @@ from moefy.workflow.cli import run_step, step_parser
 def parse_args(argv: list[str] | None):
     parser = step_parser("report", __doc__)
     parser.add_argument(
-        "--evaluations", required=True, nargs="+", type=Path, help="evaluate/<variant>/<split>-E<E>-<selector>.json files"
+        "--evaluations", required=True, nargs="+", type=Path, help="evaluate/<variant>/<split>-E<E>-<router>.json files"
     )
     parser.add_argument("--title", default="", help="plot title")
     return parser.parse_args(argv)

@@ -1,7 +1,7 @@
 """Step train_moe: train a model whose FFNs are MoE layers.
 
 Modes:
-- recover: a conversion (the balance step's labels, the selector step's router) trained at
+- recover: a conversion (the balance step's labels, the router step's router) trained at
   recover.budget with MoEfication's unweighted top-k and its router frozen (moefy.moe.sparse);
   recovery `task` trains on the task loss, `kd` adds distillation from the dense model's logits.
   The trained experts go back into the FFNs, so <out>/model is a standard checkpoint that the
@@ -58,13 +58,13 @@ MODES = ("recover", "moe", "dense", "merged")
 
 def parse_args(argv: list[str] | None):
     parser = step_parser(
-        "train_moe", __doc__, "model", "task", "penalty", "seed", "split", "num_experts", "selector", "recovery", "device",
-        out="output folder (gets model/ and metrics.json)", optional=("split", "num_experts", "selector"),
+        "train_moe", __doc__, "model", "task", "penalty", "seed", "split", "num_experts", "router", "recovery", "device",
+        out="output folder (gets model/ and metrics.json)", optional=("split", "num_experts", "router"),
     )  # fmt: skip
     parser.add_argument("--mode", required=True, choices=MODES)
     parser.add_argument("--data", required=True, type=Path, help="folder with train/validation/test.jsonl and labels.json")
     parser.add_argument("--labels", type=Path, help="recover: balance/<variant>/<split>-E<E>/labels.safetensors")
-    parser.add_argument("--router", type=Path, help="recover: selector/<variant>/<split>-E<E>-<selector>/router.safetensors")
+    parser.add_argument("--router-file", type=Path, help="recover: router/<variant>/<split>-E<E>-<router>/router.safetensors")
     parser.add_argument(
         "--upcycled", help="moe, dense, merged: the name in upcycling.models (dense: dense), for records and tags"
     )
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None):
     if args.mode == "recover":
         missing = [
             f"--{name.replace('_', '-')}"
-            for name in ("labels", "router", "split", "selector", "num_experts")
+            for name in ("labels", "router_file", "split", "router", "num_experts")
             if getattr(args, name) is None
         ]
         if args.recovery == "none":
@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None):
 def build(args, model) -> tuple[dict[int, SparseMoE], dict]:
     """Put a conversion's MoE layers into `model` (mode recover); returns them by FFN index and
     what was built."""
-    labels, routers = read_moe_parts(args.labels, args.router, args.selector, args.num_experts)
+    labels, routers = read_moe_parts(args.labels, args.router_file, args.router, args.num_experts)
     k = budget_to_k(args.budget, args.num_experts)
     moes = {}
     for ffn in find_ffns(model):
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     weights = LossWeights(
         args.distill_alpha if kd else 0.0,
         args.temperature,
-        args.balance_weight if routed else 0.0,
+        args.load_loss_weight if routed else 0.0,
         args.z_weight if routed else 0.0,
     )
     teacher = dense.to(ctx.device).eval().requires_grad_(False) if kd else None

@@ -1,6 +1,6 @@
 """Step usage: how a sparse MoE uses its experts on calibration text, the input of every merge.
 
-Runs calibration examples (a seeded sample of the training split, 256 in MC-SMoE's runs) through
+Runs calibration examples (a seeded sample of the training subset, 256 in MC-SMoE's runs) through
 the model and writes, per MoE layer, the (token, expert) pairs each expert took and the Gram
 matrix of the router's logit columns (moefy.training.merging.Usage), to <out>/usage.safetensors, with
 <out>/metrics.json: usage shares, and how different the experts are (mean pairwise cosine of

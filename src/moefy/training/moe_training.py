@@ -32,12 +32,12 @@ TRAINABLE = ("experts", "routers", "experts_and_routers", "all")
 class LossWeights:
     distill: float = 0.0  # alpha: share of the distillation term
     temperature: float = 2.0
-    balance: float = 0.0  # the article's decoders: 0.01
+    load: float = 0.0  # Switch's load loss; the article's decoders: 0.01
     z: float = 0.0
 
     def __post_init__(self):
-        if not 0 <= self.distill <= 1 or self.temperature <= 0 or self.balance < 0 or self.z < 0:
-            raise MoefyError(f"loss weights: distill must be in [0, 1], temperature > 0, balance and z >= 0; got {self}")
+        if not 0 <= self.distill <= 1 or self.temperature <= 0 or self.load < 0 or self.z < 0:
+            raise MoefyError(f"loss weights: distill must be in [0, 1], temperature > 0, load and z >= 0; got {self}")
 
 
 def distillation_loss(
@@ -67,13 +67,13 @@ def heldout_distillation(model, teacher, encoded, batch_size: int, ctx, temperat
 
 
 def auxiliary_loss(moes: Iterable[SparseMoE], weights: LossWeights) -> torch.Tensor | None:
-    """balance * sum of load-balancing losses + z * sum of z-losses over the layers; None if both are off."""
-    if weights.balance == 0 and weights.z == 0:
+    """load * sum of load losses + z * sum of z-losses over the layers; None if both are off."""
+    if weights.load == 0 and weights.z == 0:
         return None
     total = None
     for moe in moes:
-        balance, z = moe.auxiliary_losses()
-        term = weights.balance * balance + weights.z * z
+        load, z = moe.auxiliary_losses()
+        term = weights.load * load + weights.z * z
         total = term if total is None else total + term
     return total
 
@@ -92,7 +92,7 @@ def select_trainable(model: nn.Module, moes: Iterable[SparseMoE], which: str) ->
     if "routers" in which and any(moe.routing.kind == "unweighted_top_k" for moe in moes):
         raise MoefyError(
             "MoEfication's routers pick experts without weighting them, so the task loss gives them no gradient: "
-            "train the experts (trainable: experts) and retrain the router with the selector step if needed"
+            "train the experts (trainable: experts) and retrain the router with the router step if needed"
         )
     for p in model.parameters():
         p.requires_grad_(which == "all")

@@ -12,7 +12,7 @@ import torch
 from transformers import get_linear_schedule_with_warmup
 
 from moefy.data.batches import length_grouped_batches
-from moefy.data.subsets import read_split
+from moefy.data.subsets import read_subset
 from moefy.errors import MoefyError
 
 
@@ -22,11 +22,11 @@ class Texts:
     labels: list[int] | None
 
 
-def read_texts(data: Path, split: str, task, limit: int | None = None, seed: int = 0) -> Texts:
-    """One split of the data step's files for `task`; with `limit`, a seeded sample of that many
+def read_texts(data: Path, subset: str, task, limit: int | None = None, seed: int = 0) -> Texts:
+    """One subset of the data step's files for `task`; with `limit`, a seeded sample of that many
     examples (kept in file order), drawn the same way in every step."""
-    path = data / f"{split}.jsonl"
-    texts, labels = read_split(path)
+    path = data / f"{subset}.jsonl"
+    texts, labels = read_subset(path)
     if task.labelled and labels is None:
         raise MoefyError(f"{path} has no labels, but task {task.name} needs them; rerun the data step with --task {task.name}")
     labels = labels if task.labelled else None

@@ -2,7 +2,7 @@
 and the user-error boundary.
 
 Every flag that means the same thing in several steps (--model, --task, --penalty, --seed, --convert, --split,
---num-experts, --selector, --recovery, --device, --out) is defined once here, with its names from the schema, so
+--num-experts, --router, --recovery, --device, --out) is defined once here, with its names from the schema, so
 `python -m moefy.steps.<step> --help` reads the same in every step. A rule passes
 `settings_flags(config[section])`; the step parses them back with `add_section_flags(parser,
 section)`. Key `max_length` is flag `--max-length`, so a step run by hand takes the same flags
@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from moefy.config import ABLATION, CONVERTS, DEVICES, PENALTIES, RECOVERIES, SELECTORS, SPLITS, TASKS, section_properties
+from moefy.config import ABLATION, CONVERTS, DEVICES, PENALTIES, RECOVERIES, ROUTERS, SPLITS, TASKS, section_properties
 from moefy.errors import MoefyError
 
 _TYPES = {"integer": int, "number": float, "string": str}
@@ -31,7 +31,7 @@ SHARED_FLAGS: dict[str, dict[str, Any]] = {
     ),
     "task": dict(choices=TASKS, default="classification", help="the task the model is trained and measured on"),
     "penalty": dict(choices=PENALTIES, default="none", help="the fine-tuning variant's activation-sparsity penalty"),
-    "seed": dict(type=int, default=0, help="replicate seed (for data: the seed of the train/validation/test split)"),
+    "seed": dict(type=int, default=0, help="replicate seed (for data: the seed of the train/validation/test subsets)"),
     "convert": dict(
         choices=CONVERTS,
         default="ffn",
@@ -39,7 +39,7 @@ SHARED_FLAGS: dict[str, dict[str, Any]] = {
     ),
     "split": dict(choices=SPLITS, required=True, help="how the FFN neurons were grouped into experts"),
     "num_experts": dict(type=int, required=True, help="experts per FFN layer"),
-    "selector": dict(choices=SELECTORS, required=True, help="the router that picks experts per token"),
+    "router": dict(choices=ROUTERS, required=True, help="the router that picks experts per token"),
     "recovery": dict(
         choices=RECOVERIES, default="none", help="none: the conversion as converted; task or kd: after recovery training"
     ),
@@ -65,7 +65,7 @@ def step_parser(
 
 
 def ablation(args: argparse.Namespace) -> dict[str, Any]:
-    """The job's place in the grid (those of penalty, seed, split, num_experts, selector it has)."""
+    """The job's place in the grid (those of penalty, seed, split, num_experts, router it has)."""
     return {name: getattr(args, name) for name in ABLATION if getattr(args, name, None) is not None}
 
 

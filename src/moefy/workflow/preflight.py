@@ -78,7 +78,7 @@ def check_model(config: dict[str, Any]) -> None:
 
 def check_dataset(config: dict[str, Any]) -> None:
     """A local data file exists, has the columns, and splits into non-empty train/validation/test."""
-    from moefy.data.tables import load_table, prepare_splits, prepare_texts
+    from moefy.data.tables import load_table, prepare_subsets, prepare_texts
 
     dataset = config["dataset"]
     if "path" not in dataset:
@@ -93,7 +93,7 @@ def check_dataset(config: dict[str, Any]) -> None:
         prepare_texts(table, dataset["validation_fraction"], dataset["test_fraction"], dataset["seed"])
         return
     table = load_table(path, dataset["text_column"], dataset["label_column"])
-    prepare_splits(table, dataset["labels"], dataset["validation_fraction"], dataset["test_fraction"], dataset["seed"])
+    prepare_subsets(table, dataset["labels"], dataset["validation_fraction"], dataset["test_fraction"], dataset["seed"])
 
 
 def check_study(config: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """What a study runs: the validated config's grid of arms turned into variants and evaluations.
 
 A variant is one fine-tuned model (a sparsity penalty and a replicate seed); an evaluation is one
-conversion of a variant (what it converts, split, expert count, selector), as converted or after recovery training,
+conversion of a variant (what it converts, split, expert count, router), as converted or after recovery training,
 measured at the top-k budgets and dynamic-k thresholds of every arm that contains it. An upcycled
 model is one of `upcycling.models` built from one variant; a merged model is one of those merged
 (and compressed, distilled) by `merging`. rules/common.smk turns these into file paths.
@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from moefy.errors import MoefyError
-
 
 # The folder of one fine-tuned model, as a format (rules/common.smk uses it as a wildcard pattern).
 VARIANT_FORMAT = "{penalty}-seed{seed}"
@@ -42,7 +41,7 @@ class Evaluation:
     variant: Variant
     split: str
     num_experts: int
-    selector: str
+    router: str
     recovery: str = "none"
     convert: str = "ffn"
 
@@ -54,8 +53,8 @@ class Evaluation:
 
     @property
     def conversion(self) -> str:
-        """`<split>-E<num_experts>-<selector>`: the folder of its router (and of its recovery)."""
-        return f"{self.split}-E{self.num_experts}-{self.selector}"
+        """`<split>-E<num_experts>-<router>`: the folder of its router (and of its recovery)."""
+        return f"{self.split}-E{self.num_experts}-{self.router}"
 
     @property
     def name(self) -> str:
@@ -115,10 +114,10 @@ class Study:
                     f"grid.{name}: recovery {', '.join(r for r in arm['recovery'] if r != 'none')} of converted attention "
                     "projections is not supported; give that arm convert: [ffn] or recovery: [none]"
                 )
-            for penalty, seed, split, num_experts, selector, recovery, convert in itertools.product(
-                arm["penalty"], arm["seed"], arm["split"], arm["num_experts"], arm["selector"], arm["recovery"], arm["convert"]
+            for penalty, seed, split, num_experts, router, recovery, convert in itertools.product(
+                arm["penalty"], arm["seed"], arm["split"], arm["num_experts"], arm["router"], arm["recovery"], arm["convert"]
             ):
-                evaluation = Evaluation(Variant(penalty, seed), split, num_experts, selector, recovery, convert)
+                evaluation = Evaluation(Variant(penalty, seed), split, num_experts, router, recovery, convert)
                 budgets.setdefault(evaluation, set()).update(arm.get("budgets", defaults["budgets"]))
                 thresholds.setdefault(evaluation, set()).update(arm.get("thresholds", defaults["thresholds"]))
         self._rules = {e: Rules(tuple(sorted(budgets[e])), tuple(sorted(thresholds[e]))) for e in sorted(budgets)}

@@ -234,7 +234,7 @@ def run_name(step: str, wildcards: Mapping[str, Any]) -> str:
     )
     conversion = "-".join(
         f"E{wildcards[k]}" if k == "num_experts" else str(wildcards[k])
-        for k in ("split", "num_experts", "selector")
+        for k in ("split", "num_experts", "router")
         if k in wildcards
     )
     if conversion and wildcards.get("recovery", "none") != "none":
@@ -251,7 +251,7 @@ def job_run(
     enabled: bool = True,
 ) -> Iterator[JobRun]:
     """One MLflow run for one job: tagged with its rule and its place in the grid (`wildcards`: the
-    step's penalty, seed, split, num_experts, selector flags), params = its resolved settings.
+    step's penalty, seed, split, num_experts, router flags), params = its resolved settings.
 
     The run is nested under $MOEFY_MLFLOW_PARENT_RUN_ID when the workflow set it. It ends
     FAILED if the block raises, so a crashed job is visible in the UI.

@@ -1,4 +1,4 @@
-"""Step selector: build each layer's router and measure how well it picks experts.
+"""Step router: build each layer's router and measure how well it picks experts.
 
   groundtruth  the oracle: top-k experts by their sum of |activations| (no parameters)
   similarity   nearest expert centroids (mean normalised key rows of the expert: W_in, or the
@@ -7,7 +7,7 @@
                mass, early-stopped on held-out tokens
   norm         D2DMoE's router: an MLP trained with MSE to predict each expert's output norm
                (relative to the layer's mean), same training loop
-Selector recall at a budget: the activation mass in the router's top-k experts over the mass in
+Router recall at a budget: the activation mass in the router's top-k experts over the mass in
 the oracle's top-k, on the held-out tokens. Layers are spread over torchrun ranks. Writes
 <out>/router.safetensors and <out>/metrics.json.
 """
@@ -32,14 +32,14 @@ from moefy.workflow.cli import ablation, add_section_flags, run_step, step_parse
 
 def parse_args(argv: list[str] | None):
     parser = step_parser(
-        "selector", __doc__, "model", "task", "penalty", "seed", "convert", "split", "num_experts", "selector", "device"
+        "router", __doc__, "model", "task", "penalty", "seed", "convert", "split", "num_experts", "router", "device"
     )
     parser.add_argument("--labels", required=True, type=Path, help="balance/<variant>/<split>-E<E>/labels.safetensors")
     parser.add_argument("--hidden", required=True, type=Path, help="activations/<variant>/hidden.safetensors")
     parser.add_argument(
         "--budgets", type=float, nargs="+", default=section_defaults("evaluate")["budgets"], help="budgets to report recall at"
     )
-    add_section_flags(parser, "selector")
+    add_section_flags(parser, "router")
     return parser.parse_args(argv)
 
 
@@ -55,14 +55,14 @@ def main(argv: list[str] | None = None) -> None:
                 raise MoefyError(f"{name} file has no layer.{ffn.index}; rerun the step that writes it for this model")
 
     settings = RouterSettings.of(vars(args))
-    with tracking.job_run("selector", vars(args), ablation(args), enabled=ctx.is_main) as run:
+    with tracking.job_run("router", vars(args), ablation(args), enabled=ctx.is_main) as run:
         torch.manual_seed(args.seed)
         mine = {}
         for ffn in dist.shard(ffns, ctx):
             key = f"layer.{ffn.index}"
             x = hidden[key].to(ctx.device, torch.float32)
             mine[ffn.index] = fit_router(
-                args.selector,
+                args.router,
                 ffn,
                 labels[key].long().to(ctx.device),
                 x,
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
             save_tensors(
                 args.out / "router.safetensors",
                 router_tensors({i: results[i][0] for i in layers}),
-                {"selector": args.selector, "num_experts": str(args.num_experts), "layers": str(len(layers))},
+                {"router": args.router, "num_experts": str(args.num_experts), "layers": str(len(layers))},
             )
             write_json(args.out / "metrics.json", metrics)
             run.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items() if not isinstance(v, dict)})

@@ -1,6 +1,6 @@
 # Recovery after conversion: the converted model trained at recover.budget, then evaluated at every
 # budget and threshold like the unrecovered one (evaluate/<variant>/<conversion>-<recovery>.json).
-RECOVERED = f"{CONVERSION}-{{selector}}-{{recovery}}"
+RECOVERED = f"{CONVERSION}-{{router}}-{{recovery}}"
 
 
 rule recover:
@@ -8,14 +8,14 @@ rule recover:
         model=rules.finetune.output.model,
         data=rules.data.output.labels,
         labels=ffn_only(rules.balance.output.labels),
-        router=ffn_only(rules.selector.output.router),
+        router_file=ffn_only(rules.router.output.router_file),
     output:
-        model=directory(results("train_moe", VARIANT, RECOVERED, "model")),
-        metrics=results("train_moe", VARIANT, RECOVERED, "metrics.json"),
+        model=directory(results("recover", VARIANT, RECOVERED, "model")),
+        metrics=results("recover", VARIANT, RECOVERED, "metrics.json"),
     log:
-        logs("train_moe", f"{VARIANT}/{RECOVERED}"),
+        logs("recover", f"{VARIANT}/{RECOVERED}"),
     benchmark:
-        results("benchmarks", "train_moe", VARIANT, f"{RECOVERED}.tsv")
+        results("benchmarks", "recover", VARIANT, f"{RECOVERED}.tsv")
     conda:
         CONDA_ENV
     threads: COMPUTE["threads"]["train_moe"]
@@ -32,7 +32,7 @@ rule recover:
         settings=" ".join([step_settings("train_moe"), step_settings("recover")]),
     shell:
         "OMP_NUM_THREADS={params.omp} {params.launch} --mode recover --model {input.model} --task {params.task} "
-        "{params.ablation} --data {params.data} --labels {input.labels} --router {input.router} --out {params.out} "
+        "{params.ablation} --data {params.data} --labels {input.labels} --router-file {input.router_file} --out {params.out} "
         "--device {params.device} {params.settings} > {log} 2>&1"
 
 
@@ -42,7 +42,7 @@ use rule evaluate as evaluate_recovered with:
         reference=rules.finetune.output.model,
         test=rules.data.output.test,
         labels=ffn_only(rules.balance.output.labels),
-        router=ffn_only(rules.selector.output.router),
+        router_file=ffn_only(rules.router.output.router_file),
         kernels=rules.calibrate.output[0],
     output:
         results("evaluate", VARIANT, f"{RECOVERED}.json"),

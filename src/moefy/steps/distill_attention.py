@@ -23,14 +23,14 @@ from moefy.adapters.attention import find_projections
 from moefy.adapters.models import load_model, load_tokenizer, save_model
 from moefy.conversion.distillation import DistillSettings, distill, svd_start, width_for
 from moefy.data.batches import Encoded, choose_texts, iterate, length_grouped_batches
-from moefy.data.subsets import read_split
+from moefy.data.subsets import read_subset
 from moefy.files import atomic_dir, write_json
 from moefy.workflow import tracking
 from moefy.workflow.cli import ablation, add_section_flags, run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):
-    parser = step_parser("distill", __doc__, "model", "task", "penalty", "seed", "device", out="output model folder")
+    parser = step_parser("distill_attention", __doc__, "model", "task", "penalty", "seed", "device", out="output model folder")
     parser.add_argument("--data", required=True, type=Path, help="folder with train.jsonl")
     parser.add_argument(
         "--width-multiple",
@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None):
         default=1,
         help="round each MLP's width up to a multiple of this (the workflow passes the grid's expert counts' lcm, so every count divides it)",
     )
-    add_section_flags(parser, "distill")
+    add_section_flags(parser, "distill_attention")
     args = parser.parse_args(argv)
     if args.width_multiple < 1:
         parser.error(f"--width-multiple {args.width_multiple}: must be at least 1")
@@ -71,13 +71,13 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, args.task).to(ctx.device).eval()
     projections = find_projections(model)
-    texts, _ = read_split(args.data / "train.jsonl")
+    texts, _ = read_subset(args.data / "train.jsonl")
     chosen, _ = choose_texts(Encoded(tokenizer, texts).lengths, args.max_tokens, args.max_tokens, args.seed)
     encoded = Encoded(tokenizer, [texts[i] for i in chosen])
     held_out = set(range(max(1, round(args.heldout_fraction * len(encoded)))))  # chosen in a seeded order already
     settings = DistillSettings(args.learning_rate, args.token_batch_size, args.max_epochs, args.patience)
     batches = length_grouped_batches(encoded.lengths, args.batch_size)
-    with tracking.job_run("distill", vars(args), ablation(args), enabled=ctx.is_main) as run:
+    with tracking.job_run("distill_attention", vars(args), ablation(args), enabled=ctx.is_main) as run:
         with torch.no_grad():
             pairs = record_pairs(model, projections, encoded, batches, ctx)
         report = {}
