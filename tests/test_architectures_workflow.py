@@ -13,7 +13,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import build_tiny, diagonal, finish_snakemake, start_snakemake, write_toy_sentiment
+from builders import build_tiny, write_toy_sentiment
+from studies import diagonal, finish_snakemake, start_snakemake
 
 pytestmark = pytest.mark.e2e
 

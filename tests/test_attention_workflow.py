@@ -6,9 +6,9 @@ import json
 import pandas as pd
 import pytest
 
-from conftest import ATTENTION, LAYERS, E, in_study
 from moefy.adapters.models import load_model
 from moefy.files import read_json
+from studies import ATTENTION, LAYERS, E, in_study
 
 CONVERSION = f"kmeans-E{E}-norm"
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, VARIANT, E
 from moefy import native
 from moefy.moe.layer import KERNELS
+from studies import TINY, VARIANT, E
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DECODERS, FAMILIES, build_tiny
+from builders import DECODERS, FAMILIES, build_tiny
 from moefy.adapters.ffn import TransposedLinear, capture, find_ffns
 from moefy.adapters.models import load_model, load_tokenizer
 from moefy.conversion.routers import GroundTruthRouter, MLPRouter, SimilarityRouter, expert_centroids, expert_mass

@@ -62,6 +62,7 @@ def test_a_killed_writers_leftovers_are_cleared_by_the_next_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out.json"]
 
 
+@pytest.mark.e2e
 def test_tensor_files_are_byte_identical_across_processes(tmp_path):
     """safetensors orders metadata keys by a per-process hash seed; ours must not depend on it."""
     import subprocess

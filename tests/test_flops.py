@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_tiny
+from builders import build_tiny
 from moefy.adapters.models import load_model
 from moefy.measure.flops import ForwardTimer, model_flops
 

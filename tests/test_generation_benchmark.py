@@ -6,7 +6,7 @@ import json
 import pytest
 from test_benchmarks import load_benchmark
 
-from conftest import build_tiny, build_tiny_bert
+from builders import build_tiny, build_tiny_bert
 from moefy.errors import MoefyError
 
 
@@ -16,7 +16,7 @@ def generation_speed():
 
 
 def llama_whose_ffns_decide(folder):
-    """The conftest's tiny random LLaMA (hidden 32, 2 layers, d_ff 64, the toy tokenizer) with its FFN
+    """builders.py's tiny random LLaMA (hidden 32, 2 layers, d_ff 64, the toy tokenizer) with its FFN
     outputs scaled up: at random init they barely move the residual stream, so an export that broke
     the FFNs would still generate the dense tokens."""
     from transformers import LlamaForCausalLM

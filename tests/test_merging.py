@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import build_tiny
+from builders import build_tiny
 from moefy.adapters.models import load_model, load_tokenizer
 from moefy.errors import MoefyError
 from moefy.moe.checkpoints import load_sparse_moe, save_sparse_moe

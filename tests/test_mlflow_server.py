@@ -11,10 +11,10 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import E, environment, make_workdir, snakemake, snakemake_command, tiny_config
 from mlflow_server import Server
 from moefy.errors import MoefyError
 from moefy.workflow import tracking
+from studies import E, environment, make_workdir, snakemake, snakemake_command, tiny_config
 
 pytestmark = pytest.mark.e2e
 

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from builders import synthetic_ffn
 from moefy.adapters.ffn import FFN, find_ffns
 from moefy.adapters.models import load_classifier, load_tokenizer
 from moefy.conversion.routers import GroundTruthRouter, MLPRouter, NormRouter, SimilarityRouter, expert_centroids, expert_mass
@@ -95,18 +96,6 @@ def test_partial_budget_computes_exactly_the_chosen_experts(tiny_bert, router, k
             torch.testing.assert_close(moe(x), expected, rtol=0, atol=1e-5)
             assert torch.equal(moe.experts_per_token, torch.full((5, 7), float(k)))
         assert not torch.allclose(moe(x), ffn.w_out(ffn.activations(x)), atol=1e-3)
-
-
-def synthetic_ffn(d: int, d_ff: int, gated: bool, bias: bool, act: torch.nn.Module) -> FFN:
-    torch.manual_seed(1)
-    return FFN(
-        0,
-        nn.Linear(d, d_ff, bias=bias),
-        act,
-        nn.Linear(d_ff, d, bias=bias),
-        lambda m: None,
-        w_gate=nn.Linear(d, d_ff, bias=bias) if gated else None,
-    )
 
 
 @pytest.mark.parametrize(

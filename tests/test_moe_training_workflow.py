@@ -12,10 +12,10 @@ import pytest
 import torch
 from test_workflow import first_invocation
 
-from conftest import BUDGETS, MERGED, RECOVERED, UPCYCLED_MODELS, VARIANT, E, in_study
 from moefy.adapters.models import load_model
 from moefy.files import read_json
 from moefy.moe.checkpoints import load_sparse_moe
+from studies import BUDGETS, MERGED, RECOVERED, UPCYCLED_MODELS, VARIANT, E, in_study
 
 pytestmark = pytest.mark.e2e
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DECODERS, FAMILIES, build_tiny
+from builders import DECODERS, FAMILIES, build_tiny
 from moefy.adapters.attention import find_projections
 from moefy.adapters.ffn import ProjectionMLP
 from moefy.adapters.models import load_model
@@ -202,7 +202,7 @@ def test_the_distill_step_writes_a_model_whose_projections_are_ffns(tmp_path, ti
 
     from transformers import AutoTokenizer
 
-    from conftest import FILLER, NEGATIVE, POSITIVE
+    from builders import FILLER, NEGATIVE, POSITIVE
     from moefy.adapters.ffn import find_ffns
     from moefy.steps import distill_attention as step
 

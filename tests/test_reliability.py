@@ -18,7 +18,6 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, TINY, environment, in_study, make_workdir, snakemake, snakemake_command, tiny_config
 from moefy.adapters.models import load_classifier
 from moefy.config import validate
 from moefy.errors import MoefyError
@@ -26,6 +25,7 @@ from moefy.report.summary import reproducible
 from moefy.steps import router as router_step
 from moefy.workflow.cli import run_step
 from moefy.workflow.preflight import check_dataset, check_model, check_study
+from studies import ROOT, TINY, environment, in_study, make_workdir, snakemake, snakemake_command, tiny_config
 
 # --- bad config: one clear message before any job runs -----------------------------------------
 
@@ -112,7 +112,7 @@ def test_expert_count_must_divide_d_ff(tiny_bert):
 
 
 def test_causal_lm_needs_a_decoder(tmp_path):
-    from conftest import build_tiny
+    from builders import build_tiny
 
     build_tiny("t5", tmp_path / "t5")
     with pytest.raises(MoefyError, match="config key task: causal_lm needs a decoder-only model.*'t5'"):

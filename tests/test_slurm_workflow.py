@@ -21,8 +21,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import TINY
 from slurm_cluster import rule_of
+from studies import TINY
 
 pytestmark = pytest.mark.e2e
 

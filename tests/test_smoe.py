@@ -9,7 +9,7 @@ import torch
 import transformers as tf
 from torch import nn
 
-from conftest import FILLER, NEGATIVE, POSITIVE, SPECIAL
+from builders import FILLER, NEGATIVE, POSITIVE, SPECIAL
 from moefy.adapters.families import smoe_families
 from moefy.adapters.smoe import CapacityLimited, SharedExpertMoE, convert_smoes, find_smoe_blocks, load_hf_smoe
 from moefy.errors import MoefyError

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import write_toy_sentiment
+from builders import write_toy_sentiment
 from moefy.steps import data as data_step
 from moefy.steps import finetune as finetune_step
 from moefy.training.sparsity import layers_penalty, ramped_weight, token_penalty

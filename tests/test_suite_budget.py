@@ -1,6 +1,6 @@
 """The suite reports its total and warns, naming the slowest tests, past its 30-minute budget."""
 
-from conftest import SUITE_BUDGET_MINUTES, budget_lines
+from suite_budget import SUITE_BUDGET_MINUTES, budget_lines
 
 
 def test_within_the_budget_only_the_total_is_reported():

@@ -1,7 +1,7 @@
 import torch
-from test_moe import synthetic_ffn
 from torch import nn
 
+from builders import synthetic_ffn
 from moefy.conversion.routers import MLPRouter
 from moefy.measure import timing
 from moefy.measure.timing import PAIR_EVERY, paired_timing, total_seconds

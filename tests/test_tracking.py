@@ -52,6 +52,7 @@ def test_default_store_is_under_results(monkeypatch, tmp_path):
     assert tracking.resolve_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
 
 
+@pytest.mark.e2e
 def test_jobs_creating_a_fresh_store_at_once_do_not_crash(tmp_path):
     """Steps run by hand in parallel (no Snakemake onstart) all create the SQLite store at once."""
     import subprocess

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import BertModel
 
-from conftest import DECODERS, build_tiny, build_tiny_bert, write_toy_sentiment
+from builders import DECODERS, build_tiny, build_tiny_bert, write_toy_sentiment
 from moefy.adapters.models import load_model, load_tokenizer
 from moefy.conversion.routers import MLPRouter, router_tensors
 from moefy.errors import MoefyError
@@ -265,6 +265,7 @@ def test_trainable_parameters(tiny_relu_bert):
         select_trainable(load_model(str(tiny_relu_bert), label_names=["a", "b"]), [], "experts")
 
 
+@pytest.mark.e2e
 def test_two_cpu_ranks_train_the_same_model_as_one(task, tmp_path):
     """Data parallel over 2 gloo ranks: each rank takes half of every global batch and DDP averages
     the gradients, so the weights match one rank's up to float summation order (1e-5 after 6 steps).

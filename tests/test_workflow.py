@@ -17,7 +17,10 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from conftest import (
+from moefy.measure.evaluation import MEASURES
+from moefy.moe.checkpoints import load_moe
+from moefy.report.summary import reproducible
+from studies import (
     BUDGETS,
     CONVERSIONS,
     D_FF,
@@ -33,9 +36,6 @@ from conftest import (
     in_study,
     snakemake,
 )
-from moefy.measure.evaluation import MEASURES
-from moefy.moe.checkpoints import load_moe
-from moefy.report.summary import reproducible
 
 RECORD_KEYS = {
     "penalty",
