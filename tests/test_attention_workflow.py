@@ -25,7 +25,7 @@ def records(tiny_study):
 
 
 def test_the_distilled_model_has_every_projection_as_an_mlp_that_splits_into_the_grids_experts(tiny_study):
-    report = read_json(in_study(tiny_study, "distill", "model", "distillation.json"))["projections"]
+    report = read_json(in_study(tiny_study, "distill_attention", "model", "distillation.json"))["projections"]
     assert sorted(report) == sorted(f"{layer}.{p}" for layer in range(LAYERS) for p in "qkvo")
     assert all(entry["width"] % E == 0 and entry["mse"] <= entry["mse_initial"] for entry in report.values())
     assert all(entry["r2"] > 0.8 for key, entry in report.items() if not key.endswith(".o")), report
@@ -46,7 +46,7 @@ def test_attention_evaluations_are_against_the_fine_tuned_model_and_count_the_wh
             assert record["ffn_flops_fraction"] == pytest.approx(ffn_only[key]["ffn_flops_fraction"])
     # every expert: the distilled model, whose 2 x 4 MLPs of width w cost 2 x (hidden x w + w x hidden)
     # where their projections cost 2 x hidden x hidden
-    report = read_json(in_study(tiny_study, "distill", "model", "distillation.json"))["projections"]
+    report = read_json(in_study(tiny_study, "distill_attention", "model", "distillation.json"))["projections"]
     (width,) = {entry["width"] for entry in report.values()}
     full = attention[("top_k", 1.0)]
     extra = LAYERS * 4 * (4 * hidden * width - 2 * hidden * hidden)

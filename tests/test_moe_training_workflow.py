@@ -29,12 +29,12 @@ def test_a_recovered_conversion_is_evaluated_against_the_dense_model(tiny_study)
     assert {r["dense_test_accuracy"] for r in recovered} == {plain[0]["dense_test_accuracy"]}
     full = recovered[-1]
     assert full["budget"] == 1.0 and full["relative_accuracy"] == full["test_accuracy"] / full["dense_test_accuracy"]
-    training = read_json(in_study(tiny_study, "train_moe", RECOVERED, "metrics.json"))
+    training = read_json(in_study(tiny_study, "recover", RECOVERED, "metrics.json"))
     assert training["mode"] == "recover" and training["recovery"] == "kd" and training["k"] == 1  # budget 0.2 of 4
     assert training["train_steps"] == 8 and "validation_distill_loss" in training["history"][0]
     # only expert weights changed: attention and embeddings are the fine-tuned model's
     dense = load_model(str(in_study(tiny_study, "finetune", "model"))).state_dict()
-    after = load_model(str(in_study(tiny_study, "train_moe", RECOVERED, "model"))).state_dict()
+    after = load_model(str(in_study(tiny_study, "recover", RECOVERED, "model"))).state_dict()
     changed = {k for k in dense if not torch.equal(dense[k], after[k])}
     assert changed and all(".intermediate." in k or (".output.dense." in k and "attention" not in k) for k in changed), changed
     summary = pd.read_csv(in_study(tiny_study, "report", "summary.csv"))
