@@ -5,7 +5,15 @@ from torch import nn
 from builders import synthetic_ffn
 from moefy.adapters.ffn import FFN, find_ffns
 from moefy.adapters.models import load_classifier, load_tokenizer
-from moefy.conversion.routers import GroundTruthRouter, MLPRouter, NormRouter, SimilarityRouter, expert_centroids, expert_mass
+from moefy.conversion.routers import (
+    GroundTruthRouter,
+    MLPRouter,
+    NormRouter,
+    SimilarityRouter,
+    expert_centroids,
+    expert_mass,
+    representative_router,
+)
 from moefy.errors import MoefyError
 from moefy.moe import layer as moe_module
 from moefy.moe.layer import (
@@ -34,6 +42,8 @@ def moefied(folder, router: str):
             routers[f.index] = GroundTruthRouter(labels[f.index], E)
         elif router == "similarity":
             routers[f.index] = SimilarityRouter(expert_centroids(f.w_in.weight.detach(), labels[f.index], E))
+        elif router == "representative":
+            routers[f.index] = representative_router(f, labels[f.index], E, torch.randn(64, f.d_model), per_expert=2)
         else:
             torch.manual_seed(f.index)
             routers[f.index] = MLPRouter(f.d_model, E)
@@ -48,7 +58,7 @@ def batch(tiny_bert):
     )
 
 
-@pytest.mark.parametrize("router", ["groundtruth", "similarity", "mlp"])
+@pytest.mark.parametrize("router", ["groundtruth", "similarity", "mlp", "representative"])
 def test_full_budget_gives_the_dense_logits(tiny_bert, batch, router):
     torch.manual_seed(0)
     dense = load_classifier(str(tiny_bert), label_names=["a", "b"], activation="relu").eval()
@@ -70,7 +80,7 @@ def picked_by(moe: MoEFFN, x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     "kernel", ["bags", "looped", "looped, every expert for every token", "looped in blocks", "grouped", "masked"]
 )
-@pytest.mark.parametrize("router", ["groundtruth", "similarity", "mlp"])
+@pytest.mark.parametrize("router", ["groundtruth", "similarity", "mlp", "representative"])
 def test_partial_budget_computes_exactly_the_chosen_experts(tiny_bert, router, kernel, monkeypatch):
     """Every kernel, also on the oracle's activations (it computed every neuron to pick)."""
     if kernel == "looped, every expert for every token":  # computed for all, masked: no gather

@@ -1,21 +1,28 @@
+import pytest
 import torch
+from torch import nn
 
+from moefy.adapters.ffn import FFN
 from moefy.conversion.routers import (
     LOSSES,
     GroundTruthRouter,
     MLPRouter,
     NormRouter,
+    RouterSettings,
     SimilarityRouter,
     budget_to_k,
     build_routers,
     expert_centroids,
     expert_mass,
     expert_output_norms,
+    fit_router,
+    representative_router,
     router_tensors,
     scaled_mass,
     topk_recall,
     train_router,
 )
+from moefy.errors import MoefyError
 
 
 def synthetic_layer(n=3000, d=16, d_ff=64, E=8, seed=0):
@@ -140,3 +147,67 @@ def test_every_router_gives_non_negative_contributions():
     for router in (SimilarityRouter(c), MLPRouter(16, E, c), GroundTruthRouter(labels, E), NormRouter(16, E)):
         with torch.no_grad():
             assert router.contribution(x, h).min() >= 0, type(router).__name__
+
+
+def planted_ffn(d=16, d_ff=64, E=8, gated=False, seed=0) -> tuple[FFN, torch.Tensor]:
+    """An FFN whose every expert has one loud neuron (rows 32x the others): its |h| decides the
+    expert's mass, so the representative router should rank experts as the oracle does."""
+    torch.manual_seed(seed)
+    labels = torch.randperm(d_ff) % E
+    w_in, w_out = nn.Linear(d, d_ff), nn.Linear(d_ff, d)
+    w_gate = nn.Linear(d, d_ff) if gated else None
+    with torch.no_grad():
+        quiet = torch.ones(d_ff)
+        for e in range(E):
+            quiet[(labels == e).nonzero()[0]] = 32.0  # the first neuron of each expert is loud
+        for linear in (w_in,) if w_gate is None else (w_in, w_gate):
+            linear.weight.mul_(quiet[:, None] / 32)
+            linear.bias.zero_()
+    return FFN(0, w_in, nn.ReLU() if not gated else nn.SiLU(), w_out, lambda m: None, w_gate=w_gate), labels
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_the_representative_router_reproduces_the_oracles_top_k_on_a_planted_case(gated):
+    ffn, labels = planted_ffn(gated=gated)
+    E, x = 8, torch.randn(4000, 16, generator=torch.Generator().manual_seed(1))
+    router = representative_router(ffn, labels, E, x[:3000], per_expert=1)
+    loud = torch.tensor([(labels == e).nonzero()[0].item() for e in range(E)])
+    chosen = [int(((ffn.w_in.weight - row).abs().sum(1) == 0).nonzero()[0]) for row in router.w_in]
+    assert chosen == loud.tolist(), "each expert's representative is its loud neuron"
+    with torch.no_grad():
+        oracle = expert_mass(ffn.activations(x[3000:]), labels, E)
+        scores = router(x[3000:])
+    assert topk_recall(scores, oracle, 2) > 0.97
+    agree = (scores.topk(2).indices.sort().values == oracle.topk(2).indices.sort().values).all(-1).float().mean()
+    assert agree > 0.85
+    assert router.flops_per_token() == 2 * E * 16 * (2 if gated else 1) + 2 * E
+
+
+def test_the_representative_routers_scale_makes_its_score_the_experts_mass():
+    """One neuron per expert (size 1): the representative is the expert, and the scale is 1."""
+    ffn, labels = planted_ffn(d_ff=8, E=8)
+    x = torch.randn(500, 16)
+    router = representative_router(ffn, labels, 8, x, per_expert=1)
+    torch.testing.assert_close(router.scale, torch.ones(8))
+    with torch.no_grad():
+        torch.testing.assert_close(router(x), expert_mass(ffn.activations(x), labels, 8), rtol=1e-5, atol=1e-5)
+
+
+def test_the_representative_router_round_trips_and_fits_through_fit_router():
+    ffn, labels = planted_ffn(gated=True)
+    x = torch.randn(2000, 16)
+    router, stats = fit_router("representative", ffn, labels, x, 8, RouterSettings(representatives=2), [0.25], seed=0)
+    assert router.w_in.shape == (16, 16) and router.w_gate.shape == (16, 16)
+    assert stats["recall@0.25"] > 0.9 and "epochs_run" not in stats, "no training"
+    rebuilt = build_routers("representative", router_tensors({0: router}), {0: labels}, 8)[0]
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), router(x)) and rebuilt.contribution(x).min() >= 0
+
+
+def test_the_representative_router_refuses_what_it_cannot_compute():
+    ffn, labels = planted_ffn()
+    with pytest.raises(MoefyError, match="between 1 and the expert size 8"):
+        representative_router(ffn, labels, 8, torch.randn(10, 16), per_expert=9)
+    ffn.act = nn.Tanh()
+    with pytest.raises(MoefyError, match="Tanh is not one the representative router computes"):
+        representative_router(ffn, labels, 8, torch.randn(10, 16), per_expert=1)

@@ -21,6 +21,8 @@ from torch import nn
 from tqdm import tqdm
 
 from moefy.config import ROUTERS, check_names
+from moefy.errors import MoefyError
+from moefy.native import ACTIVATIONS, activation_code
 
 
 def expert_mass(h: torch.Tensor, labels: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -130,6 +132,129 @@ class NormRouter(nn.Module):
         return 2 * hidden * d_model + 2 * hidden * self.fc2.out_features
 
 
+class RepresentativeRouter(nn.Module):
+    """CMoE's training-free router: each expert is scored by the magnitude of its representative
+    neurons' activations, computed from the FFN's own rows (W_in, and the gate of a gated FFN), times
+    a per-expert scale fitted in closed form so that the score estimates the expert's mass.
+
+    No gradient step: the representatives (the neurons whose |h| follows their expert's mass most
+    closely on the calibration tokens) and the scales (least squares, one number per expert) come
+    from the activations step's token sample.
+    """
+
+    def __init__(
+        self,
+        w_in: torch.Tensor,
+        b_in: torch.Tensor | None,
+        w_gate: torch.Tensor | None,
+        b_gate: torch.Tensor | None,
+        scale: torch.Tensor,
+        act_code: int,
+    ):
+        super().__init__()
+        if act_code not in ACTIVATIONS:
+            raise MoefyError(f"activation code {act_code} is not one the representative router computes ({sorted(ACTIVATIONS)})")
+        self.num_experts = len(scale)
+        self.w_in = nn.Parameter(w_in.clone(), requires_grad=False)  # [E * m, d], expert-major
+        self.b_in = None if b_in is None else nn.Parameter(b_in.clone(), requires_grad=False)
+        self.w_gate = None if w_gate is None else nn.Parameter(w_gate.clone(), requires_grad=False)
+        self.b_gate = None if b_gate is None else nn.Parameter(b_gate.clone(), requires_grad=False)
+        self.scale = nn.Parameter(scale.clone(), requires_grad=False)  # [E]
+        self.register_buffer("act_code", torch.tensor(act_code))
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> RepresentativeRouter:
+        return cls(
+            tensors["w_in"],
+            tensors.get("b_in"),
+            tensors.get("w_gate"),
+            tensors.get("b_gate"),
+            tensors["scale"],
+            int(tensors["act_code"]),
+        )
+
+    def representatives(self, x: torch.Tensor) -> torch.Tensor:
+        """|h| of every expert's representative neurons, [..., E, m]."""
+        act = ACTIVATIONS[int(self.act_code)]
+        up = F.linear(x, self.w_in, self.b_in)
+        h = act(up) if self.w_gate is None else act(F.linear(x, self.w_gate, self.b_gate)) * up
+        return h.abs().unflatten(-1, (self.num_experts, -1))
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        return self.representatives(x).sum(-1) * self.scale
+
+    contribution = forward  # a non-negative estimate of the expert's mass
+
+    def flops_per_token(self) -> int:
+        rows, d_model = self.w_in.shape
+        return 2 * rows * d_model * (1 if self.w_gate is None else 2) + 2 * rows
+
+
+class _CorrelationSums:
+    """Running sums for the Pearson correlation of every neuron's |h| with its expert's mass."""
+
+    def __init__(self, neurons: int):
+        self.n = 0
+        self.a, self.b, self.aa, self.bb, self.ab = (torch.zeros(neurons, dtype=torch.float64) for _ in range(5))
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.n += len(a)
+        self.a += a.sum(0)
+        self.b += b.sum(0)
+        self.aa += a.square().sum(0)
+        self.bb += b.square().sum(0)
+        self.ab += (a * b).sum(0)
+
+    def correlation(self) -> torch.Tensor:
+        n = max(1, self.n)
+        cov = self.ab / n - (self.a / n) * (self.b / n)
+        var_a = (self.aa / n - (self.a / n).square()).clamp(min=0)
+        var_b = (self.bb / n - (self.b / n).square()).clamp(min=0)
+        return cov / (var_a * var_b).sqrt().clamp(min=1e-12)
+
+
+def representative_router(
+    ffn, labels: torch.Tensor, num_experts: int, x: torch.Tensor, per_expert: int, chunk_tokens: int = 4096
+) -> RepresentativeRouter:
+    """The representative router of one layer from calibration inputs x [N, d]: per expert, the
+    `per_expert` neurons whose |h| correlates best with the expert's mass over x, and the scale that
+    fits their summed |h| to that mass (least squares through the origin). Tokens go in chunks, so
+    memory stays at a chunk's [n, d_ff] whatever the sample size."""
+    code = activation_code(ffn.act)
+    if code is None:
+        raise MoefyError(
+            f"layer {ffn.index}'s activation {type(ffn.act).__name__} is not one the representative router computes "
+            "(ReLU, GELU, GELU-tanh, SiLU); use another router for this model"
+        )
+    size = len(labels) // num_experts
+    if not 1 <= per_expert <= size:
+        raise MoefyError(f"router.representatives={per_expert} must be between 1 and the expert size {size}")
+    sums = _CorrelationSums(len(labels))
+    with torch.no_grad():
+        for part in x.split(chunk_tokens):
+            magnitude = ffn.activations(part).abs().double()  # [n, d_ff]
+            sums.add(magnitude, expert_mass(magnitude, labels, num_experts)[:, labels])
+        order = torch.argsort(labels, stable=True).view(num_experts, size)  # each expert's neurons
+        best = sums.correlation()[order].topk(per_expert, dim=1).indices
+        chosen = order.gather(1, best).sort(dim=1).values.reshape(-1)  # [E * m], expert-major
+        fit = torch.zeros(2, num_experts, dtype=torch.float64)  # sum(summed * mass), sum(summed^2)
+        for part in x.split(chunk_tokens):
+            magnitude = ffn.activations(part).abs().double()
+            summed = magnitude[:, chosen].view(len(part), num_experts, per_expert).sum(-1)
+            mass = expert_mass(magnitude, labels, num_experts)
+            fit += torch.stack([(summed * mass).sum(0), summed.square().sum(0)])
+        scale = fit[0] / fit[1].clamp(min=1e-12)
+
+    def rows(linear: nn.Linear | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if linear is None:
+            return None, None
+        weight = linear.weight.detach()[chosen].float()
+        return weight, None if linear.bias is None else linear.bias.detach()[chosen].float()
+
+    (w_in, b_in), (w_gate, b_gate) = rows(ffn.w_in), rows(ffn.w_gate)
+    return RepresentativeRouter(w_in, b_in, w_gate, b_gate, scale.float(), code)
+
+
 def expert_output_norms(
     h: torch.Tensor, w_out: torch.Tensor, labels: torch.Tensor, num_experts: int, chunk_floats: int = 2**24
 ) -> torch.Tensor:
@@ -234,12 +359,15 @@ def router_tensors(routers: dict[int, nn.Module]) -> dict[str, torch.Tensor]:
 def build_routers(
     kind: str, tensors: dict[str, torch.Tensor], labels: dict[int, torch.Tensor], num_experts: int
 ) -> dict[int, nn.Module]:
-    """Rebuild each layer's router of kind `kind` (groundtruth, similarity, mlp, norm) from `router_tensors` output."""
+    """Rebuild each layer's router of kind `kind` (one of ROUTERS) from `router_tensors` output."""
     routers: dict[int, nn.Module] = {}
     for i, layer_labels in labels.items():
         own = {k.split(".", 2)[2]: t for k, t in tensors.items() if k.startswith(f"layer.{i}.")}
         if kind == "groundtruth":
             routers[i] = GroundTruthRouter(layer_labels, num_experts)
+            continue
+        if kind == "representative":
+            routers[i] = RepresentativeRouter.from_tensors(own)
             continue
         if kind == "similarity":
             routers[i] = SimilarityRouter(own["centroids"])
@@ -262,6 +390,7 @@ class RouterSettings:
     mlp_learning_rate: float = 1.0e-3
     mlp_patience: int = 3
     norm_hidden: int = 128
+    representatives: int = 1
 
     @classmethod
     def of(cls, values: Mapping[str, Any]) -> RouterSettings:
@@ -279,8 +408,8 @@ def fit_router(
     budgets: Sequence[float],
     seed: int,
 ) -> tuple[nn.Module, dict[str, float]]:
-    """One layer's router of kind `kind` (groundtruth, similarity, mlp, norm), built from the FFN inputs x [N, d] sampled by the
-    activations step, and its held-out statistics: training curve for the trained routers, and
+    """One layer's router of kind `kind` (one of ROUTERS), built from the FFN inputs x [N, d] sampled
+    by the activations step, and its held-out statistics: training curve for the trained routers, and
     recall of the oracle's activation mass at each budget (on the last heldout_fraction of x)."""
     check_names("router", kind, ROUTERS)
     E = num_experts
@@ -295,6 +424,8 @@ def fit_router(
         router: nn.Module = GroundTruthRouter(labels, E)
     elif kind == "similarity":
         router = SimilarityRouter(centroids)
+    elif kind == "representative":
+        router = representative_router(ffn, labels, E, x_fit, settings.representatives)
     else:
         torch.manual_seed(seed)
         if kind == "mlp":
