@@ -43,7 +43,9 @@ def moefied(folder, router: str):
         elif router == "similarity":
             routers[f.index] = SimilarityRouter(expert_centroids(f.w_in.weight.detach(), labels[f.index], E))
         elif router == "representative":
-            routers[f.index] = representative_router(f, labels[f.index], E, torch.randn(64, f.d_model), per_expert=2)
+            with torch.no_grad():
+                h = f.activations(torch.randn(64, f.d_model))
+            routers[f.index] = representative_router(f, labels[f.index], E, h, per_expert=2)
         else:
             torch.manual_seed(f.index)
             routers[f.index] = MLPRouter(f.d_model, E)

@@ -214,12 +214,13 @@ class _CorrelationSums:
 
 
 def representative_router(
-    ffn, labels: torch.Tensor, num_experts: int, x: torch.Tensor, per_expert: int, chunk_tokens: int = 4096
+    ffn, labels: torch.Tensor, num_experts: int, h: torch.Tensor, per_expert: int, chunk_tokens: int = 4096
 ) -> RepresentativeRouter:
-    """The representative router of one layer from calibration inputs x [N, d]: per expert, the
-    `per_expert` neurons whose |h| correlates best with the expert's mass over x, and the scale that
-    fits their summed |h| to that mass (least squares through the origin). Tokens go in chunks, so
-    memory stays at a chunk's [n, d_ff] whatever the sample size."""
+    """The representative router of one layer from its neurons' values h [N, d_ff] on calibration
+    tokens (ffn.activations of the sampled inputs): per expert, the `per_expert` neurons whose |h|
+    correlates best with the expert's mass, and the scale that fits their summed |h| to that mass
+    (least squares through the origin). Tokens go in chunks, so the float64 sums stay at a chunk's
+    [n, d_ff] whatever the sample size."""
     code = activation_code(ffn.act)
     if code is None:
         raise MoefyError(
@@ -231,15 +232,15 @@ def representative_router(
         raise MoefyError(f"router.representatives={per_expert} must be between 1 and the expert size {size}")
     sums = _CorrelationSums(len(labels))
     with torch.no_grad():
-        for part in x.split(chunk_tokens):
-            magnitude = ffn.activations(part).abs().double()  # [n, d_ff]
+        for part in h.split(chunk_tokens):
+            magnitude = part.abs().double()  # [n, d_ff]
             sums.add(magnitude, expert_mass(magnitude, labels, num_experts)[:, labels])
         order = torch.argsort(labels, stable=True).view(num_experts, size)  # each expert's neurons
         best = sums.correlation()[order].topk(per_expert, dim=1).indices
         chosen = order.gather(1, best).sort(dim=1).values.reshape(-1)  # [E * m], expert-major
         fit = torch.zeros(2, num_experts, dtype=torch.float64)  # sum(summed * mass), sum(summed^2)
-        for part in x.split(chunk_tokens):
-            magnitude = ffn.activations(part).abs().double()
+        for part in h.split(chunk_tokens):
+            magnitude = part.abs().double()
             summed = magnitude[:, chosen].view(len(part), num_experts, per_expert).sum(-1)
             mass = expert_mass(magnitude, labels, num_experts)
             fit += torch.stack([(summed * mass).sum(0), summed.square().sum(0)])
@@ -425,7 +426,7 @@ def fit_router(
     elif kind == "similarity":
         router = SimilarityRouter(centroids)
     elif kind == "representative":
-        router = representative_router(ffn, labels, E, x_fit, settings.representatives)
+        router = representative_router(ffn, labels, E, h[:-heldout], settings.representatives)
     else:
         torch.manual_seed(seed)
         if kind == "mlp":
