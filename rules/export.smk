@@ -1,5 +1,5 @@
 # On demand: ask for results/<study>/export/<penalty>-seed<seed>/<split>-E<E>-<router>-b<budget> to get a
-# folder that moefy.moe.checkpoints.load_moe restores for inference outside the workflow.
+# folder that moefy.export.load_moe restores for inference outside the workflow.
 
 
 rule export:

@@ -19,7 +19,6 @@ from moefy.adapters.ffn import ProjectionMLP, as_linear
 from moefy.errors import MoefyError
 from moefy.files import load_tensors, save_tensors
 
-NAMES = ("q", "k", "v", "o")
 PROJECTIONS_FILE = "projections.safetensors"  # beside a model's own weights: its distilled projections
 
 

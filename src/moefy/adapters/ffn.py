@@ -161,8 +161,8 @@ def distilled_ffns(model: nn.Module, start: int) -> list[FFN]:
     then q, k, v, o), so that split, routers and MoE layers treat them like any FFN."""
     if not is_dense_family(model):
         return []
-    slots = [(s.parent, s.attribute) for s in family(model).projections(model)]
-    mlps = [(slot, getattr(*slot)) for slot in slots if isinstance(getattr(*slot), ProjectionMLP)]
+    modules = [((s.parent, s.attribute), getattr(s.parent, s.attribute)) for s in family(model).projections(model)]
+    mlps = [(slot, module) for slot, module in modules if isinstance(module, ProjectionMLP)]
     return [
         FFN(start + i, mlp.w_in, mlp.act, mlp.w_out, _installer(slot, None), projection=True)
         for i, (slot, mlp) in enumerate(mlps)

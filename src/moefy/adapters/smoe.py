@@ -124,7 +124,7 @@ class CapacityLimited(nn.Module):
         return out
 
 
-# -- families ----------------------------------------------------------------------------------------
+# -- reading each layout (families.py says which a family has) ----------------------------------------
 
 
 def _float(t: torch.Tensor) -> torch.Tensor:
@@ -141,7 +141,7 @@ def _router(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return router
 
 
-def _fused_to_sparse(block: nn.Module, renormalize: bool) -> SparseMoE:
+def _fused_to_sparse(block: nn.Module, renormalize: Callable[[nn.Module], bool]) -> SparseMoE:
     """Fused experts: gate_up_proj [E, 2 ff, d] = [gate; up], down_proj [E, d, ff]; router gate.weight [E, d]."""
     experts, gate = block.experts, block.gate
     layout = (getattr(experts, "is_transposed", False), getattr(experts, "is_concatenated", True))
@@ -158,7 +158,7 @@ def _fused_to_sparse(block: nn.Module, renormalize: bool) -> SparseMoE:
         w_out=_float(experts.down_proj).transpose(1, 2),
         act=experts.act_fn,
         router=_router(gate.weight, None),
-        routing=Routing("top_k", k=int(gate.top_k), renormalize=renormalize),
+        routing=Routing("top_k", k=int(gate.top_k), renormalize=renormalize(gate)),
     )
 
 
@@ -170,7 +170,7 @@ def _qwen2_moe_wrap(block: nn.Module, moe: SparseMoE) -> nn.Module:
     return SharedExpertMoE(moe, block.shared_expert, block.shared_expert_gate)
 
 
-def _switch_to_sparse(block: nn.Module, renormalize: bool) -> SparseMoE:
+def _switch_to_sparse(block: nn.Module, renormalize: Callable[[nn.Module], bool]) -> SparseMoE:
     """experts.expert_{i} = (wi [ff, d], act, wo [d, ff]), router.classifier [E, d]; top-1, raw gate."""
     classifier = block.router.classifier
     experts = [block.experts[f"expert_{i}"] for i in range(classifier.out_features)]
@@ -184,7 +184,7 @@ def _switch_to_sparse(block: nn.Module, renormalize: bool) -> SparseMoE:
         w_out=stacked(lambda e: e.wo.weight.t()),
         act=experts[0].act,
         router=_router(classifier.weight, classifier.bias),
-        routing=Routing("top_k", k=1, renormalize=renormalize),
+        routing=Routing("top_k", k=1, renormalize=renormalize(block.router)),
         b_in=stacked(lambda e: e.wi.bias),
         expert_bias=stacked(lambda e: e.wo.bias),
     )
@@ -194,7 +194,11 @@ def _switch_wrap(block: nn.Module, moe: SparseMoE) -> nn.Module:
     return CapacityLimited(moe, block.router.expert_capacity)
 
 
-_TO_SPARSE: dict[str, Callable[[nn.Module, bool], SparseMoE]] = {"fused": _fused_to_sparse, "switch": _switch_to_sparse}
+# (block, renormalize: the family's rule, read from the block's router) -> SparseMoE
+_TO_SPARSE: dict[str, Callable[[nn.Module, Callable[[nn.Module], bool]], SparseMoE]] = {
+    "fused": _fused_to_sparse,
+    "switch": _switch_to_sparse,
+}
 _WRAPS: dict[str, Callable[[nn.Module, SparseMoE], nn.Module]] = {
     "bare": _bare,
     "shared_expert": _qwen2_moe_wrap,
@@ -203,8 +207,7 @@ _WRAPS: dict[str, Callable[[nn.Module, SparseMoE], nn.Module]] = {
 
 
 def _to_sparse(fam: SMoEFamily, block: nn.Module) -> SparseMoE:
-    router = block.gate if hasattr(block, "gate") else block.router
-    return _TO_SPARSE[fam.layout](block, fam.renormalize(router))
+    return _TO_SPARSE[fam.layout](block, fam.renormalize)
 
 
 def find_smoe_blocks(model: nn.Module) -> list[SMoEBlock]:
@@ -310,3 +313,4 @@ def load_hf_smoe(name_or_path: str, task: str) -> tuple[nn.Module, dict[int, Spa
 
 assert all(set(fam.tasks) <= set(TASKS) for fam in map(families.smoe_family, families.smoe_families()))
 assert {families.smoe_family(name).wrap for name in families.smoe_families()} <= set(_WRAPS)
+assert {families.smoe_family(name).layout for name in families.smoe_families()} <= set(_TO_SPARSE)
