@@ -111,6 +111,18 @@ def test_expert_count_must_divide_d_ff(tiny_bert):
         check_model({"model": {"name_or_path": str(tiny_bert), "trust_remote_code": False}, "grid": grid})
 
 
+def test_representative_neurons_must_fit_in_the_experts(tiny_bert):
+    """tiny_bert's d_ff 64 in 4 experts of 16 neurons: 16 representatives fit, 17 do not."""
+    model = {"name_or_path": str(tiny_bert), "trust_remote_code": False}
+    grid = {"main": {"num_experts": [4], "router": ["mlp"]}, "cmoe": {"num_experts": [4], "router": ["representative"]}}
+    check_model({"model": model, "grid": grid, "router": {"representatives": 16}})
+    check_model({"model": model, "grid": {"main": grid["main"]}, "router": {"representatives": 17}})  # no arm uses it
+    with pytest.raises(
+        MoefyError, match=r"config key router.representatives: 17 neurons per expert do not fit in grid.cmoe's experts of 16"
+    ):
+        check_model({"model": model, "grid": grid, "router": {"representatives": 17}})
+
+
 def test_causal_lm_needs_a_decoder(tmp_path):
     from builders import build_tiny
 

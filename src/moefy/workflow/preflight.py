@@ -53,8 +53,9 @@ def _model_config(model: dict[str, Any]):
 
 
 def check_model(config: dict[str, Any]) -> None:
-    """The model family is supported (with a next-token head for causal_lm) and every
-    grid.num_experts divides its d_ff."""
+    """The model family is supported (with a next-token head for causal_lm), every
+    grid.num_experts divides its d_ff, and the representative router's neurons per expert fit in
+    the experts of every arm that uses it."""
     from moefy.adapters.families import causal_lm_families, family
     from moefy.conversion.split import check_num_experts
 
@@ -74,6 +75,13 @@ def check_model(config: dict[str, Any]) -> None:
                 check_num_experts(d_ff, num_experts)
             except MoefyError as err:
                 raise MoefyError(f"config key grid.{name}.num_experts: {err}") from None
+            representatives = config.get("router", {}).get("representatives", 1)
+            if "representative" in arm.get("router", ()) and representatives > d_ff // num_experts:
+                raise MoefyError(
+                    f"config key router.representatives: {representatives} neurons per expert do not fit in "
+                    f"grid.{name}'s experts of {d_ff // num_experts} neurons (d_ff {d_ff} / {num_experts}); "
+                    f"use at most {d_ff // num_experts}"
+                )
 
 
 def check_dataset(config: dict[str, Any]) -> None:
