@@ -34,7 +34,8 @@ VARIANT = VARIANT_FORMAT
 # suffix of config's convert: ffn+attention)
 # its model with distilled attention projections, whose projections are converted beside the FFNs.
 CONVERTED = f"{VARIANT}{{convert}}"
-CONVERSION = "{split}-E{num_experts}"
+# `{shared}`: `-S<shared experts>`, or empty for none (moefy.workflow.study.shared_suffix).
+CONVERSION = "{split}-E{num_experts}{shared}"
 
 # Jobs find the MLflow store and experiment here; the parent run id follows in onstart.
 os.environ[tracking.URI_ENV] = tracking.resolve_uri(config["mlflow"]["tracking_uri"])
@@ -47,6 +48,7 @@ wildcard_constraints:
     split="|".join(SPLITS),
     router="|".join(ROUTERS),
     num_experts=r"\d+",
+    shared=r"(-S[1-9][0-9]*)?",
     convert=f"|{ATTENTION_SUFFIX}",  # empty: convert ffn (the FFNs only)
     recovery="|".join(r for r in RECOVERIES if r != "none"),  # none: the plain evaluate rule
     upcycled="|".join(sorted(config["upcycling"]["models"])) or "(?!)",  # never `dense`
@@ -164,8 +166,9 @@ def dataset_flags():
 
 
 def coactivation_for_split(wildcards):
-    """Only the coact split reads co-activations; the others need not wait for (or rerun after) them."""
-    return rules.activations.output.coactivation if wildcards.split == "coact" else []
+    """Only the coact split and shared experts read co-activations; the others need not wait for
+    (or rerun after) them."""
+    return rules.activations.output.coactivation if wildcards.split == "coact" or wildcards.shared else []
 
 
 def coactivation_flag(wildcards, input):
@@ -177,11 +180,18 @@ def convert_of(wildcards):
     return "ffn+attention" if wildcards.get("convert") else "ffn"
 
 
+def shared_of(wildcards):
+    """The job's shared expert count: its `{shared}` wildcard (`-S<S>`, or empty for 0)."""
+    return int(wildcards.shared.removeprefix("-S")) if wildcards.get("shared") else 0
+
+
 def ablation_flags(wildcards):
     """The job's place in the grid as the step's flags (--penalty, --seed, --convert, --split, ...)."""
-    flags = {k: v for k, v in wildcards.items() if k != "convert"}
+    flags = {k: v for k, v in wildcards.items() if k not in ("convert", "shared")}
     if "convert" in wildcards.keys():
         flags["convert"] = convert_of(wildcards)
+    if "shared" in wildcards.keys():
+        flags["shared_experts"] = shared_of(wildcards)
     return settings_flags(flags)
 
 
@@ -217,13 +227,14 @@ def evaluation_of(wildcards):
         wildcards.router,
         wildcards.get("recovery", "none"),
         convert_of(wildcards),
+        shared_of(wildcards),
     )
 
 
 def rules_flags(wildcards):
-    """The budgets and thresholds this evaluation is measured at (those of every arm holding it)."""
+    """The budgets, allocations and thresholds this evaluation is measured at (those of every arm holding it)."""
     rules_ = GRID.rules(evaluation_of(wildcards))
-    return settings_flags({"budgets": rules_.budgets, "thresholds": rules_.thresholds})
+    return settings_flags({"budgets": rules_.budgets, "allocations": rules_.allocations, "thresholds": rules_.thresholds})
 
 
 def evaluations():

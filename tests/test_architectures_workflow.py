@@ -26,7 +26,19 @@ BUDGETS = [0.5, 1.0]
 VARIANT = "none-seed0"
 
 
-def write_study(workdir: Path, family: str, task: str, finetune: dict) -> Path:
+# The decoder conversion of 2025-26 on the LLaMA: 2 of 8 experts shared, the training-free router,
+# uniform and per-layer budgets, as converted and after recovery with distillation.
+SHARED_ARM = {
+    "split": ["kmeans"],
+    "num_experts": [8],
+    "shared_experts": [2],
+    "router": ["representative"],
+    "allocation": ["uniform", "sensitivity"],
+    "recovery": ["none", "kd"],
+}
+
+
+def write_study(workdir: Path, family: str, task: str, finetune: dict, arms: dict | None = None) -> Path:
     build_tiny(family, workdir / "model", d_ff=D_FF)
     write_toy_sentiment(workdir / "reviews.csv", rows=300)
     config = {
@@ -34,7 +46,9 @@ def write_study(workdir: Path, family: str, task: str, finetune: dict) -> Path:
         "task": task,
         "model": {"name_or_path": "model"},
         "dataset": {"path": "reviews.csv", "text_column": "text", "label_column": "category", "labels": ["rotten", "fresh"]},
-        "grid": diagonal(CONVERSIONS),
+        "grid": diagonal(CONVERSIONS) | (arms or {}),
+        "recover": {"budget": 0.5},
+        "train_moe": {"epochs": 1, "batch_size": 16},
         "finetune": {
             "batch_size": 16,
             "max_length": 32,
@@ -57,7 +71,9 @@ def studies(tmp_path_factory) -> dict[str, Path]:
     the cores busy."""
     workdirs = {
         "t5": write_study(tmp_path_factory.mktemp("t5"), "t5", "classification", {"epochs": 2, "activation": "relu"}),
-        "llama": write_study(tmp_path_factory.mktemp("llama"), "llama", "causal_lm", {"epochs": 1, "activation": "keep"}),
+        "llama": write_study(
+            tmp_path_factory.mktemp("llama"), "llama", "causal_lm", {"epochs": 1, "activation": "keep"}, {"shared": SHARED_ARM}
+        ),
     }
     running = {name: start_snakemake(workdir) for name, workdir in workdirs.items()}
     for name, proc in running.items():
@@ -108,7 +124,8 @@ def test_llama_causal_lm_reports_perplexity(llama_study):
         assert records[0]["test_perplexity"] != full["test_perplexity"]  # half the experts change the model
     table = pd.read_csv(llama_study / "report" / "summary.csv")
     assert {"test_perplexity", "relative_perplexity", "dense_test_perplexity"} <= set(table.columns)
-    assert len(table) == len(CONVERSIONS) * len(BUDGETS)
+    # the shared arm: 2 budgets x 2 allocations (budget 1.0 is the dense model in both), recovered or not
+    assert len(table) == len(CONVERSIONS) * len(BUDGETS) + 2 * 2 * 2
     assert (llama_study / "report" / "accuracy_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -117,3 +134,32 @@ def test_llama_data_has_texts_only(llama_study):
     assert set(first) == {"text"}
     router = load_file(llama_study / "router" / VARIANT / f"coact-E{E}-mlp" / "router.safetensors")
     assert router["layer.0.fc1.weight"].shape == (E, 32) and torch.isfinite(router["layer.0.fc1.weight"]).all()
+
+
+def test_llama_with_shared_experts_per_layer_budgets_and_recovery(llama_study):
+    """2 of 8 experts shared: budget 0.5 is 4 active experts, the shared 2 and 2 routed, in every
+    layer or spread over the layers by their error curves at the same FLOPs."""
+    dense = json.loads((llama_study / "finetune" / VARIANT / "metrics.json").read_text())["test_perplexity"]
+    labels = load_file(llama_study / "balance" / VARIANT / "kmeans-E8-S2" / "labels.safetensors")
+    assert all(torch.bincount(t).tolist() == [D_FF // 8] * 8 for t in labels.values())
+    router = load_file(llama_study / "router" / VARIANT / "kmeans-E8-S2-representative" / "router.safetensors")
+    assert router["layer.0.scale"].shape == (6,), "the training-free router scores the 6 routed experts"
+    assert router["error_curve.0"].shape == (7,) and router["error_curve.0"][-1] < 1e-9
+    for name in ("kmeans-E8-S2-representative", "kmeans-E8-S2-representative-kd"):
+        records = {
+            (r["budget"], r["allocation"]): r
+            for r in json.loads((llama_study / "evaluate" / VARIANT / f"{name}.json").read_text())
+        }
+        assert set(records) == {(0.5, "uniform"), (0.5, "sensitivity"), (1.0, "uniform"), (1.0, "sensitivity")}
+        uniform, spread = records[(0.5, "uniform")], records[(0.5, "sensitivity")]
+        assert uniform["shared_experts"] == 2 and uniform["k"] == 2 and uniform["layer_k"] is None
+        assert sum(spread["layer_k"]) == 2 * len(spread["layer_k"]) and min(spread["layer_k"]) >= 1
+        assert spread["ffn_flops_fraction"] == pytest.approx(uniform["ffn_flops_fraction"])
+        # 4 of 8 experts' FLOPs, the router's on top
+        assert 0.5 < uniform["ffn_flops_fraction"] < 0.6
+        full = records[(1.0, "uniform")]
+        assert full["dense_test_perplexity"] == pytest.approx(dense, rel=1e-4), "both against the fine-tuned model"
+        if not name.endswith("-kd"):
+            assert full["relative_perplexity"] == 1.0
+    recovered = json.loads((llama_study / "recover" / VARIANT / "kmeans-E8-S2-representative-kd" / "metrics.json").read_text())
+    assert recovered["k"] == 2 and recovered["train_steps"] > 0

@@ -49,8 +49,11 @@ def test_summary_has_one_row_per_budget_with_grid_columns(tmp_path):
         write_eval(tmp_path, "random-E8-similarity.json", [(0.5, 0.7), (1.0, 0.9)]),
     ]
     table = summarise(files)
-    assert list(table.columns[:8]) == ["penalty", "seed", "convert", "split", "num_experts", "router", "recovery", "rule"]
+    assert list(table.columns[:10]) == [
+        "penalty", "seed", "convert", "split", "num_experts", "shared_experts", "router", "recovery", "rule", "allocation"
+    ]  # fmt: skip
     assert set(table["convert"]) == {"ffn"}, "records written before the convert axis are FFN-only"
+    assert set(table["shared_experts"]) == {0} and set(table["allocation"]) == {"uniform"}, "nor shared nor per-layer"
     assert len(table) == 4 and set(table["split"]) == {"kmeans", "random"}
     assert table.loc[(table.split == "kmeans") & (table.budget == 0.5), "test_accuracy"].item() == 0.85
     assert set(table["precision"]) == {"fp32"}
@@ -137,7 +140,7 @@ def test_perplexity_evaluations_are_summarised_and_plotted(tmp_path):
     ]
     (tmp_path / "kmeans-E8-mlp.json").write_text(json.dumps(records))
     table = summarise([tmp_path / "kmeans-E8-mlp.json"])
-    assert list(table.columns[13:16]) == ["test_perplexity", "relative_perplexity", "ffn_flops_fraction"]
+    assert list(table.columns[15:18]) == ["test_perplexity", "relative_perplexity", "ffn_flops_fraction"]
     assert flops_at_99(table)["flops_at_99pct"].item() == 0.5  # 20.1 <= 20 / 0.99; 25 is not
     plot_relative_vs_flops(table, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"

@@ -44,8 +44,9 @@ PRECISIONS = _names("precision")
 RECOVERIES = _names("recovery")
 CONVERTS = _names("convert")
 ROUTINGS = _names("routing")
+ALLOCATIONS = _names("allocation")
 # What identifies one job of the ablation grid: its MLflow tags and the fields of its records.
-ABLATION = ("penalty", "seed", "convert", "split", "num_experts", "router", "recovery")
+ABLATION = ("penalty", "seed", "convert", "split", "num_experts", "shared_experts", "router", "recovery")
 
 
 def _with_defaults(validator_class):

@@ -45,17 +45,19 @@ def expert_centroids(w_in: torch.Tensor, labels: torch.Tensor, num_experts: int)
 
 
 class GroundTruthRouter(nn.Module):
-    """The oracle: needs every neuron's activation, so it saves no compute; an upper bound."""
+    """The oracle: needs every neuron's activation, so it saves no compute; an upper bound. It
+    scores the routed experts, the first `routed` of the labels' (moefy.conversion.shared)."""
 
     needs_activations = True
 
-    def __init__(self, labels: torch.Tensor, num_experts: int):
+    def __init__(self, labels: torch.Tensor, num_experts: int, routed: int | None = None):
         super().__init__()
         self.num_experts = num_experts
+        self.routed = num_experts if routed is None else routed
         self.register_buffer("labels", labels.long(), persistent=False)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return expert_mass(h, self.labels, self.num_experts)
+        return expert_mass(h, self.labels, self.num_experts)[..., : self.routed]
 
     contribution = forward
 
@@ -214,13 +216,20 @@ class _CorrelationSums:
 
 
 def representative_router(
-    ffn, labels: torch.Tensor, num_experts: int, h: torch.Tensor, per_expert: int, chunk_tokens: int = 4096
+    ffn,
+    labels: torch.Tensor,
+    num_experts: int,
+    h: torch.Tensor,
+    per_expert: int,
+    routed: int | None = None,
+    chunk_tokens: int = 4096,
 ) -> RepresentativeRouter:
     """The representative router of one layer from its neurons' values h [N, d_ff] on calibration
     tokens (ffn.activations of the sampled inputs): per expert, the `per_expert` neurons whose |h|
     correlates best with the expert's mass, and the scale that fits their summed |h| to that mass
-    (least squares through the origin). Tokens go in chunks, so the float64 sums stay at a chunk's
-    [n, d_ff] whatever the sample size."""
+    (least squares through the origin). It scores the first `routed` experts (default: all; the
+    rest are shared). Tokens go in chunks, so the float64 sums stay at a chunk's [n, d_ff]
+    whatever the sample size."""
     code = activation_code(ffn.act)
     if code is None:
         raise MoefyError(
@@ -236,13 +245,15 @@ def representative_router(
             magnitude = part.abs().double()  # [n, d_ff]
             sums.add(magnitude, expert_mass(magnitude, labels, num_experts)[:, labels])
         order = torch.argsort(labels, stable=True).view(num_experts, size)  # each expert's neurons
+        routed = num_experts if routed is None else routed
+        order = order[:routed]
         best = sums.correlation()[order].topk(per_expert, dim=1).indices
-        chosen = order.gather(1, best).sort(dim=1).values.reshape(-1)  # [E * m], expert-major
-        fit = torch.zeros(2, num_experts, dtype=torch.float64)  # sum(summed * mass), sum(summed^2)
+        chosen = order.gather(1, best).sort(dim=1).values.reshape(-1)  # [R * m], expert-major
+        fit = torch.zeros(2, routed, dtype=torch.float64)  # sum(summed * mass), sum(summed^2)
         for part in h.split(chunk_tokens):
             magnitude = part.abs().double()
-            summed = magnitude[:, chosen].view(len(part), num_experts, per_expert).sum(-1)
-            mass = expert_mass(magnitude, labels, num_experts)
+            summed = magnitude[:, chosen].view(len(part), routed, per_expert).sum(-1)
+            mass = expert_mass(magnitude, labels, num_experts)[:, :routed]
             fit += torch.stack([(summed * mass).sum(0), summed.square().sum(0)])
         scale = fit[0] / fit[1].clamp(min=1e-12)
 
@@ -347,9 +358,21 @@ def train_router(
     return TrainResult(router, epoch, best_epoch, best_loss, initial)
 
 
-def budget_to_k(budget: float, num_experts: int) -> int:
-    """Experts per token for a top-k ratio: round(budget * E), at least 1."""
-    return int(min(num_experts, max(1, np.floor(budget * num_experts + 0.5))))
+def active_experts(budget: float, num_experts: int) -> int:
+    """Experts active per token, shared ones included, at a top-k ratio: round(budget * E), at most E."""
+    return int(min(num_experts, np.floor(budget * num_experts + 0.5)))
+
+
+def budget_to_k(budget: float, num_experts: int, shared_experts: int = 0) -> int:
+    """Routed experts per token for a top-k ratio: active_experts, the shared ones among them; at
+    least 1 (a budget no larger than the shared experts is refused)."""
+    active = active_experts(budget, num_experts)
+    if shared_experts and active <= shared_experts:
+        raise MoefyError(
+            f"budget {budget:g} activates {active} of {num_experts} experts, no more than the {shared_experts} shared ones: "
+            f"give budgets above {shared_experts / num_experts:.3g} or fewer shared experts"
+        )
+    return max(1, active - shared_experts)
 
 
 def router_tensors(routers: dict[int, nn.Module]) -> dict[str, torch.Tensor]:
@@ -358,14 +381,16 @@ def router_tensors(routers: dict[int, nn.Module]) -> dict[str, torch.Tensor]:
 
 
 def build_routers(
-    kind: str, tensors: dict[str, torch.Tensor], labels: dict[int, torch.Tensor], num_experts: int
+    kind: str, tensors: dict[str, torch.Tensor], labels: dict[int, torch.Tensor], num_experts: int, shared_experts: int = 0
 ) -> dict[int, nn.Module]:
-    """Rebuild each layer's router of kind `kind` (one of ROUTERS) from `router_tensors` output."""
+    """Rebuild each layer's router of kind `kind` (one of ROUTERS) from `router_tensors` output;
+    they score the E - S routed experts."""
     routers: dict[int, nn.Module] = {}
+    routed = num_experts - shared_experts
     for i, layer_labels in labels.items():
         own = {k.split(".", 2)[2]: t for k, t in tensors.items() if k.startswith(f"layer.{i}.")}
         if kind == "groundtruth":
-            routers[i] = GroundTruthRouter(layer_labels, num_experts)
+            routers[i] = GroundTruthRouter(layer_labels, num_experts, routed)
             continue
         if kind == "representative":
             routers[i] = RepresentativeRouter.from_tensors(own)
@@ -374,9 +399,9 @@ def build_routers(
             routers[i] = SimilarityRouter(own["centroids"])
         elif kind == "norm":
             hidden, d_model = own["fc1.weight"].shape
-            routers[i] = NormRouter(d_model, num_experts, hidden)
+            routers[i] = NormRouter(d_model, routed, hidden)
         else:
-            routers[i] = MLPRouter(own["fc1.weight"].shape[1], num_experts)
+            routers[i] = MLPRouter(own["fc1.weight"].shape[1], routed)
         routers[i].load_state_dict(own)
     return routers
 
@@ -399,6 +424,11 @@ class RouterSettings:
         return cls(**{f.name: values[f.name] for f in fields(cls) if f.name in values})
 
 
+def heldout_count(tokens: int, settings: RouterSettings) -> int:
+    """How many of the last sampled tokens a router is judged on (never trained on)."""
+    return max(1, int(round(tokens * settings.heldout_fraction)))
+
+
 def fit_router(
     kind: str,
     ffn,
@@ -408,33 +438,35 @@ def fit_router(
     settings: RouterSettings,
     budgets: Sequence[float],
     seed: int,
+    shared_experts: int = 0,
 ) -> tuple[nn.Module, dict[str, float]]:
     """One layer's router of kind `kind` (one of ROUTERS), built from the FFN inputs x [N, d] sampled
     by the activations step, and its held-out statistics: training curve for the trained routers, and
-    recall of the oracle's activation mass at each budget (on the last heldout_fraction of x)."""
+    recall of the oracle's activation mass at each budget (on the last heldout_fraction of x). It
+    scores the E - S routed experts, the first of the labels' (moefy.conversion.shared)."""
     check_names("router", kind, ROUTERS)
-    E = num_experts
+    E, R = num_experts, num_experts - shared_experts
     with torch.no_grad():
         h = ffn.activations(x)
-        mass = expert_mass(h, labels, E)
-    heldout = max(1, int(round(len(x) * settings.heldout_fraction)))
+        mass = expert_mass(h, labels, E)[:, :R]
+    heldout = heldout_count(len(x), settings)
     x_fit, x_val, mass_val = x[:-heldout], x[-heldout:], mass[-heldout:]
-    centroids = expert_centroids(ffn.keys, labels, E)
+    centroids = expert_centroids(ffn.keys, labels, E)[:R]
     stats: dict[str, float] = {}
     if kind == "groundtruth":
-        router: nn.Module = GroundTruthRouter(labels, E)
+        router: nn.Module = GroundTruthRouter(labels, E, R)
     elif kind == "similarity":
         router = SimilarityRouter(centroids)
     elif kind == "representative":
-        router = representative_router(ffn, labels, E, h[:-heldout], settings.representatives)
+        router = representative_router(ffn, labels, E, h[:-heldout], settings.representatives, R)
     else:
         torch.manual_seed(seed)
         if kind == "mlp":
-            router, target = MLPRouter(x.shape[1], E, centroids), scaled_mass(mass)
+            router, target = MLPRouter(x.shape[1], R, centroids), scaled_mass(mass)
         else:
             with torch.no_grad():
-                norms = expert_output_norms(h, ffn.w_out.weight.detach(), labels, E)
-            router, target = NormRouter(x.shape[1], E, settings.norm_hidden), norms / norms[:-heldout].mean().clamp(min=1e-12)
+                norms = expert_output_norms(h, ffn.w_out.weight.detach(), labels, E)[:, :R]
+            router, target = NormRouter(x.shape[1], R, settings.norm_hidden), norms / norms[:-heldout].mean().clamp(min=1e-12)
         fit = train_router(
             router.to(x.device),
             LOSSES[kind],
@@ -459,5 +491,6 @@ def fit_router(
     with torch.no_grad():
         scores = router(x_val, h[-heldout:])
     for budget in budgets:
-        stats[f"recall@{budget:g}"] = topk_recall(scores, mass_val, budget_to_k(budget, E))
+        if active_experts(budget, E) > shared_experts:  # a budget the shared experts fill has no routed pick
+            stats[f"recall@{budget:g}"] = topk_recall(scores, mass_val, budget_to_k(budget, E, shared_experts))
     return router.cpu(), stats

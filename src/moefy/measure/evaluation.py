@@ -1,7 +1,9 @@
 """Measuring an MoEfied model: selection rules, one pass over the test set, and its record.
 
-A selection rule is top-k at a budget (k = budget * E experts per token) or dynamic-k at a
-threshold tau (every expert whose router contribution is at least (1 - tau) * the token's
+A selection rule is top-k at a budget (round(budget * E) experts per token, the shared ones
+among them), with the same k routed experts in every layer (`uniform`) or as many spread over
+the layers by their measured sensitivity (`sensitivity`, moefy.conversion.budgets), or dynamic-k
+at a threshold tau (every expert whose router contribution is at least (1 - tau) * the token's
 largest). A pass runs the test set under one rule and adds up what the record needs; the record
 compares it with the dense pass (the MoE with every expert) on the same batches.
 """
@@ -16,8 +18,10 @@ import torch
 
 from moefy import dist
 from moefy.adapters.tasks import Task
+from moefy.conversion.budgets import spread
 from moefy.conversion.routers import budget_to_k
 from moefy.data.batches import Encoded, iterate
+from moefy.errors import MoefyError
 from moefy.measure.flops import ForwardTimer, ModelFlops
 from moefy.measure.timing import paired_timing, total_seconds
 from moefy.moe.layer import MoEFFN, kernel_calls, set_experts_per_token, set_threshold
@@ -28,28 +32,53 @@ class SelectionRule:
     kind: str  # "top_k" or "dynamic"
     budget: float | None = None
     tau: float | None = None
-    k: int | None = None
+    k: int | None = None  # routed experts per token (top_k); with layer_k, their mean over layers
+    allocation: str = "uniform"  # top_k: k in every layer, or layer_k spread by sensitivity
+    layer_k: tuple[int, ...] | None = None
 
     @property
     def label(self) -> str:
-        """`budget 0.2` or `tau 0.5`: how logs and MLflow metric names call it."""
-        return f"budget {self.budget:g}" if self.kind == "top_k" else f"tau {self.tau:g}"
+        """`budget 0.2`, `budget 0.2 sensitivity` or `tau 0.5`: how logs and MLflow metric names call it."""
+        if self.kind != "top_k":
+            return f"tau {self.tau:g}"
+        return f"budget {self.budget:g}" + ("" if self.allocation == "uniform" else f" {self.allocation}")
 
-    def runs_dense(self, num_experts: int) -> bool:
+    def runs_dense(self, routed_experts: int) -> bool:
         """Every expert for every token: the dense model, measured once in the dense pass."""
-        return self.k >= num_experts if self.kind == "top_k" else self.tau >= 1
+        return self.k >= routed_experts if self.kind == "top_k" else self.tau >= 1
 
     def apply(self, layers: list[MoEFFN]) -> None:
         if self.kind == "top_k":
-            set_experts_per_token(layers, self.k)
+            set_experts_per_token(layers, self.k if self.layer_k is None else self.layer_k)
         else:
             set_threshold(layers, self.tau)
 
 
-def selection_rules(budgets: Sequence[float], thresholds: Sequence[float], num_experts: int) -> list[SelectionRule]:
-    """Top-k at each budget, then dynamic-k at each threshold, each in increasing order."""
-    top_k = [SelectionRule("top_k", budget=b, k=budget_to_k(b, num_experts)) for b in sorted(budgets)]
-    return top_k + [SelectionRule("dynamic", tau=t) for t in sorted(thresholds)]
+def selection_rules(
+    budgets: Sequence[float],
+    thresholds: Sequence[float],
+    layers: list[MoEFFN],
+    num_experts: int,
+    allocations: Sequence[str] = ("uniform",),
+    curves: dict[int, torch.Tensor] | None = None,
+) -> list[SelectionRule]:
+    """Top-k at each budget in each allocation, then dynamic-k at each threshold, each in
+    increasing order. `curves`: the router step's error curves by layer index (for sensitivity)."""
+    shared = layers[0].shared_experts
+    routed = num_experts - shared
+    shapes = [(layer.num_experts, layer.expert_flops_per_token) for layer in layers]
+    rules = []
+    for budget in sorted(budgets):
+        k = budget_to_k(budget, num_experts, shared)
+        for allocation in allocations:
+            if allocation == "uniform" or k >= routed:  # every expert everywhere: nothing to spread
+                rules.append(SelectionRule("top_k", budget=budget, k=k, allocation=allocation))
+                continue
+            if curves is None:
+                raise MoefyError("per-layer budgets (allocation sensitivity) need the router step's error curves")
+            layer_k = spread(k, [curves[layer.index].tolist() for layer in layers], shapes)
+            rules.append(SelectionRule("top_k", budget=budget, k=k, allocation=allocation, layer_k=tuple(layer_k)))
+    return rules + [SelectionRule("dynamic", tau=t) for t in sorted(thresholds)]
 
 
 @dataclass
@@ -158,7 +187,7 @@ def record(
     MLP stands in for its projection's 2 d_in d_out FLOPs there."""
     metric = task.metric
     value, dense_value = task.metric_of(totals.score, totals.count), task.metric_of(dense.score, dense.count)
-    router_runs = not rule.runs_dense(layers[0].num_experts)
+    router_runs = not rule.runs_dense(layers[0].num_experts)  # routed experts
     moe = [layer.flops_per_token(e, router_runs) for layer, e in zip(layers, totals.layer_experts_mean)]
 
     def fraction(of_projections: bool, dense_flops) -> float:
@@ -177,6 +206,8 @@ def record(
         "budget": rule.budget,
         "tau": rule.tau,
         "k": rule.k,
+        "allocation": rule.allocation,  # dynamic-k: uniform, the same tau in every layer
+        "layer_k": None if rule.layer_k is None else list(rule.layer_k),
         "experts_per_token": totals.experts_mean,
         "experts_per_token_std": totals.experts_std,
         f"test_{metric}": value,

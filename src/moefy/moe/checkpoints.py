@@ -16,6 +16,7 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -23,6 +24,7 @@ from moefy.adapters.ffn import find_ffns
 from moefy.adapters.models import TRAINING_FILE, load_config, load_model, load_tokenizer
 from moefy.config import TASKS
 from moefy.conversion.routers import budget_to_k, build_routers, router_tensors
+from moefy.conversion.shared import shared_experts_of
 from moefy.errors import MoefyError
 from moefy.files import atomic_dir, load_tensors, save_tensors, tensors_metadata, write_json
 from moefy.moe.compression import LowRankSparse
@@ -33,22 +35,42 @@ FORMAT = "moefy-moe/2"  # /2: the router kind is metadata key `router` (/1 calle
 MOE_FILE = "moe.safetensors"
 
 
-def read_moe_parts(
-    labels_path: Path, router_path: Path, router: str, num_experts: int
-) -> tuple[dict[int, torch.Tensor], dict[int, torch.nn.Module]]:
-    """The balance step's labels and the router step's routers, checked against each other."""
+class MoEParts(NamedTuple):
+    """What a conversion's MoE layers are built from: expert labels and routers per layer, and how
+    many of the experts are shared (moefy.conversion.shared)."""
+
+    labels: dict[int, torch.Tensor]
+    routers: dict[int, torch.nn.Module]
+    shared_experts: int
+
+
+def read_moe_parts(labels_path: Path, router_path: Path, router: str, num_experts: int, shared_experts: int) -> MoEParts:
+    """The balance step's labels and the router step's routers, checked against each other and
+    against what the job was asked for."""
     labels = {int(k.split(".")[1]): v.long() for k, v in load_tensors(labels_path).items()}
+    shared = shared_experts_of(tensors_metadata(labels_path))
+    if shared != shared_experts:
+        raise MoefyError(f"{labels_path} has {shared} shared experts, not {shared_experts}; rerun its split job")
     meta = tensors_metadata(router_path)
-    if meta.get("router") != router or meta.get("num_experts") != str(num_experts):
+    if meta.get("router") != router or meta.get("num_experts") != str(num_experts) or shared_experts_of(meta) != shared:
         raise MoefyError(
-            f"{router_path} holds {meta.get('router')} routers for {meta.get('num_experts')} experts, "
-            f"not {router} for {num_experts}; rerun its router job"
+            f"{router_path} holds {meta.get('router')} routers for {meta.get('num_experts')} experts "
+            f"({shared_experts_of(meta)} shared), not {router} for {num_experts} ({shared} shared, as {labels_path}); "
+            "rerun its router job"
         )
     try:
-        routers = build_routers(router, load_tensors(router_path), labels, num_experts)
+        routers = build_routers(router, load_tensors(router_path), labels, num_experts, shared)
     except (KeyError, RuntimeError) as err:
         raise MoefyError(f"{router_path} does not match {labels_path} ({err}); rerun the router job") from None
-    return labels, routers
+    return MoEParts(labels, routers, shared)
+
+
+def read_error_curves(router_path: Path) -> dict[int, torch.Tensor]:
+    """Each layer's error curve from the router step (moefy.conversion.budgets.error_curve)."""
+    curves = {int(k.split(".")[1]): t for k, t in load_tensors(router_path).items() if k.startswith("error_curve.")}
+    if not curves:
+        raise MoefyError(f"{router_path} has no error curves for per-layer budgets; rerun its router job with this moefy")
+    return curves
 
 
 def save_moe(
@@ -60,6 +82,7 @@ def save_moe(
     budget: float,
     out: str | os.PathLike,
     task: str = "classification",
+    shared_experts: int = 0,
 ) -> Path:
     """Write `out`: the model folder's files plus the expert layout, routers, top-k rule and task."""
     if task not in TASKS:
@@ -77,9 +100,10 @@ def save_moe(
         "task": task,
         "router": router,
         "num_experts": str(num_experts),
+        "shared_experts": str(shared_experts),
         "rule": "top_k",
         "budget": repr(float(budget)),
-        "k": str(budget_to_k(budget, num_experts)),
+        "k": str(budget_to_k(budget, num_experts, shared_experts)),
     }
     with atomic_dir(out) as tmp:
         shutil.copytree(model_folder, tmp, dirs_exist_ok=True)
@@ -100,11 +124,11 @@ def load_moe(folder: str | os.PathLike, device: str | torch.device = "cpu") -> t
         )
     tensors = load_tensors(moe_file)
     labels = {int(key.split(".")[1]): t.long() for key, t in tensors.items() if key.startswith("labels.")}
-    num_experts = int(meta["num_experts"])
+    num_experts, shared = int(meta["num_experts"]), shared_experts_of(meta)
     router_weights = {key.removeprefix("router."): t for key, t in tensors.items() if key.startswith("router.")}
-    routers = build_routers(meta["router"], router_weights, labels, num_experts)
+    routers = build_routers(meta["router"], router_weights, labels, num_experts, shared)
     model = load_model(str(folder), meta.get("task", "classification")).to(device).eval()
-    layers: list[MoEFFN] = moefy_model(model, labels, routers, num_experts)
+    layers: list[MoEFFN] = moefy_model(model, labels, routers, num_experts, shared_experts=shared)
     set_experts_per_token(layers, int(meta["k"]))
     return model, load_tokenizer(str(folder))
 

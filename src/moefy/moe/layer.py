@@ -30,12 +30,16 @@ Which kernel is fastest depends on the machine: a KernelTable measured by the ca
 measured on the project's machine decide. With every expert picked it runs the dense matmuls on
 the reordered weights, so budget 1.0 costs what the dense FFN costs. No Python loop runs over
 tokens; the looped kernel's loop over experts costs a few microseconds per expert.
+
+Shared experts (moefy.conversion.shared) are a dense FFN of their own neurons, computed for every
+token beside the routed experts' kernel; the router and the kernels see the routed experts only.
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -105,38 +109,59 @@ def _frozen(t: torch.Tensor | None) -> nn.Parameter | None:
 
 
 class MoEFFN(nn.Module):
-    def __init__(self, ffn: FFN, labels: torch.Tensor, router: nn.Module, num_experts: int, kernels: KernelChoice | None = None):
+    def __init__(
+        self,
+        ffn: FFN,
+        labels: torch.Tensor,
+        router: nn.Module,
+        num_experts: int,
+        kernels: KernelChoice | None = None,
+        shared_experts: int = 0,
+    ):
+        """`num_experts` counts the labels' experts, of which the last `shared_experts` are shared:
+        self.num_experts is then the routed ones, those the router scores."""
         super().__init__()
-        order = expert_order(labels.to(ffn.w_in.weight.device), num_experts)
+        everything = expert_order(labels.to(ffn.w_in.weight.device), num_experts)
         d_ff, d_model = ffn.w_in.weight.shape
-        E, s = num_experts, d_ff // num_experts
+        E, s = num_experts - shared_experts, d_ff // num_experts
+        order, shared = everything[: E * s], everything[E * s :]
         self.num_experts, self.expert_size, self.d_model = E, s, d_model
+        self.shared_experts = shared_experts
+        self.index = ffn.index  # the FFN's: per-layer settings and curves are keyed by it
         self.d_out = ffn.w_out.out_features  # d_model for an FFN; a distilled k or v projection may be narrower
         self.projection = ffn.projection  # a distilled attention projection: its FLOPs replace the projection's
         self.act, self.router = ffn.act, router
-        self.k = num_experts
+        self.k = E
         self.tau: float | None = None  # dynamic-k threshold; None: top-k with self.k
         self.experts_per_token: torch.Tensor | None = None
         self.kernels = kernels
         self.kernel_calls: Counter[str] = Counter()  # which kernel ran how often, for evaluate's records
-        self.register_buffer("inverse_order", torch.argsort(order), persistent=False)
+        self.d_ff = d_ff
+        self.register_buffer("routed_neurons", order, persistent=False)
         # The oracle scores each expert by its neurons' activations; when its experts are this
         # layer's, they are the blocks of h in expert order, so no reordering copy is needed.
         self._oracle_in_order = getattr(router, "needs_activations", False) and torch.equal(
             router.labels.cpu(), labels.long().cpu()
         )
 
-        def by_expert_t(linear: nn.Linear) -> nn.Parameter:  # W^T [d, d_ff], neurons in expert order
-            return _frozen(linear.weight.detach()[order].t())
+        def by_expert_t(linear: nn.Linear, neurons: torch.Tensor = order) -> nn.Parameter:  # W^T [d, n], in that order
+            return _frozen(linear.weight.detach()[neurons].t())
 
-        def bias(linear: nn.Linear) -> nn.Parameter | None:  # [E, s]: bias[expert] per pair
-            return None if linear.bias is None else _frozen(linear.bias.detach()[order].view(E, s))
+        def bias(linear: nn.Linear, neurons: torch.Tensor = order, rows: int = E) -> nn.Parameter | None:  # [rows, s]
+            return None if linear.bias is None else _frozen(linear.bias.detach()[neurons].view(rows, -1))
 
         self.w_in, self.b_in = by_expert_t(ffn.w_in), bias(ffn.w_in)
         gated = ffn.w_gate is not None
         self.w_gate, self.b_gate = (by_expert_t(ffn.w_gate), bias(ffn.w_gate)) if gated else (None, None)
-        self.w_out = _frozen(ffn.w_out.weight.detach().t()[order])  # [d_ff, d] = [E, s, d]
+        self.w_out = _frozen(ffn.w_out.weight.detach().t()[order])  # [E*s, d] = [E, s, d]
         self.b_out = _frozen(ffn.w_out.bias)
+        # The shared experts as one dense block: W^T [d, S*s], biases [1, S*s], W_out^T [S*s, d].
+        self.shared_w_in = self.shared_b_in = self.shared_w_gate = self.shared_b_gate = self.shared_w_out = None
+        if shared_experts:
+            self.shared_w_in, self.shared_b_in = by_expert_t(ffn.w_in, shared), bias(ffn.w_in, shared, 1)
+            if gated:
+                self.shared_w_gate, self.shared_b_gate = by_expert_t(ffn.w_gate, shared), bias(ffn.w_gate, shared, 1)
+            self.shared_w_out = _frozen(ffn.w_out.weight.detach().t()[shared])
         elsize = self.w_in.element_size()
         self._grouped_ok = (d_model * elsize) % 16 == 0 and (s * elsize) % 16 == 0  # grouped_mm's alignment
         self._native_act = native.activation_code(self.act)  # None: the native looped kernel cannot compute it
@@ -154,8 +179,26 @@ class MoEFFN(nn.Module):
             return self.act(up) if gate is None else self.act(gate) * up
         return _act_(self.act, up) if gate is None else _act_(self.act, gate).mul_(up)
 
-    def dense(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+    def routed_dense(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """Every routed expert's output summed (the output bias included)."""
         return _linear(self.dense_activations(x) if h is None else h, self.w_out, self.b_out)
+
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The shared experts' output [T, d_out] (None without shared experts)."""
+        if self.shared_w_in is None:
+            return None
+        gate = None if self.shared_w_gate is None else _linear(x, self.shared_w_gate, self.shared_b_gate)
+        return torch.mm(self._hidden(_linear(x, self.shared_w_in, self.shared_b_in), gate), self.shared_w_out)
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        """The FFN's output with every expert: what the layer replaced."""
+        return self._plus_shared(self.routed_dense(x), x)
+
+    def _plus_shared(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        shared = self.shared_output(x)
+        if shared is None:
+            return out
+        return out + shared if out.requires_grad or shared.requires_grad else out.add_(shared)
 
     # -- the picked experts only ------------------------------------------------------------------
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -167,22 +210,33 @@ class MoEFFN(nn.Module):
             by_expert = h.view(h.shape[0], self.num_experts, self.expert_size)  # expert_mass: the sum of |h|
             scores = by_expert.sum(-1) if type(self.act) is nn.ReLU else by_expert.abs().sum(-1)  # ReLU: h >= 0
         else:
-            router_h = None if h is None else h[:, self.inverse_order]
+            router_h = None if h is None else self._neuron_order(h)
             scores = (self.router.contribution if self.tau is not None else self.router)(x, router_h)
         if self.tau is not None:
             return threshold_pick(scores, self.tau), h
         chosen = scores.topk(self.k, dim=-1, sorted=False).indices  # a set: sorting it costs as much as the router
         return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True), h
 
+    def _neuron_order(self, h: torch.Tensor) -> torch.Tensor:
+        """The routed neurons' values h [T, E*s] (expert order) as [T, d_ff] in the FFN's own neuron
+        order, the shared neurons 0: what a router given the activations reads."""
+        return h.new_zeros(h.shape[0], self.d_ff).index_copy_(1, self.routed_neurons, h)
+
+    @property
+    def expert_flops_per_token(self) -> int:
+        """2 FLOPs per multiply-add of one expert's matmuls (the gate's too, for a gated FFN)."""
+        return 2 * self.expert_size * ((2 if self.w_gate is not None else 1) * self.d_model + self.d_out)
+
     @property
     def dense_flops_per_token(self) -> int:
-        """2 FLOPs per multiply-add of every expert's matmuls (the gate's too, for a gated FFN)."""
-        d_ff = self.num_experts * self.expert_size
-        return 2 * d_ff * ((2 if self.w_gate is not None else 1) * self.d_model + self.d_out)
+        """The dense FFN's: every expert, routed and shared."""
+        return (self.num_experts + self.shared_experts) * self.expert_flops_per_token
 
     def flops_per_token(self, experts: float, router_runs: bool) -> float:
-        """FLOPs per token with `experts` experts (a mean for dynamic-k), plus the router when it runs."""
-        return experts * self.dense_flops_per_token / self.num_experts + (self.router.flops_per_token() if router_runs else 0)
+        """FLOPs per token with `experts` routed experts (a mean for dynamic-k) and the shared ones,
+        plus the router when it runs."""
+        active = experts + self.shared_experts
+        return active * self.expert_flops_per_token + (self.router.flops_per_token() if router_runs else 0)
 
     @property
     def runs_dense(self) -> bool:
@@ -197,12 +251,13 @@ class MoEFFN(nn.Module):
             return self.dense(x).view(shape)
         picked, h = self.select(x)
         self.experts_per_token = picked.sum(-1).to(x.dtype).view(shape[:-1])
-        return self.experts_forward(x, picked, h=h).view(shape)  # h: the oracle computed every neuron
+        out = self.experts_forward(x, picked, h=h)  # h: the oracle computed every routed neuron
+        return self._plus_shared(out, x).view(shape)
 
     def _masked(self, x: torch.Tensor, picked: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
         """Every neuron computed (or given as h, which is overwritten), the unpicked experts' zeroed."""
         h = self.dense_activations(x) if h is None else h
-        return self.dense(x, _zero_unpicked(h, picked, self.expert_size))
+        return self.routed_dense(x, _zero_unpicked(h, picked, self.expert_size))
 
     def choose_kernel(self, tokens: int, pairs: int, on_gpu: bool = False) -> str:
         if self.kernels is not None:
@@ -235,7 +290,8 @@ class MoEFFN(nn.Module):
     def experts_forward(
         self, x: torch.Tensor, picked: torch.Tensor, kernel: str = "auto", h: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Sum of the picked experts' outputs per token [T, d]; picked [T, E] bool.
+        """Sum of the picked routed experts' outputs per token [T, d] (the shared experts' aside);
+        picked [T, E] bool.
 
         kernel: "bags" (embedding_bag), "looped" (a matmul pair per expert), "grouped" (grouped_mm),
         "masked" (every neuron computed, the unpicked zeroed) or "auto" (the kernel table's choice,
@@ -440,12 +496,13 @@ def moefy_model(
     routers: dict[int, nn.Module],
     num_experts: int,
     kernels: KernelChoice | None = None,
+    shared_experts: int = 0,
 ) -> list[MoEFFN]:
     """Swap every FFN of `model` for an MoEFFN; returns them in layer order (to set k)."""
     layers = []
     for ffn in find_ffns(model):
         router = routers[ffn.index].to(ffn.w_in.weight.device)
-        moe = MoEFFN(ffn, labels[ffn.index], router, num_experts, kernels)
+        moe = MoEFFN(ffn, labels[ffn.index], router, num_experts, kernels, shared_experts)
         ffn.replace(moe)
         layers.append(moe)
     return layers
@@ -461,10 +518,13 @@ def threshold_pick(contribution: torch.Tensor, tau: float) -> torch.Tensor:
     return (contribution >= (1 - tau) * top) & (contribution > 0)
 
 
-def set_experts_per_token(layers: list[MoEFFN], k: int) -> None:
-    """Top-k selection with k experts per token."""
-    for layer in layers:
-        layer.k, layer.tau = k, None
+def set_experts_per_token(layers: list[MoEFFN], k: int | Sequence[int]) -> None:
+    """Top-k selection with k routed experts per token: one k for every layer, or one per layer."""
+    ks = [k] * len(layers) if isinstance(k, int) else list(k)
+    if len(ks) != len(layers):
+        raise MoefyError(f"{len(ks)} per-layer k for {len(layers)} MoE layers")
+    for layer, layer_k in zip(layers, ks):
+        layer.k, layer.tau = layer_k, None
 
 
 def set_threshold(layers: list[MoEFFN], tau: float) -> None:

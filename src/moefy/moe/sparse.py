@@ -17,6 +17,9 @@ Routing (`Routing.kind`):
 - `unweighted_top_k`: MoEfication's rule, the k best-scored experts summed with gate 1. The task
   loss then gives the router no gradient: its router keeps what the router step trained, or stays frozen.
 
+A conversion with shared experts (moefy.conversion.shared) keeps them as one dense block beside
+the routed experts, run on every token (`SharedExperts`).
+
 A merged layer (moefy.training.merging) keeps its router over the original experts and an `expert_map`
 from them to the experts it stores: a token sent to two experts of one group gets that group's
 expert once, with the two gates summed. A compressed layer (moefy.moe.compression) stores a weight as
@@ -161,6 +164,7 @@ class SparseMoE(nn.Module):
         expert_bias: torch.Tensor | None = None,
         shared_bias: torch.Tensor | None = None,
         expert_map: torch.Tensor | None = None,
+        shared: SharedExperts | None = None,
     ):
         super().__init__()
         num_experts, d_model, size = w_in.shape
@@ -188,6 +192,7 @@ class SparseMoE(nn.Module):
         self.w_in, self.w_gate, self.w_out = param(w_in), param(w_gate), param(w_out)
         self.b_in, self.b_gate = param(b_in), param(b_gate)
         self.expert_bias, self.shared_bias = param(expert_bias), param(shared_bias)
+        self.shared = shared
         self.token_mask: torch.Tensor | None = None  # [..] bool of the input's leading shape, set per batch
         self.reset_statistics()
         self.logits: torch.Tensor | None = None  # the last forward's, for the auxiliary losses
@@ -231,6 +236,8 @@ class SparseMoE(nn.Module):
             dispatch = regroup(dispatch, self.expert_map, self.num_experts, x.shape[0])
         self._count(self.dispatch, dispatch, x.shape[0] if valid is None else int(valid.sum()))
         out = self.experts(x, dispatch)
+        if self.shared is not None:
+            out = out + self.shared(x)
         return out.view(shape)
 
     def experts(self, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
@@ -267,9 +274,13 @@ class SparseMoE(nn.Module):
         return load_loss(self.logits, self.dispatch, self.valid), z_loss(self.logits, self.valid)
 
     def expert_parameter_count(self) -> int:
-        """Parameters the experts store (compressed weights: their factors); the router and the
-        shared output bias, which belong to no expert, aside."""
-        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith("router.") and name != "shared_bias")
+        """Parameters the routed experts store (compressed weights: their factors); the router, the
+        shared experts and the shared output bias, which every token uses, aside."""
+        return sum(
+            p.numel()
+            for name, p in self.named_parameters()
+            if not name.startswith(("router.", "shared.")) and name != "shared_bias"
+        )
 
     def experts_per_token(self) -> float:
         """Experts a token is sent to by the routing rule (k; expert choice: C)."""
@@ -295,7 +306,8 @@ class SparseMoE(nn.Module):
         experts = self.experts_per_token()
         if measured and self.tokens_seen:
             experts = self.computed / self.tokens_seen
-        return experts * per_expert + 2.0 * self.d_model * self.router_experts
+        shared = 0.0 if self.shared is None else self.shared.flops_per_token()
+        return experts * per_expert + shared + 2.0 * self.d_model * self.router_experts
 
 
 # -- from a conversion --------------------------------------------------------------------------
@@ -315,11 +327,43 @@ def mask_padding(model: nn.Module, moes: Iterable[SparseMoE]):
     return model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
-def from_split(ffn: FFN, labels: torch.Tensor, num_experts: int, router: nn.Module, k: int) -> SparseMoE:
+class SharedExperts(nn.Module):
+    """Shared experts as one dense FFN block of their neurons, computed for every token."""
+
+    def __init__(self, ffn: FFN, neurons: torch.Tensor):
+        super().__init__()
+
+        def param(t: torch.Tensor | None) -> nn.Parameter | None:
+            return None if t is None else nn.Parameter(t.detach().clone().contiguous())
+
+        def rows(linear: nn.Linear | None) -> tuple[nn.Parameter | None, nn.Parameter | None]:
+            if linear is None:
+                return None, None
+            return param(linear.weight[neurons].t()), param(None if linear.bias is None else linear.bias[neurons])
+
+        (self.w_in, self.b_in), (self.w_gate, self.b_gate) = rows(ffn.w_in), rows(ffn.w_gate)
+        self.w_out = param(ffn.w_out.weight[:, neurons].t())  # [n, d]
+        self.act = ffn.act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = x @ self.w_in if self.b_in is None else torch.addmm(self.b_in, x, self.w_in)
+        if self.w_gate is None:
+            return self.act(up) @ self.w_out
+        gate = x @ self.w_gate if self.b_gate is None else torch.addmm(self.b_gate, x, self.w_gate)
+        return (self.act(gate) * up) @ self.w_out
+
+    def flops_per_token(self) -> float:
+        d_model, neurons = self.w_in.shape
+        return 2.0 * neurons * ((2 if self.w_gate is not None else 1) * d_model + self.w_out.shape[1])
+
+
+def from_split(ffn: FFN, labels: torch.Tensor, num_experts: int, router: nn.Module, k: int, shared_experts: int = 0) -> SparseMoE:
     """A converted FFN as a trainable MoE: expert e owns the neurons labelled e, MoEfication's
-    router picks k experts unweighted (recovery trains the experts; see the module docstring)."""
-    order = expert_order(labels, num_experts)
-    E, s = num_experts, ffn.d_ff // num_experts
+    router picks k of the routed experts unweighted, and the last `shared_experts` run on every
+    token (recovery trains the experts; see the module docstring)."""
+    everything = expert_order(labels, num_experts)
+    E, s = num_experts - shared_experts, ffn.d_ff // num_experts
+    order = everything[: E * s]
 
     def by_expert(linear: nn.Linear | None) -> torch.Tensor | None:  # [E, d, s]
         return None if linear is None else linear.weight.detach()[order].view(E, s, -1).transpose(1, 2)
@@ -341,6 +385,7 @@ def from_split(ffn: FFN, labels: torch.Tensor, num_experts: int, router: nn.Modu
         b_in=bias(ffn.w_in),
         b_gate=bias(ffn.w_gate),
         shared_bias=None if ffn.w_out.bias is None else ffn.w_out.bias.detach(),
+        shared=SharedExperts(ffn, everything[E * s :]) if shared_experts else None,
     )
 
 

@@ -1,8 +1,8 @@
 """The study's summary: every evaluation in one table, each method over its seeds, and the task
 metric against FFN compute.
 
-Every record names its place in the grid (penalty, seed, split, num_experts, router, recovery) and its
-rule, so the report reads no file names. The metric is whatever the evaluate step recorded as
+Every record names its place in the grid (penalty, seed, split, num_experts, shared_experts, router,
+recovery) and its rule and allocation, so the report reads no file names. The metric is whatever the evaluate step recorded as
 test_<metric> (accuracy, or perplexity for causal language modelling), so the report needs no
 task of its own. A method is a grid point without its seed: its numbers over seeds are given as
 mean and spread, because one seed on a small test set cannot rank methods at the 99% line.
@@ -21,7 +21,7 @@ from moefy.files import atomic_path, read_json
 from moefy.report.tables import metric_of, spread, write_csv
 
 IDENTITY = ABLATION
-GROUP = [*IDENTITY, "rule"]  # one curve of one seed
+GROUP = [*IDENTITY, "rule", "allocation"]  # one curve of one seed
 METHOD = [key for key in GROUP if key != "seed"]  # one curve over seeds
 POINT = ["budget", "tau"]  # one point of a curve
 # measured, so never bit-identical across runs
@@ -63,6 +63,8 @@ def _records(path: Path) -> list[dict]:
     for record in records:
         record.setdefault("recovery", "none")  # written before recovery existed: unrecovered
         record.setdefault("convert", "ffn")  # written before attention conversion existed: FFNs only
+        record.setdefault("shared_experts", 0)  # written before shared experts existed: none
+        record.setdefault("allocation", "uniform")  # written before per-layer budgets existed: uniform
         missing = [key for key in (*IDENTITY, "rule", "ffn_flops_fraction") if key not in record]
         if missing:
             raise MoefyError(
@@ -162,7 +164,7 @@ def plot_relative_vs_flops(table: pd.DataFrame, path: str | Path, title: str = "
     relative = f"relative_{metric}"
     penalties = sorted(curves["penalty"].unique(), key=PENALTIES.index)
     fig, axes = plt.subplots(1, len(penalties), figsize=(7.5 * len(penalties), 5.5), squeeze=False, sharey=True)
-    pairs = sorted({(r.split, r.router) for r in curves.itertuples()})
+    pairs = sorted({(r.split, r.router, r.shared_experts, r.allocation) for r in curves.itertuples()})
     colours = {pair: plt.get_cmap("tab20")(i % 20) for i, pair in enumerate(pairs)}
     styles = {"top_k": "-", "dynamic": "--"}
     markers = {e: m for e, m in zip(sorted(curves["num_experts"].unique()), "os^Dv<>p")}
@@ -171,12 +173,14 @@ def plot_relative_vs_flops(table: pd.DataFrame, path: str | Path, title: str = "
     x = "model_flops_fraction_mean" if whole else "ffn_flops_fraction_mean"
     for ax, penalty in zip(axes[0], penalties):
         part = curves[curves["penalty"] == penalty]
-        for (convert, split, num_experts, router, recovery, rule), group in part.groupby(
-            ["convert", "split", "num_experts", "router", "recovery", "rule"], sort=True
+        for (convert, split, num_experts, shared, router, recovery, rule, allocation), group in part.groupby(
+            ["convert", "split", "num_experts", "shared_experts", "router", "recovery", "rule", "allocation"], sort=True
         ):
             label = (
                 f"{split} / {router}"
                 + (f" E={num_experts}" if len(markers) > 1 else "")
+                + (f" S={shared}" if shared else "")
+                + ("" if allocation == "uniform" else f" {allocation}")
                 + (" dynamic-k" if rule == "dynamic" else "")
                 + ("" if recovery == "none" else f" + {recovery}")
                 + (" (FFN + attention)" if convert == "ffn+attention" else "")
@@ -187,7 +191,7 @@ def plot_relative_vs_flops(table: pd.DataFrame, path: str | Path, title: str = "
                 group[f"{relative}_mean"],
                 yerr=group[f"{relative}_std"] if seeds > 1 else None,
                 fmt=":" if convert == "ffn+attention" else styles.get(rule, "-"),
-                color=tuple(shade * c for c in colours[(split, router)][:3]),
+                color=tuple(shade * c for c in colours[(split, router, shared, allocation)][:3]),
                 marker=markers.get(num_experts, "o"),
                 markersize=3,
                 capsize=2,

@@ -1,6 +1,7 @@
 """Step balance: every expert gets exactly d_ff / E neurons, and every split is scored.
 
-Splits that are balanced already (random, kmeans) pass through unchanged. METIS parts (coact)
+Splits that are balanced already (random, kmeans) pass through unchanged. Shared experts are
+balanced by construction, so no neuron moves into or out of them. METIS parts (coact)
 are evened out by the moves that lose the least association weight; the MoEfication baseline
 (random moves) is scored beside it. For every split the metrics record the share of
 co-activation kept inside experts (raw counts, and above-chance counts) and the k-means objective.
@@ -20,6 +21,7 @@ from moefy.adapters.models import load_model
 from moefy.config import section_defaults
 from moefy.conversion.balance import balance_least_loss, balance_random, is_balanced, weight_kept
 from moefy.conversion.coactivation import excess
+from moefy.conversion.shared import labels_metadata, shared_experts_of
 from moefy.conversion.split import association_graph, check_num_experts, kmeans_objective
 from moefy.errors import MoefyError
 from moefy.files import load_tensors, save_tensors, tensors_metadata, write_json
@@ -28,7 +30,9 @@ from moefy.workflow.cli import ablation, run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):
-    parser = step_parser("balance", __doc__, "model", "task", "penalty", "seed", "convert", "split", "num_experts")
+    parser = step_parser(
+        "balance", __doc__, "model", "task", "penalty", "seed", "convert", "split", "num_experts", "shared_experts"
+    )
     parser.add_argument("--labels", required=True, type=Path, help="split/<variant>/<split>-E<E>/labels.safetensors")
     parser.add_argument("--coactivation", required=True, type=Path, help="activations/<variant>/coactivation.safetensors")
     parser.add_argument(
@@ -45,6 +49,12 @@ def main(argv: list[str] | None = None) -> None:
     ffns = find_ffns(load_model(args.model, args.task))
     size = check_num_experts(ffns[0].d_ff, args.num_experts)
     split_labels = load_tensors(args.labels)
+    made_with = shared_experts_of(tensors_metadata(args.labels))
+    if made_with != args.shared_experts:
+        raise MoefyError(
+            f"{args.labels} was split with {made_with} shared experts, not --shared-experts {args.shared_experts}; "
+            "rerun its split job"
+        )
     coactivation = load_tensors(args.coactivation)
     tokens = int(tensors_metadata(args.coactivation)["tokens"])
 
@@ -78,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
 
         metrics = {name: float(np.mean(values)) for name, values in per_layer.items()}
         metrics["per_layer"] = per_layer
-        save_tensors(args.out / "labels.safetensors", balanced, {"split": args.split, "num_experts": str(args.num_experts)})
+        save_tensors(
+            args.out / "labels.safetensors", balanced, labels_metadata(args.split, args.num_experts, args.shared_experts)
+        )
         write_json(args.out / "metrics.json", metrics)
         run.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, dict)})
     print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not isinstance(v, dict)), flush=True)

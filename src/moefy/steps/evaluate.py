@@ -1,7 +1,9 @@
 """Step evaluate: swap every FFN for its MoE and measure the task metric at each expert budget.
 
-Selection rules: top-k at each budget (k = budget * E experts per token) and dynamic-k at each
-threshold tau (every expert whose router contribution is at least (1 - tau) * the token's
+Selection rules: top-k at each budget (round(budget * E) experts per token, shared experts
+among them), in each allocation of --allocations (uniform: the same k routed experts in every
+layer; sensitivity: as many in all, spread over the layers by the router step's error curves),
+and dynamic-k at each threshold tau (every expert whose router contribution is at least (1 - tau) * the token's
 largest). For each it records the test metric (accuracy, or perplexity for causal_lm), the same
 relative to the dense model, the share of predictions equal to the dense model's (each text's
 class, or each position's argmax next token: less noisy than the metric on a small test set),
@@ -22,17 +24,18 @@ import torch
 from moefy import dist, native
 from moefy.adapters.models import load_model, load_tokenizer, read_training
 from moefy.adapters.tasks import get_task
+from moefy.config import ALLOCATIONS
 from moefy.data.batches import Encoded, eval_batches
 from moefy.data.subsets import read_subset
 from moefy.errors import MoefyError
 from moefy.files import read_json, write_json
 from moefy.measure.evaluation import SelectionRule, logged_metrics, record, run_pass, selection_rules
 from moefy.measure.flops import model_flops
-from moefy.moe.checkpoints import read_moe_parts
+from moefy.moe.checkpoints import read_error_curves, read_moe_parts
 from moefy.moe.kernel_choice import KernelTable, layer_shape_key, table_for
 from moefy.moe.layer import MoEFFN, moefy_model
 from moefy.workflow import pause, tracking
-from moefy.workflow.cli import ablation, add_section_flags, run_step, step_parser
+from moefy.workflow.cli import CONVERSION_FLAGS, ablation, add_section_flags, run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):
@@ -41,15 +44,17 @@ def parse_args(argv: list[str] | None):
         __doc__,
         "model",
         "task",
-        "penalty",
-        "seed",
-        "convert",
-        "split",
-        "num_experts",
-        "router",
+        *CONVERSION_FLAGS,
         "recovery",
         "device",
         out="output JSON file",
+    )
+    parser.add_argument(
+        "--allocations",
+        nargs="+",
+        choices=ALLOCATIONS,
+        default=["uniform"],
+        help="how each budget's routed experts are spread over layers (sensitivity: by the router file's error curves)",
     )
     parser.add_argument("--data", required=True, type=Path, help="folder with test.jsonl")
     parser.add_argument("--labels", required=True, type=Path, help="balance/<variant>/<split>-E<E>/labels.safetensors")
@@ -94,11 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     task = get_task(args.task)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, task.name).to(ctx.device)
-    labels, routers = read_moe_parts(args.labels, args.router_file, args.router, args.num_experts)
+    labels, routers, shared = read_moe_parts(args.labels, args.router_file, args.router, args.num_experts, args.shared_experts)
+    curves = read_error_curves(args.router_file) if "sensitivity" in args.allocations else None
     texts, targets = read_subset(args.data / "test.jsonl")
     encoded = Encoded(tokenizer, texts)
     whole = model_flops(model, float(encoded.lengths.mean()), causal=task.name == "causal_lm")  # before any FFN is replaced
-    layers = moefy_model(model, labels, routers, args.num_experts)
+    layers = moefy_model(model, labels, routers, args.num_experts, shared_experts=shared)
     choose_kernels(args, layers)
 
     if task.labelled and targets is None:
@@ -116,18 +122,19 @@ def main(argv: list[str] | None = None) -> None:
         return run_pass(on[0], on[1], encoded, batches, task, targets_t, ctx, rule.label, dense_predictions)
 
     records = []
-    everything = SelectionRule("top_k", budget=1.0, k=args.num_experts)
+    routed = args.num_experts - shared
+    everything = SelectionRule("top_k", budget=1.0, k=routed)
     with tracking.job_run("evaluate", vars(args), ablation(args), enabled=ctx.is_main) as run:
         if args.reference:  # the relative numbers are against another model, measured with the same layers
             reference = load_model(args.reference, task.name).to(ctx.device)
-            on = (reference, moefy_model(reference, labels, routers, args.num_experts))
+            on = (reference, moefy_model(reference, labels, routers, args.num_experts, shared_experts=shared))
             choose_kernels(args, on[1])
             dense_predictions, dense, _ = measure(everything, on=on)
             del reference, on
         else:
             dense_predictions, dense, _ = measure(everything)
-        for rule in selection_rules(args.budgets, args.thresholds, args.num_experts):
-            reuse = rule.runs_dense(args.num_experts) and not args.reference
+        for rule in selection_rules(args.budgets, args.thresholds, layers, args.num_experts, args.allocations, curves):
+            reuse = rule.runs_dense(routed) and not args.reference
             totals, kernels = (dense, "dense") if reuse else measure(rule, dense_predictions)[1:]
             entry = identity | record(rule, totals, dense, task, layers, kernels, whole)
             records.append(entry)

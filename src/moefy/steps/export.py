@@ -15,7 +15,9 @@ from moefy.workflow.cli import ablation, run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):
-    parser = step_parser("export", __doc__, "model", "task", "penalty", "seed", "split", "num_experts", "router")
+    parser = step_parser(
+        "export", __doc__, "model", "task", "penalty", "seed", "split", "num_experts", "shared_experts", "router"
+    )
     parser.add_argument("--labels", required=True, type=Path, help="balance/<variant>/<split>-E<E>/labels.safetensors")
     parser.add_argument(
         "--router-file", required=True, type=Path, help="router/<variant>/<split>-E<E>-<router>/router.safetensors"
@@ -29,10 +31,10 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    labels, routers = read_moe_parts(args.labels, args.router_file, args.router, args.num_experts)
+    labels, routers, shared = read_moe_parts(args.labels, args.router_file, args.router, args.num_experts, args.shared_experts)
     with tracking.job_run("export", vars(args), ablation(args) | {"budget": args.budget}) as run:
-        save_moe(args.model, labels, routers, args.router, args.num_experts, args.budget, args.out, args.task)
-        k = budget_to_k(args.budget, args.num_experts)
+        save_moe(args.model, labels, routers, args.router, args.num_experts, args.budget, args.out, args.task, shared)
+        k = budget_to_k(args.budget, args.num_experts, shared)
         print(
             f"exported {args.split} E={args.num_experts} {args.router} at budget {args.budget:g} (k={k}) to {args.out}",
             flush=True,

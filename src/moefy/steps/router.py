@@ -7,9 +7,13 @@
                mass, early-stopped on held-out tokens
   norm         D2DMoE's router: an MLP trained with MSE to predict each expert's output norm
                (relative to the layer's mean), same training loop
+Routers score the routed experts; shared experts (the labels' last --shared-experts) always run.
 Router recall at a budget: the activation mass in the router's top-k experts over the mass in
-the oracle's top-k, on the held-out tokens. Layers are spread over torchrun ranks. Writes
-<out>/router.safetensors and <out>/metrics.json.
+the oracle's top-k, on the held-out tokens. On the same tokens, each layer's error curve (the FFN
+output's mean squared error with the router's top k routed experts, k = 0..E-S), which evaluate
+spreads per-layer budgets by (moefy.conversion.budgets). Layers are spread over torchrun ranks.
+Writes <out>/router.safetensors (routers `layer.{i}.*`, curves `error_curve.{i}`) and
+<out>/metrics.json.
 """
 
 from __future__ import annotations
@@ -23,16 +27,23 @@ from moefy import dist
 from moefy.adapters.ffn import find_ffns
 from moefy.adapters.models import load_model
 from moefy.config import section_defaults
-from moefy.conversion.routers import RouterSettings, fit_router, router_tensors
+from moefy.conversion.budgets import error_curve
+from moefy.conversion.routers import RouterSettings, fit_router, heldout_count, router_tensors
+from moefy.conversion.shared import shared_experts_of
 from moefy.errors import MoefyError
-from moefy.files import load_tensors, save_tensors, write_json
+from moefy.files import load_tensors, save_tensors, tensors_metadata, write_json
 from moefy.workflow import tracking
-from moefy.workflow.cli import ablation, add_section_flags, run_step, step_parser
+from moefy.workflow.cli import CONVERSION_FLAGS, ablation, add_section_flags, run_step, step_parser
 
 
 def parse_args(argv: list[str] | None):
     parser = step_parser(
-        "router", __doc__, "model", "task", "penalty", "seed", "convert", "split", "num_experts", "router", "device"
+        "router",
+        __doc__,
+        "model",
+        "task",
+        *CONVERSION_FLAGS,
+        "device",
     )
     parser.add_argument("--labels", required=True, type=Path, help="balance/<variant>/<split>-E<E>/labels.safetensors")
     parser.add_argument("--hidden", required=True, type=Path, help="activations/<variant>/hidden.safetensors")
@@ -48,6 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     ctx = dist.setup(args.device)
     ffns = find_ffns(load_model(args.model, args.task).to(ctx.device))
     labels = load_tensors(args.labels)
+    made_with = shared_experts_of(tensors_metadata(args.labels))
+    if made_with != args.shared_experts:
+        raise MoefyError(
+            f"{args.labels} has {made_with} shared experts, not --shared-experts {args.shared_experts}; rerun its split job"
+        )
     hidden = load_tensors(args.hidden)
     for ffn in ffns:
         for name, store in (("labels", labels), ("hidden states", hidden)):
@@ -61,17 +77,22 @@ def main(argv: list[str] | None = None) -> None:
         for ffn in dist.shard(ffns, ctx):
             key = f"layer.{ffn.index}"
             x = hidden[key].to(ctx.device, torch.float32)
-            mine[ffn.index] = fit_router(
+            layer_labels = labels[key].long().to(ctx.device)
+            router, stats = fit_router(
                 args.router,
                 ffn,
-                labels[key].long().to(ctx.device),
+                layer_labels,
                 x,
                 args.num_experts,
                 settings,
                 args.budgets,
                 seed=args.seed * 1000 + ffn.index,
+                shared_experts=args.shared_experts,
             )
-        results: dict[int, tuple[torch.nn.Module, dict]] = {}
+            heldout = x[-heldout_count(len(x), settings) :]
+            curve = error_curve(ffn, layer_labels, args.num_experts, args.shared_experts, router.to(ctx.device), heldout)
+            mine[ffn.index] = (router.cpu(), stats, curve)
+        results: dict[int, tuple[torch.nn.Module, dict, torch.Tensor]] = {}
         for part in dist.all_gather(mine, ctx):
             results.update(part)
 
@@ -80,10 +101,16 @@ def main(argv: list[str] | None = None) -> None:
             per_layer = {name: [results[i][1][name] for i in layers] for name in results[layers[0]][1]}
             metrics = {name: float(np.mean(values)) for name, values in per_layer.items()}
             metrics["per_layer"] = per_layer
+            curves = {f"error_curve.{i}": results[i][2] for i in layers}
             save_tensors(
                 args.out / "router.safetensors",
-                router_tensors({i: results[i][0] for i in layers}),
-                {"router": args.router, "num_experts": str(args.num_experts), "layers": str(len(layers))},
+                router_tensors({i: results[i][0] for i in layers}) | curves,
+                {
+                    "router": args.router,
+                    "num_experts": str(args.num_experts),
+                    "shared_experts": str(args.shared_experts),
+                    "layers": str(len(layers)),
+                },
             )
             write_json(args.out / "metrics.json", metrics)
             run.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items() if not isinstance(v, dict)})

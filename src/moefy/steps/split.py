@@ -4,6 +4,9 @@
   kmeans  balanced k-means on the L2-normalised key rows, W_in or a gated FFN's gate projection
           (MoEfication's parameter clustering)
   coact   METIS on the neuron co-activation graph (may come out slightly unbalanced)
+With --shared-experts S, the S * d_ff / E neurons that fired on the most calibration tokens (the
+co-activation counts' diagonal) become the always-on experts E-S..E-1 and the method splits the
+rest into the routed experts 0..E-S-1 (moefy.conversion.shared).
 Layers are spread over torchrun ranks and gathered on rank 0, which writes
 <out>/labels.safetensors (`layer.{i}`: int64 [d_ff]) and <out>/metrics.json.
 """
@@ -20,6 +23,7 @@ from moefy import dist
 from moefy.adapters.ffn import find_ffns
 from moefy.adapters.models import load_model
 from moefy.conversion.balance import expert_sizes
+from moefy.conversion.shared import check_shared, labels_metadata, routed_neurons, shared_neurons, with_shared
 from moefy.conversion.split import balanced_kmeans, check_num_experts, coact_split, random_split
 from moefy.errors import MoefyError
 from moefy.files import load_tensors, save_tensors, tensors_metadata, write_json
@@ -28,29 +32,48 @@ from moefy.workflow.cli import ablation, add_section_flags, run_step, step_parse
 
 
 def parse_args(argv: list[str] | None):
-    parser = step_parser("split", __doc__, "model", "task", "penalty", "seed", "convert", "split", "num_experts", "device")
-    parser.add_argument("--coactivation", type=Path, help="activations/<variant>/coactivation.safetensors (coact only)")
+    parser = step_parser(
+        "split", __doc__, "model", "task", "penalty", "seed", "convert", "split", "num_experts", "shared_experts", "device"
+    )
+    parser.add_argument(
+        "--coactivation", type=Path, help="activations/<variant>/coactivation.safetensors (coact, or shared experts)"
+    )
     add_section_flags(parser, "split")
     return parser.parse_args(argv)
 
 
 def split_layer(args, layer: int, w_in: torch.Tensor, coactivation: dict | None, tokens: int, device: torch.device) -> np.ndarray:
+    """The layer's labels: its shared experts' neurons (if any) first set aside, the rest split."""
+    d_ff, routed_experts = w_in.shape[0], args.num_experts - args.shared_experts
+    counts = None if coactivation is None else coactivation[f"layer.{layer}"]
+    shared = np.zeros(0, dtype=np.int64)
+    if args.shared_experts:
+        shared = shared_neurons(counts.diagonal(), args.shared_experts, args.num_experts)
+    routed = routed_neurons(shared, d_ff)
     seed = args.seed * 1000 + layer
     if args.split == "random":
-        return random_split(w_in.shape[0], args.num_experts, seed=seed)
-    if args.split == "kmeans":
+        labels = random_split(len(routed), routed_experts, seed=seed)
+    elif args.split == "kmeans":
         gpu = device.index if device.type == "cuda" else None
-        return balanced_kmeans(
-            w_in, args.num_experts, seed=seed, kmeans_iterations=args.kmeans_iterations, rounds=args.balanced_rounds, gpu=gpu
+        labels = balanced_kmeans(
+            w_in[routed],
+            routed_experts,
+            seed=seed,
+            kmeans_iterations=args.kmeans_iterations,
+            rounds=args.balanced_rounds,
+            gpu=gpu,
         )
-    return coact_split(
-        coactivation[f"layer.{layer}"],
-        tokens,
-        args.num_experts,
-        neighbors=args.coact_neighbors,
-        ufactor=args.coact_ufactor,
-        seed=seed,
-    )
+    else:
+        index = torch.from_numpy(routed)
+        labels = coact_split(
+            counts[index][:, index] if len(shared) else counts,
+            tokens,
+            routed_experts,
+            neighbors=args.coact_neighbors,
+            ufactor=args.coact_ufactor,
+            seed=seed,
+        )
+    return with_shared(labels, shared, d_ff, args.num_experts, args.shared_experts) if len(shared) else labels
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,10 +81,13 @@ def main(argv: list[str] | None = None) -> None:
     ctx = dist.setup(args.device)
     ffns = find_ffns(load_model(args.model, args.task))
     check_num_experts(ffns[0].d_ff, args.num_experts)
+    check_shared(args.shared_experts, args.num_experts)
     coactivation, tokens = None, 0
-    if args.split == "coact":
+    if args.split == "coact" or args.shared_experts:
         if args.coactivation is None:
-            raise MoefyError("the coact split needs --coactivation (the activations step's coactivation.safetensors)")
+            raise MoefyError(
+                "the coact split and shared experts need --coactivation (the activations step's coactivation.safetensors)"
+            )
         coactivation = load_tensors(args.coactivation)
         tokens = int(tensors_metadata(args.coactivation)["tokens"])
 
@@ -88,12 +114,12 @@ def main(argv: list[str] | None = None) -> None:
             save_tensors(
                 args.out / "labels.safetensors",
                 {f"layer.{i}": torch.from_numpy(results[i][0]) for i in layers},
-                {"split": args.split, "num_experts": str(args.num_experts)},
+                labels_metadata(args.split, args.num_experts, args.shared_experts),
             )
             write_json(args.out / "metrics.json", metrics)
             run.log_metrics({k: v for k, v in metrics.items() if not isinstance(v, list)})
             print(
-                f"{args.split} split into {args.num_experts} experts: sizes {metrics['min_expert_size']}-"
+                f"{args.split} split into {args.num_experts} experts ({args.shared_experts} shared): sizes {metrics['min_expert_size']}-"
                 f"{metrics['max_expert_size']} (target {metrics['target_expert_size']}), {metrics['seconds_total']:.2f} s",
                 flush=True,
             )

@@ -58,8 +58,8 @@ MODES = ("recover", "moe", "dense", "merged")
 
 def parse_args(argv: list[str] | None):
     parser = step_parser(
-        "train_moe", __doc__, "model", "task", "penalty", "seed", "split", "num_experts", "router", "recovery", "device",
-        out="output folder (gets model/ and metrics.json)", optional=("split", "num_experts", "router"),
+        "train_moe", __doc__, "model", "task", "penalty", "seed", "split", "num_experts", "shared_experts", "router",
+        "recovery", "device", out="output folder (gets model/ and metrics.json)", optional=("split", "num_experts", "router"),
     )  # fmt: skip
     parser.add_argument("--mode", required=True, choices=MODES)
     parser.add_argument("--data", required=True, type=Path, help="folder with train/validation/test.jsonl and labels.json")
@@ -91,11 +91,11 @@ def parse_args(argv: list[str] | None):
 def build(args, model) -> tuple[dict[int, SparseMoE], dict]:
     """Put a conversion's MoE layers into `model` (mode recover); returns them by FFN index and
     what was built."""
-    labels, routers = read_moe_parts(args.labels, args.router_file, args.router, args.num_experts)
-    k = budget_to_k(args.budget, args.num_experts)
+    labels, routers, shared = read_moe_parts(args.labels, args.router_file, args.router, args.num_experts, args.shared_experts)
+    k = budget_to_k(args.budget, args.num_experts, shared)
     moes = {}
     for ffn in find_ffns(model):
-        moes[ffn.index] = from_split(ffn, labels[ffn.index], args.num_experts, routers[ffn.index], k)
+        moes[ffn.index] = from_split(ffn, labels[ffn.index], args.num_experts, routers[ffn.index], k, shared)
         ffn.replace(moes[ffn.index])
     mask_padding(model, moes.values())
     return moes, {"budget": args.budget, "k": k, "labels": labels}

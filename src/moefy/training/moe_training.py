@@ -129,11 +129,14 @@ def load_statistics(moes: dict[int, SparseMoE], reset: bool = True) -> dict[str,
 
 @torch.no_grad()
 def write_back(ffn: FFN, moe: SparseMoE, labels: torch.Tensor) -> None:
-    """Copy a from_split MoE's trained experts into the FFN's own projections (neuron order restored)."""
+    """Copy a from_split MoE's trained experts, shared ones included, into the FFN's own
+    projections (neuron order restored)."""
     E, s = moe.num_experts, moe.expert_size
-    if moe.expert_bias is not None or E * s != ffn.d_ff:
+    shared = 0 if moe.shared is None else moe.shared.w_out.shape[0]
+    if moe.expert_bias is not None or E * s + shared != ffn.d_ff:
         raise MoefyError("write_back takes an MoE made by from_split from this FFN")
-    order = expert_order(labels.to(ffn.w_in.weight.device), E)
+    everything = expert_order(labels.to(ffn.w_in.weight.device), ffn.d_ff // s)
+    order = everything[: E * s]
 
     def rows(block: torch.Tensor) -> torch.Tensor:  # [E, d, s] -> [d_ff, d] in expert order
         return block.transpose(1, 2).reshape(E * s, -1)
@@ -147,3 +150,11 @@ def write_back(ffn: FFN, moe: SparseMoE, labels: torch.Tensor) -> None:
     ffn.w_out.weight[:, order] = moe.w_out.reshape(E * s, -1).t().to(ffn.w_out.weight.dtype)
     if ffn.w_out.bias is not None:
         ffn.w_out.bias.copy_(moe.shared_bias)
+    if moe.shared is not None:
+        neurons, block = everything[E * s :], moe.shared
+        for linear, weight, bias in ((ffn.w_in, block.w_in, block.b_in), (ffn.w_gate, block.w_gate, block.b_gate)):
+            if linear is not None:
+                linear.weight[neurons] = weight.t().to(linear.weight.dtype)
+                if linear.bias is not None:
+                    linear.bias[neurons] = bias.to(linear.bias.dtype)
+        ffn.w_out.weight[:, neurons] = block.w_out.t().to(ffn.w_out.weight.dtype)

@@ -2,7 +2,7 @@
 and the user-error boundary.
 
 Every flag that means the same thing in several steps (--model, --task, --penalty, --seed, --convert, --split,
---num-experts, --router, --recovery, --device, --out) is defined once here, with its names from the schema, so
+--num-experts, --shared-experts, --router, --recovery, --device, --out) is defined once here, with its names from the schema, so
 `python -m moefy.steps.<step> --help` reads the same in every step. A rule passes
 `settings_flags(config[section])`; the step parses them back with `add_section_flags(parser,
 section)`. Key `max_length` is flag `--max-length`, so a step run by hand takes the same flags
@@ -38,13 +38,20 @@ SHARED_FLAGS: dict[str, dict[str, Any]] = {
         help="what the conversion turns into experts: ffn, or ffn+attention (--model is then a distilled model, step distill)",
     ),
     "split": dict(choices=SPLITS, required=True, help="how the FFN neurons were grouped into experts"),
-    "num_experts": dict(type=int, required=True, help="experts per FFN layer"),
+    "num_experts": dict(type=int, required=True, help="experts per FFN layer, shared ones included"),
+    "shared_experts": dict(
+        type=int, default=0, help="of them, the always-on experts of the neurons firing on most tokens (0: every expert routed)"
+    ),
     "router": dict(choices=ROUTERS, required=True, help="the router that picks experts per token"),
     "recovery": dict(
         choices=RECOVERIES, default="none", help="none: the conversion as converted; task or kd: after recovery training"
     ),
     "device": dict(choices=DEVICES, default="auto", help="auto: CUDA when available, else CPU"),
 }
+
+
+# The flags that place a conversion in the grid (its variant, and split, experts and router).
+CONVERSION_FLAGS = ("penalty", "seed", "convert", "split", "num_experts", "shared_experts", "router")
 
 
 def _flag(key: str) -> str:

@@ -1,8 +1,9 @@
 """What a study runs: the validated config's grid of arms turned into variants and evaluations.
 
 A variant is one fine-tuned model (a sparsity penalty and a replicate seed); an evaluation is one
-conversion of a variant (what it converts, split, expert count, router), as converted or after recovery training,
-measured at the top-k budgets and dynamic-k thresholds of every arm that contains it. An upcycled
+conversion of a variant (what it converts, split, expert count and how many are shared, router), as
+converted or after recovery training, measured at the top-k budgets (in each allocation over the
+layers) and dynamic-k thresholds of every arm that contains it. An upcycled
 model is one of `upcycling.models` built from one variant; a merged model is one of those merged
 (and compressed, distilled) by `merging`. rules/common.smk turns these into file paths.
 """
@@ -36,6 +37,11 @@ class Variant:
 ATTENTION_SUFFIX = "-attention"
 
 
+def shared_suffix(shared_experts: int) -> str:
+    """The suffix of a conversion's folder after `-E<E>`: `-S<S>` with shared experts, else none."""
+    return f"-S{shared_experts}" if shared_experts else ""
+
+
 @dataclass(frozen=True, order=True)
 class Evaluation:
     variant: Variant
@@ -44,6 +50,7 @@ class Evaluation:
     router: str
     recovery: str = "none"
     convert: str = "ffn"
+    shared_experts: int = 0
 
     @property
     def converted(self) -> str:
@@ -53,8 +60,8 @@ class Evaluation:
 
     @property
     def conversion(self) -> str:
-        """`<split>-E<num_experts>-<router>`: the folder of its router (and of its recovery)."""
-        return f"{self.split}-E{self.num_experts}-{self.router}"
+        """`<split>-E<num_experts>[-S<shared_experts>]-<router>`: the folder of its router (and of its recovery)."""
+        return f"{self.split}-E{self.num_experts}{shared_suffix(self.shared_experts)}-{self.router}"
 
     @property
     def name(self) -> str:
@@ -99,6 +106,24 @@ class Rules:
 
     budgets: tuple[float, ...]
     thresholds: tuple[float, ...]
+    allocations: tuple[str, ...] = ("uniform",)
+
+
+def check_budgets(arm_name: str, budgets, num_experts: int, shared_experts: int) -> None:
+    """Every budget must activate more experts than the shared ones (moefy.conversion.routers.budget_to_k)."""
+    from moefy.conversion.routers import active_experts
+
+    if shared_experts >= num_experts:
+        raise MoefyError(
+            f"grid.{arm_name}: shared_experts {shared_experts} must be below num_experts {num_experts}: "
+            "at least one expert must be routed"
+        )
+    low = [b for b in budgets if active_experts(b, num_experts) <= shared_experts]
+    if low:
+        raise MoefyError(
+            f"grid.{arm_name}: budget {', '.join(f'{b:g}' for b in low)} activates no more than its {shared_experts} "
+            f"shared experts of {num_experts}; give budgets above {shared_experts / num_experts:.3g} or fewer shared experts"
+        )
 
 
 class Study:
@@ -108,19 +133,34 @@ class Study:
         defaults = config["evaluate"]
         budgets: dict[Evaluation, set[float]] = {}
         thresholds: dict[Evaluation, set[float]] = {}
+        allocations: dict[Evaluation, set[str]] = {}
         for name, arm in config["grid"].items():
             if "ffn+attention" in arm["convert"] and set(arm["recovery"]) != {"none"}:
                 raise MoefyError(
                     f"grid.{name}: recovery {', '.join(r for r in arm['recovery'] if r != 'none')} of converted attention "
                     "projections is not supported; give that arm convert: [ffn] or recovery: [none]"
                 )
-            for penalty, seed, split, num_experts, router, recovery, convert in itertools.product(
-                arm["penalty"], arm["seed"], arm["split"], arm["num_experts"], arm["router"], arm["recovery"], arm["convert"]
+            for penalty, seed, split, num_experts, shared, router, recovery, convert in itertools.product(
+                arm["penalty"],
+                arm["seed"],
+                arm["split"],
+                arm["num_experts"],
+                arm["shared_experts"],
+                arm["router"],
+                arm["recovery"],
+                arm["convert"],
             ):
-                evaluation = Evaluation(Variant(penalty, seed), split, num_experts, router, recovery, convert)
+                evaluation = Evaluation(Variant(penalty, seed), split, num_experts, router, recovery, convert, shared)
+                check_budgets(name, arm.get("budgets", defaults["budgets"]), num_experts, shared)
+                if recovery != "none":
+                    check_budgets(f"{name} (recover.budget)", [config["recover"]["budget"]], num_experts, shared)
                 budgets.setdefault(evaluation, set()).update(arm.get("budgets", defaults["budgets"]))
                 thresholds.setdefault(evaluation, set()).update(arm.get("thresholds", defaults["thresholds"]))
-        self._rules = {e: Rules(tuple(sorted(budgets[e])), tuple(sorted(thresholds[e]))) for e in sorted(budgets)}
+                allocations.setdefault(evaluation, set()).update(arm["allocation"])
+        self._rules = {
+            e: Rules(tuple(sorted(budgets[e])), tuple(sorted(thresholds[e])), tuple(sorted(allocations[e], reverse=True)))
+            for e in sorted(budgets)
+        }
         self._defaults = Rules(tuple(sorted(defaults["budgets"])), tuple(sorted(defaults["thresholds"])))
         upcycling = config["upcycling"]
         names = sorted(upcycling["models"])

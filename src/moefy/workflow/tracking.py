@@ -232,10 +232,11 @@ def run_name(step: str, wildcards: Mapping[str, Any]) -> str:
     variant = "-".join(
         str(wildcards[k]) if k == "penalty" else f"seed{wildcards[k]}" for k in ("penalty", "seed") if k in wildcards
     )
+    names = {"num_experts": "E{}", "shared_experts": "S{}"}
     conversion = "-".join(
-        f"E{wildcards[k]}" if k == "num_experts" else str(wildcards[k])
-        for k in ("split", "num_experts", "router")
-        if k in wildcards
+        names.get(k, "{}").format(wildcards[k])
+        for k in ("split", "num_experts", "shared_experts", "router")
+        if k in wildcards and (k != "shared_experts" or wildcards[k])
     )
     if conversion and wildcards.get("recovery", "none") != "none":
         conversion += f"-{wildcards['recovery']}"
