@@ -1,5 +1,6 @@
 # Which MoE kernel is fastest here, measured once for the study's FFN shape (and distilled attention
-# projections' shapes, when the grid converts them) and every expert count.
+# projections' shapes, when the grid converts them) and every expert count (with shared experts, of
+# the routed part).
 # It takes every core so that nothing else runs while it times; the kernels inside use the
 # threads an evaluate job gets.
 
@@ -24,7 +25,12 @@ rule calibrate:
         task=config["task"],
         model=model_source,
         remote_code="--trust-remote-code" if config["model"]["trust_remote_code"] else "",
-        experts=settings_flags({"num_experts": GRID.expert_counts}),
+        experts=settings_flags(
+            {
+                "num_experts": [e for e, _ in GRID.expert_shapes],
+                "shared_experts": [s for _, s in GRID.expert_shapes],
+            }
+        ),
         activation=config["finetune"]["activation"],
         projections=(
             f"--projection-flops-factor {config['distill_attention']['flops_factor']} --width-multiple {GRID.width_multiple}"

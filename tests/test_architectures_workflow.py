@@ -142,6 +142,8 @@ def test_llama_with_shared_experts_per_layer_budgets_and_recovery(llama_study):
     dense = json.loads((llama_study / "finetune" / VARIANT / "metrics.json").read_text())["test_perplexity"]
     labels = load_file(llama_study / "balance" / VARIANT / "kmeans-E8-S2" / "labels.safetensors")
     assert all(torch.bincount(t).tolist() == [D_FF // 8] * 8 for t in labels.values())
+    kernels = json.loads((llama_study / "calibrate" / "moe_kernels.json").read_text())["shapes"]
+    assert "d32-ff48-E6-gated" in kernels, "the kernels were measured on the routed part, 6 experts of 8 neurons"
     router = load_file(llama_study / "router" / VARIANT / "kmeans-E8-S2-representative" / "router.safetensors")
     assert router["layer.0.scale"].shape == (6,), "the training-free router scores the 6 routed experts"
     assert router["error_curve.0"].shape == (7,) and router["error_curve.0"][-1] < 1e-9

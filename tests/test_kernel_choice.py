@@ -146,6 +146,20 @@ def test_a_layer_looks_up_the_table_its_ffn_was_calibrated_under(gated):
     assert layer_shape_key(layer) == ffn_shape_key(dense, 8) == ("d16-ff64-E8-gated" if gated else "d16-ff64-E8")
 
 
+def test_a_layer_with_shared_experts_looks_up_the_table_of_its_routed_part():
+    from moefy.steps.calibrate import routed_part
+
+    dense = ffn(gated=True)
+    labels = torch.arange(64) % 8  # experts 6 and 7 shared
+    layer = MoEFFN(dense, labels, MLPRouter(16, 6), 8, shared_experts=2)
+    part = routed_part(dense, 8, 2)
+    assert layer_shape_key(layer) == ffn_shape_key(part, 6) == "d16-ff48-E6-gated"
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(part.activations(x), dense.activations(x)[:, :48])
+    assert routed_part(dense, 8, 0) is dense
+
+
 def test_the_calibration_times_a_cells_kernels_in_turns_so_a_burst_of_load_slows_each_of_them_once(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(kernel_choice.time, "perf_counter", lambda: clock[0])

@@ -147,3 +147,33 @@ def test_recovery_of_converted_attention_is_refused_by_name():
     arm = {"split": ["kmeans"], "num_experts": [8], "router": ["mlp"], "convert": ["ffn+attention"], "recovery": ["none", "kd"]}
     with pytest.raises(MoefyError, match="grid.a: recovery kd of converted attention projections is not supported"):
         study({"a": arm})
+
+
+def test_shared_experts_and_allocations_are_axes_named_in_the_files_and_rules():
+    arm = {"split": ["coact"], "num_experts": [8], "router": ["mlp"], "budgets": [0.5, 1.0]}
+    arms = {
+        "plain": arm,
+        "shared": arm | {"shared_experts": [2], "allocation": ["uniform", "sensitivity"], "recovery": ["none", "kd"]},
+    }
+    grid = Study(validate(copy.deepcopy(BASE) | {"grid": arms, "recover": {"budget": 0.5}}))
+    plain, shared = (
+        Evaluation(Variant("none", 0), "coact", 8, "mlp"),
+        Evaluation(Variant("none", 0), "coact", 8, "mlp", shared_experts=2),
+    )
+    assert plain.name == "coact-E8-mlp" and shared.name == "coact-E8-S2-mlp"
+    assert grid.rules(shared) == Rules((0.5, 1.0), (), ("uniform", "sensitivity"))
+    assert grid.rules(plain).allocations == ("uniform",)
+    assert grid.expert_shapes == [(8, 0), (8, 2)]
+
+
+@pytest.mark.parametrize(
+    "arm,fragment",
+    [
+        ({"shared_experts": [8]}, "shared_experts 8 must be below num_experts 8"),
+        ({"shared_experts": [2], "budgets": [0.25, 0.5]}, "budget 0.25 activates no more than its 2 shared experts of 8"),
+        ({"shared_experts": [4], "recovery": ["kd"], "budgets": [0.75]}, r"grid.a \(recover.budget\): budget 0.2 activates"),
+    ],
+)
+def test_budgets_the_shared_experts_alone_fill_are_refused(arm, fragment):
+    with pytest.raises(MoefyError, match=fragment):
+        study({"a": {"split": ["kmeans"], "num_experts": [8], "router": ["mlp"]} | arm})

@@ -3,7 +3,8 @@
 
 Times embedding bags, the loop of matmuls over the experts (native where it builds), grouped matmuls and masked-dense on the model's first FFN (with the
 activation the fine-tune will give it) over a ladder of token counts and experts per token, for
-every expert count of the grid, with the threads an evaluate job gets. Writes
+every expert count of the grid (with shared experts: the routed experts' part of the FFN, which
+is what the kernels run), with the threads an evaluate job gets. Writes
 <out>/moe_kernels.json, which every evaluate job of the study reads, so that all of them, and
 every rerun, use the same kernels (see moefy.moe.kernel_choice).
 """
@@ -14,6 +15,7 @@ import argparse
 import itertools
 
 import torch
+from torch import nn
 
 from moefy import dist, native
 from moefy.adapters.attention import find_projections
@@ -33,6 +35,12 @@ def parse_args(argv: list[str] | None):
     parser = step_parser("calibrate", __doc__, "model", "task", "device")
     parser.add_argument("--num-experts", required=True, type=int, nargs="+", help="every expert count of the grid")
     parser.add_argument(
+        "--shared-experts",
+        type=int,
+        nargs="+",
+        help="the shared experts of each --num-experts, in its order (default: none); the kernels run the rest",
+    )
+    parser.add_argument(
         "--activation",
         choices=section_properties("finetune")["activation"]["enum"],
         default="relu",
@@ -47,7 +55,32 @@ def parse_args(argv: list[str] | None):
     parser.add_argument(
         "--width-multiple", type=int, default=1, help="what the distilled widths are rounded up to (step distill)"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.shared_experts = args.shared_experts or [0] * len(args.num_experts)
+    if len(args.shared_experts) != len(args.num_experts):
+        parser.error("give one --shared-experts count per --num-experts")
+    return args
+
+
+def routed_part(ffn: FFN, num_experts: int, shared_experts: int) -> FFN:
+    """A stand-in of the FFN's routed experts: its first (E - S) * d_ff / E neurons (the kernels'
+    speed depends on the shape, not on which neurons)."""
+    if not shared_experts:
+        return ffn
+    neurons = (num_experts - shared_experts) * (ffn.d_ff // num_experts)
+
+    def rows(linear: nn.Linear | None, out: bool = False) -> nn.Linear | None:
+        if linear is None:
+            return None
+        weight = linear.weight[:, :neurons] if out else linear.weight[:neurons]
+        part = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, device=weight.device)
+        with torch.no_grad():
+            part.weight.copy_(weight)
+            if linear.bias is not None:
+                part.bias.copy_(linear.bias if out else linear.bias[:neurons])
+        return part
+
+    return FFN(ffn.index, rows(ffn.w_in), ffn.act, rows(ffn.w_out, out=True), lambda m: None, w_gate=rows(ffn.w_gate))
 
 
 def shapes_to_measure(model, args) -> list[FFN]:
@@ -74,10 +107,12 @@ def main(argv: list[str] | None = None) -> None:
     with tracking.job_run("calibrate", vars(args)) as run:
         looped = native.implementation(ctx.device)  # built now, before the timings and their progress bar
         shapes = {}
-        for ffn, num_experts in itertools.product(shapes_to_measure(model, args), args.num_experts):
-            check_num_experts(ffn.d_ff, num_experts)
-            table = measure(ffn, num_experts, ctx.device)
-            key = ffn_shape_key(ffn, num_experts)
+        experts = list(zip(args.num_experts, args.shared_experts))
+        for whole, (num_experts, shared) in itertools.product(shapes_to_measure(model, args), experts):
+            check_num_experts(whole.d_ff, num_experts)
+            ffn, routed = routed_part(whole, num_experts, shared), num_experts - shared
+            table = measure(ffn, routed, ctx.device)
+            key = ffn_shape_key(ffn, routed)
             shapes[key] = table.to_json()
             print(
                 f"{key}: fastest kernel per token count (rows) and experts per token / E (columns "

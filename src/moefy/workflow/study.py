@@ -208,8 +208,9 @@ class Study:
         return math.lcm(1, *(e.num_experts for e in self._rules if e.convert == "ffn+attention"))
 
     @property
-    def expert_counts(self) -> list[int]:
-        return sorted({e.num_experts for e in self._rules})
+    def expert_shapes(self) -> list[tuple[int, int]]:
+        """Every (expert count, shared experts) of the grid's conversions: the kernels' shapes."""
+        return sorted({(e.num_experts, e.shared_experts) for e in self._rules})
 
     def rules(self, evaluation: Evaluation) -> Rules:
         """The arms' budgets and thresholds; an evaluation outside the grid (asked for by file name)
