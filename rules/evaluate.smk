@@ -3,6 +3,7 @@ rule evaluate:
         model=converted_model,
         reference=reference_model,
         test=rules.data.output.test,
+        second_test=second_test(),
         labels=rules.balance.output.labels,
         router_file=rules.router.output.router_file,
         kernels=rules.calibrate.output[0],
@@ -27,7 +28,8 @@ rule evaluate:
         device=COMPUTE["device"],
         settings=settings_flags({"batch_size": config["evaluate"]["batch_size"]}),
         reference=reference_flag,
+        second_test=second_test_flag,
     shell:
         "OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} {params.reference} --task {params.task} {params.ablation} "
         "--data {params.data} --labels {input.labels} --router-file {input.router_file} --kernels {input.kernels} {params.rules} --out {output} "
-        "--device {params.device} {params.settings} > {log} 2>&1"
+        "--device {params.device} {params.settings} {params.second_test} > {log} 2>&1"

@@ -41,6 +41,7 @@ use rule evaluate as evaluate_recovered with:
         model=rules.recover.output.model,
         reference=rules.finetune.output.model,
         test=rules.data.output.test,
+        second_test=second_test(),
         labels=ffn_only(rules.balance.output.labels),
         router_file=ffn_only(rules.router.output.router_file),
         kernels=rules.calibrate.output[0],

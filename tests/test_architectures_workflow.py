@@ -41,6 +41,7 @@ SHARED_ARM = {
 def write_study(workdir: Path, family: str, task: str, finetune: dict, arms: dict | None = None) -> Path:
     build_tiny(family, workdir / "model", d_ff=D_FF)
     write_toy_sentiment(workdir / "reviews.csv", rows=300)
+    write_toy_sentiment(workdir / "other.csv", rows=60, seed=1, mixed=True)  # the second corpus of causal_lm
     config = {
         "study": "tiny",
         "task": task,
@@ -61,6 +62,8 @@ def write_study(workdir: Path, family: str, task: str, finetune: dict, arms: dic
         "router": {"mlp_epochs": 3},
         "evaluate": {"budgets": BUDGETS, "batch_size": 32},
     }
+    if task == "causal_lm":
+        config["second_corpus"] = {"path": "other.csv", "max_texts": 40}
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     return workdir
 
@@ -161,7 +164,9 @@ def test_llama_with_shared_experts_per_layer_budgets_and_recovery(llama_study):
         assert 0.5 < uniform["ffn_flops_fraction"] < 0.6
         full = records[(1.0, "uniform")]
         assert full["dense_test_perplexity"] == pytest.approx(dense, rel=1e-4), "both against the fine-tuned model"
+        assert all(r["second_test_perplexity"] > 1 for r in records.values()), "the second corpus is measured too"
         if not name.endswith("-kd"):
-            assert full["relative_perplexity"] == 1.0
+            assert full["relative_perplexity"] == 1.0 and full["second_relative_perplexity"] == 1.0
+            assert uniform["second_relative_perplexity"] != 1.0
     recovered = json.loads((llama_study / "recover" / VARIANT / "kmeans-E8-S2-representative-kd" / "metrics.json").read_text())
     assert recovered["k"] == 2 and recovered["train_steps"] > 0

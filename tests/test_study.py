@@ -177,3 +177,11 @@ def test_shared_experts_and_allocations_are_axes_named_in_the_files_and_rules():
 def test_budgets_the_shared_experts_alone_fill_are_refused(arm, fragment):
     with pytest.raises(MoefyError, match=fragment):
         study({"a": {"split": ["kmeans"], "num_experts": [8], "router": ["mlp"]} | arm})
+
+
+def test_a_second_corpus_is_refused_for_classification():
+    config = copy.deepcopy(BASE) | {"grid": {"a": {"split": ["kmeans"], "num_experts": [8], "router": ["mlp"]}}}
+    config["second_corpus"] = {"path": "other.csv"}
+    with pytest.raises(MoefyError, match="second_corpus: .* needs task causal_lm, not classification"):
+        Study(validate(config))
+    assert Study(validate(config | {"task": "causal_lm"})).config["second_corpus"]["max_texts"] == 200

@@ -134,6 +134,7 @@ def by_method(table: pd.DataFrame) -> pd.DataFrame:
     metric = metric_of(table)
     relative = f"relative_{metric}"
     keys = METHOD + POINT
+    second = "second_relative_perplexity" in table  # measured on a second corpus too (config second_corpus)
     grouped = table.groupby(keys, sort=True, dropna=False)  # a top-k point has no tau, a dynamic one no budget
     out = grouped.agg(
         seeds=("seed", "nunique"),
@@ -144,6 +145,7 @@ def by_method(table: pd.DataFrame) -> pd.DataFrame:
         experts_per_token_mean=("experts_per_token", "mean"),
         dense_agreement_mean=("dense_agreement", "mean"),
         ffn_speedup_mean=("ffn_speedup", "mean"),
+        **({"second_relative_perplexity_mean": ("second_relative_perplexity", "mean")} if second else {}),
     ).reset_index()
     return out.sort_values(METHOD + ["ffn_flops_fraction_mean"], ignore_index=True)
 

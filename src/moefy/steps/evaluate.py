@@ -11,7 +11,8 @@ experts per token (mean and spread over real tokens), the FFN FLOPs fraction inc
 router, and the measured wall-clock of all FFNs over the test set: the MoE (only picked experts
 computed, router included) against the same weights run dense. The dense model is the MoE with
 every expert, measured here on the same batches. Test texts are sharded over ranks; sums are
-added. Writes one JSON file: a list of records, each naming its place in the grid (penalty, seed,
+added. With --second-test (causal_lm), every rule is also measured on a second corpus's texts
+(second_test_perplexity, and relative to the dense model on them). Writes one JSON file: a list of records, each naming its place in the grid (penalty, seed,
 split, num_experts, router) and the precision the model was fine-tuned in.
 """
 
@@ -70,6 +71,9 @@ def parse_args(argv: list[str] | None):
         "--reference",
         help="the dense model the relative numbers compare with, when --model is not it (a recovered model: its fine-tuned model)",
     )
+    parser.add_argument(
+        "--second-test", type=Path, help="causal_lm: data/second_test.jsonl, a second corpus also measured (step second_corpus)"
+    )
     add_section_flags(parser, "evaluate")
     return parser.parse_args(argv)
 
@@ -121,6 +125,19 @@ def main(argv: list[str] | None = None) -> None:
         rule.apply(on[1])
         return run_pass(on[0], on[1], encoded, batches, task, targets_t, ctx, rule.label, dense_predictions)
 
+    second = None
+    if args.second_test:
+        if task.name != "causal_lm":
+            raise MoefyError(f"--second-test measures perplexity: it needs task causal_lm, not {task.name}")
+        second_encoded = Encoded(tokenizer, read_subset(args.second_test)[0])
+        second = (second_encoded, eval_batches(second_encoded, args.batch_size, ctx))
+
+    def second_metric(rule: SelectionRule, on=(model, layers)) -> float:
+        """The rule's perplexity on the second corpus."""
+        rule.apply(on[1])
+        totals = run_pass(on[0], on[1], *second, task, None, ctx, f"{rule.label}, second corpus")[1]
+        return task.metric_of(totals.score, totals.count)
+
     records = []
     routed = args.num_experts - shared
     everything = SelectionRule("top_k", budget=1.0, k=routed)
@@ -130,13 +147,18 @@ def main(argv: list[str] | None = None) -> None:
             on = (reference, moefy_model(reference, labels, routers, args.num_experts, shared_experts=shared))
             choose_kernels(args, on[1])
             dense_predictions, dense, _ = measure(everything, on=on)
+            dense_second = second_metric(everything, on) if second else None
             del reference, on
         else:
             dense_predictions, dense, _ = measure(everything)
+            dense_second = second_metric(everything) if second else None
         for rule in selection_rules(args.budgets, args.thresholds, layers, args.num_experts, args.allocations, curves):
             reuse = rule.runs_dense(routed) and not args.reference
             totals, kernels = (dense, "dense") if reuse else measure(rule, dense_predictions)[1:]
             entry = identity | record(rule, totals, dense, task, layers, kernels, whole)
+            if second:
+                value = dense_second if reuse else second_metric(rule)
+                entry |= {"second_test_perplexity": value, "second_relative_perplexity": value / dense_second}
             records.append(entry)
             if ctx.is_main:
                 metric = task.metric

@@ -130,6 +130,11 @@ class Study:
     def __init__(self, config: dict[str, Any]):
         """`config` must be validated (moefy.config.validate fills in the defaults read here)."""
         self.config = config
+        if config.get("second_corpus") and config["task"] != "causal_lm":
+            raise MoefyError(
+                f"second_corpus: a second corpus is measured by perplexity, so it needs task causal_lm, not {config['task']}; "
+                "remove the section"
+            )
         defaults = config["evaluate"]
         budgets: dict[Evaluation, set[float]] = {}
         thresholds: dict[Evaluation, set[float]] = {}
