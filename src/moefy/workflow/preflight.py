@@ -52,10 +52,21 @@ def _model_config(model: dict[str, Any]):
         ) from None
 
 
+def _check_tokenizer(model: dict[str, Any]) -> None:
+    """The model's own tokenizer loads: a folder saved without one would train on [UNK]s."""
+    from moefy.adapters.models import load_tokenizer
+
+    path = Path(model["name_or_path"]).expanduser()
+    try:
+        load_tokenizer(str(path) if path.exists() else model["name_or_path"], model["trust_remote_code"])
+    except MoefyError as err:
+        raise MoefyError(f"config key model.name_or_path: {err}") from None
+
+
 def check_model(config: dict[str, Any]) -> None:
-    """The model family is supported (with a next-token head for causal_lm), every
-    grid.num_experts divides its d_ff, and the representative router's neurons per expert fit in
-    the experts of every arm that uses it."""
+    """The model family is supported (with a next-token head for causal_lm), its tokenizer
+    loads from its own files, every grid.num_experts divides its d_ff, and the representative
+    router's neurons per expert fit in the experts of every arm that uses it."""
     from moefy.adapters.families import causal_lm_families, family
     from moefy.conversion.split import check_num_experts
 
@@ -63,6 +74,7 @@ def check_model(config: dict[str, Any]) -> None:
     if model_config is None:
         return
     adapter = family(model_config)
+    _check_tokenizer(config["model"])
     if config.get("task", "classification") == "causal_lm" and not adapter.causal_lm:
         raise MoefyError(
             f"config key task: causal_lm needs a decoder-only model, and {config['model']['name_or_path']!r} is a "
