@@ -159,7 +159,7 @@ def dataset_flags():
         source = f"--path {ds['path']}"
     else:
         source = f"--hub-name {ds['hub']['name']}" + (f" --hub-config {ds['hub']['config']}" if ds["hub"].get("config") else "")
-    columns = ("text_column", "label_column", "labels", "validation_fraction", "test_fraction")
+    columns = ("text_column", "label_column", "labels", "validation_fraction", "test_fraction", "max_dropped_fraction")
     return " ".join([source, settings_flags({k: ds[k] for k in columns})])
 
 

@@ -51,6 +51,7 @@ BAD_CONFIGS = [
     ("dataset.text_column", "review", "has no column 'review' (its columns: category, text, movie_name)"),
     ("dataset.labels", ["fresh", "stale"], "dataset.labels asks for 'stale', which never occurs"),
     ("dataset.labels", None, "only 1 class"),  # with the one-class file below
+    ("dataset.max_dropped_fraction", 0.01, "config key dataset.max_dropped_fraction: the data loses more rows than 0.01"),
     ("finetune.batch_size", 0, "finetune.batch_size: 0 is less than the minimum of 1"),
     ("activations.max_tokens", -5, "activations.max_tokens: -5 is less than the minimum of 1"),
 ]
@@ -189,6 +190,7 @@ def test_dataset_problems(tmp_path, rows, fragment):
         "validation_fraction": 0.1,
         "test_fraction": 0.1,
         "seed": 0,
+        "max_dropped_fraction": 0.2,
     }
     with pytest.raises(MoefyError, match=fragment):
         check_dataset({"dataset": dataset})

@@ -97,7 +97,8 @@ def check_model(config: dict[str, Any]) -> None:
 
 
 def check_dataset(config: dict[str, Any]) -> None:
-    """A local data file exists, has the columns, and splits into non-empty train/validation/test."""
+    """A local data file exists, has the columns, splits into non-empty train/validation/test,
+    and loses no more than dataset.max_dropped_fraction of its rows."""
     from moefy.data.tables import load_table, prepare_subsets, prepare_texts
 
     dataset = config["dataset"]
@@ -108,12 +109,12 @@ def check_dataset(config: dict[str, Any]) -> None:
         if dataset.get("fetch"):
             return
         raise MoefyError(f"config key dataset.path: data file {str(path)!r} does not exist")
+    fractions = (dataset["validation_fraction"], dataset["test_fraction"], dataset["seed"], dataset["max_dropped_fraction"])
     if config.get("task", "classification") == "causal_lm":
-        table = load_table(path, dataset["text_column"], None)
-        prepare_texts(table, dataset["validation_fraction"], dataset["test_fraction"], dataset["seed"])
+        prepare_texts(load_table(path, dataset["text_column"], None), *fractions)
         return
     table = load_table(path, dataset["text_column"], dataset["label_column"])
-    prepare_subsets(table, dataset["labels"], dataset["validation_fraction"], dataset["test_fraction"], dataset["seed"])
+    prepare_subsets(table, dataset["labels"], *fractions)
 
 
 def check_study(config: dict[str, Any]) -> None:
