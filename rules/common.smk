@@ -281,7 +281,7 @@ def check_before_jobs():
     from moefy.workflow.preflight import check_study
 
     try:
-        check_study(config)
+        check_study(config, jobs_run_here=not ON_CLUSTER)
         owners.hold_lock(Path(results(".lock")), f"study {STUDY}")
     except MoefyError as err:
         sys.exit(f"moefy: {err}")

@@ -15,6 +15,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import psutil
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -24,7 +25,7 @@ from moefy.errors import MoefyError
 from moefy.report.summary import reproducible
 from moefy.steps import router as router_step
 from moefy.workflow.cli import run_step
-from moefy.workflow.preflight import check_dataset, check_model, check_study
+from moefy.workflow.preflight import check_dataset, check_device, check_model, check_study
 from studies import ROOT, TINY, environment, in_study, make_workdir, snakemake, snakemake_command, tiny_config
 
 # --- bad config: one clear message before any job runs -----------------------------------------
@@ -54,6 +55,7 @@ BAD_CONFIGS = [
     ("dataset.max_dropped_fraction", 0.01, "config key dataset.max_dropped_fraction: the data loses more rows than 0.01"),
     ("finetune.batch_size", 0, "finetune.batch_size: 0 is less than the minimum of 1"),
     ("activations.max_tokens", -5, "activations.max_tokens: -5 is less than the minimum of 1"),
+    ("compute", {"device": "cuda"}, "config key compute.device: cuda, but torch sees no CUDA GPU"),  # a machine without
 ]
 
 
@@ -72,8 +74,21 @@ def test_bad_config_is_one_clear_message(faults_workdir, tmp_path, monkeypatch, 
         (tmp_path / "reviews.csv").write_text("category,text\nfresh,great\nfresh,good fun\nfresh,lovely\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(MoefyError, match=re.escape(fragment)):
         check_study(validate(change(tiny_config(), key, value)))
+
+
+def test_device_cuda_needs_a_gpu_where_the_jobs_run(monkeypatch):
+    """Checked on the machine that runs the jobs; a cluster's submit host may have no GPU."""
+    cuda = {"compute": {"device": "cuda"}}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(MoefyError, match=r"compute.device: cuda, .* set compute.device: cpu .*or run on a GPU node$"):
+        check_device(cuda)
+    check_device(cuda, jobs_run_here=False)
+    check_device({"compute": {"device": "auto"}})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_device(cuda)
 
 
 @pytest.mark.e2e

@@ -8,6 +8,7 @@ not after it. Model and data that a fetch rule has not extracted yet are checked
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,23 @@ def check_dataset(config: dict[str, Any]) -> None:
     prepare_subsets(table, dataset["labels"], *fractions)
 
 
-def check_study(config: dict[str, Any]) -> None:
+def check_device(config: dict[str, Any], jobs_run_here: bool = True) -> None:
+    """compute.device cuda has a GPU where the jobs run. Only checked when that is this machine:
+    a cluster's submit host often has no GPU while its GPU nodes do (and a dry run checks nothing)."""
+    if config["compute"]["device"] != "cuda" or not jobs_run_here:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise MoefyError(
+            f"config key compute.device: cuda, but torch sees no CUDA GPU on {socket.gethostname()} (torch "
+            f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); set compute.device: cpu (or auto, "
+            "which takes a GPU where there is one), or run on a GPU node"
+        )
+
+
+def check_study(config: dict[str, Any], jobs_run_here: bool = True) -> None:
+    """Every check above, before any job; `jobs_run_here` False: the jobs run on a cluster's nodes."""
+    check_device(config, jobs_run_here)
     check_model(config)
     check_dataset(config)
