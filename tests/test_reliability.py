@@ -118,6 +118,23 @@ def test_snakemake_stops_a_bad_config_before_any_job(faults_workdir, tmp_path, k
     assert not (tmp_path / "results" / TINY).exists(), "no job may run"
 
 
+@pytest.mark.e2e
+def test_an_error_while_the_rules_are_read_is_one_line(tmp_path):
+    """Study(config) in rules/common.smk refuses merging.models naming a model not upcycled: a dry
+    run prints it as one `moefy:` line, like a schema error, not as Snakemake's file/line stack."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(change(tiny_config(), "merging.models", ["nowhere"])))
+    done = subprocess.run(
+        snakemake_command(tmp_path, "-n"), cwd=tmp_path, capture_output=True, text=True, env=environment(tmp_path)
+    )
+    assert done.returncode != 0
+    output = (done.stdout + done.stderr).splitlines()  # Snakemake prints its stack on stdout
+    said = [line for line in output if line and not line.startswith("Using workflow specific profile")]
+    assert said == [
+        "moefy: merging.models names nowhere, not in upcycling.models (expert-choice): merge models the study upcycles"
+    ], done.stdout + done.stderr
+    assert said[0] in done.stderr
+
+
 # --- the same checks one by one ----------------------------------------------------------------
 
 
