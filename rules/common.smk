@@ -13,10 +13,13 @@ from moefy.workflow.launch import export_source_folder, interpreter_first_on_pat
 from moefy.training.merging import CHAIN_PATTERN, GROUPS_PATTERN, MERGED_PATTERN, METHOD_PATTERN
 from moefy.workflow.study import ATTENTION_SUFFIX, VARIANT_FORMAT, Evaluation, Study, Variant
 
+# What the grid holds is checked while the rules are read (validate, then Study: merging.models
+# naming a model not upcycled, say); a MoefyError is one line and a non-zero exit, not a stack.
 try:
     validate(config)
+    GRID = Study(config)
 except MoefyError as err:
-    sys.exit(f"moefy: {err}")  # one line and a non-zero exit, before any job runs
+    sys.exit(f"moefy: {err}")  # before any job runs, dry runs included
 
 # Rules run `python` (and `python -m torch.distributed.run`): the interpreter running Snakemake comes
 # first on the jobs' PATH, so .venv/bin/snakemake works without an activated environment, while
@@ -28,7 +31,6 @@ export_source_folder(workflow.basedir)
 
 STUDY = config["study"]
 COMPUTE = config["compute"]
-GRID = Study(config)
 VARIANT = VARIANT_FORMAT
 # The model a conversion chain starts from: the fine-tuned variant, or (`{convert}` = -attention, the folder
 # suffix of config's convert: ffn+attention)
@@ -161,7 +163,7 @@ def dataset_flags():
         source = f"--path {ds['path']}"
     else:
         source = f"--hub-name {ds['hub']['name']}" + (f" --hub-config {ds['hub']['config']}" if ds["hub"].get("config") else "")
-    columns = ("text_column", "label_column", "labels", "validation_fraction", "test_fraction")
+    columns = ("text_column", "label_column", "labels", "validation_fraction", "test_fraction", "max_dropped_fraction")
     return " ".join([source, settings_flags({k: ds[k] for k in columns})])
 
 
@@ -301,7 +303,7 @@ def check_before_jobs():
     from moefy.workflow.preflight import check_study
 
     try:
-        check_study(config)
+        check_study(config, jobs_run_here=not ON_CLUSTER)
         owners.hold_lock(Path(results(".lock")), f"study {STUDY}")
     except MoefyError as err:
         sys.exit(f"moefy: {err}")

@@ -122,8 +122,11 @@ def _family_config(family: str, vocab_size: int, layers: int, d_ff: int, hidden_
     )
 
 
-def build_tiny(family: str, folder: Path, hidden_act: str | None = None, layers: int = 2, d_ff: int = 64) -> Path:
-    """A random model of `family` with the toy vocabulary's tokenizer (input ids and mask only).
+def build_tiny(
+    family: str, folder: Path, hidden_act: str | None = None, layers: int = 2, d_ff: int = 64, tokenizer: bool = True
+) -> Path:
+    """A random model of `family` with the toy vocabulary's tokenizer (input ids and mask only;
+    `tokenizer` False: config and weights alone, as save_pretrained of the model writes them).
 
     Decoders are saved with their LM head, the others as base models; moefy adds the head it needs.
     """
@@ -131,13 +134,14 @@ def build_tiny(family: str, folder: Path, hidden_act: str | None = None, layers:
 
     folder.mkdir(parents=True, exist_ok=True)
     words = SPECIAL + sorted(set(POSITIVE + NEGATIVE + FILLER))
-    tokenizer = BertTokenizer(
+    toy = BertTokenizer(
         vocab={word: i for i, word in enumerate(words)}, do_lower_case=True, model_input_names=["input_ids", "attention_mask"]
     )
     torch.manual_seed(0)
-    config = _family_config(family, tokenizer.vocab_size, layers, d_ff, hidden_act)
+    config = _family_config(family, toy.vocab_size, layers, d_ff, hidden_act)
     (AutoModelForCausalLM if family in DECODERS else AutoModel).from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    if tokenizer:
+        toy.save_pretrained(folder)
     return folder
 
 

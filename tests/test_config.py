@@ -91,6 +91,36 @@ def test_a_renamed_key_is_refused_with_its_new_name(study, change, old, new):
     assert f"config key {old} was renamed: write {new}" in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("models", "merging", "fragment"),
+    [
+        (
+            {"top2": {}, "top3": {"k": 3, "experts": 2}},
+            {},
+            "config key upcycling.models.top3.k: 3 experts per token, but the model has 2 (upcycling.models.top3.experts); "
+            "use k of at most 2, or more experts",
+        ),
+        ({"moe": {"routing": "unweighted_top_k", "k": 9}}, {}, "upcycling.models.moe.k: 9 experts per token"),
+        (
+            {"small": {"experts": 4}, "big": {}},
+            {"models": ["small", "big"], "groups": [8, 6, 2.5]},
+            "config key merging.groups: 8, 6 groups per layer, more than the 4 experts of upcycling.models.small, which "
+            "merging.models merges; use groups of at most 4",
+        ),
+    ],
+)
+def test_settings_that_cannot_hold_together_are_refused(study, models, merging, fragment):
+    bad = copy.deepcopy(study) | {"upcycling": {"models": models}, "merging": merging}
+    with pytest.raises(MoefyError) as err:
+        validate(bad)
+    assert fragment in str(err.value) and str(err.value).count("config key") == 1
+
+
+def test_settings_that_hold_together_pass(study):
+    models = {"all": {"k": 8}, "ec": {"routing": "expert_choice", "experts": 2, "k": 3}, "unmerged": {"experts": 2}}
+    validate(copy.deepcopy(study) | {"upcycling": {"models": models}, "merging": {"models": ["all"], "groups": [8, 1]}})
+
+
 def test_every_renamed_key_names_a_key_of_the_schema():
     from moefy.config import RENAMED, schema
 

@@ -1,4 +1,5 @@
 import bz2
+import contextlib
 import json
 import sys
 import types
@@ -40,8 +41,8 @@ def test_load_table_rotten_tomatoes_shape_from_bz2_csv(tmp_path):
     assert list(df.columns) == ["text", "label"]
     assert len(df) == 30 and set(df["label"]) == {"fresh", "rotten", "plot"}
 
-    splits, names = prepare_subsets(df, ["rotten", "fresh"], 0.2, 0.2, seed=0)
-    assert names == ["rotten", "fresh"]
+    splits, names, dropped = prepare_subsets(df, ["rotten", "fresh"], 0.2, 0.2, seed=0, max_dropped_fraction=0.34)
+    assert names == ["rotten", "fresh"] and dropped.counts["unlisted_label"] == 10
     both = pd.concat(splits.values())
     assert len(both) == 20  # the 10 "plot" rows are dropped
     assert set(both["label"]) == {0, 1}
@@ -169,7 +170,7 @@ def test_load_hub_unreachable_suggests_a_local_file(monkeypatch):
 
 def test_splits_are_disjoint_sized_and_cover_all_rows():
     df = table(1000)
-    splits, names = prepare_subsets(df, None, 0.1, 0.2, seed=3)
+    splits, names, _ = prepare_subsets(df, None, 0.1, 0.2, seed=3)
     assert names == ["a", "b", "c"]
     assert set(splits) == {"train", "validation", "test"}
     texts = {k: set(v["text"]) for k, v in splits.items()}
@@ -185,9 +186,9 @@ def test_splits_are_disjoint_sized_and_cover_all_rows():
 
 def test_splits_are_deterministic_per_seed_and_change_with_seed():
     df = table(200)
-    a, _ = prepare_subsets(df, None, 0.1, 0.1, seed=1)
-    b, _ = prepare_subsets(df, None, 0.1, 0.1, seed=1)
-    c, _ = prepare_subsets(df, None, 0.1, 0.1, seed=2)
+    a, _, _ = prepare_subsets(df, None, 0.1, 0.1, seed=1)
+    b, _, _ = prepare_subsets(df, None, 0.1, 0.1, seed=1)
+    c, _, _ = prepare_subsets(df, None, 0.1, 0.1, seed=2)
     for split in a:
         pd.testing.assert_frame_equal(a[split], b[split])
     assert set(a["test"]["text"]) != set(c["test"]["text"])
@@ -197,7 +198,7 @@ def test_duplicate_texts_stay_in_one_split():
     base = table(100)
     df = pd.concat([base, base.head(50), base.head(10)], ignore_index=True)
     df.loc[len(df)] = ["  text 3  ", "a"]  # same text after stripping whitespace
-    splits, _ = prepare_subsets(df, None, 0.2, 0.2, seed=0)
+    splits, _, _ = prepare_subsets(df, None, 0.2, 0.2, seed=0)
     where = {}
     for split, frame in splits.items():
         for text in frame["text"]:
@@ -208,14 +209,59 @@ def test_duplicate_texts_stay_in_one_split():
 
 def test_drops_missing_and_blank_rows():
     df = pd.DataFrame({"text": ["a", None, "   ", "b", "c", "d", "e", "f"], "label": ["x", "y", "y", None, "y", "x", "y", "x"]})
-    splits, names = prepare_subsets(df, None, 0.25, 0.25, seed=0)
+    splits, names, dropped = prepare_subsets(df, None, 0.25, 0.25, seed=0, max_dropped_fraction=0.375)
     assert names == ["x", "y"]
     assert sorted(pd.concat(splits.values())["text"]) == ["a", "c", "d", "e", "f"]
+    assert dropped.record() == {"rows": 8, "dropped": {"blank_text": 2, "missing_label": 1, "unlisted_label": 0}}
+
+
+def labelled(n: int, **dropped: int) -> pd.DataFrame:
+    """n rows of classes a / b, then the rows each reason drops: blank_text, missing_label, unlisted_label (class z)."""
+    rows = [(f"text {i}", "ab"[i % 2]) for i in range(n)]
+    rows += [("  ", "a")] * dropped.get("blank_text", 0) + [("no label", None)] * dropped.get("missing_label", 0)
+    rows += [(f"other {i}", "z") for i in range(dropped.get("unlisted_label", 0))]
+    return pd.DataFrame(rows, columns=["text", "label"])
+
+
+@pytest.mark.parametrize("reason", ["blank_text", "missing_label", "unlisted_label"])
+def test_every_dropped_row_is_counted_by_its_reason(reason):
+    splits, names, dropped = prepare_subsets(labelled(90, **{reason: 10}), ["a", "b"], 0.1, 0.1, seed=0)
+    assert names == ["a", "b"] and sum(len(frame) for frame in splits.values()) == 90
+    assert dropped.rows == 100 and dropped.total == 10 and dropped.counts[reason] == 10
+    assert (
+        dropped.describe()
+        == {
+            "blank_text": "dropped 10 of 100 rows (10.0%): 10 with a blank text",
+            "missing_label": "dropped 10 of 100 rows (10.0%): 10 with no label",
+            "unlisted_label": "dropped 10 of 100 rows (10.0%): 10 with a label not in dataset.labels ('z')",
+        }[reason]
+    )
+
+
+def test_dropping_more_than_max_dropped_fraction_is_refused():
+    table = labelled(60, blank_text=10, missing_label=10, unlisted_label=20)  # 40 of 100 dropped
+    _, _, dropped = prepare_subsets(table, ["a", "b"], 0.1, 0.1, seed=0, max_dropped_fraction=0.4)  # at the limit
+    assert dropped.fraction == 0.4
+    with pytest.raises(
+        MoefyError,
+        match=r"config key dataset.max_dropped_fraction: the data loses more rows than 0.2 allows \(dropped 40 of 100 rows "
+        r"\(40.0%\): 10 with a blank text, 10 with no label, 20 with a label not in dataset.labels \('z'\)\); check .*"
+        r"set dataset.max_dropped_fraction to at least 0.4$",
+    ):
+        prepare_subsets(table, ["a", "b"], 0.1, 0.1, seed=0)  # the default, 0.2
+    texts = pd.DataFrame({"text": ["t"] * 7 + [" "] * 3, "label": None})
+    with pytest.raises(MoefyError, match=r"3 with a blank text.*at least 0.3$"):
+        prepare_texts(texts, 0.2, 0.2, seed=0)
+
+
+def test_nothing_dropped_is_said_too():
+    _, _, dropped = prepare_subsets(labelled(20), None, 0.1, 0.1, seed=0, max_dropped_fraction=0.0)
+    assert dropped.total == 0 and dropped.describe() == "dropped 0 of 20 rows (0.0%)"
 
 
 def test_labels_compare_as_strings_and_set_the_id_order():
     df = pd.DataFrame({"text": [f"t{i}" for i in range(30)], "label": [i % 3 for i in range(30)]})
-    splits, names = prepare_subsets(df, ["2", 0], 0.2, 0.2, seed=0)
+    splits, names, _ = prepare_subsets(df, ["2", 0], 0.2, 0.2, seed=0, max_dropped_fraction=0.34)
     assert names == ["2", "0"]
     merged = pd.concat(splits.values())
     assert len(merged) == 20
@@ -225,7 +271,7 @@ def test_labels_compare_as_strings_and_set_the_id_order():
 
 def test_default_numeric_labels_sort_numerically():
     df = pd.DataFrame({"text": [f"t{i}" for i in range(40)], "label": [[10, 2, 1, 0][i % 4] for i in range(40)]})
-    _, names = prepare_subsets(df, None, 0.2, 0.2, seed=0)
+    _, names, _ = prepare_subsets(df, None, 0.2, 0.2, seed=0)
     assert names == ["0", "1", "2", "10"]
 
 
@@ -258,8 +304,8 @@ def test_bad_fractions(val, test, key):
 def test_jsonl_round_trip(tmp_path):
     df = pd.DataFrame({"text": ['héllo "wörld"\nnew line', "日本語", "plain", "x\u2028y"] * 5, "label": ["p", "n"] * 10})
     df["text"] = df["text"] + pd.Series([str(i) for i in range(20)])
-    splits, names = prepare_subsets(df, None, 0.2, 0.2, seed=0)
-    write_subsets(tmp_path / "data", splits, names)
+    splits, names, dropped = prepare_subsets(df, None, 0.2, 0.2, seed=0)
+    write_subsets(tmp_path / "data", splits, names, dropped)
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
         "labels.json",
         "test.jsonl",
@@ -299,11 +345,11 @@ def test_text_only_splits_for_causal_lm(tmp_path):
     """causal_lm ignores labels: texts are split by distinct text, written and read back without labels."""
     (tmp_path / "c.csv").write_text("category,text\nfresh,a b\nrotten,a b\nplot, \n" + "".join(f"x,t{i}\n" for i in range(40)))
     table = load_table(tmp_path / "c.csv", "text", None)
-    splits = prepare_texts(table, 0.1, 0.1, seed=0)
+    splits, dropped = prepare_texts(table, 0.1, 0.1, seed=0)
     texts = {split: list(frame["text"]) for split, frame in splits.items()}
     assert sum(map(len, texts.values())) == 42 and "" not in sum(texts.values(), [])
     assert sum(t == "a b" for t in sum(texts.values(), [])) == 2 and len({s for s, ts in texts.items() if "a b" in ts}) == 1
-    write_subsets(tmp_path / "out", splits, [])
+    write_subsets(tmp_path / "out", splits, [], dropped)
     assert json.loads((tmp_path / "out" / "train.jsonl").read_text().splitlines()[0]).keys() == {"text"}
     read_texts, labels = read_subset(tmp_path / "out" / "test.jsonl")
     assert read_texts == texts["test"] and labels is None
@@ -317,3 +363,36 @@ def test_split_mixing_labelled_and_unlabelled_rows_is_damaged(tmp_path):
     path.write_text('{"text": "a"}\n{"text": "b", "label": 0}\n')
     with pytest.raises(MoefyError, match="damaged at line 2"):
         read_subset(path)
+
+
+def test_the_data_step_records_and_warns_about_dropped_rows(tmp_path, monkeypatch, capsys):
+    """labels.json and the job's MLflow metrics count the dropped rows by reason, and the log says so in one line.
+    (The job's run is a recorder here: a fresh SQLite MLflow store costs 7 s; test_tracking.py logs for real.)"""
+    from moefy.steps import data as data_step
+    from moefy.workflow.tracking import JobRun
+
+    logged: dict[str, float] = {}
+
+    class Recorder(JobRun):
+        def log_metrics(self, metrics, step=0):
+            logged.update(metrics)
+
+    monkeypatch.setattr(data_step.tracking, "job_run", lambda *args, **kwargs: contextlib.nullcontext(Recorder()))
+    labelled(90, blank_text=3, missing_label=2, unlisted_label=5).to_csv(tmp_path / "d.csv", index=False)
+    data_step.main(["--path", str(tmp_path / "d.csv"), "--labels", "a", "b", "--out", str(tmp_path / "data")])
+    meta = json.loads((tmp_path / "data" / "labels.json").read_text())
+    assert meta["rows"] == 100 and meta["dropped"] == {"blank_text": 3, "missing_label": 2, "unlisted_label": 5}
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("moefy: warning:")]
+    assert warnings == [
+        "moefy: warning: dropped 10 of 100 rows (10.0%): 3 with a blank text, 2 with no label, "
+        "5 with a label not in dataset.labels ('z')"
+    ]
+    expected = {"rows_read": 100, "dropped_rows": 10, "dropped_blank_text": 3, "dropped_missing_label": 2}
+    assert logged.items() >= (expected | {"dropped_unlisted_label": 5}).items()
+    labelled(90).to_csv(tmp_path / "clean.csv", index=False)
+    data_step.main(["--path", str(tmp_path / "clean.csv"), "--out", str(tmp_path / "clean")])
+    assert "warning" not in capsys.readouterr().err and logged["dropped_rows"] == 0
+    flags = ["--labels", "a", "b", "--max-dropped-fraction", "0.05", "--out", str(tmp_path / "refused")]
+    with pytest.raises(MoefyError, match="more rows than 0.05 allows"):
+        data_step.main(["--path", str(tmp_path / "d.csv"), *flags])
+    assert not (tmp_path / "refused").exists()

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -50,3 +52,26 @@ def test_unsupported_family_is_named(tmp_path):
     ).save_pretrained(tmp_path)
     with pytest.raises(MoefyError, match="model type 'opt' is not supported yet; supported: bert, camembert, distilbert"):
         load_classifier(str(tmp_path), label_names=["a", "b"])
+
+
+@pytest.mark.parametrize("family", ["bert", "t5", "gpt2"])
+def test_a_model_saved_without_its_tokenizer_is_refused(tmp_path, family):
+    """transformers would build an empty tokenizer from config.json (BERT: 5 special tokens, T5: 104)."""
+    from builders import build_tiny
+
+    folder = build_tiny(family, tmp_path / family, layers=1, tokenizer=False)
+    with pytest.raises(
+        MoefyError, match=rf"no tokenizer files \(tokenizer.json, vocab.txt, .*\) in {re.escape(str(folder))}: copy"
+    ):
+        load_tokenizer(str(folder))
+
+
+def test_a_tokenizer_of_only_special_tokens_is_refused(tmp_path, tiny_bert):
+    from transformers import BertTokenizer
+
+    from builders import SPECIAL
+
+    BertTokenizer(vocab={word: i for i, word in enumerate(SPECIAL)}).save_pretrained(tmp_path)
+    with pytest.raises(MoefyError, match=r"has 0 tokens besides its 5 special ones: an empty tokenizer.*copy the tokenizer"):
+        load_tokenizer(str(tmp_path))
+    assert len(load_tokenizer(str(tiny_bert))) == 39  # the toy vocabulary: 34 words besides the 5 special tokens

@@ -15,6 +15,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import psutil
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -24,7 +25,7 @@ from moefy.errors import MoefyError
 from moefy.report.summary import reproducible
 from moefy.steps import router as router_step
 from moefy.workflow.cli import run_step
-from moefy.workflow.preflight import check_dataset, check_model, check_study
+from moefy.workflow.preflight import check_dataset, check_device, check_model, check_study
 from studies import ROOT, TINY, environment, in_study, make_workdir, snakemake, snakemake_command, tiny_config
 
 # --- bad config: one clear message before any job runs -----------------------------------------
@@ -51,8 +52,10 @@ BAD_CONFIGS = [
     ("dataset.text_column", "review", "has no column 'review' (its columns: category, text, movie_name)"),
     ("dataset.labels", ["fresh", "stale"], "dataset.labels asks for 'stale', which never occurs"),
     ("dataset.labels", None, "only 1 class"),  # with the one-class file below
+    ("dataset.max_dropped_fraction", 0.01, "config key dataset.max_dropped_fraction: the data loses more rows than 0.01"),
     ("finetune.batch_size", 0, "finetune.batch_size: 0 is less than the minimum of 1"),
     ("activations.max_tokens", -5, "activations.max_tokens: -5 is less than the minimum of 1"),
+    ("compute", {"device": "cuda"}, "config key compute.device: cuda, but torch sees no CUDA GPU"),  # a machine without
 ]
 
 
@@ -71,8 +74,21 @@ def test_bad_config_is_one_clear_message(faults_workdir, tmp_path, monkeypatch, 
         (tmp_path / "reviews.csv").write_text("category,text\nfresh,great\nfresh,good fun\nfresh,lovely\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(MoefyError, match=re.escape(fragment)):
         check_study(validate(change(tiny_config(), key, value)))
+
+
+def test_device_cuda_needs_a_gpu_where_the_jobs_run(monkeypatch):
+    """Checked on the machine that runs the jobs; a cluster's submit host may have no GPU."""
+    cuda = {"compute": {"device": "cuda"}}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(MoefyError, match=r"compute.device: cuda, .* set compute.device: cpu .*or run on a GPU node$"):
+        check_device(cuda)
+    check_device(cuda, jobs_run_here=False)
+    check_device({"compute": {"device": "auto"}})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_device(cuda)
 
 
 @pytest.mark.e2e
@@ -100,6 +116,23 @@ def test_snakemake_stops_a_bad_config_before_any_job(faults_workdir, tmp_path, k
     assert prefix in done.stderr and fragment in done.stderr, done.stderr
     assert "Traceback" not in done.stderr + done.stdout
     assert not (tmp_path / "results" / TINY).exists(), "no job may run"
+
+
+@pytest.mark.e2e
+def test_an_error_while_the_rules_are_read_is_one_line(tmp_path):
+    """Study(config) in rules/common.smk refuses merging.models naming a model not upcycled: a dry
+    run prints it as one `moefy:` line, like a schema error, not as Snakemake's file/line stack."""
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(change(tiny_config(), "merging.models", ["nowhere"])))
+    done = subprocess.run(
+        snakemake_command(tmp_path, "-n"), cwd=tmp_path, capture_output=True, text=True, env=environment(tmp_path)
+    )
+    assert done.returncode != 0
+    output = (done.stdout + done.stderr).splitlines()  # Snakemake prints its stack on stdout
+    said = [line for line in output if line and not line.startswith("Using workflow specific profile")]
+    assert said == [
+        "moefy: merging.models names nowhere, not in upcycling.models (expert-choice): merge models the study upcycles"
+    ], done.stdout + done.stderr
+    assert said[0] in done.stderr
 
 
 # --- the same checks one by one ----------------------------------------------------------------
@@ -134,6 +167,16 @@ def test_causal_lm_needs_a_decoder(tmp_path):
                 "model": {"name_or_path": str(tmp_path / "t5"), "trust_remote_code": False},
                 "grid": {"a": {"num_experts": [4]}},
             }
+        )
+
+
+def test_a_model_without_its_tokenizer_is_refused_before_any_job(tmp_path):
+    from builders import build_tiny
+
+    build_tiny("bert", tmp_path / "bare", layers=1, tokenizer=False)
+    with pytest.raises(MoefyError, match=r"config key model.name_or_path: no tokenizer files \(.*\) in .*bare: copy the"):
+        check_model(
+            {"model": {"name_or_path": str(tmp_path / "bare"), "trust_remote_code": False}, "grid": {"a": {"num_experts": [4]}}}
         )
 
 
@@ -179,6 +222,7 @@ def test_dataset_problems(tmp_path, rows, fragment):
         "validation_fraction": 0.1,
         "test_fraction": 0.1,
         "seed": 0,
+        "max_dropped_fraction": 0.2,
     }
     with pytest.raises(MoefyError, match=fragment):
         check_dataset({"dataset": dataset})

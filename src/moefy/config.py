@@ -123,7 +123,34 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
     if errors:
         raise MoefyError("invalid config: " + "; ".join(_describe(e) for e in errors))
+    impossible = impossible_settings(config)
+    if impossible:
+        raise MoefyError("invalid config: " + "; ".join(impossible))
     return config
+
+
+def impossible_settings(config: dict[str, Any]) -> list[str]:
+    """Keys the schema allows one by one that cannot hold together, one message each: without this
+    check a k above the experts was silently clipped to them, and too many merge groups failed
+    the merge job after the upcycled model had trained. `config` is schema-valid, defaults filled."""
+    problems = []
+    models = config["upcycling"]["models"]
+    for name, model in models.items():
+        # expert_choice routes by capacity_factor; the other routings pick k experts per token
+        if model["routing"] != "expert_choice" and model["k"] > model["experts"]:
+            problems.append(
+                f"config key upcycling.models.{name}.k: {model['k']} experts per token, but the model has "
+                f"{model['experts']} (upcycling.models.{name}.experts); use k of at most {model['experts']}, or more experts"
+            )
+    for name in config["merging"]["models"]:
+        experts = models[name]["experts"] if name in models else None  # an unknown name: moefy.workflow.study says so
+        too_many = [groups for groups in config["merging"]["groups"] if experts is not None and groups > experts]
+        if too_many:
+            problems.append(
+                f"config key merging.groups: {', '.join(map(str, too_many))} groups per layer, more than the {experts} "
+                f"experts of upcycling.models.{name}, which merging.models merges; use groups of at most {experts}"
+            )
+    return problems
 
 
 def _resolved(prop: dict[str, Any]) -> dict[str, Any]:

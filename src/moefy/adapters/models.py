@@ -77,13 +77,57 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
     )
 
 
+# The files a tokenizer's vocabulary is read from (fast tokenizers, WordPiece, BPE, SentencePiece,
+# tiktoken's *.tiktoken): a model folder with none of them has no tokenizer of its own.
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "spm.model",
+)
+# Fewer tokens than this besides the special ones is the vocabulary transformers makes up when the
+# files are missing (BERT: 0 of 5, GPT-2: 0 of 1, T5: 1 of 104); the tests' toy vocabulary has 34.
+MIN_ORDINARY_TOKENS = 10
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """Without them transformers builds an empty tokenizer from config.json alone (or fails obscurely)."""
+    if any((folder / name).is_file() for name in VOCABULARY_FILES) or any(folder.glob("*.tiktoken")):
+        return
+    raise MoefyError(
+        f"no tokenizer files ({', '.join(VOCABULARY_FILES)}, ...) in {folder}: copy the tokenizer of the model it "
+        "was trained from into it (tokenizer.save_pretrained), or point model.name_or_path at a folder that has one"
+    )
+
+
+def _check_vocabulary(tokenizer, name_or_path: str) -> None:
+    """Refuse a vocabulary of (almost) only special tokens: every text would become [UNK]s or nothing."""
+    special = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    ordinary = len(set(tokenizer.get_vocab()) - special)
+    if ordinary < MIN_ORDINARY_TOKENS:
+        raise MoefyError(
+            f"the tokenizer of {name_or_path} has {ordinary} tokens besides its {len(special)} special ones: an empty "
+            "tokenizer, not the model's vocabulary (every text would become [UNK]s); copy the tokenizer of the model "
+            "it was trained from into it (tokenizer.save_pretrained)"
+        )
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """The tokenizer, padding on the right (position ids of real tokens then start at 0 in
-    decoders too) and with a pad token: decoder tokenizers often have none, so eos pads."""
+    decoders too) and with a pad token: decoder tokenizers often have none, so eos pads.
+
+    A model folder without tokenizer files, or a tokenizer of almost only special tokens, is
+    refused: training would otherwise run on [UNK]s without a word of warning."""
     where, extra = _source(name_or_path)
+    if not extra and Path(where).is_dir():  # a .gguf file carries its tokenizer inside
+        _check_tokenizer_files(Path(where))
     tokenizer = _load(
         "tokenizer", name_or_path, lambda: AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
     )
+    _check_vocabulary(tokenizer, name_or_path)
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         fill = tokenizer.eos_token or tokenizer.unk_token

@@ -7,7 +7,9 @@ nothing heavier than json (no pandas in the steps that only read texts).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,17 +17,69 @@ from moefy.errors import MoefyError
 from moefy.files import atomic_path, read_json, write_json
 
 SUBSETS = ("train", "validation", "test")
+# Why the data step leaves a row out, and how its warning says so (a row is counted once, first reason first).
+DROP_REASONS = {
+    "blank_text": "with a blank text",
+    "missing_label": "with no label",
+    "unlisted_label": "with a label not in dataset.labels",
+}
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """The rows the data step read and those it left out, by reason: a study must never train on
+    a fraction of its data without saying so."""
+
+    rows: int
+    counts: Mapping[str, int] = field(default_factory=dict)  # reason (DROP_REASONS) -> rows
+    unlisted: Sequence[str] = ()  # the labels dropped as not in dataset.labels, most rows first
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def fraction(self) -> float:
+        return self.total / self.rows if self.rows else 0.0
+
+    def describe(self) -> str:
+        """One line: 'dropped 1,111 of 13,905 rows (8.0%): 14 with a blank text, 1,097 with a label ...'."""
+        reasons = []
+        for reason, words in DROP_REASONS.items():
+            if self.counts.get(reason):
+                named = f" ({', '.join(map(repr, self.unlisted[:5]))}{', ...' if len(self.unlisted) > 5 else ''})"
+                reasons.append(f"{self.counts[reason]:,} {words}" + (named if reason == "unlisted_label" else ""))
+        return f"dropped {self.total:,} of {self.rows:,} rows ({self.fraction:.1%})" + (
+            f": {', '.join(reasons)}" if reasons else ""
+        )
+
+    def check(self, max_fraction: float) -> None:
+        """Refuse data that loses more than `max_fraction` of its rows (dataset.max_dropped_fraction)."""
+        if self.fraction > max_fraction:
+            raise MoefyError(
+                f"config key dataset.max_dropped_fraction: the data loses more rows than {max_fraction} allows "
+                f"({self.describe()}); check dataset.text_column, dataset.label_column and dataset.labels, or, if "
+                "these rows are meant to go (a hub dataset's unlabelled split, say), set dataset.max_dropped_fraction "
+                f"to at least {math.ceil(self.fraction * 1000) / 1000}"
+            )
+
+    def record(self) -> dict[str, Any]:
+        """What labels.json and MLflow keep: rows read, and rows dropped by every reason (0 included)."""
+        return {"rows": self.rows, "dropped": {reason: int(self.counts.get(reason, 0)) for reason in DROP_REASONS}}
 
 
 def _rerun_hint(path: Path) -> str:
     return f"delete it and rerun the data step (`snakemake --cores all {path}`)"
 
 
-def write_subsets(out_dir: str | Path, subsets: Mapping[str, Mapping[str, Any]], label_names: Sequence[str]) -> None:
+def write_subsets(
+    out_dir: str | Path, subsets: Mapping[str, Mapping[str, Any]], label_names: Sequence[str], dropped: Dropped
+) -> None:
     """Write train/validation/test.jsonl and labels.json, each appearing only once complete.
 
     Each subset is a table with columns text and, for classification, label (label ids); without a
-    label column (causal LM) rows are {"text"} and there are no label names."""
+    label column (causal LM) rows are {"text"} and there are no label names. labels.json also
+    holds the rows read and those dropped, by reason."""
     out_dir = Path(out_dir)
     for subset in SUBSETS:
         frame = subsets[subset]
@@ -36,7 +90,11 @@ def write_subsets(out_dir: str | Path, subsets: Mapping[str, Mapping[str, Any]],
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
     write_json(
         out_dir / "labels.json",
-        {"names": [str(n) for n in label_names], "sizes": {subset: len(subsets[subset]["text"]) for subset in SUBSETS}},
+        {
+            "names": [str(n) for n in label_names],
+            "sizes": {subset: len(subsets[subset]["text"]) for subset in SUBSETS},
+            **dropped.record(),
+        },
     )
 
 

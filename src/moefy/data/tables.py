@@ -15,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from moefy.data.subsets import SUBSETS
+from moefy.config import section_defaults
+from moefy.data.subsets import SUBSETS, Dropped
 from moefy.errors import MoefyError
 
 FORMATS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zip")
+MAX_DROPPED_FRACTION = section_defaults("dataset")["max_dropped_fraction"]
 
 
 def _format_of(path: Path) -> tuple[str, str | None]:
@@ -192,16 +194,31 @@ def _subset_rows(texts: pd.Series, validation_fraction: float, test_fraction: fl
     return subset_of_text[codes]
 
 
-def prepare_texts(df: pd.DataFrame, validation_fraction: float, test_fraction: float, seed: int) -> dict[str, pd.DataFrame]:
-    """Texts only (causal language modelling): clean and divide into subsets by distinct text, like prepare_subsets."""
+def _stripped_texts(df: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """(texts stripped of surrounding whitespace, which of them are blank: missing or empty)."""
+    texts = df["text"].where(df["text"].isna(), df["text"].astype(str).str.strip())
+    return texts, texts.isna() | (texts == "")
+
+
+def prepare_texts(
+    df: pd.DataFrame,
+    validation_fraction: float,
+    test_fraction: float,
+    seed: int,
+    max_dropped_fraction: float = MAX_DROPPED_FRACTION,
+) -> tuple[dict[str, pd.DataFrame], Dropped]:
+    """Texts only (causal language modelling): clean and divide into subsets by distinct text, like
+    prepare_subsets. Returns the subsets and the blank texts dropped."""
     _check_fractions(validation_fraction, test_fraction)
-    texts = df["text"][df["text"].notna()].astype(str).str.strip()
-    texts = texts[texts != ""].reset_index(drop=True)
+    texts, blank = _stripped_texts(df)
+    texts = texts[~blank].reset_index(drop=True)
     if texts.empty:
         raise MoefyError("the text column has no non-blank texts; check dataset.text_column")
+    dropped = Dropped(len(df), {"blank_text": int(blank.sum())})
+    dropped.check(max_dropped_fraction)
     subset_of_row = _subset_rows(texts, validation_fraction, test_fraction, seed)
     values = texts.to_numpy()
-    return {subset: pd.DataFrame({"text": values[subset_of_row == subset]}) for subset in SUBSETS}
+    return {subset: pd.DataFrame({"text": values[subset_of_row == subset]}) for subset in SUBSETS}, dropped
 
 
 def prepare_subsets(
@@ -210,17 +227,21 @@ def prepare_subsets(
     validation_fraction: float,
     test_fraction: float,
     seed: int,
-) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    max_dropped_fraction: float = MAX_DROPPED_FRACTION,
+) -> tuple[dict[str, pd.DataFrame], list[str], Dropped]:
     """Clean, filter and divide into subsets by distinct text, so no text is both trained on and evaluated on.
 
-    Returns ({"train", "validation", "test"} -> DataFrame(text, label id int64), label names).
+    Rows with a blank text, no label or a label not in `labels` are dropped and counted; more than
+    `max_dropped_fraction` of the rows dropped is an error. Returns ({"train", "validation",
+    "test"} -> DataFrame(text, label id int64), label names, what was dropped).
     """
     _check_fractions(validation_fraction, test_fraction)
-    df = df[df["label"].notna() & df["text"].notna()]
-    rows = pd.DataFrame({"text": df["text"].astype(str).str.strip(), "raw": df["label"]})
-    rows = rows[rows["text"] != ""]
+    texts, blank = _stripped_texts(df)
+    no_label = ~blank & df["label"].isna()
+    rows = pd.DataFrame({"text": texts, "raw": df["label"]})[~blank & ~no_label]
     rows["name"] = rows["raw"].map(_label_str)
     occurring = _sorted_names(rows["raw"].unique())
+    unlisted = pd.Series([], dtype=object)
 
     if labels is None:
         names = occurring
@@ -235,12 +256,17 @@ def prepare_subsets(
                 f"dataset.labels asks for {_listing(absent)}, which never occurs in the label column "
                 f"(labels that occur: {_listing(occurring)}); fix dataset.labels or dataset.label_column"
             )
-        rows = rows[rows["name"].isin(names)]
+        listed = rows["name"].isin(names)
+        unlisted = rows["name"][~listed]
+        rows = rows[listed]
     if len(names) < 2:
         raise MoefyError(
             f"only {len(names)} class ({_listing(names)}) has rows with a non-blank text; "
             f"classification needs at least 2 — check dataset.label_column and dataset.labels"
         )
+    counts = {"blank_text": int(blank.sum()), "missing_label": int(no_label.sum()), "unlisted_label": len(unlisted)}
+    dropped = Dropped(len(df), counts, tuple(unlisted.value_counts().index))
+    dropped.check(max_dropped_fraction)
 
     subset_of_row = _subset_rows(rows["text"], validation_fraction, test_fraction, seed)
     label_id = rows["name"].map({name: i for i, name in enumerate(names)}).astype("int64").to_numpy()
@@ -249,4 +275,4 @@ def prepare_subsets(
         subset: pd.DataFrame({"text": texts[subset_of_row == subset], "label": label_id[subset_of_row == subset]})
         for subset in SUBSETS
     }
-    return subsets, names
+    return subsets, names, dropped

@@ -8,6 +8,7 @@ not after it. Model and data that a fetch rule has not extracted yet are checked
 from __future__ import annotations
 
 import re
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,21 @@ def _model_config(model: dict[str, Any]):
         ) from None
 
 
+def _check_tokenizer(model: dict[str, Any]) -> None:
+    """The model's own tokenizer loads: a folder saved without one would train on [UNK]s."""
+    from moefy.adapters.models import load_tokenizer
+
+    path = Path(model["name_or_path"]).expanduser()
+    try:
+        load_tokenizer(str(path) if path.exists() else model["name_or_path"], model["trust_remote_code"])
+    except MoefyError as err:
+        raise MoefyError(f"config key model.name_or_path: {err}") from None
+
+
 def check_model(config: dict[str, Any]) -> None:
-    """The model family is supported (with a next-token head for causal_lm), every
-    grid.num_experts divides its d_ff, and the representative router's neurons per expert fit in
-    the experts of every arm that uses it."""
+    """The model family is supported (with a next-token head for causal_lm), its tokenizer
+    loads from its own files, every grid.num_experts divides its d_ff, and the representative
+    router's neurons per expert fit in the experts of every arm that uses it."""
     from moefy.adapters.families import causal_lm_families, family
     from moefy.conversion.split import check_num_experts
 
@@ -63,6 +75,7 @@ def check_model(config: dict[str, Any]) -> None:
     if model_config is None:
         return
     adapter = family(model_config)
+    _check_tokenizer(config["model"])
     if config.get("task", "classification") == "causal_lm" and not adapter.causal_lm:
         raise MoefyError(
             f"config key task: causal_lm needs a decoder-only model, and {config['model']['name_or_path']!r} is a "
@@ -85,7 +98,8 @@ def check_model(config: dict[str, Any]) -> None:
 
 
 def check_dataset(config: dict[str, Any]) -> None:
-    """A local data file exists, has the columns, and splits into non-empty train/validation/test."""
+    """A local data file exists, has the columns, splits into non-empty train/validation/test,
+    and loses no more than dataset.max_dropped_fraction of its rows."""
     from moefy.data.tables import load_table, prepare_subsets, prepare_texts
 
     dataset = config["dataset"]
@@ -96,14 +110,31 @@ def check_dataset(config: dict[str, Any]) -> None:
         if dataset.get("fetch"):
             return
         raise MoefyError(f"config key dataset.path: data file {str(path)!r} does not exist")
+    fractions = (dataset["validation_fraction"], dataset["test_fraction"], dataset["seed"], dataset["max_dropped_fraction"])
     if config.get("task", "classification") == "causal_lm":
-        table = load_table(path, dataset["text_column"], None)
-        prepare_texts(table, dataset["validation_fraction"], dataset["test_fraction"], dataset["seed"])
+        prepare_texts(load_table(path, dataset["text_column"], None), *fractions)
         return
     table = load_table(path, dataset["text_column"], dataset["label_column"])
-    prepare_subsets(table, dataset["labels"], dataset["validation_fraction"], dataset["test_fraction"], dataset["seed"])
+    prepare_subsets(table, dataset["labels"], *fractions)
 
 
-def check_study(config: dict[str, Any]) -> None:
+def check_device(config: dict[str, Any], jobs_run_here: bool = True) -> None:
+    """compute.device cuda has a GPU where the jobs run. Only checked when that is this machine:
+    a cluster's submit host often has no GPU while its GPU nodes do (and a dry run checks nothing)."""
+    if config["compute"]["device"] != "cuda" or not jobs_run_here:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise MoefyError(
+            f"config key compute.device: cuda, but torch sees no CUDA GPU on {socket.gethostname()} (torch "
+            f"{torch.__version__}, CUDA build {torch.version.cuda or 'none'}); set compute.device: cpu (or auto, "
+            "which takes a GPU where there is one), or run on a GPU node"
+        )
+
+
+def check_study(config: dict[str, Any], jobs_run_here: bool = True) -> None:
+    """Every check above, before any job; `jobs_run_here` False: the jobs run on a cluster's nodes."""
+    check_device(config, jobs_run_here)
     check_model(config)
     check_dataset(config)
