@@ -10,13 +10,17 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import BertModel
 
 from builders import DECODERS, build_tiny, build_tiny_bert, write_toy_sentiment
-from moefy.adapters.models import load_model, load_tokenizer
+from moefy.adapters.attention import find_projections
+from moefy.adapters.ffn import ProjectionMLP
+from moefy.adapters.models import load_model, load_tokenizer, save_model
+from moefy.adapters.tasks import get_task
 from moefy.conversion.routers import MLPRouter, router_tensors
 from moefy.errors import MoefyError
 from moefy.files import read_json, save_tensors
@@ -27,6 +31,7 @@ from moefy.steps import evaluate as evaluate_step
 from moefy.steps import finetune as finetune_step
 from moefy.steps import train_moe as train_moe_step
 from moefy.steps import upcycle as upcycle_step
+from moefy.training.lora import adapter_parameters, add_lora, attention_targets
 from moefy.training.moe_training import LossWeights, distillation_loss, select_trainable
 from moefy.training.upcycling import upcycle_model
 
@@ -214,6 +219,9 @@ def test_bad_requests_are_clear_errors(task, tmp_path, capsys):
     assert "invalid choice: 'routers'" in capsys.readouterr().err
     with pytest.raises(MoefyError, match="not an MoE model trained by moefy"):
         train(task, "moe", tmp_path / "x")
+    with pytest.raises(MoefyError, match=r"recover.lora_rank must be at least 1.*got 0"):
+        train(task, "recover", tmp_path / "x", *conversion_flags(task), "--recovery", "kd", "--trainable", "lora",
+              "--lora-rank", "0")  # fmt: skip
     with pytest.raises(MoefyError, match="FFNs 0-1"):
         upcycle(task, tmp_path / "x", "--layers", "5")
     assert not (tmp_path / "x").exists(), "nothing half-written"
@@ -368,3 +376,106 @@ def test_distilled_attention_projections_keep_the_fine_tuned_accuracy(task, tmp_
     distilled = evaluate_upcycled(load_model(str(out)).eval(), tokenizer, task)
     print(f"test accuracy {dense:.4f} dense, {distilled:.4f} with distilled projections")
     assert dense > 0.9 and distilled >= dense - 0.05
+
+
+LORA_FAMILIES = {"bert": "classification", "gpt2": "causal_lm", "llama": "causal_lm"}
+ADAPTED = {"bert": 8, "gpt2": 4, "llama": 8}  # 2 layers of q, k, v, o (GPT-2: fused qkv, o)
+
+
+def lora_recovery(task, family, tmp_path):
+    """A tiny random model of `family` converted with the task fixture's labels and router (2 layers,
+    d 32, d_ff 64, E experts) and given LoRA adapters, then trained 2 AdamW steps on the task loss
+    without weight decay (so a weight that changed had a gradient); with its weights before them."""
+    folder = build_tiny(family, tmp_path / family)
+    kind = LORA_FAMILIES[family]
+    label_names = ["rotten", "fresh"] if kind == "classification" else None
+    torch.manual_seed(0)
+    model = load_model(str(folder), kind, label_names=label_names)
+    moes, built = train_moe_step.build(recover_args(task, folder), model)
+    lora = add_lora(model, moes.values(), rank=4, alpha=8, dropout=0.0)
+    trainable = select_trainable(model, moes.values(), "lora")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    tokenizer = load_tokenizer(str(folder))
+    inputs = tokenizer(["the movie was good and funny", "a dull boring plot", "great cast"], padding=True, return_tensors="pt")
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.0)
+    model.train()
+    for _ in range(2):
+        logits = model(**inputs).logits
+        get_task(kind).loss_sum(logits, inputs, torch.tensor([1, 0, 1]) if label_names else None).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return SimpleNamespace(
+        model=model.eval(), moes=moes, labels=built["labels"], lora=lora, trainable=trainable, before=before,
+        inputs=inputs, folder=folder, kind=kind, label_names=label_names,
+    )  # fmt: skip
+
+
+def recover_args(task, folder):
+    """train_moe's arguments for recovering `folder` with the task fixture's conversion at budget 0.25."""
+    return train_moe_step.parse_args(
+        ["--mode", "recover", "--model", str(folder), "--data", str(task / "data"), "--out", str(folder / "out"),
+         *conversion_flags(task), "--recovery", "task", "--budget", "0.25"]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("family", sorted(LORA_FAMILIES))
+def test_lora_recovery_trains_only_the_adapters_and_the_experts(task, family, tmp_path):
+    """Adapters on every attention projection and on nothing else (not the routers); the adapters
+    and the experts train, and every other weight, the projections' own included, stays."""
+    run = lora_recovery(task, family, tmp_path)
+    adapted = [name for name, module in run.model.named_modules() if hasattr(module, "lora_A")]
+    assert len(adapted) == ADAPTED[family] and not any("router" in name for name in adapted), adapted
+    adapters = {id(p) for p in adapter_parameters(run.model)}
+    experts = {id(p) for moe in run.moes.values() for name, p in moe.named_parameters() if not name.startswith("router.")}
+    assert adapters and experts and {id(p) for p in run.trainable} == adapters | experts
+    after = dict(run.model.named_parameters())
+    changed = {name for name, p in after.items() if not torch.equal(p, run.before[name])}
+    assert changed == {name for name, p in after.items() if id(p) in adapters | experts}, sorted(changed)
+
+
+def test_lora_without_an_attention_projection_left_is_a_clear_error(tiny_relu_bert):
+    model = load_model(str(tiny_relu_bert), label_names=["a", "b"])
+    for projection in find_projections(model):  # as D2DMoE's attention variant leaves them
+        projection.replace(ProjectionMLP(projection.linear.in_features, 8, projection.linear.out_features))
+    with pytest.raises(MoefyError, match="recover.trainable lora .* none left .* use recover.trainable experts"):
+        add_lora(model, [], rank=4, alpha=8, dropout=0.0)
+
+
+@pytest.mark.parametrize("family", sorted(LORA_FAMILIES))
+def test_a_lora_recovered_model_reloads_to_the_logits_it_trained_to(task, family, tmp_path):
+    """The adapters merged into the projections and the experts written back into the FFNs, as the
+    step saves them: the checkpoint, converted again as evaluate converts it, computes what the
+    trained model computed, and its attention projections are no longer the original ones."""
+    run = lora_recovery(task, family, tmp_path)
+    with torch.no_grad():
+        trained = run.model(**run.inputs).logits
+        merged = run.lora.merge_and_unload()
+        assert merged is run.model and not any(hasattr(module, "lora_A") for module in merged.modules())
+        pristine = load_model(str(run.folder), run.kind, label_names=run.label_names)
+        recovered = train_moe_step.recovered(pristine, merged, run.moes, run.labels)
+        save_model(recovered, load_tokenizer(str(run.folder)), tmp_path / "saved")
+        reloaded = load_model(str(tmp_path / "saved"), run.kind)
+        train_moe_step.build(recover_args(task, tmp_path / "saved"), reloaded)
+        again = reloaded.eval()(**run.inputs).logits
+    torch.testing.assert_close(again, trained, atol=1e-5, rtol=0)
+    original = load_model(str(run.folder), run.kind, label_names=run.label_names)
+    projections = {f"{name}.weight" for name in attention_targets(original, [])}
+    saved = load_model(str(tmp_path / "saved"), run.kind).state_dict()
+    assert all(not torch.equal(saved[k], v) for k, v in original.state_dict().items() if k in projections)
+
+
+def test_the_recover_step_merges_low_rank_updates_into_the_attention_projections(task, tmp_path):
+    """The step as the workflow runs it (--trainable lora): in the saved checkpoint the experts and
+    the attention projections' weights changed, each projection by a matrix of rank at most
+    lora_rank, and every other weight (biases, norms, embeddings, head) is the fine-tuned model's."""
+    metrics = train(task, "recover", tmp_path / "lora", *conversion_flags(task), "--recovery", "task", "--budget", str(BUDGET),
+                    "--trainable", "lora", "--lora-rank", "2", "--max-steps", "3")  # fmt: skip
+    assert metrics["train_steps"] == 3
+    dense = load_model(str(task / "finetune" / "model"))
+    projections = {f"{name}.weight" for name in attention_targets(dense, [])}
+    before, after = dense.state_dict(), load_model(str(tmp_path / "lora" / "model")).state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    ffns = {k for k in before if (".intermediate.dense." in k or ".output.dense." in k) and "attention" not in k}
+    assert projections <= changed <= projections | ffns and changed & ffns, sorted(changed)
+    for key in projections:
+        assert 0 < torch.linalg.matrix_rank(after[key].double() - before[key].double(), rtol=1e-3) <= 2, key

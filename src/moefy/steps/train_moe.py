@@ -4,6 +4,8 @@ Modes:
 - recover: a conversion (the balance step's labels, the router step's router) trained at
   recover.budget with MoEfication's unweighted top-k and its router frozen (moefy.moe.sparse);
   recovery `task` trains on the task loss, `kd` adds distillation from the dense model's logits.
+  recover.trainable picks what trains: the experts, the experts and LoRA adapters on the attention
+  projections (moefy.training.lora; merged into them after training), or every weight.
   The trained experts go back into the FFNs, so <out>/model is a standard checkpoint that the
   evaluate step measures at every budget with the same labels and router.
 - moe: an upcycled model (the upcycle step's folder, moefy.export.load_sparse_moe) trained on,
@@ -38,6 +40,7 @@ from moefy.measure import machine
 from moefy.moe.checkpoints import load_smoe, read_moe_parts, save_sparse_moe
 from moefy.moe.sparse import SparseMoE, from_split, mask_padding
 from moefy.training.loop import Batch, Epoch, train_epochs
+from moefy.training.lora import add_lora
 from moefy.training.moe_training import (
     LossWeights,
     auxiliary_loss,
@@ -148,9 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     teacher = dense.to(ctx.device).eval().requires_grad_(False) if kd else None
     model.to(ctx.device)
-    trainable = select_trainable(
-        model, moes.values(), "experts" if args.mode == "recover" and args.trainable == "experts" else "all"
-    )
+    lora = None
+    if args.mode == "recover" and args.trainable == "lora":
+        lora = add_lora(model, moes.values(), args.lora_rank, args.lora_alpha, args.lora_dropout)
+    trainable = select_trainable(model, moes.values(), args.trainable if args.mode == "recover" else "all")
     if args.mode != "recover" or args.trainable == "all":
         model.get_input_embeddings().weight.requires_grad_(False)  # kept, as finetune keeps them
         trainable = [p for p in trainable if p.requires_grad]
@@ -216,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
             log=run.log_metrics, pause=pause.point, before=before,
         )  # fmt: skip
         train_seconds = time.time() - trained.started
+        if lora is not None:  # into the projections' weights now, so that the test pass measures what is saved
+            model = lora.merge_and_unload()
         load_statistics(moes)
         test_value = measure(model, task, test, test_labels, args.eval_batch_size, ctx, "test")
         test_load = load_statistics(moes)
