@@ -10,13 +10,17 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import BertModel
 
 from builders import DECODERS, build_tiny, build_tiny_bert, write_toy_sentiment
-from moefy.adapters.models import load_model, load_tokenizer
+from moefy.adapters.attention import find_projections
+from moefy.adapters.ffn import ProjectionMLP
+from moefy.adapters.models import load_model, load_tokenizer, save_model
+from moefy.adapters.tasks import get_task
 from moefy.conversion.routers import MLPRouter, router_tensors
 from moefy.errors import MoefyError
 from moefy.files import read_json, save_tensors
@@ -27,6 +31,7 @@ from moefy.steps import evaluate as evaluate_step
 from moefy.steps import finetune as finetune_step
 from moefy.steps import train_moe as train_moe_step
 from moefy.steps import upcycle as upcycle_step
+from moefy.training.lora import adapter_parameters, add_lora, attention_targets
 from moefy.training.moe_training import LossWeights, distillation_loss, select_trainable
 from moefy.training.upcycling import upcycle_model
 
@@ -214,6 +219,9 @@ def test_bad_requests_are_clear_errors(task, tmp_path, capsys):
     assert "invalid choice: 'routers'" in capsys.readouterr().err
     with pytest.raises(MoefyError, match="not an MoE model trained by moefy"):
         train(task, "moe", tmp_path / "x")
+    with pytest.raises(MoefyError, match=r"recover.lora_rank must be at least 1.*got 0"):
+        train(task, "recover", tmp_path / "x", *conversion_flags(task), "--recovery", "kd", "--trainable", "lora",
+              "--lora-rank", "0")  # fmt: skip
     with pytest.raises(MoefyError, match="FFNs 0-1"):
         upcycle(task, tmp_path / "x", "--layers", "5")
     assert not (tmp_path / "x").exists(), "nothing half-written"
@@ -265,6 +273,24 @@ def test_trainable_parameters(tiny_relu_bert):
         select_trainable(load_model(str(tiny_relu_bert), label_names=["a", "b"]), [], "experts")
 
 
+def train_on_1_and_2_ranks(tmp_path, *flags: str) -> None:
+    """train_moe with `flags` as a plain process and on 2 gloo CPU ranks (torch.distributed.run), as
+    compute.nproc_per_node 1 and 2 run it, side by side with one thread each, into tmp_path/1 and
+    tmp_path/2. They log to the task fixture's MLflow store: a fresh store costs each process
+    seconds of table creation."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launchers = {1: [], 2: ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]}
+    runs = {}
+    for ranks, launcher in launchers.items():
+        with (tmp_path / f"{ranks}.log").open("w") as log:
+            runs[ranks] = subprocess.Popen(
+                [sys.executable, *launcher, "-m", "moefy.steps.train_moe", *flags, "--device", "cpu", "--out", str(tmp_path / str(ranks))],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+    for ranks, run in runs.items():
+        assert run.wait() == 0, (tmp_path / f"{ranks}.log").read_text()[-3000:]
+
+
 @pytest.mark.e2e
 def test_two_cpu_ranks_train_the_same_model_as_one(task, tmp_path):
     """Data parallel over 2 gloo ranks: each rank takes half of every global batch and DDP averages
@@ -279,16 +305,10 @@ def test_two_cpu_ranks_train_the_same_model_as_one(task, tmp_path):
     miss in most elements, by whole steps."""
     initial = upcycle(task, tmp_path / "init", "--experts", "4", "--layers", "1", "--drop-ratio", "0.5")
     learning_rate = 3e-3
-    common = ["--mode", "moe", "--model", str(initial), "--data", str(task / "data"),
-              "--batch-size", "16", "--learning-rate", str(learning_rate), "--max-steps", "6", "--load-loss-weight", "0"]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    for ranks in (1, 2):
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-        done = subprocess.run(
-            [*launcher, "-m", "moefy.steps.train_moe", *common, "--device", "cpu", "--out", str(tmp_path / str(ranks))],
-            env=env, capture_output=True, text=True,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
+    train_on_1_and_2_ranks(
+        tmp_path, "--mode", "moe", "--model", str(initial), "--data", str(task / "data"), "--batch-size", "16",
+        "--learning-rate", str(learning_rate), "--max-steps", "6", "--load-loss-weight", "0",
+    )  # fmt: skip
     one, _, _ = load_sparse_moe(tmp_path / "1" / "model")
     two, _, _ = load_sparse_moe(tmp_path / "2" / "model")
     for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
@@ -368,3 +388,136 @@ def test_distilled_attention_projections_keep_the_fine_tuned_accuracy(task, tmp_
     distilled = evaluate_upcycled(load_model(str(out)).eval(), tokenizer, task)
     print(f"test accuracy {dense:.4f} dense, {distilled:.4f} with distilled projections")
     assert dense > 0.9 and distilled >= dense - 0.05
+
+
+LORA_FAMILIES = {"bert": "classification", "gpt2": "causal_lm", "llama": "causal_lm"}
+ADAPTED = {"bert": 8, "gpt2": 4, "llama": 8}  # 2 layers of q, k, v, o (GPT-2: fused qkv, o)
+
+
+def lora_recovery(task, family, tmp_path):
+    """A tiny random model of `family` converted with the task fixture's labels and router (2 layers,
+    d 32, d_ff 64, E experts) and given LoRA adapters, then trained 2 AdamW steps on the task loss
+    without weight decay (so a weight that changed had a gradient); with its weights before them."""
+    folder = build_tiny(family, tmp_path / family)
+    kind = LORA_FAMILIES[family]
+    label_names = ["rotten", "fresh"] if kind == "classification" else None
+    torch.manual_seed(0)
+    model = load_model(str(folder), kind, label_names=label_names)
+    moes, built = train_moe_step.build(recover_args(task, folder), model)
+    lora = add_lora(model, moes.values(), rank=4, alpha=8, dropout=0.0)
+    trainable = select_trainable(model, moes.values(), "lora")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    tokenizer = load_tokenizer(str(folder))
+    inputs = tokenizer(["the movie was good and funny", "a dull boring plot", "great cast"], padding=True, return_tensors="pt")
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.0)
+    model.train()
+    for _ in range(2):
+        logits = model(**inputs).logits
+        get_task(kind).loss_sum(logits, inputs, torch.tensor([1, 0, 1]) if label_names else None).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return SimpleNamespace(
+        model=model.eval(), moes=moes, labels=built["labels"], lora=lora, trainable=trainable, before=before,
+        inputs=inputs, folder=folder, kind=kind, label_names=label_names,
+    )  # fmt: skip
+
+
+def recover_args(task, folder):
+    """train_moe's arguments for recovering `folder` with the task fixture's conversion at budget 0.25."""
+    return train_moe_step.parse_args(
+        ["--mode", "recover", "--model", str(folder), "--data", str(task / "data"), "--out", str(folder / "out"),
+         *conversion_flags(task), "--recovery", "task", "--budget", "0.25"]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("family", sorted(LORA_FAMILIES))
+def test_lora_recovery_trains_only_the_adapters_and_the_experts(task, family, tmp_path):
+    """Adapters on every attention projection and on nothing else (not the routers); the adapters
+    and the experts train, and every other weight, the projections' own included, stays."""
+    run = lora_recovery(task, family, tmp_path)
+    adapted = [name for name, module in run.model.named_modules() if hasattr(module, "lora_A")]
+    assert len(adapted) == ADAPTED[family] and not any("router" in name for name in adapted), adapted
+    adapters = {id(p) for p in adapter_parameters(run.model)}
+    experts = {id(p) for moe in run.moes.values() for name, p in moe.named_parameters() if not name.startswith("router.")}
+    assert adapters and experts and {id(p) for p in run.trainable} == adapters | experts
+    after = dict(run.model.named_parameters())
+    changed = {name for name, p in after.items() if not torch.equal(p, run.before[name])}
+    assert changed == {name for name, p in after.items() if id(p) in adapters | experts}, sorted(changed)
+
+
+def test_lora_without_an_attention_projection_left_is_a_clear_error(tiny_relu_bert):
+    model = load_model(str(tiny_relu_bert), label_names=["a", "b"])
+    for projection in find_projections(model):  # as D2DMoE's attention variant leaves them
+        projection.replace(ProjectionMLP(projection.linear.in_features, 8, projection.linear.out_features))
+    with pytest.raises(MoefyError, match="recover.trainable lora .* none left .* use recover.trainable experts"):
+        add_lora(model, [], rank=4, alpha=8, dropout=0.0)
+
+
+@pytest.mark.parametrize("family", sorted(LORA_FAMILIES))
+def test_a_lora_recovered_model_reloads_to_the_logits_it_trained_to(task, family, tmp_path):
+    """The adapters merged into the projections and the experts written back into the FFNs, as the
+    step saves them: the checkpoint, converted again as evaluate converts it, computes what the
+    trained model computed, and its attention projections are no longer the original ones."""
+    run = lora_recovery(task, family, tmp_path)
+    with torch.no_grad():
+        trained = run.model(**run.inputs).logits
+        merged = run.lora.merge_and_unload()
+        assert merged is run.model and not any(hasattr(module, "lora_A") for module in merged.modules())
+        pristine = load_model(str(run.folder), run.kind, label_names=run.label_names)
+        recovered = train_moe_step.recovered(pristine, merged, run.moes, run.labels)
+        save_model(recovered, load_tokenizer(str(run.folder)), tmp_path / "saved")
+        reloaded = load_model(str(tmp_path / "saved"), run.kind)
+        train_moe_step.build(recover_args(task, tmp_path / "saved"), reloaded)
+        again = reloaded.eval()(**run.inputs).logits
+    torch.testing.assert_close(again, trained, atol=1e-5, rtol=0)
+    original = load_model(str(run.folder), run.kind, label_names=run.label_names)
+    projections = {f"{name}.weight" for name in attention_targets(original, [])}
+    saved = load_model(str(tmp_path / "saved"), run.kind).state_dict()
+    assert all(not torch.equal(saved[k], v) for k, v in original.state_dict().items() if k in projections)
+
+
+def test_the_recover_step_merges_low_rank_updates_into_the_attention_projections(task, tmp_path):
+    """The step as the workflow runs it (--trainable lora): in the saved checkpoint the experts and
+    the attention projections' weights changed, each projection by a matrix of rank at most
+    lora_rank, and every other weight (biases, norms, embeddings, head) is the fine-tuned model's."""
+    metrics = train(task, "recover", tmp_path / "lora", *conversion_flags(task), "--recovery", "task", "--budget", str(BUDGET),
+                    "--trainable", "lora", "--lora-rank", "2", "--max-steps", "3")  # fmt: skip
+    assert metrics["train_steps"] == 3
+    dense = load_model(str(task / "finetune" / "model"))
+    projections = {f"{name}.weight" for name in attention_targets(dense, [])}
+    before, after = dense.state_dict(), load_model(str(tmp_path / "lora" / "model")).state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    ffns = {k for k in before if (".intermediate.dense." in k or ".output.dense." in k) and "attention" not in k}
+    assert projections <= changed <= projections | ffns and changed & ffns, sorted(changed)
+    for key in projections:
+        assert 0 < torch.linalg.matrix_rank(after[key].double() - before[key].double(), rtol=1e-3) <= 2, key
+
+
+@pytest.mark.e2e
+def test_two_cpu_ranks_recover_with_lora_as_one(task, tmp_path):
+    """LoRA recovery of a tiny random LLaMA causal LM on 2 gloo ranks against 1 process, as the step
+    saves it (adapters merged into the attention projections, experts written back into the FFNs):
+    every weight within 1e-5 (measured: 8e-7 in the experts, 1e-8 in the merged projections), and
+    so the logits (5e-8). Recovery task, not kd: this random model's logits are so close to its
+    dense teacher's that many expert gradients of the distillation loss are near 0, and Adam turns
+    their rounding noise into steps of either sign (0.5% of an expert tensor, by a tenth of a step)."""
+    folder = build_tiny("llama", tmp_path / "llama")
+    tokenizer = load_tokenizer(str(folder))
+    tokenizer.model_max_length = 32  # as finetune saves it for every later step
+    tokenizer.save_pretrained(folder)
+    train_on_1_and_2_ranks(
+        tmp_path, "--mode", "recover", "--model", str(folder), "--task", "causal_lm", "--data", str(task / "data"),
+        *conversion_flags(task), "--recovery", "task", "--budget", "0.25", "--trainable", "lora", "--lora-rank", "4",
+        "--batch-size", "16", "--learning-rate", "3e-3", "--max-steps", "6",
+    )  # fmt: skip
+    one = load_model(str(tmp_path / "1" / "model"), "causal_lm")
+    two = load_model(str(tmp_path / "2" / "model"), "causal_lm")
+    dense = load_model(str(folder), "causal_lm").state_dict()
+    trained = {f"{name}.weight" for name in attention_targets(load_model(str(folder), "causal_lm"), [])}
+    trained |= {k for k in dense if ".mlp." in k}
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
+        assert torch.equal(a, dense[name]) is (name not in trained), name
+    inputs = tokenizer(["good funny smart", "a dull boring plot"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(one(**inputs).logits, two(**inputs).logits, atol=1e-5, rtol=0)

@@ -11,24 +11,22 @@ trained, precision included, which every later step reads) and <out>/metrics.jso
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from moefy import dist
 from moefy.adapters.ffn import capture, find_ffns
 from moefy.adapters.models import TRAINING_FILE, load_model, load_tokenizer, save_model
 from moefy.adapters.tasks import get_task
-from moefy.data.batches import Encoded, eval_batches, iterate, length_grouped_batches, measure, shard_batches
+from moefy.data.batches import Encoded, eval_batches, iterate, measure
 from moefy.data.subsets import read_label_names
 from moefy.files import atomic_dir, write_json
 from moefy.measure import machine
 from moefy.training import precision
+from moefy.training.loop import Batch, Epoch, train_epochs
 from moefy.training.recipe import optimiser, read_texts
 from moefy.training.sparsity import layers_penalty, ramped_weight
 from moefy.workflow import pause, tracking
@@ -90,7 +88,6 @@ def main(argv: list[str] | None = None) -> None:
     bf16 = chosen == "bf16"
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer, scheduler, total_steps = optimiser(trainable, train.lengths, args, args.epochs)
-    ddp = DistributedDataParallel(model) if ctx.distributed else model
 
     penalised = args.penalty != "none"
     with (
@@ -99,61 +96,36 @@ def main(argv: list[str] | None = None) -> None:
     ):
         run.set_tags({"precision": chosen, "world_size": ctx.world_size})
         metric = task.metric
-        best: dict = {f"validation_{metric}": None, "epoch": 0, "state": None}
-        step, started = 0, time.time()
-        if args.epochs == 0:  # the model as loaded
-            best[f"validation_{metric}"] = measure(model, task, validation, val_labels, args.eval_batch_size, ctx, "validation")
-        for epoch in range(1, args.epochs + 1):
-            pause.point(f"finetune epoch {epoch}")
-            penalty_sum, penalty_steps = 0.0, 0
-            model.train()
-            batches = length_grouped_batches(train.lengths, args.batch_size, seed=args.seed * 1000 + epoch)
-            batches = [b for b in batches if len(b) >= ctx.world_size]
-            bar = tqdm(
-                shard_batches(batches, ctx.rank, ctx.world_size),
-                desc=f"epoch {epoch}/{args.epochs}",
-                unit="batch",
-                disable=not ctx.is_main,
-                mininterval=5,
-            )
-            for local, full in zip(bar, batches):
-                inputs = train.collate(local, ctx.device)
-                with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = ddp(**inputs).logits
-                # Sum over this rank's part, over the global batch: DDP's gradient mean then
-                # equals the global-batch mean whatever the number of ranks.
-                targets = None if train_y is None else train_y[local].to(ctx.device)
-                loss = task.loss_sum(logits, inputs, targets)
-                total = loss * ctx.world_size / max(1, task.loss_weight(train.lengths[full]))
-                if penalised:
-                    penalty = layers_penalty([seen[f.index]["h"] for f in ffns], inputs["attention_mask"].bool(), args.penalty)
-                    total = total + ramped_weight(args.sparsity_weight, step, total_steps, args.sparsity_ramp) * penalty
-                    penalty_sum, penalty_steps = penalty_sum + penalty.item(), penalty_steps + 1
-                total.backward()
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                if step % 20 == 0:
-                    per_item = loss.item() / max(1, task.loss_weight(train.lengths[local]))
-                    bar.set_postfix(loss=f"{per_item:.3f}")
-                    run.log_metrics({"train_loss": per_item}, step=step)
+
+        def objective(batch: Batch):
+            """The task loss, plus the activation-sparsity penalty at its ramped weight."""
+            if not penalised:
+                return batch.task_loss, {}
+            penalty = layers_penalty([seen[f.index]["h"] for f in ffns], batch.inputs["attention_mask"].bool(), args.penalty)
+            weight = ramped_weight(args.sparsity_weight, batch.step, total_steps, args.sparsity_ramp)
+            return batch.task_loss + weight * penalty, {"penalty": penalty.item()}
+
+        def after_epoch(epoch: Epoch) -> dict[str, float]:
             value = measure(model, task, validation, val_labels, args.eval_batch_size, ctx, "validation")
-            epoch_metrics = {f"validation_{metric}": value, "epoch_seconds": time.time() - started}
+            metrics = {f"validation_{metric}": value, "epoch_seconds": epoch.seconds}
             if penalised:
-                epoch_metrics[f"{args.penalty}_penalty"] = penalty_sum / max(1, penalty_steps)
-                epoch_metrics["validation_sparsity_mean"] = float(
+                metrics[f"{args.penalty}_penalty"] = epoch.means["penalty"]
+                metrics["validation_sparsity_mean"] = float(
                     np.mean(activation_sparsity(model, validation, args.eval_batch_size, ctx))
                 )
-            run.log_metrics(epoch_metrics, step=epoch)
-            if ctx.is_main:
-                extra = f", sparsity {epoch_metrics['validation_sparsity_mean']:.3f}" if penalised else ""
-                print(f"epoch {epoch}: validation {metric} {value:.4f}{extra} ({time.time() - started:.0f} s)", flush=True)
-            if task.better(value, best[f"validation_{metric}"]):
-                best = {f"validation_{metric}": value, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
+            return metrics
 
-        if best["state"] is not None:
-            model.load_state_dict(best["state"])
+        trained = train_epochs(
+            model, task, train, train_y, ctx, optimizer, scheduler, name="finetune", epochs=args.epochs,
+            total_steps=total_steps, batch_size=args.batch_size, seed=args.seed, objective=objective, measure=after_epoch,
+            log=run.log_metrics, pause=pause.point, bf16=bf16, log_steps=True,
+        )  # fmt: skip
+        # no epoch: the model as loaded
+        validation_value = (
+            trained.best
+            if trained.best_epoch
+            else measure(model, task, validation, val_labels, args.eval_batch_size, ctx, "validation")
+        )
         test_value = measure(model, task, test, test_labels, args.eval_batch_size, ctx, "test")
         sparsity = activation_sparsity(model, validation, args.eval_batch_size, ctx)
         training = {
@@ -167,10 +139,10 @@ def main(argv: list[str] | None = None) -> None:
         }
         metrics = {
             **training,
-            f"validation_{metric}": best[f"validation_{metric}"],
+            f"validation_{metric}": validation_value,
             f"test_{metric}": test_value,
-            "best_epoch": best["epoch"],
-            "train_seconds": time.time() - started,
+            "best_epoch": trained.best_epoch,
+            "train_seconds": time.time() - trained.started,
             "train_examples": len(train),
             "sparsity_mean": float(np.mean(sparsity)),
             "sparsity_per_layer": sparsity,

@@ -4,6 +4,8 @@ Modes:
 - recover: a conversion (the balance step's labels, the router step's router) trained at
   recover.budget with MoEfication's unweighted top-k and its router frozen (moefy.moe.sparse);
   recovery `task` trains on the task loss, `kd` adds distillation from the dense model's logits.
+  recover.trainable picks what trains: the experts, the experts and LoRA adapters on the attention
+  projections (moefy.training.lora; merged into them after training), or every weight.
   The trained experts go back into the FFNs, so <out>/model is a standard checkpoint that the
   evaluate step measures at every budget with the same labels and router.
 - moe: an upcycled model (the upcycle step's folder, moefy.export.load_sparse_moe) trained on,
@@ -22,24 +24,23 @@ expert load).
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from moefy import dist
 from moefy.adapters.ffn import dense_ffn_flops, find_ffns
 from moefy.adapters.models import TRAINING_FILE, load_model, load_tokenizer, read_training, save_model
 from moefy.adapters.tasks import get_task
 from moefy.conversion.routers import budget_to_k
-from moefy.data.batches import Encoded, length_grouped_batches, measure, shard_batches
+from moefy.data.batches import Encoded, measure
 from moefy.files import atomic_dir, write_json
 from moefy.measure import machine
 from moefy.moe.checkpoints import load_smoe, read_moe_parts, save_sparse_moe
 from moefy.moe.sparse import SparseMoE, from_split, mask_padding
+from moefy.training.loop import Batch, Epoch, train_epochs
+from moefy.training.lora import add_lora
 from moefy.training.moe_training import (
     LossWeights,
     auxiliary_loss,
@@ -150,9 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     teacher = dense.to(ctx.device).eval().requires_grad_(False) if kd else None
     model.to(ctx.device)
-    trainable = select_trainable(
-        model, moes.values(), "experts" if args.mode == "recover" and args.trainable == "experts" else "all"
-    )
+    lora = None
+    if args.mode == "recover" and args.trainable == "lora":
+        lora = add_lora(model, moes.values(), args.lora_rank, args.lora_alpha, args.lora_dropout)
+    trainable = select_trainable(model, moes.values(), args.trainable if args.mode == "recover" else "all")
     if args.mode != "recover" or args.trainable == "all":
         model.get_input_embeddings().weight.requires_grad_(False)  # kept, as finetune keeps them
         trainable = [p for p in trainable if p.requires_grad]
@@ -164,95 +166,62 @@ def main(argv: list[str] | None = None) -> None:
     val_labels, test_labels = val_set.labels, test_set.labels
 
     optimizer, scheduler, total_steps = optimiser(trainable, train.lengths, args, args.epochs, args.max_steps)
-    ddp = DistributedDataParallel(model) if ctx.distributed else model
     metric = task.metric
     identity = {**ablation(args), "mode": args.mode} | ({"upcycled": args.upcycled} if args.upcycled else {})
     if args.name:
         identity["merged"] = args.name
+    causal = task.name == "causal_lm"
+
+    def objective(batch: Batch):
+        """(1 - alpha) * task + alpha * distillation from the teacher's logits, plus the routers' auxiliary losses."""
+        total, terms = (1 - weights.distill) * batch.task_loss, {}
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(**batch.inputs).logits
+            mask = batch.inputs["attention_mask"].bool() if causal else None
+            kd = distillation_loss(batch.logits, teacher_logits, weights.temperature, mask)
+            total = total + weights.distill * (kd * len(batch) * batch.scale)  # summed like the task loss
+            terms["distill"] = kd.item()
+        aux = auxiliary_loss(moes.values(), weights)
+        if aux is not None:
+            total = total + aux
+            terms["aux"] = aux.item()
+        return total, terms
+
+    def validation_distillation() -> float:
+        return heldout_distillation(model, teacher, validation, args.eval_batch_size, ctx, weights.temperature, causal)
+
+    def before() -> dict[str, float]:
+        first = {f"validation_{metric}": measure(model, task, validation, val_labels, args.eval_batch_size, ctx, "validation")}
+        if teacher is not None:
+            first["validation_distill_loss"] = validation_distillation()
+        return first
+
+    def after_epoch(epoch: Epoch) -> dict[str, float]:
+        load = load_statistics(moes)  # the epoch's training batches, before validation adds to the counts
+        value = measure(model, task, validation, val_labels, args.eval_batch_size, ctx, "validation")
+        metrics = {
+            f"validation_{metric}": value,
+            "train_loss": epoch.means["task"],
+            "distill_loss": epoch.means.get("distill", 0.0),
+            "aux_loss": epoch.means.get("aux", 0.0),
+            "epoch_seconds": epoch.seconds,
+            "train_tokens": epoch.tokens,
+            **{f"train_{k}": v for k, v in load.items()},
+        }
+        if teacher is not None:
+            metrics["validation_distill_loss"] = validation_distillation()
+        return metrics
 
     with tracking.job_run("train_moe", vars(args), identity, enabled=ctx.is_main) as run:
-        best: dict = {f"validation_{metric}": None, "epoch": 0, "state": None}
-        step, started, train_tokens = 0, time.time(), 0
-        history = [
-            {
-                "epoch": 0,
-                "steps": 0,
-                f"validation_{metric}": measure(model, task, validation, val_labels, args.eval_batch_size, ctx, "validation"),
-            }
-        ]
-        if teacher is not None:
-            history[0]["validation_distill_loss"] = heldout_distillation(
-                model, teacher, validation, args.eval_batch_size, ctx, weights.temperature, task.name == "causal_lm"
-            )
-        run.log_metrics({k: v for k, v in history[0].items() if k.startswith("validation_")}, step=0)
-        for epoch in range(1, args.epochs + 1):
-            if step >= total_steps:
-                break
-            pause.point(f"train_moe epoch {epoch}")
-            model.train()
-            batches = length_grouped_batches(train.lengths, args.batch_size, seed=args.seed * 1000 + epoch)
-            batches = [b for b in batches if len(b) >= ctx.world_size][: total_steps - step]
-            sums = {"task": 0.0, "distill": 0.0, "aux": 0.0, "steps": 0}
-            bar = tqdm(
-                shard_batches(batches, ctx.rank, ctx.world_size),
-                desc=f"epoch {epoch}/{args.epochs}",
-                unit="batch",
-                disable=not ctx.is_main,
-                mininterval=5,
-            )
-            for local, full in zip(bar, batches):
-                inputs = train.collate(local, ctx.device)
-                logits = ddp(**inputs).logits
-                targets = None if train_y is None else train_y[local].to(ctx.device)
-                # Sums over this rank's part, over the global batch: DDP's mean is the global mean.
-                scale = ctx.world_size / max(1, task.loss_weight(train.lengths[full]))
-                loss = task.loss_sum(logits, inputs, targets) * scale
-                total = (1 - weights.distill) * loss
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(**inputs).logits
-                    mask = inputs["attention_mask"].bool() if task.name == "causal_lm" else None
-                    kd_loss = distillation_loss(logits, teacher_logits, weights.temperature, mask) * len(local) * scale
-                    total = total + weights.distill * kd_loss
-                    sums["distill"] += kd_loss.item() / scale / max(1, len(local))
-                aux = auxiliary_loss(moes.values(), weights)
-                if aux is not None:
-                    total = total + aux
-                    sums["aux"] += aux.item()
-                total.backward()
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                train_tokens += int(train.lengths[full].sum())  # the global batch's, on every rank
-                sums["task"] += loss.item() / scale / max(1, task.loss_weight(train.lengths[local]))
-                sums["steps"] += 1
-                if step % 20 == 0:
-                    bar.set_postfix(loss=f"{sums['task'] / sums['steps']:.3f}")
-            load = load_statistics(moes)
-            value = measure(model, task, validation, val_labels, args.eval_batch_size, ctx, "validation")
-            epoch_metrics = {
-                f"validation_{metric}": value,
-                "train_loss": sums["task"] / max(1, sums["steps"]),
-                "distill_loss": sums["distill"] / max(1, sums["steps"]),
-                "aux_loss": sums["aux"] / max(1, sums["steps"]),
-                "epoch_seconds": time.time() - started,
-                "train_tokens": train_tokens,
-                **{f"train_{k}": v for k, v in load.items()},
-            }
-            if teacher is not None:
-                epoch_metrics["validation_distill_loss"] = heldout_distillation(
-                    model, teacher, validation, args.eval_batch_size, ctx, weights.temperature, task.name == "causal_lm"
-                )
-            run.log_metrics(epoch_metrics, step=epoch)
-            history.append({"epoch": epoch, "steps": step} | {k: v for k, v in epoch_metrics.items() if "/layer_" not in k})
-            if ctx.is_main:
-                print(f"epoch {epoch}: validation {metric} {value:.4f} ({time.time() - started:.0f} s, {step} steps)", flush=True)
-            if task.better(value, best[f"validation_{metric}"]):
-                best = {f"validation_{metric}": value, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
-        train_seconds = time.time() - started
-        if best["state"] is not None:
-            model.load_state_dict(best["state"])
+        trained = train_epochs(
+            model, task, train, train_y, ctx, optimizer, scheduler, name="train_moe", epochs=args.epochs,
+            total_steps=total_steps, batch_size=args.batch_size, seed=args.seed, objective=objective, measure=after_epoch,
+            log=run.log_metrics, pause=pause.point, before=before,
+        )  # fmt: skip
+        train_seconds = time.time() - trained.started
+        if lora is not None:  # into the projections' weights now, so that the test pass measures what is saved
+            model = lora.merge_and_unload()
         load_statistics(moes)
         test_value = measure(model, task, test, test_labels, args.eval_batch_size, ctx, "test")
         test_load = load_statistics(moes)
@@ -265,19 +234,19 @@ def main(argv: list[str] | None = None) -> None:
         metrics = {
             **identity,
             **{k: v for k, v in built.items() if k != "labels"},
-            f"validation_{metric}": best[f"validation_{metric}"],
+            f"validation_{metric}": trained.best,
             f"test_{metric}": test_value,
-            "best_epoch": best["epoch"],
-            "train_steps": step,
-            "train_tokens": train_tokens,
+            "best_epoch": trained.best_epoch,
+            "train_steps": trained.steps,
+            "train_tokens": trained.tokens,
             "train_seconds": train_seconds,
             # forward + backward = 3 forwards of 2 FLOPs per active weight and token (embeddings included)
-            "train_flops": 6.0 * active * train_tokens,
+            "train_flops": 6.0 * active * trained.tokens,
             "total_parameters": total_params,
             "active_parameters": active,
             **flops,
             **{f"test_{k}": v for k, v in test_load.items()},
-            "history": history,
+            "history": trained.history,
             "machine": machine.describe(ctx.device),
         }
         if ctx.is_main:
@@ -288,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
             training = read_training(args.model)
             training |= {
                 "train_moe": identity | {k: v for k, v in built.items() if k != "labels"},
-                "recovery_steps": training.get("recovery_steps", 0) + (step if args.mode == "merged" else 0),
+                "recovery_steps": training.get("recovery_steps", 0) + (trained.steps if args.mode == "merged" else 0),
             }
             if args.mode in ("moe", "merged"):
                 save_sparse_moe(model, moes, tokenizer, args.out / "model", task.name, training, built["site"])

@@ -24,8 +24,9 @@ from moefy.data.batches import eval_batches, iterate
 from moefy.errors import MoefyError
 from moefy.moe.layer import expert_order
 from moefy.moe.sparse import SparseMoE
+from moefy.training.lora import adapter_parameters
 
-TRAINABLE = ("experts", "routers", "experts_and_routers", "all")
+TRAINABLE = ("experts", "routers", "experts_and_routers", "lora", "all")
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ def expert_parameters(moe: SparseMoE) -> list[nn.Parameter]:
 
 
 def select_trainable(model: nn.Module, moes: Iterable[SparseMoE], which: str) -> list[nn.Parameter]:
-    """Freeze all but `which` (experts, routers, experts_and_routers, all); returns the trained ones."""
+    """Freeze all but `which` (experts, routers, experts_and_routers, lora: the experts and the LoRA
+    adapters moefy.training.lora.add_lora put in, all); returns the trained ones."""
     if which not in TRAINABLE:
         raise MoefyError(f"trainable {which!r} is not one of {', '.join(TRAINABLE)}")
     moes = list(moes)
@@ -94,13 +96,23 @@ def select_trainable(model: nn.Module, moes: Iterable[SparseMoE], which: str) ->
             "MoEfication's routers pick experts without weighting them, so the task loss gives them no gradient: "
             "train the experts (trainable: experts) and retrain the router with the router step if needed"
         )
+    adapters = []
+    if which == "lora":
+        adapters = adapter_parameters(model)
+        if not adapters:
+            raise MoefyError(
+                "trainable 'lora' trains LoRA adapters beside the experts, but the model has none: "
+                "add them first (moefy.training.lora.add_lora)"
+            )
     for p in model.parameters():
         p.requires_grad_(which == "all")
     for moe in moes:
         for p in expert_parameters(moe):
-            p.requires_grad_(which in ("all", "experts", "experts_and_routers"))
+            p.requires_grad_(which in ("all", "experts", "experts_and_routers", "lora"))
         for p in moe.router.parameters():
             p.requires_grad_(which in ("all", "routers", "experts_and_routers") and moe.routing.kind != "unweighted_top_k")
+    for p in adapters:
+        p.requires_grad_(True)
     trained = [p for p in model.parameters() if p.requires_grad]
     if not trained:
         raise MoefyError(f"trainable {which!r} leaves nothing to train in this model")
