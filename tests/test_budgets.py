@@ -77,3 +77,27 @@ def test_error_curves_follow_the_router_given():
     torch.manual_seed(0)
     random = error_curve(ffn, labels, E, 0, MLPRouter(16, E), x)
     assert (oracle[1:-1] < random[1:-1]).all() and oracle[0].item() == pytest.approx(random[0].item()) and random[-1] < 1e-9
+
+
+def test_a_pass_counts_the_experts_of_a_layer_given_every_one_beside_a_layer_given_one(tmp_path):
+    """Per-layer budgets can give a layer all its routed experts: it runs dense and has no picks."""
+    from builders import build_tiny
+    from moefy import dist
+    from moefy.adapters.ffn import find_ffns
+    from moefy.adapters.models import load_model, load_tokenizer
+    from moefy.adapters.tasks import get_task
+    from moefy.data.batches import Encoded, eval_batches
+    from moefy.measure.evaluation import SelectionRule, run_pass
+    from moefy.moe.layer import moefy_model
+
+    folder = build_tiny("llama", tmp_path / "llama")
+    model = load_model(str(folder), "causal_lm").eval()
+    labels = {f.index: torch.arange(f.d_ff) % E for f in find_ffns(model)}
+    routers = {i: GroundTruthRouter(t, E) for i, t in labels.items()}
+    layers = moefy_model(model, labels, routers, E)
+    encoded = Encoded(load_tokenizer(str(folder)), ["the movie was good", "bad plot", "a dull and boring film"], max_length=16)
+    ctx = dist.setup("cpu")
+    rule = SelectionRule("top_k", budget=0.5625, k=4, allocation="sensitivity", layer_k=(E, 1))
+    rule.apply(layers)
+    totals = run_pass(model, layers, encoded, eval_batches(encoded, 2, ctx), get_task("causal_lm"), None, ctx, "test")[1]
+    assert totals.layer_experts_mean == [E, 1] and totals.experts_mean == (E + 1) / 2

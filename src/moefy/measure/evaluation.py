@@ -136,7 +136,6 @@ def run_pass(
     kernel_calls(layers)
     predictions: list[torch.Tensor] = []
     totals = PassTotals()
-    num_experts = layers[0].num_experts
     timer = ForwardTimer()
     with timer.attached(model), paired_timing(layers) as clocks:
         for b, (idx, inputs, logits) in enumerate(iterate(model, encoded, batches, ctx, desc)):
@@ -144,11 +143,15 @@ def run_pass(
             score, count, predicted = task.batch_stats(logits, inputs, batch_targets)
             predictions.append(predicted.cpu())
             real = inputs["attention_mask"].bool()
-            chosen = [layer.experts_per_token for layer in layers]
-            if chosen[0] is None:  # the dense path: every expert
-                per_layer = torch.full((len(layers), int(real.sum())), float(num_experts), dtype=torch.float64)
-            else:
-                per_layer = torch.stack(chosen)[:, real].cpu().double()
+            # a layer that ran dense (every routed expert: the dense pass, or its per-layer k) has no picks
+            per_layer = torch.stack(
+                [
+                    torch.full(real.shape, float(layer.num_experts))
+                    if layer.experts_per_token is None
+                    else layer.experts_per_token.cpu()
+                    for layer in layers
+                ]
+            )[:, real.cpu()].double()
             experts = per_layer.mean(0)
             layer_sums = per_layer.sum(1).tolist()
             totals.layer_experts = tuple(a + b for a, b in zip(totals.layer_experts, layer_sums)) or tuple(layer_sums)
