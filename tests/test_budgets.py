@@ -101,3 +101,11 @@ def test_a_pass_counts_the_experts_of_a_layer_given_every_one_beside_a_layer_giv
     rule.apply(layers)
     totals = run_pass(model, layers, encoded, eval_batches(encoded, 2, ctx), get_task("causal_lm"), None, ctx, "test")[1]
     assert totals.layer_experts_mean == [E, 1] and totals.experts_mean == (E + 1) / 2
+
+
+def test_layers_are_compared_by_relative_error_not_by_the_scale_of_their_outputs():
+    """Two layers that lose the same share of their output per expert skipped get the same experts,
+    whatever their outputs' scale (the residual stream grows with depth)."""
+    curve = np.array([1.0, 0.5, 0.25, 0.1, 0.0])
+    assert spread(2, [curve, 100 * curve], [0, 0]) == [2, 2]
+    assert spread(2, [curve, np.zeros(5)], [0, 0]) == [3, 1], "a layer whose FFN adds nothing keeps one expert"
