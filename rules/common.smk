@@ -168,9 +168,19 @@ def dataset_flags():
 
 
 def coactivation_for_split(wildcards):
-    """Only the coact split and shared experts read co-activations; the others need not wait for
-    (or rerun after) them."""
-    return rules.activations.output.coactivation if wildcards.split == "coact" or wildcards.shared else []
+    """Only the coact split and shared experts by firing read co-activations; the others need not
+    wait for (or rerun after) them."""
+    by_firing = wildcards.shared and config["split"]["shared_by"] == "firing"
+    return rules.activations.output.coactivation if wildcards.split == "coact" or by_firing else []
+
+
+def hidden_for_split(wildcards):
+    """Shared experts by mass read the hidden-state sample."""
+    return rules.activations.output.hidden if wildcards.shared and config["split"]["shared_by"] == "mass" else []
+
+
+def hidden_flag(wildcards, input):
+    return f"--hidden {input.hidden}" if input.hidden else ""
 
 
 def coactivation_flag(wildcards, input):

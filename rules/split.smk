@@ -2,6 +2,7 @@ rule split:
     input:
         model=converted_model,
         coactivation=coactivation_for_split,
+        hidden=hidden_for_split,
     output:
         labels=results("split", CONVERTED, CONVERSION, "labels.safetensors"),
         metrics=results("split", CONVERTED, CONVERSION, "metrics.json"),
@@ -20,9 +21,10 @@ rule split:
         ablation=ablation_flags,
         task=config["task"],
         coactivation=coactivation_flag,
+        hidden=hidden_flag,
         out=folder_of("labels", "output"),
         device=COMPUTE["device"],
         settings=step_settings("split"),
     shell:
         "OMP_NUM_THREADS={params.omp} {params.launch} --model {input.model} --task {params.task} {params.ablation} "
-        "{params.coactivation} --out {params.out} --device {params.device} {params.settings} > {log} 2>&1"
+        "{params.coactivation} {params.hidden} --out {params.out} --device {params.device} {params.settings} > {log} 2>&1"

@@ -49,6 +49,7 @@ def write_study(workdir: Path, family: str, task: str, finetune: dict, arms: dic
         "dataset": {"path": "reviews.csv", "text_column": "text", "label_column": "category", "labels": ["rotten", "fresh"]},
         "grid": diagonal(CONVERSIONS) | (arms or {}),
         "recover": {"budget": 0.5},
+        "split": {"shared_by": "mass"},  # the hidden-state sample's summed |h| (firing: tests/test_shared_experts.py)
         "train_moe": {"epochs": 1, "batch_size": 16},
         "finetune": {
             "batch_size": 16,

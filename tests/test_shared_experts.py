@@ -21,7 +21,7 @@ from moefy.conversion.routers import (
     router_tensors,
     topk_recall,
 )
-from moefy.conversion.shared import check_shared, routed_neurons, shared_neurons, with_shared
+from moefy.conversion.shared import check_shared, neuron_mass, routed_neurons, shared_neurons, with_shared
 from moefy.errors import MoefyError
 from moefy.moe.layer import KERNELS, MoEFFN, moefy_model, set_experts_per_token
 from moefy.moe.sparse import from_split
@@ -171,3 +171,39 @@ def test_recovery_trains_the_shared_experts_and_writes_them_back():
     write_back(ffn, moe, labels)
     with torch.no_grad():
         torch.testing.assert_close(ffn.w_out(ffn.activations(x)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_by_mass_takes_a_rare_massive_activation_that_firing_misses():
+    """Neuron 5 is on for one token in 20, a thousand times louder than the rest: firing ranks it
+    last-but-not-shared, mass ranks it first."""
+    ffn = synthetic_ffn(16, 64, gated=False, bias=False, act=nn.ReLU())
+    x = torch.randn(400, 16)
+    with torch.no_grad():
+        ffn.w_in.weight[5] = 0.0
+        ffn.w_in.weight[5, 0] = 1.0
+        x[:, 0] = -1.0
+        x[::20, 0] = 1000.0  # neuron 5 fires on 20 tokens, hugely
+        h = ffn.activations(x)
+    firing = (h != 0).sum(0)
+    mass = neuron_mass(ffn, x, chunk_tokens=64)
+    torch.testing.assert_close(mass, h.abs().double().sum(0))
+    assert 5 in shared_neurons(mass, S, E) and 5 not in shared_neurons(firing, S, E)
+
+
+@pytest.mark.parametrize("shared_by", ["firing", "mass"])
+def test_the_split_step_sets_the_shared_neurons_aside_by_either_rule(shared_by):
+    from argparse import Namespace
+
+    from moefy.steps.split import split_layer
+
+    ffn = synthetic_ffn(16, 64, gated=True, bias=False, act=nn.SiLU())
+    x = torch.randn(300, 16)
+    with torch.no_grad():
+        h = ffn.activations(x)
+    fired = ffn.fired(h, 0.1).float()
+    coactivation = {"layer.0": fired.t() @ fired}
+    args = Namespace(num_experts=E, shared_experts=S, shared_by=shared_by, split="random", seed=0)
+    labels = split_layer(args, ffn, coactivation, {"layer.0": x}, 300, torch.device("cpu"))
+    scores = fired.sum(0) if shared_by == "firing" else h.abs().sum(0)
+    assert set(np.flatnonzero(labels >= E - S)) == set(shared_neurons(scores, S, E).tolist())
+    assert np.bincount(labels).tolist() == [8] * E

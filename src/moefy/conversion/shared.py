@@ -4,10 +4,14 @@ A gated SiLU FFN is not ReLU-sparse: some neurons carry a large |h| on almost ev
 leaving them to a router loses on every token what any expert without them would. They become
 `S` always-on experts; the other neurons are split into the `E - S` routed experts.
 
-Which neurons: those firing on the most calibration tokens, where a neuron fires on a token when
-its |h| is among the token's top `activations.fire_fraction` (h != 0 for ReLU-like activations).
-That is the diagonal of the activations step's co-activation counts, a statistic that is
-scale-free per token (a layer's overall magnitude does not move it) and the one CMoE ranks by.
+Which neurons (config split.shared_by):
+- firing: those firing on the most calibration tokens, where a neuron fires on a token when its |h|
+  is among the token's top `activations.fire_fraction` (h != 0 for ReLU-like activations): the
+  diagonal of the activations step's co-activation counts, scale-free per token, CMoE's rule.
+- mass: those with the largest summed |h| over the token sample. Decoder LLMs have a few massive
+  activations (SmolLM2's layer 11: one neuron's |h| reaches 3,300 where the layer's median neuron
+  peaks at 1.8) on rare tokens; firing never ranks them shared, and a router that misses them on
+  those tokens wrecks the output, where mass ranks them first.
 
 Labels keep their meaning (expert id per neuron, every expert d_ff / E neurons): routed experts
 are 0..E-S-1 and the shared ones E-S..E-1, so the balance step, the layer's neuron order and the
@@ -22,15 +26,24 @@ import torch
 from moefy.errors import MoefyError
 
 
-def shared_neurons(fire_counts: torch.Tensor | np.ndarray, shared_experts: int, num_experts: int) -> np.ndarray:
-    """The ids (sorted) of the shared_experts * d_ff / E neurons that fired on the most tokens;
-    ties go to the lower id, so the choice is deterministic."""
-    counts = np.asarray(torch.as_tensor(fire_counts).double().cpu().numpy())
+def shared_neurons(scores: torch.Tensor | np.ndarray, shared_experts: int, num_experts: int) -> np.ndarray:
+    """The ids (sorted) of the shared_experts * d_ff / E neurons of the highest scores (firing
+    counts, or mass); ties go to the lower id, so the choice is deterministic."""
+    counts = np.asarray(torch.as_tensor(scores).double().cpu().numpy())
     d_ff = len(counts)
     check_shared(shared_experts, num_experts)
     size = d_ff // num_experts
     order = np.lexsort((np.arange(d_ff), -counts))  # most firing first, then lower id
     return np.sort(order[: shared_experts * size])
+
+
+@torch.no_grad()
+def neuron_mass(ffn, x: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
+    """Each neuron's summed |h| [d_ff] (float64) over the FFN inputs x [N, d]."""
+    mass = torch.zeros(ffn.d_ff, dtype=torch.float64)
+    for part in x.split(chunk_tokens):
+        mass += ffn.activations(part.to(ffn.w_in.weight.dtype)).abs().double().sum(0).cpu()
+    return mass
 
 
 def check_shared(shared_experts: int, num_experts: int) -> None:

@@ -5,8 +5,9 @@
           (MoEfication's parameter clustering)
   coact   METIS on the neuron co-activation graph (may come out slightly unbalanced)
 With --shared-experts S, the S * d_ff / E neurons that fired on the most calibration tokens (the
-co-activation counts' diagonal) become the always-on experts E-S..E-1 and the method splits the
-rest into the routed experts 0..E-S-1 (moefy.conversion.shared).
+co-activation counts' diagonal), or with --shared-by mass those of the largest summed |h| over the
+hidden-state sample, become the always-on experts E-S..E-1 and the method splits the rest into the
+routed experts 0..E-S-1 (moefy.conversion.shared).
 Layers are spread over torchrun ranks and gathered on rank 0, which writes
 <out>/labels.safetensors (`layer.{i}`: int64 [d_ff]) and <out>/metrics.json.
 """
@@ -23,7 +24,14 @@ from moefy import dist
 from moefy.adapters.ffn import find_ffns
 from moefy.adapters.models import load_model
 from moefy.conversion.balance import expert_sizes
-from moefy.conversion.shared import check_shared, labels_metadata, routed_neurons, shared_neurons, with_shared
+from moefy.conversion.shared import (
+    check_shared,
+    labels_metadata,
+    neuron_mass,
+    routed_neurons,
+    shared_neurons,
+    with_shared,
+)
 from moefy.conversion.split import balanced_kmeans, check_num_experts, coact_split, random_split
 from moefy.errors import MoefyError
 from moefy.files import load_tensors, save_tensors, tensors_metadata, write_json
@@ -36,19 +44,25 @@ def parse_args(argv: list[str] | None):
         "split", __doc__, "model", "task", "penalty", "seed", "convert", "split", "num_experts", "shared_experts", "device"
     )
     parser.add_argument(
-        "--coactivation", type=Path, help="activations/<variant>/coactivation.safetensors (coact, or shared experts)"
+        "--coactivation", type=Path, help="activations/<variant>/coactivation.safetensors (coact, or shared experts by firing)"
     )
+    parser.add_argument("--hidden", type=Path, help="activations/<variant>/hidden.safetensors (shared experts by mass)")
     add_section_flags(parser, "split")
     return parser.parse_args(argv)
 
 
-def split_layer(args, layer: int, w_in: torch.Tensor, coactivation: dict | None, tokens: int, device: torch.device) -> np.ndarray:
+def split_layer(args, ffn, coactivation: dict | None, hidden: dict | None, tokens: int, device: torch.device) -> np.ndarray:
     """The layer's labels: its shared experts' neurons (if any) first set aside, the rest split."""
+    layer, w_in = ffn.index, ffn.keys
     d_ff, routed_experts = w_in.shape[0], args.num_experts - args.shared_experts
     counts = None if coactivation is None else coactivation[f"layer.{layer}"]
     shared = np.zeros(0, dtype=np.int64)
     if args.shared_experts:
-        shared = shared_neurons(counts.diagonal(), args.shared_experts, args.num_experts)
+        if args.shared_by == "mass":
+            scores = neuron_mass(ffn, hidden[f"layer.{layer}"].to(device, torch.float32))
+        else:
+            scores = counts.diagonal()
+        shared = shared_neurons(scores, args.shared_experts, args.num_experts)
     routed = routed_neurons(shared, d_ff)
     seed = args.seed * 1000 + layer
     if args.split == "random":
@@ -82,20 +96,24 @@ def main(argv: list[str] | None = None) -> None:
     ffns = find_ffns(load_model(args.model, args.task))
     check_num_experts(ffns[0].d_ff, args.num_experts)
     check_shared(args.shared_experts, args.num_experts)
-    coactivation, tokens = None, 0
-    if args.split == "coact" or args.shared_experts:
+    coactivation, hidden, tokens = None, None, 0
+    if args.split == "coact" or (args.shared_experts and args.shared_by == "firing"):
         if args.coactivation is None:
             raise MoefyError(
-                "the coact split and shared experts need --coactivation (the activations step's coactivation.safetensors)"
+                "the coact split and shared experts by firing need --coactivation (the activations step's coactivation.safetensors)"
             )
         coactivation = load_tensors(args.coactivation)
         tokens = int(tensors_metadata(args.coactivation)["tokens"])
+    if args.shared_experts and args.shared_by == "mass":
+        if args.hidden is None:
+            raise MoefyError("shared experts by mass need --hidden (the activations step's hidden.safetensors)")
+        hidden = load_tensors(args.hidden)
 
     with tracking.job_run("split", vars(args), ablation(args), enabled=ctx.is_main) as run:
         mine = {}
         for ffn in dist.shard(ffns, ctx):
             started = time.time()
-            labels = split_layer(args, ffn.index, ffn.keys, coactivation, tokens, ctx.device)
+            labels = split_layer(args, ffn, coactivation, hidden, tokens, ctx.device)
             mine[ffn.index] = (labels, time.time() - started)
         results: dict[int, tuple[np.ndarray, float]] = {}
         for part in dist.all_gather(mine, ctx):
