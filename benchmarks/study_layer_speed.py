@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(err))
     task = read_training(files["model"]).get("task", "classification")
     model = load_model(str(files["model"]), task)
-    labels, routers, shared = read_moe_parts(files["labels"], files["router_file"], args.router, args.num_experts, 0)
-    layers = moefy_model(model, labels, routers, args.num_experts, shared_experts=shared)
+    labels, routers = read_moe_parts(files["labels"], files["router_file"], args.router, args.num_experts, 0)
+    layers = moefy_model(model, labels, routers, args.num_experts)
     calibration = read_json(files["kernels"])
     for layer in layers:
         layer.kernels = table_for(calibration, layer_shape_key(layer), str(files["kernels"]))

@@ -207,3 +207,17 @@ def test_the_split_step_sets_the_shared_neurons_aside_by_either_rule(shared_by):
     scores = fired.sum(0) if shared_by == "firing" else h.abs().sum(0)
     assert set(np.flatnonzero(labels >= E - S)) == set(shared_neurons(scores, S, E).tolist())
     assert np.bincount(labels).tolist() == [8] * E
+
+
+def test_a_labels_file_split_with_other_shared_experts_is_refused_by_its_readers(tmp_path):
+    from moefy.conversion.shared import check_labels_shared, labels_metadata
+    from moefy.files import save_tensors
+    from moefy.moe.checkpoints import read_moe_parts
+
+    labels = tmp_path / "labels.safetensors"
+    save_tensors(labels, {"layer.0": torch.from_numpy(shared_labels(64, torch.rand(64)))}, labels_metadata("kmeans", E, S))
+    check_labels_shared(labels, S)
+    with pytest.raises(MoefyError, match=r"labels.safetensors has 2 shared experts, not 0; rerun its split job"):
+        check_labels_shared(labels, 0)
+    with pytest.raises(MoefyError, match="has 2 shared experts, not 3"):
+        read_moe_parts(labels, tmp_path / "router.safetensors", "mlp", E, 3)

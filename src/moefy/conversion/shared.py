@@ -20,10 +20,13 @@ checkpoints read them unchanged; the routers score the routed experts only.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
 from moefy.errors import MoefyError
+from moefy.files import tensors_metadata
 
 
 def shared_neurons(scores: torch.Tensor | np.ndarray, shared_experts: int, num_experts: int) -> np.ndarray:
@@ -88,3 +91,10 @@ def labels_metadata(split: str, num_experts: int, shared_experts: int) -> dict[s
 def shared_experts_of(metadata: dict[str, str]) -> int:
     """How many experts of a labels file are shared (files from before shared experts: none)."""
     return int(metadata.get("shared_experts", 0))
+
+
+def check_labels_shared(path: Path, shared_experts: int) -> None:
+    """A labels file (split or balance step) must hold the shared experts its reader was asked for."""
+    made_with = shared_experts_of(tensors_metadata(path))
+    if made_with != shared_experts:
+        raise MoefyError(f"{path} has {made_with} shared experts, not {shared_experts}; rerun its split job")

@@ -16,7 +16,6 @@ import os
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
@@ -24,7 +23,7 @@ from moefy.adapters.ffn import find_ffns
 from moefy.adapters.models import TRAINING_FILE, load_config, load_model, load_tokenizer
 from moefy.config import TASKS
 from moefy.conversion.routers import budget_to_k, build_routers, router_tensors
-from moefy.conversion.shared import shared_experts_of
+from moefy.conversion.shared import check_labels_shared, shared_experts_of
 from moefy.errors import MoefyError
 from moefy.files import atomic_dir, load_tensors, save_tensors, tensors_metadata, write_json
 from moefy.moe.compression import LowRankSparse
@@ -35,34 +34,25 @@ FORMAT = "moefy-moe/2"  # /2: the router kind is metadata key `router` (/1 calle
 MOE_FILE = "moe.safetensors"
 
 
-class MoEParts(NamedTuple):
-    """What a conversion's MoE layers are built from: expert labels and routers per layer, and how
-    many of the experts are shared (moefy.conversion.shared)."""
-
-    labels: dict[int, torch.Tensor]
-    routers: dict[int, torch.nn.Module]
-    shared_experts: int
-
-
-def read_moe_parts(labels_path: Path, router_path: Path, router: str, num_experts: int, shared_experts: int) -> MoEParts:
+def read_moe_parts(
+    labels_path: Path, router_path: Path, router: str, num_experts: int, shared_experts: int
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.nn.Module]]:
     """The balance step's labels and the router step's routers, checked against each other and
     against what the job was asked for."""
     labels = {int(k.split(".")[1]): v.long() for k, v in load_tensors(labels_path).items()}
-    shared = shared_experts_of(tensors_metadata(labels_path))
-    if shared != shared_experts:
-        raise MoefyError(f"{labels_path} has {shared} shared experts, not {shared_experts}; rerun its split job")
+    check_labels_shared(labels_path, shared_experts)
     meta = tensors_metadata(router_path)
-    if meta.get("router") != router or meta.get("num_experts") != str(num_experts) or shared_experts_of(meta) != shared:
+    if meta.get("router") != router or meta.get("num_experts") != str(num_experts) or shared_experts_of(meta) != shared_experts:
         raise MoefyError(
             f"{router_path} holds {meta.get('router')} routers for {meta.get('num_experts')} experts "
-            f"({shared_experts_of(meta)} shared), not {router} for {num_experts} ({shared} shared, as {labels_path}); "
+            f"({shared_experts_of(meta)} shared), not {router} for {num_experts} ({shared_experts} shared, as {labels_path}); "
             "rerun its router job"
         )
     try:
-        routers = build_routers(router, load_tensors(router_path), labels, num_experts, shared)
+        routers = build_routers(router, load_tensors(router_path), labels, num_experts, shared_experts)
     except (KeyError, RuntimeError) as err:
         raise MoefyError(f"{router_path} does not match {labels_path} ({err}); rerun the router job") from None
-    return MoEParts(labels, routers, shared)
+    return labels, routers
 
 
 def read_error_curves(router_path: Path) -> dict[int, torch.Tensor]:

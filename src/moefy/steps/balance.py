@@ -21,7 +21,7 @@ from moefy.adapters.models import load_model
 from moefy.config import section_defaults
 from moefy.conversion.balance import balance_least_loss, balance_random, is_balanced, weight_kept
 from moefy.conversion.coactivation import excess
-from moefy.conversion.shared import labels_metadata, shared_experts_of
+from moefy.conversion.shared import check_labels_shared, labels_metadata
 from moefy.conversion.split import association_graph, check_num_experts, kmeans_objective
 from moefy.errors import MoefyError
 from moefy.files import load_tensors, save_tensors, tensors_metadata, write_json
@@ -49,12 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     ffns = find_ffns(load_model(args.model, args.task))
     size = check_num_experts(ffns[0].d_ff, args.num_experts)
     split_labels = load_tensors(args.labels)
-    made_with = shared_experts_of(tensors_metadata(args.labels))
-    if made_with != args.shared_experts:
-        raise MoefyError(
-            f"{args.labels} was split with {made_with} shared experts, not --shared-experts {args.shared_experts}; "
-            "rerun its split job"
-        )
+    check_labels_shared(args.labels, args.shared_experts)
     coactivation = load_tensors(args.coactivation)
     tokens = int(tensors_metadata(args.coactivation)["tokens"])
 

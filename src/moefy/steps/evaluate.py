@@ -103,12 +103,12 @@ def main(argv: list[str] | None = None) -> None:
     task = get_task(args.task)
     tokenizer = load_tokenizer(args.model)
     model = load_model(args.model, task.name).to(ctx.device)
-    labels, routers, shared = read_moe_parts(args.labels, args.router_file, args.router, args.num_experts, args.shared_experts)
+    labels, routers = read_moe_parts(args.labels, args.router_file, args.router, args.num_experts, args.shared_experts)
     curves = read_error_curves(args.router_file) if "sensitivity" in args.allocations else None
     texts, targets = read_subset(args.data / "test.jsonl")
     encoded = Encoded(tokenizer, texts)
     whole = model_flops(model, float(encoded.lengths.mean()), causal=task.name == "causal_lm")  # before any FFN is replaced
-    layers = moefy_model(model, labels, routers, args.num_experts, shared_experts=shared)
+    layers = moefy_model(model, labels, routers, args.num_experts, shared_experts=args.shared_experts)
     choose_kernels(args, layers)
 
     if task.labelled and targets is None:
@@ -139,12 +139,12 @@ def main(argv: list[str] | None = None) -> None:
         return task.metric_of(totals.score, totals.count)
 
     records = []
-    routed = args.num_experts - shared
+    routed = args.num_experts - args.shared_experts
     everything = SelectionRule("top_k", budget=1.0, k=routed)
     with tracking.job_run("evaluate", vars(args), ablation(args), enabled=ctx.is_main) as run:
         if args.reference:  # the relative numbers are against another model, measured with the same layers
             reference = load_model(args.reference, task.name).to(ctx.device)
-            on = (reference, moefy_model(reference, labels, routers, args.num_experts, shared_experts=shared))
+            on = (reference, moefy_model(reference, labels, routers, args.num_experts, shared_experts=args.shared_experts))
             choose_kernels(args, on[1])
             dense_predictions, dense, _ = measure(everything, on=on)
             dense_second = second_metric(everything, on) if second else None

@@ -31,10 +31,12 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    labels, routers, shared = read_moe_parts(args.labels, args.router_file, args.router, args.num_experts, args.shared_experts)
+    labels, routers = read_moe_parts(args.labels, args.router_file, args.router, args.num_experts, args.shared_experts)
     with tracking.job_run("export", vars(args), ablation(args) | {"budget": args.budget}) as run:
-        save_moe(args.model, labels, routers, args.router, args.num_experts, args.budget, args.out, args.task, shared)
-        k = budget_to_k(args.budget, args.num_experts, shared)
+        save_moe(
+            args.model, labels, routers, args.router, args.num_experts, args.budget, args.out, args.task, args.shared_experts
+        )
+        k = budget_to_k(args.budget, args.num_experts, args.shared_experts)
         print(
             f"exported {args.split} E={args.num_experts} {args.router} at budget {args.budget:g} (k={k}) to {args.out}",
             flush=True,

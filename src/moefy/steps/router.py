@@ -29,9 +29,9 @@ from moefy.adapters.models import load_model
 from moefy.config import section_defaults
 from moefy.conversion.budgets import error_curve
 from moefy.conversion.routers import RouterSettings, fit_router, heldout_count, router_tensors
-from moefy.conversion.shared import shared_experts_of
+from moefy.conversion.shared import check_labels_shared
 from moefy.errors import MoefyError
-from moefy.files import load_tensors, save_tensors, tensors_metadata, write_json
+from moefy.files import load_tensors, save_tensors, write_json
 from moefy.workflow import tracking
 from moefy.workflow.cli import CONVERSION_FLAGS, ablation, add_section_flags, run_step, step_parser
 
@@ -59,11 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     ctx = dist.setup(args.device)
     ffns = find_ffns(load_model(args.model, args.task).to(ctx.device))
     labels = load_tensors(args.labels)
-    made_with = shared_experts_of(tensors_metadata(args.labels))
-    if made_with != args.shared_experts:
-        raise MoefyError(
-            f"{args.labels} has {made_with} shared experts, not --shared-experts {args.shared_experts}; rerun its split job"
-        )
+    check_labels_shared(args.labels, args.shared_experts)
     hidden = load_tensors(args.hidden)
     for ffn in ffns:
         for name, store in (("labels", labels), ("hidden states", hidden)):

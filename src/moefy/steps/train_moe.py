@@ -92,11 +92,11 @@ def parse_args(argv: list[str] | None):
 def build(args, model) -> tuple[dict[int, SparseMoE], dict]:
     """Put a conversion's MoE layers into `model` (mode recover); returns them by FFN index and
     what was built."""
-    labels, routers, shared = read_moe_parts(args.labels, args.router_file, args.router, args.num_experts, args.shared_experts)
-    k = budget_to_k(args.budget, args.num_experts, shared)
+    labels, routers = read_moe_parts(args.labels, args.router_file, args.router, args.num_experts, args.shared_experts)
+    k = budget_to_k(args.budget, args.num_experts, args.shared_experts)
     moes = {}
     for ffn in find_ffns(model):
-        moes[ffn.index] = from_split(ffn, labels[ffn.index], args.num_experts, routers[ffn.index], k, shared)
+        moes[ffn.index] = from_split(ffn, labels[ffn.index], args.num_experts, routers[ffn.index], k, args.shared_experts)
         ffn.replace(moes[ffn.index])
     mask_padding(model, moes.values())
     return moes, {"budget": args.budget, "k": k, "labels": labels}
