@@ -126,18 +126,20 @@ def run_pass(
     ctx: dist.Context,
     desc: str,
     dense_predictions: list[torch.Tensor] | None = None,
+    paired: bool = True,
 ) -> tuple[list[torch.Tensor], PassTotals, str]:
     """This rank's predictions per batch, the all-reduced totals of one pass under the layers'
     current selection rule (agreement counted against `dense_predictions`, per batch), and which
     kernels the layers ran over all ranks (e.g. "looped 60, masked 6"; "dense" for the dense path).
 
     Every other MoE layer call is timed next to the dense FFN on the same tokens (moefy.measure.timing):
-    the FFN speed-up is the ratio of those, while the whole model's compares with the dense pass."""
+    the FFN speed-up is the ratio of those, while the whole model's compares with the dense pass.
+    `paired=False` leaves the dense FFN out, for a pass whose times nobody reads."""
     kernel_calls(layers)
     predictions: list[torch.Tensor] = []
     totals = PassTotals()
     timer = ForwardTimer()
-    with timer.attached(model), paired_timing(layers) as clocks:
+    with timer.attached(model), paired_timing(layers, paired) as clocks:
         for b, (idx, inputs, logits) in enumerate(iterate(model, encoded, batches, ctx, desc)):
             batch_targets = None if targets is None else targets[idx].to(logits.device)
             score, count, predicted = task.batch_stats(logits, inputs, batch_targets)
