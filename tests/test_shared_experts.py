@@ -221,3 +221,35 @@ def test_a_labels_file_split_with_other_shared_experts_is_refused_by_its_readers
         check_labels_shared(labels, 0)
     with pytest.raises(MoefyError, match="has 2 shared experts, not 3"):
         read_moe_parts(labels, tmp_path / "router.safetensors", "mlp", E, 3)
+
+
+def test_shared_experts_without_the_sample_they_are_chosen_from_are_refused(tiny_bert, tmp_path):
+    from moefy.steps import split
+
+    flags = [
+        "--model",
+        str(tiny_bert),
+        "--split",
+        "random",
+        "--num-experts",
+        "4",
+        "--shared-experts",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
+    with pytest.raises(MoefyError, match="shared experts by mass need --hidden"):
+        split.main([*flags, "--shared-by", "mass"])
+    with pytest.raises(MoefyError, match="shared experts by firing need --coactivation"):
+        split.main([*flags, "--shared-by", "firing"])
+    assert not any(tmp_path.iterdir()), "nothing written"
+
+
+def test_per_layer_budgets_from_a_router_file_without_curves_are_refused(tmp_path):
+    from moefy.files import save_tensors
+    from moefy.moe.checkpoints import read_error_curves
+
+    path = tmp_path / "router.safetensors"
+    save_tensors(path, {"layer.0.scale": torch.ones(3)})
+    with pytest.raises(MoefyError, match="has no error curves for per-layer budgets; rerun its router job"):
+        read_error_curves(path)
