@@ -1,5 +1,7 @@
 # Recovery after conversion: the converted model trained at recover.budget, then evaluated at every
-# budget and threshold like the unrecovered one (evaluate/<variant>/<conversion>-<recovery>.json).
+# budget and threshold like the unrecovered one (evaluate/<variant>/<conversion>-<recovery>.json),
+# with the router it was recovered with (router.safetensors: the router step's, or after a
+# softmax-gated recovery the trained router and its gates).
 RECOVERED = f"{CONVERSION}-{{router}}-{{recovery}}"
 
 
@@ -12,6 +14,7 @@ rule recover:
     output:
         model=directory(results("recover", VARIANT, RECOVERED, "model")),
         metrics=results("recover", VARIANT, RECOVERED, "metrics.json"),
+        router=results("recover", VARIANT, RECOVERED, "router.safetensors"),
     log:
         logs("recover", f"{VARIANT}/{RECOVERED}"),
     benchmark:
@@ -43,7 +46,7 @@ use rule evaluate as evaluate_recovered with:
         test=rules.data.output.test,
         second_test=second_test(),
         labels=ffn_only(rules.balance.output.labels),
-        router_file=ffn_only(rules.router.output.router_file),
+        router_file=rules.recover.output.router,
         kernels=rules.calibrate.output[0],
     output:
         results("evaluate", VARIANT, f"{RECOVERED}.json"),

@@ -36,6 +36,8 @@ SHARED_ARM = {
     "allocation": ["uniform", "sensitivity"],
     "recovery": ["none", "kd"],
 }
+# The same conversion routed by a linear router, recovered with its softmax gates trained.
+GATED_ARM = SHARED_ARM | {"router": ["linear"], "allocation": ["uniform"], "recovery": ["kd-softmax"]}
 
 
 def write_study(workdir: Path, family: str, task: str, finetune: dict, arms: dict | None = None) -> Path:
@@ -76,7 +78,11 @@ def studies(tmp_path_factory) -> dict[str, Path]:
     workdirs = {
         "t5": write_study(tmp_path_factory.mktemp("t5"), "t5", "classification", {"epochs": 2, "activation": "relu"}),
         "llama": write_study(
-            tmp_path_factory.mktemp("llama"), "llama", "causal_lm", {"epochs": 1, "activation": "keep"}, {"shared": SHARED_ARM}
+            tmp_path_factory.mktemp("llama"),
+            "llama",
+            "causal_lm",
+            {"epochs": 1, "activation": "keep"},
+            {"shared": SHARED_ARM, "gated": GATED_ARM},
         ),
     }
     running = {name: start_snakemake(workdir) for name, workdir in workdirs.items()}
@@ -171,3 +177,18 @@ def test_llama_with_shared_experts_per_layer_budgets_and_recovery(llama_study):
             assert uniform["second_relative_perplexity"] != 1.0
     recovered = json.loads((llama_study / "recover" / VARIANT / "kmeans-E8-S2-representative-kd" / "metrics.json").read_text())
     assert recovered["k"] == 2 and recovered["train_steps"] > 0
+
+
+def test_llama_recovered_with_softmax_gates(llama_study):
+    """The linear router trained with its gates: the recovery's router file holds them, and evaluate
+    weighs the picks by them at every budget, the dense model its reference."""
+    name = "kmeans-E8-S2-linear-kd-softmax"
+    router = load_file(llama_study / "recover" / VARIANT / name / "router.safetensors")
+    assert router["layer.0.proj.weight"].shape == (6, 32) and "layer.0.gate.scale" in router
+    assert float(router["layer.0.gate.scale"]) != 0.0, "the gate scale trained from 0"
+    dense = json.loads((llama_study / "finetune" / VARIANT / "metrics.json").read_text())["test_perplexity"]
+    records = {r["budget"]: r for r in json.loads((llama_study / "evaluate" / VARIANT / f"{name}.json").read_text())}
+    assert set(records) == {0.5, 1.0}
+    assert records[0.5]["k"] == 2 and records[1.0]["experts_per_token"] == 6
+    assert records[1.0]["dense_test_perplexity"] == pytest.approx(dense, rel=1e-4)
+    assert records[1.0]["relative_perplexity"] != 1.0, "gates weigh every expert, even all of them"

@@ -156,7 +156,7 @@ def test_auto_kernel_uses_bags_for_few_tokens_and_the_expert_loop_for_many(monke
     moe.k = 3
     used = []
     monkeypatch.setattr(MoEFFN, "_bags", lambda self, x, token, expert, h=None: used.append("bags") or torch.zeros(len(token), d))
-    monkeypatch.setattr(MoEFFN, "_looped", lambda self, x, picked, h, out: used.append("looped") or out)
+    monkeypatch.setattr(MoEFFN, "_looped", lambda self, x, picked, h, out, gates=None: used.append("looped") or out)
     moe(torch.randn(1, d))  # 3 pairs for 12 experts: bags
     moe(torch.randn(64, d))  # 192 pairs: one matmul pair per expert (grouped_mm is the GPU's choice)
     assert used == ["bags", "looped"]

@@ -21,9 +21,9 @@ from moefy.adapters.attention import find_projections
 from moefy.adapters.ffn import ProjectionMLP
 from moefy.adapters.models import load_model, load_tokenizer, save_model
 from moefy.adapters.tasks import get_task
-from moefy.conversion.routers import MLPRouter, router_tensors
+from moefy.conversion.routers import LinearRouter, MLPRouter, router_tensors
 from moefy.errors import MoefyError
-from moefy.files import read_json, save_tensors
+from moefy.files import load_tensors, read_json, save_tensors
 from moefy.moe.checkpoints import load_sparse_moe, save_sparse_moe
 from moefy.moe.sparse import Routing, mask_padding
 from moefy.steps import data as data_step
@@ -159,6 +159,45 @@ def test_recovery_lowers_the_distillation_loss_and_wins_back_accuracy(task, tmp_
     )
 
 
+def test_unweighted_recovery_routes_with_the_router_step_s_file(task, tmp_path):
+    out = tmp_path / "recover"
+    train(task, "recover", out, *conversion_flags(task), "--recovery", "task", "--budget", str(BUDGET), "--max-steps", "2")
+    assert (out / "router.safetensors").read_bytes() == (task / "router.safetensors").read_bytes()
+
+
+def test_softmax_gated_recovery_trains_the_router_and_evaluate_measures_what_it_kept(task, tmp_path):
+    """kd-softmax on a linear router: the router and the gate scales train, its file holds both,
+    and evaluate, weighing every pick by those gates with the inference kernels, measures at the
+    trained budget the test accuracy the training step measured with its own layer."""
+    model = load_model(str(task / "finetune" / "model"))
+    torch.manual_seed(0)
+    routers = {i: LinearRouter(model.config.hidden_size, E) for i in range(2)}
+    meta = {"router": "linear", "num_experts": str(E), "layers": "2"}
+    save_tensors(tmp_path / "linear.safetensors", router_tensors(routers), meta)
+    flags = ["--labels", str(task / "labels.safetensors"), "--router-file", str(tmp_path / "linear.safetensors"),
+             "--router", "linear", "--num-experts", str(E), "--split", "random"]  # fmt: skip
+    out = tmp_path / "recover"
+    metrics = train(task, "recover", out, *flags, "--recovery", "kd-softmax", "--budget", str(BUDGET), "--epochs", "1",
+                    "--router-learning-rate", "1e-2")  # fmt: skip
+    saved = load_tensors(out / "router.safetensors")
+    scales = [float(saved[f"layer.{i}.gate.scale"]) for i in range(2)]
+    assert all(scale != 0 for scale in scales), scales
+    assert not torch.equal(saved["layer.0.proj.weight"], routers[0].proj.weight), "the router trained"
+    evaluate_step.main(
+        ["--model", str(out / "model"), "--reference", str(task / "finetune" / "model"), "--data", str(task / "data"),
+         *flags[:2], "--router-file", str(out / "router.safetensors"), *flags[4:], "--penalty", "none", "--seed", "0",
+         "--budgets", str(BUDGET), "1.0", "--out", str(tmp_path / "eval.json")]
+    )  # fmt: skip
+    records = {r["budget"]: r for r in json.loads((tmp_path / "eval.json").read_text()) if r.get("rule") == "top_k"}
+    assert records[BUDGET]["test_accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-9)
+    assert records[1.0]["experts_per_token"] == E
+    with pytest.raises(MoefyError, match="has softmax gates, which weigh every expert even at budget 1: give .* --reference"):
+        evaluate_step.main(
+            ["--model", str(out / "model"), "--data", str(task / "data"), *flags[:2], "--router-file",
+             str(out / "router.safetensors"), *flags[4:], "--penalty", "none", "--seed", "0", "--out", str(tmp_path / "x.json")]
+        )  # fmt: skip
+
+
 def test_upcycled_training_saves_a_model_that_reloads_to_what_was_measured(task, tmp_path):
     out = tmp_path / "upcycle"
     initial = upcycle(task, tmp_path / "init", "--experts", "4", "--k", "2", "--layers", "all")
@@ -211,7 +250,7 @@ def test_bad_requests_are_clear_errors(task, tmp_path, capsys):
     with pytest.raises(SystemExit):
         train(task, "recover", tmp_path / "x")
     assert (
-        "--mode recover needs --labels, --router-file, --split, --router, --num-experts, --recovery task or kd"
+        "--mode recover needs --labels, --router-file, --split, --router, --num-experts, --recovery task, kd, task-softmax or kd-softmax"
         in capsys.readouterr().err
     )
     with pytest.raises(SystemExit):

@@ -111,6 +111,51 @@ class MLPRouter(nn.Module):
         return 2 * num_experts * d_model + 2 * num_experts * num_experts
 
 
+class LinearRouter(nn.Module):
+    """One linear map d -> E, no bias: the router of the served MoE formats (Mixtral, Qwen2-MoE,
+    LLaMA-MoE), trained as the mlp router is (BCE of its logits against each expert's mass over the
+    token's largest) from the experts' centroids. Unweighted it picks; with a SoftmaxGate
+    (recovery `task-softmax`, `kd-softmax`) its logits also weigh the experts it picks.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, centroids: torch.Tensor | None = None):
+        super().__init__()
+        self.proj = nn.Linear(d_model, num_experts, bias=False)
+        if centroids is not None:
+            with torch.no_grad():
+                self.proj.weight.copy_(centroids)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        return self.proj(x)
+
+    def contribution(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.sigmoid(self(x))  # trained to predict expert mass / the token's largest
+
+    def flops_per_token(self) -> int:
+        num_experts, d_model = self.proj.weight.shape
+        return 2 * num_experts * d_model
+
+
+class SoftmaxGate(nn.Module):
+    """Softmax gates over a linear router's logits z [T, E]: an expert a token picked gets
+    E * softmax(scale * z), over all E routed experts and not renormalised over the picks (Qwen2-MoE's
+    and OLMoE's top-k with norm_topk_prob off), 0 if not picked.
+
+    `scale` starts at 0, where every gate is exactly 1: the unweighted top-k MoE that recovery starts
+    from, at every k. Training moves it and the router, so that the gates come to weigh the picks.
+    A served format folds E into the experts' output weights and scale into the router's.
+    """
+
+    def __init__(self, scale: float = 0.0):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+
+    def forward(self, logits: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+        """Gates [T, E] for router logits [T, E] and picks [T, E] bool."""
+        probs = (self.scale * logits.float()).softmax(-1)
+        return (logits.shape[-1] * probs * picked).to(logits.dtype)
+
+
 class NormRouter(nn.Module):
     """D2DMoE's router: Linear(d, H) -> ReLU -> Linear(H, E) -> softplus, trained with MSE to predict
     the L2 norm of each expert's output (relative to the layer's mean norm).
@@ -310,8 +355,8 @@ class TrainResult:
     initial_heldout_loss: float
 
 
-LOSSES = {"mlp": F.binary_cross_entropy_with_logits, "norm": F.mse_loss}
-LOSS_NAMES = {"mlp": "bce", "norm": "mse"}
+LOSSES = {"mlp": F.binary_cross_entropy_with_logits, "linear": F.binary_cross_entropy_with_logits, "norm": F.mse_loss}
+LOSS_NAMES = {"mlp": "bce", "linear": "bce", "norm": "mse"}
 
 
 def train_router(
@@ -375,9 +420,22 @@ def budget_to_k(budget: float, num_experts: int, shared_experts: int = 0) -> int
     return max(1, active - shared_experts)
 
 
-def router_tensors(routers: dict[int, nn.Module]) -> dict[str, torch.Tensor]:
-    """All routers' weights in one flat dict, keys `layer.{i}.<param>` (the oracle has none)."""
-    return {f"layer.{i}.{name}": t for i, router in routers.items() for name, t in router.state_dict().items()}
+def router_tensors(routers: dict[int, nn.Module], gates: dict[int, SoftmaxGate] | None = None) -> dict[str, torch.Tensor]:
+    """All routers' weights in one flat dict, keys `layer.{i}.<param>` (the oracle has none), and
+    their softmax gates' as `layer.{i}.gate.<param>`."""
+    tensors = {f"layer.{i}.{name}": t for i, router in routers.items() for name, t in router.state_dict().items()}
+    for i, gate in (gates or {}).items():
+        tensors |= {f"layer.{i}.gate.{name}": t.detach() for name, t in gate.state_dict().items()}
+    return tensors
+
+
+def gates_of(tensors: dict[str, torch.Tensor]) -> dict[int, SoftmaxGate]:
+    """The softmax gates among `router_tensors` output, by layer (none: the routers pick unweighted)."""
+    gates: dict[int, SoftmaxGate] = {}
+    for key, t in tensors.items():
+        if key.endswith(".gate.scale"):
+            gates[int(key.split(".")[1])] = SoftmaxGate(float(t))
+    return gates
 
 
 def build_routers(
@@ -400,6 +458,9 @@ def build_routers(
         elif kind == "norm":
             hidden, d_model = own["fc1.weight"].shape
             routers[i] = NormRouter(d_model, routed, hidden)
+        elif kind == "linear":
+            own = {k: t for k, t in own.items() if not k.startswith("gate.")}  # a recovery's SoftmaxGate: see gates_of
+            routers[i] = LinearRouter(own["proj.weight"].shape[1], routed)
         else:
             routers[i] = MLPRouter(own["fc1.weight"].shape[1], routed)
         routers[i].load_state_dict(own)
@@ -463,6 +524,8 @@ def fit_router(
         torch.manual_seed(seed)
         if kind == "mlp":
             router, target = MLPRouter(x.shape[1], R, centroids), scaled_mass(mass)
+        elif kind == "linear":
+            router, target = LinearRouter(x.shape[1], R, centroids), scaled_mass(mass)
         else:
             with torch.no_grad():
                 norms = expert_output_norms(h, ffn.w_out.weight.detach(), labels, E)[:, :R]

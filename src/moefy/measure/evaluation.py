@@ -192,7 +192,7 @@ def record(
     MLP stands in for its projection's 2 d_in d_out FLOPs there."""
     metric = task.metric
     value, dense_value = task.metric_of(totals.score, totals.count), task.metric_of(dense.score, dense.count)
-    router_runs = not rule.runs_dense(layers[0].num_experts)  # routed experts
+    router_runs = not rule.runs_dense(layers[0].num_experts) or layers[0].gate is not None  # gates weigh every pick
     moe = [layer.flops_per_token(e, router_runs) for layer, e in zip(layers, totals.layer_experts_mean)]
 
     def fraction(of_projections: bool, dense_flops) -> float:

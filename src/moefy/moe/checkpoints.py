@@ -22,7 +22,7 @@ import torch
 from moefy.adapters.ffn import find_ffns
 from moefy.adapters.models import TRAINING_FILE, load_config, load_model, load_tokenizer
 from moefy.config import TASKS
-from moefy.conversion.routers import budget_to_k, build_routers, router_tensors
+from moefy.conversion.routers import budget_to_k, build_routers, gates_of, router_tensors
 from moefy.conversion.shared import check_labels_shared, shared_experts_of
 from moefy.errors import MoefyError
 from moefy.files import atomic_dir, load_tensors, save_tensors, tensors_metadata, write_json
@@ -53,6 +53,11 @@ def read_moe_parts(
     except (KeyError, RuntimeError) as err:
         raise MoefyError(f"{router_path} does not match {labels_path} ({err}); rerun the router job") from None
     return labels, routers
+
+
+def read_gates(router_path: Path) -> dict[int, torch.nn.Module]:
+    """The softmax gates a softmax-gated recovery wrote beside its routers, by layer (none: unweighted)."""
+    return gates_of(load_tensors(router_path))
 
 
 def read_error_curves(router_path: Path) -> dict[int, torch.Tensor]:

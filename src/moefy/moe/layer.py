@@ -33,6 +33,10 @@ tokens; the looped kernel's loop over experts costs a few microseconds per exper
 
 Shared experts (moefy.conversion.shared) are a dense FFN of their own neurons, computed for every
 token beside the routed experts' kernel; the router and the kernels see the routed experts only.
+
+A softmax-gated conversion (moefy.conversion.routers.SoftmaxGate, from softmax-gated recovery)
+weighs each picked expert's output by its gate; every kernel takes the gates, the compiled loop
+not yet (gated layers run the Python loop).
 """
 
 from __future__ import annotations
@@ -117,9 +121,11 @@ class MoEFFN(nn.Module):
         num_experts: int,
         kernels: KernelChoice | None = None,
         shared_experts: int = 0,
+        gate: nn.Module | None = None,
     ):
         """`num_experts` counts the labels' experts, of which the last `shared_experts` are shared:
-        self.num_experts is then the routed ones, those the router scores."""
+        self.num_experts is then the routed ones, those the router scores. `gate`: a SoftmaxGate
+        that weighs the picks by the router's logits (None: each pick counts once)."""
         super().__init__()
         everything = expert_order(labels.to(ffn.w_in.weight.device), num_experts)
         d_ff, d_model = ffn.w_in.weight.shape
@@ -130,7 +136,7 @@ class MoEFFN(nn.Module):
         self.index = ffn.index  # the FFN's: per-layer settings and curves are keyed by it
         self.d_out = ffn.w_out.out_features  # d_model for an FFN; a distilled k or v projection may be narrower
         self.projection = ffn.projection  # a distilled attention projection: its FLOPs replace the projection's
-        self.act, self.router = ffn.act, router
+        self.act, self.router, self.gate = ffn.act, router, gate
         self.k = E
         self.tau: float | None = None  # dynamic-k threshold; None: top-k with self.k
         self.experts_per_token: torch.Tensor | None = None
@@ -202,7 +208,8 @@ class MoEFFN(nn.Module):
 
     # -- the picked experts only ------------------------------------------------------------------
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Experts picked per token [T, E] (bool) and, for the oracle, the dense activations it needed."""
+        """Experts picked per token [T, E] (bool) and, for the oracle, the dense activations it needed;
+        with a gate, the picks' gates [T, E] instead of bools."""
         h = None
         if getattr(self.router, "needs_activations", False):
             h = self.dense_activations(x)
@@ -213,9 +220,13 @@ class MoEFFN(nn.Module):
             router_h = None if h is None else self._neuron_order(h)
             scores = (self.router.contribution if self.tau is not None else self.router)(x, router_h)
         if self.tau is not None:
-            return threshold_pick(scores, self.tau), h
-        chosen = scores.topk(self.k, dim=-1, sorted=False).indices  # a set: sorting it costs as much as the router
-        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True), h
+            picked = threshold_pick(scores, self.tau)
+        else:
+            chosen = scores.topk(self.k, dim=-1, sorted=False).indices  # a set: sorting it costs as much as the router
+            picked = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True)
+        if self.gate is not None:  # weighed by the logits (dynamic-k scored the contributions)
+            return self.gate(scores if self.tau is None else self.router(x, None), picked), h
+        return picked, h
 
     def _neuron_order(self, h: torch.Tensor) -> torch.Tensor:
         """The routed neurons' values h [T, E*s] (expert order) as [T, d_ff] in the FFN's own neuron
@@ -240,7 +251,9 @@ class MoEFFN(nn.Module):
 
     @property
     def runs_dense(self) -> bool:
-        """Every expert is picked for every token, so no router is needed."""
+        """Every expert is picked for every token unweighted, so no router is needed."""
+        if self.gate is not None:
+            return False
         return self.tau >= 1 if self.tau is not None else self.k >= self.num_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -250,12 +263,13 @@ class MoEFFN(nn.Module):
             self.experts_per_token = None
             return self.dense(x).view(shape)
         picked, h = self.select(x)
-        self.experts_per_token = picked.sum(-1).to(x.dtype).view(shape[:-1])
+        self.experts_per_token = (picked != 0).sum(-1).to(x.dtype).view(shape[:-1])
         out = self.experts_forward(x, picked, h=h)  # h: the oracle computed every routed neuron
         return self._plus_shared(out, x).view(shape)
 
     def _masked(self, x: torch.Tensor, picked: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
-        """Every neuron computed (or given as h, which is overwritten), the unpicked experts' zeroed."""
+        """Every neuron computed (or given as h, which is overwritten), the unpicked experts' zeroed
+        (and the picked ones' scaled by their gates)."""
         h = self.dense_activations(x) if h is None else h
         return self.routed_dense(x, _zero_unpicked(h, picked, self.expert_size))
 
@@ -291,7 +305,7 @@ class MoEFFN(nn.Module):
         self, x: torch.Tensor, picked: torch.Tensor, kernel: str = "auto", h: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Sum of the picked routed experts' outputs per token [T, d] (the shared experts' aside);
-        picked [T, E] bool.
+        picked [T, E] bool, or each pick's gate (0: not picked), which scales its expert's output.
 
         kernel: "bags" (embedding_bag), "looped" (a matmul pair per expert), "grouped" (grouped_mm),
         "masked" (every neuron computed, the unpicked zeroed) or "auto" (the kernel table's choice,
@@ -300,6 +314,9 @@ class MoEFFN(nn.Module):
         h: every neuron's activation [T, d_ff] in expert order, when the router computed them (the
         oracle): only the output projection runs, and h may be overwritten.
         """
+        gates = None if picked.dtype == torch.bool else picked
+        if gates is not None:
+            picked = gates != 0
         if kernel == "auto":
             kernel = self.choose_kernel(x.shape[0], int(picked.sum()), x.is_cuda)
             if kernel == "masked" and self.uneven_picks_loop(picked):
@@ -308,14 +325,14 @@ class MoEFFN(nn.Module):
             raise MoefyError(f"no MoE kernel {kernel!r}: choose one of {', '.join(KERNELS)} or 'auto'")
         self.kernel_calls[kernel] += 1
         if kernel == "masked":
-            return self._masked(x, picked, h)
+            return self._masked(x, picked if gates is None else gates, h)
         rows = (x.shape[0], self.d_out)
         out = x.new_zeros(rows) if self.b_out is None else self.b_out.expand(rows).clone()
         if kernel == "looped":
-            return self._looped(x, picked, h, out)
+            return self._looped(x, picked, h, out, gates)
         if kernel == "bags":
             token, expert = picked.nonzero(as_tuple=True)
-            return out.index_add_(0, token, self._bags(x, token, expert, h))
+            return out.index_add_(0, token, _gated(self._bags(x, token, expert, h), gates, token, expert))
         expert, token = picked.t().nonzero(as_tuple=True)  # pairs grouped by expert
         ends = torch.cumsum(picked.sum(0), 0)
         # Slabs of pairs keep each [pairs, d] intermediate small enough for the allocator to reuse
@@ -324,16 +341,18 @@ class MoEFFN(nn.Module):
         for start in range(0, len(token), slab):
             stop = min(start + slab, len(token))
             offs = (ends.clamp(start, stop) - start).to(torch.int32)
-            t = token[start:stop]
-            out.index_add_(0, t, self._grouped(x, t, expert[start:stop], offs, h))
+            t, e = token[start:stop], expert[start:stop]
+            out.index_add_(0, t, _gated(self._grouped(x, t, e, offs, h), gates, t, e))
         return out
 
-    def _looped(self, x: torch.Tensor, picked: torch.Tensor, h: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    def _looped(
+        self, x: torch.Tensor, picked: torch.Tensor, h: torch.Tensor | None, out: torch.Tensor, gates: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The looped kernel: compiled (moefy.native) for CPU inference in float32 where it could be
-        built, the Python loop otherwise (a GPU, autograd, another dtype or activation)."""
-        kernel = native.looped_kernel() if self._native_runs(x, h) else None
+        built, the Python loop otherwise (a GPU, autograd, another dtype or activation, gates)."""
+        kernel = native.looped_kernel() if gates is None and self._native_runs(x, h) else None
         if kernel is None:
-            return self._looped_python(x, picked, h, out)
+            return self._looped_python(x, picked, h, out, gates)
         # Each thread takes whole blocks (see looped.cpp): at least one block per thread.
         block = max(1, min(NATIVE_BLOCK_TOKENS, math.ceil(x.shape[0] / torch.get_num_threads())))
         kernel.looped(
@@ -348,7 +367,9 @@ class MoEFFN(nn.Module):
         on_cpu = x.device.type == "cpu"
         return self._native_act is not None and on_cpu and not recorded and inputs_fit and self.w_in.dtype == torch.float32
 
-    def _looped_python(self, x: torch.Tensor, picked: torch.Tensor, h: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    def _looped_python(
+        self, x: torch.Tensor, picked: torch.Tensor, h: torch.Tensor | None, out: torch.Tensor, gates: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Blocks of LOOPED_BLOCK_TOKENS tokens, and in each one expert at a time: its tokens' rows
         gathered, two matmuls, the result scatter-added into `out`; an expert that at least
         masked_share of the block's tokens picked is computed for every token of the block and masked
@@ -362,6 +383,7 @@ class MoEFFN(nn.Module):
         for start in range(0, x.shape[0], LOOPED_BLOCK_TOKENS):
             rows = slice(start, start + LOOPED_BLOCK_TOKENS)
             x_block, picked_block, out_block = x[rows], picked[rows], out[rows]
+            weight_block = picked_block if gates is None else gates[rows]
             h_block = None if h is None else h[rows].view(-1, E, s)  # the oracle's activations, by expert
             token = picked_block.t().nonzero(as_tuple=True)[1]  # the pairs' tokens, grouped by expert
             counts = picked_block.sum(0).tolist()
@@ -378,11 +400,14 @@ class MoEFFN(nn.Module):
                         gate = _linear(xs, gate_blocks[e], _row(self.b_gate, e), scratch.take("gate", n))
                     hidden = self._hidden(_linear(xs, in_blocks[e], _row(self.b_in, e), scratch.take("up", n)), gate)
                 if tokens is None:
-                    mask = picked_block[:, e, None]
+                    mask = weight_block[:, e, None]
                     hidden = hidden * mask if hidden.requires_grad else hidden.mul_(mask)
                     out_block.addmm_(hidden, out_blocks[e])
                 else:
-                    out_block.index_add_(0, tokens, torch.mm(hidden, out_blocks[e], out=scratch.take("out", n)))
+                    y = torch.mm(hidden, out_blocks[e], out=scratch.take("out", n))
+                    if gates is not None:
+                        y = y * weight_block[tokens, e, None] if y.requires_grad else y.mul_(weight_block[tokens, e, None])
+                    out_block.index_add_(0, tokens, y)
         return out
 
     def _pair_activations(self, token: torch.Tensor, expert: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -428,9 +453,17 @@ class MoEFFN(nn.Module):
         )
 
 
+def _gated(y: torch.Tensor, gates: torch.Tensor | None, token: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """Pair outputs y [P, d] scaled by their gates (gates [T, E], or None: unweighted)."""
+    if gates is None:
+        return y
+    weights = gates[token, expert].unsqueeze(1)
+    return y * weights if y.requires_grad or weights.requires_grad else y.mul_(weights)
+
+
 def _zero_unpicked(h: torch.Tensor, picked: torch.Tensor, expert_size: int) -> torch.Tensor:
     """h [T, n*s] with each token's unpicked experts (picked [T, n] bool) zeroed, in place where
-    autograd does not record h (as in MoEFFN._hidden)."""
+    autograd does not record h (as in MoEFFN._hidden); picked may be each pick's gate instead."""
     by_expert = h.view(h.shape[0], -1, expert_size)
     mask = picked.unsqueeze(-1)
     return (by_expert * mask).view_as(h) if h.requires_grad else by_expert.mul_(mask).view_as(h)
@@ -497,12 +530,15 @@ def moefy_model(
     num_experts: int,
     kernels: KernelChoice | None = None,
     shared_experts: int = 0,
+    gates: dict[int, nn.Module] | None = None,
 ) -> list[MoEFFN]:
-    """Swap every FFN of `model` for an MoEFFN; returns them in layer order (to set k)."""
+    """Swap every FFN of `model` for an MoEFFN; returns them in layer order (to set k). `gates`: a
+    softmax-gated conversion's SoftmaxGate per layer."""
     layers = []
     for ffn in find_ffns(model):
         router = routers[ffn.index].to(ffn.w_in.weight.device)
-        moe = MoEFFN(ffn, labels[ffn.index], router, num_experts, kernels, shared_experts)
+        gate = None if not gates else gates[ffn.index].to(ffn.w_in.weight.device)
+        moe = MoEFFN(ffn, labels[ffn.index], router, num_experts, kernels, shared_experts, gate)
         ffn.replace(moe)
         layers.append(moe)
     return layers

@@ -15,7 +15,9 @@ Routing (`Routing.kind`):
 - `expert_choice`: every expert takes the capacity_factor * T / E tokens it scores highest
   (softmax over experts), so no expert is ever over capacity and some tokens may go untaken;
 - `unweighted_top_k`: MoEfication's rule, the k best-scored experts summed with gate 1. The task
-  loss then gives the router no gradient: its router keeps what the router step trained, or stays frozen.
+  loss then gives the router no gradient: its router keeps what the router step trained, or stays
+  frozen; unless a `gate` (moefy.conversion.routers.SoftmaxGate) weighs the picks by the router's
+  softmax, which starts at gate 1 and trains with the router (softmax-gated recovery).
 
 A conversion with shared experts (moefy.conversion.shared) keeps them as one dense block beside
 the routed experts, run on every token (`SharedExperts`).
@@ -38,6 +40,7 @@ from torch import nn
 
 from moefy.adapters.ffn import FFN
 from moefy.config import ROUTINGS
+from moefy.conversion.routers import LinearRouter, SoftmaxGate
 from moefy.errors import MoefyError
 from moefy.moe.layer import expert_order
 
@@ -165,9 +168,12 @@ class SparseMoE(nn.Module):
         shared_bias: torch.Tensor | None = None,
         expert_map: torch.Tensor | None = None,
         shared: SharedExperts | None = None,
+        gate: SoftmaxGate | None = None,
     ):
         super().__init__()
         num_experts, d_model, size = w_in.shape
+        if gate is not None and (routing.kind != "unweighted_top_k" or expert_map is not None):
+            raise MoefyError("softmax gates weigh an unweighted top-k router's picks, in a layer that is not merged")
         if w_out.shape != (num_experts, size, d_model):
             raise MoefyError(f"w_out must be [E, s, d] = {[num_experts, size, d_model]}, got {list(w_out.shape)}")
         elsize = w_in.element_size()
@@ -193,6 +199,7 @@ class SparseMoE(nn.Module):
         self.b_in, self.b_gate = param(b_in), param(b_gate)
         self.expert_bias, self.shared_bias = param(expert_bias), param(shared_bias)
         self.shared = shared
+        self.gate = gate
         self.token_mask: torch.Tensor | None = None  # [..] bool of the input's leading shape, set per batch
         self.reset_statistics()
         self.logits: torch.Tensor | None = None  # the last forward's, for the auxiliary losses
@@ -231,6 +238,11 @@ class SparseMoE(nn.Module):
             valid = self.token_mask.reshape(-1).to(x.device)
         logits = self.router(x)
         dispatch = route(logits, self.routing, valid)
+        if self.gate is not None:
+            picked = torch.zeros_like(logits, dtype=torch.bool).index_put_(
+                (dispatch.token, dispatch.expert), torch.ones_like(dispatch.token, dtype=torch.bool)
+            )
+            dispatch.gate = self.gate(logits, picked)[dispatch.token, dispatch.expert]
         self.logits, self.dispatch, self.valid = logits, dispatch, valid
         if self.expert_map is not None:
             dispatch = regroup(dispatch, self.expert_map, self.num_experts, x.shape[0])
@@ -279,7 +291,7 @@ class SparseMoE(nn.Module):
         return sum(
             p.numel()
             for name, p in self.named_parameters()
-            if not name.startswith(("router.", "shared.")) and name != "shared_bias"
+            if not name.startswith(("router.", "shared.", "gate.")) and name != "shared_bias"
         )
 
     def experts_per_token(self) -> float:
@@ -357,10 +369,19 @@ class SharedExperts(nn.Module):
         return 2.0 * neurons * ((2 if self.w_gate is not None else 1) * d_model + self.w_out.shape[1])
 
 
-def from_split(ffn: FFN, labels: torch.Tensor, num_experts: int, router: nn.Module, k: int, shared_experts: int = 0) -> SparseMoE:
+def from_split(
+    ffn: FFN,
+    labels: torch.Tensor,
+    num_experts: int,
+    router: nn.Module,
+    k: int,
+    shared_experts: int = 0,
+    softmax_gates: bool = False,
+) -> SparseMoE:
     """A converted FFN as a trainable MoE: expert e owns the neurons labelled e, MoEfication's
-    router picks k of the routed experts unweighted, and the last `shared_experts` run on every
-    token (recovery trains the experts; see the module docstring)."""
+    router picks k of the routed experts unweighted (`softmax_gates`: a linear router, whose
+    softmax then weighs them from gate 1), and the last `shared_experts` run on every token
+    (recovery trains the experts; see the module docstring)."""
     everything = expert_order(labels, num_experts)
     E, s = num_experts - shared_experts, ffn.d_ff // num_experts
     order = everything[: E * s]
@@ -375,6 +396,11 @@ def from_split(ffn: FFN, labels: torch.Tensor, num_experts: int, router: nn.Modu
         raise MoefyError(
             "the groundtruth oracle computes every neuron to route: recovery needs a trained router (mlp, norm, similarity)"
         )
+    if softmax_gates and not isinstance(router, LinearRouter):
+        raise MoefyError(
+            f"softmax gates weigh the experts by a linear router's logits, not a {type(router).__name__}'s: "
+            "recover with router linear, or with recovery task or kd"
+        )
     return SparseMoE(
         w_in=by_expert(ffn.w_in),
         w_out=ffn.w_out.weight.detach().t()[order].view(E, s, -1),
@@ -386,6 +412,7 @@ def from_split(ffn: FFN, labels: torch.Tensor, num_experts: int, router: nn.Modu
         b_gate=bias(ffn.w_gate),
         shared_bias=None if ffn.w_out.bias is None else ffn.w_out.bias.detach(),
         shared=SharedExperts(ffn, everything[E * s :]) if shared_experts else None,
+        gate=SoftmaxGate() if softmax_gates else None,
     )
 
 

@@ -12,7 +12,9 @@ router, and the measured wall-clock of all FFNs over the test set: the MoE (only
 computed, router included) against the same weights run dense. The dense model is the MoE with
 every expert, measured here on the same batches. Test texts are sharded over ranks; sums are
 added. With --second-test (causal_lm), every rule is also measured on a second corpus's texts
-(second_test_perplexity, and relative to the dense model on them). Writes one JSON file: a list of records, each naming its place in the grid (penalty, seed,
+(second_test_perplexity, and relative to the dense model on them). A router file with softmax gates
+(softmax-gated recovery) weighs every pick, at every budget, against the --reference model run
+dense. Writes one JSON file: a list of records, each naming its place in the grid (penalty, seed,
 split, num_experts, router) and the precision the model was fine-tuned in.
 """
 
@@ -32,7 +34,7 @@ from moefy.errors import MoefyError
 from moefy.files import read_json, write_json
 from moefy.measure.evaluation import SelectionRule, logged_metrics, record, run_pass, selection_rules
 from moefy.measure.flops import model_flops
-from moefy.moe.checkpoints import read_error_curves, read_moe_parts
+from moefy.moe.checkpoints import read_error_curves, read_gates, read_moe_parts
 from moefy.moe.kernel_choice import KernelTable, layer_shape_key, table_for
 from moefy.moe.layer import MoEFFN, moefy_model
 from moefy.workflow import pause, tracking
@@ -108,7 +110,13 @@ def main(argv: list[str] | None = None) -> None:
     texts, targets = read_subset(args.data / "test.jsonl")
     encoded = Encoded(tokenizer, texts)
     whole = model_flops(model, float(encoded.lengths.mean()), causal=task.name == "causal_lm")  # before any FFN is replaced
-    layers = moefy_model(model, labels, routers, args.num_experts, shared_experts=args.shared_experts)
+    gates = read_gates(args.router_file)
+    if gates and not args.reference:
+        raise MoefyError(
+            f"{args.router_file} has softmax gates, which weigh every expert even at budget 1: "
+            "give the dense model to compare with as --reference"
+        )
+    layers = moefy_model(model, labels, routers, args.num_experts, shared_experts=args.shared_experts, gates=gates)
     choose_kernels(args, layers)
 
     if task.labelled and targets is None:

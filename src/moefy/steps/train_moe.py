@@ -3,11 +3,14 @@
 Modes:
 - recover: a conversion (the balance step's labels, the router step's router) trained at
   recover.budget with MoEfication's unweighted top-k and its router frozen (moefy.moe.sparse);
-  recovery `task` trains on the task loss, `kd` adds distillation from the dense model's logits.
+  recovery `task` trains on the task loss, `kd` adds distillation from the dense model's logits;
+  `task-softmax` and `kd-softmax` also train the linear router, whose softmax gates weigh its picks
+  from gate 1 (moefy.conversion.routers.SoftmaxGate), at recover.router_learning_rate.
   recover.trainable picks what trains: the experts, the experts and LoRA adapters on the attention
   projections (moefy.training.lora; merged into them after training), or every weight.
   The trained experts go back into the FFNs, so <out>/model is a standard checkpoint that the
-  evaluate step measures at every budget with the same labels and router.
+  evaluate step measures at every budget with the same labels and <out>/router.safetensors (the
+  router step's file, or the trained router and its gates).
 - moe: an upcycled model (the upcycle step's folder, moefy.export.load_sparse_moe) trained on,
   every weight but the embeddings, with the routers' auxiliary losses; <out>/model is the same
   format.
@@ -24,6 +27,7 @@ expert load).
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -33,9 +37,9 @@ from moefy import dist
 from moefy.adapters.ffn import dense_ffn_flops, find_ffns
 from moefy.adapters.models import TRAINING_FILE, load_model, load_tokenizer, read_training, save_model
 from moefy.adapters.tasks import get_task
-from moefy.conversion.routers import budget_to_k
+from moefy.conversion.routers import budget_to_k, router_tensors
 from moefy.data.batches import Encoded, measure
-from moefy.files import atomic_dir, write_json
+from moefy.files import atomic_dir, atomic_path, load_tensors, save_tensors, tensors_metadata, write_json
 from moefy.measure import machine
 from moefy.moe.checkpoints import load_smoe, read_moe_parts, save_sparse_moe
 from moefy.moe.sparse import SparseMoE, from_split, mask_padding
@@ -81,7 +85,7 @@ def parse_args(argv: list[str] | None):
             if getattr(args, name) is None
         ]
         if args.recovery == "none":
-            missing.append("--recovery task or kd")
+            missing.append("--recovery task, kd, task-softmax or kd-softmax")
         if missing:
             parser.error(f"--mode recover needs {', '.join(missing)}")
     if args.mode == "merged" and args.teacher is None:
@@ -94,9 +98,12 @@ def build(args, model) -> tuple[dict[int, SparseMoE], dict]:
     what was built."""
     labels, routers = read_moe_parts(args.labels, args.router_file, args.router, args.num_experts, args.shared_experts)
     k = budget_to_k(args.budget, args.num_experts, args.shared_experts)
+    softmax = args.recovery.endswith("-softmax")
     moes = {}
     for ffn in find_ffns(model):
-        moes[ffn.index] = from_split(ffn, labels[ffn.index], args.num_experts, routers[ffn.index], k, args.shared_experts)
+        moes[ffn.index] = from_split(
+            ffn, labels[ffn.index], args.num_experts, routers[ffn.index], k, args.shared_experts, softmax_gates=softmax
+        )
         ffn.replace(moes[ffn.index])
     mask_padding(model, moes.values())
     return moes, {"budget": args.budget, "k": k, "labels": labels}
@@ -140,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     dense = load_model(args.model, task.name) if args.mode == "recover" else None
     if args.mode == "merged":
         dense = load_smoe(args.teacher, task.name)[0]
-    kd = args.mode == "merged" or (args.mode == "recover" and args.recovery == "kd")
+    kd = args.mode == "merged" or (args.mode == "recover" and args.recovery in ("kd", "kd-softmax"))
     # MoEfication's routers are frozen and unweighted: no auxiliary loss can train them
     routed = args.mode == "moe"
     weights = LossWeights(
@@ -165,7 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     train_y = None if train_set.labels is None else torch.as_tensor(train_set.labels, dtype=torch.long)
     val_labels, test_labels = val_set.labels, test_set.labels
 
-    optimizer, scheduler, total_steps = optimiser(trainable, train.lengths, args, args.epochs, args.max_steps)
+    optimizer, scheduler, total_steps = optimiser(
+        parameter_groups(trainable, moes.values(), args), train.lengths, args, args.epochs, args.max_steps
+    )
     metric = task.metric
     identity = {**ablation(args), "mode": args.mode} | ({"upcycled": args.upcycled} if args.upcycled else {})
     if args.name:
@@ -263,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
                 save_sparse_moe(model, moes, tokenizer, args.out / "model", task.name, training, built["site"])
             else:
                 if args.mode == "recover":
+                    write_router_file(args, moes)
                     model = recovered(dense.cpu(), model.cpu(), moes, built["labels"])
                 with atomic_dir(args.out / "model") as folder:
                     save_model(model, tokenizer, folder)
@@ -270,6 +280,31 @@ def main(argv: list[str] | None = None) -> None:
             write_json(args.out / "metrics.json", metrics)
             run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     dist.teardown()
+
+
+def parameter_groups(trainable: list, moes, args) -> list[dict]:
+    """AdamW's parameter groups: softmax-gated routers and their gates at recover.router_learning_rate,
+    everything else at the step's learning rate."""
+    routing = {id(p) for moe in moes if moe.gate is not None for p in (*moe.router.parameters(), *moe.gate.parameters())}
+    groups = [{"params": [p for p in trainable if id(p) not in routing]}]
+    if routing:
+        groups.append({"params": [p for p in trainable if id(p) in routing], "lr": args.router_learning_rate})
+    return [group for group in groups if group["params"]]
+
+
+def write_router_file(args, moes: dict[int, SparseMoE]) -> None:
+    """<out>/router.safetensors, what the recovered model routes with: the router step's file, or
+    with softmax gates the trained routers and their gates in its place (its error curves kept)."""
+    path = args.out / "router.safetensors"
+    if not any(moe.gate is not None for moe in moes.values()):
+        with atomic_path(path) as tmp:
+            shutil.copyfile(args.router_file, tmp)
+        return
+    curves = {k: t for k, t in load_tensors(args.router_file).items() if k.startswith("error_curve.")}
+    routers = {i: moe.router.router for i, moe in moes.items()}  # from_split's wrapper around the router
+    gates = {i: moe.gate for i, moe in moes.items()}
+    tensors = {k: t.detach().cpu().contiguous() for k, t in router_tensors(routers, gates).items()}
+    save_tensors(path, tensors | curves, tensors_metadata(args.router_file))
 
 
 def recovered(pristine, model, moes: dict[int, SparseMoE], labels: dict) -> torch.nn.Module:

@@ -80,7 +80,7 @@ def auxiliary_loss(moes: Iterable[SparseMoE], weights: LossWeights) -> torch.Ten
 
 
 def expert_parameters(moe: SparseMoE) -> list[nn.Parameter]:
-    return [p for name, p in moe.named_parameters() if not name.startswith("router.")]
+    return [p for name, p in moe.named_parameters() if not name.startswith(("router.", "gate."))]
 
 
 def select_trainable(model: nn.Module, moes: Iterable[SparseMoE], which: str) -> list[nn.Parameter]:
@@ -111,6 +111,9 @@ def select_trainable(model: nn.Module, moes: Iterable[SparseMoE], which: str) ->
             p.requires_grad_(which in ("all", "experts", "experts_and_routers", "lora"))
         for p in moe.router.parameters():
             p.requires_grad_(which in ("all", "routers", "experts_and_routers") and moe.routing.kind != "unweighted_top_k")
+        if moe.gate is not None:  # softmax gates: the router weighs its picks, and trains with them
+            for p in (*moe.router.parameters(), *moe.gate.parameters()):
+                p.requires_grad_(True)
     for p in adapters:
         p.requires_grad_(True)
     trained = [p for p in model.parameters() if p.requires_grad]

@@ -145,6 +145,13 @@ class Study:
                     f"grid.{name}: recovery {', '.join(r for r in arm['recovery'] if r != 'none')} of converted attention "
                     "projections is not supported; give that arm convert: [ffn] or recovery: [none]"
                 )
+            softmax = [r for r in arm["recovery"] if r.endswith("-softmax")]
+            if softmax and set(arm["router"]) != {"linear"}:
+                raise MoefyError(
+                    f"grid.{name}: recovery {', '.join(softmax)} trains softmax gates on a linear router (the served MoE "
+                    f"formats' router), not on {', '.join(r for r in arm['router'] if r != 'linear')}: "
+                    "give that arm router: [linear], or move the other routers to an arm of their own"
+                )
             for penalty, seed, split, num_experts, shared, router, recovery, convert in itertools.product(
                 arm["penalty"],
                 arm["seed"],
