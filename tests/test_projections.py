@@ -236,8 +236,15 @@ def test_the_distill_step_writes_a_model_whose_projections_are_ffns(tmp_path, ti
             "2",
         ]
     )
-    report = json.loads((out / "distillation.json").read_text())["projections"]
+    summary = json.loads((out / "distillation.json").read_text())
+    report = summary["projections"]
     assert sorted(report) == ["0.k", "0.o", "0.q", "0.v", "1.k", "1.o", "1.q", "1.v"]
+    capped = [key for key, entry in report.items() if entry["stopped_at_cap"] == (entry["best_epoch"] == entry["epochs"])]
+    assert len(capped) == len(report), "each projection's flag is the rule's"
+    capped = sum(entry["stopped_at_cap"] for entry in report.values())
+    assert summary["stopped_at_cap"] == capped
+    training = json.loads((out / "training.json").read_text()) if (out / "training.json").exists() else {}
+    assert training.get("stopped_at_cap", []) == ([f"attention distillation {capped}/8 projections"] if capped else [])
     assert all(entry["mse"] <= entry["mse_initial"] and entry["r2"] > 0 for entry in report.values())
     distilled = load_model(str(out), "classification")
     assert len(find_ffns(distilled)) == 2 + 8
@@ -250,3 +257,18 @@ def test_the_distill_step_refuses_a_width_multiple_below_one(capsys):
     with pytest.raises(SystemExit) as exit_info:
         step.main(["--model", "m", "--data", "d", "--out", "o", "--width-multiple", "0"])
     assert exit_info.value.code == 2 and "--width-multiple 0: must be at least 1" in capsys.readouterr().err
+
+
+def test_a_distillation_whose_last_epoch_was_its_best_stopped_at_its_cap():
+    torch.manual_seed(0)
+    target = nn.Linear(16, 16)
+    with torch.no_grad():
+        x, x_val = torch.randn(2000, 16), torch.randn(400, 16)
+        y, y_val = target(x), target(x_val)
+    capped = distill(
+        svd_start(target, 24), (x, y), (x_val, y_val), DistillSettings(learning_rate=1e-3, batch_size=128, max_epochs=2)
+    )
+    assert (capped.epochs, capped.best_epoch) == (2, 2) and capped.stopped_at_cap, "still improving at max_epochs"
+    settings = DistillSettings(learning_rate=10.0, batch_size=128, max_epochs=5, patience=1)
+    diverged = distill(svd_start(target, 24), (x, y), (x_val, y_val), settings)
+    assert diverged.best_epoch == 0 and not diverged.stopped_at_cap, "patience ended it with the start kept"

@@ -213,3 +213,30 @@ def test_the_representative_router_refuses_what_it_cannot_compute():
     ffn.act = nn.Tanh()
     with pytest.raises(MoefyError, match="Tanh is not one the representative router computes"):
         representative_router(ffn, labels, 8, torch.zeros(10, 64), per_expert=1)
+
+
+def test_a_router_whose_last_epoch_was_its_best_stopped_at_its_cap():
+    x, w_in, labels, E = synthetic_layer(n=1200)
+    mass = scaled_mass(expert_mass(torch.relu(x @ w_in.t() + 0.5), labels, E))
+
+    def fit(epochs, learning_rate, patience=2):
+        torch.manual_seed(0)
+        router = MLPRouter(16, E, expert_centroids(w_in, labels, E))
+        return train_router(
+            router, LOSSES["mlp"], x[:1000], mass[:1000], x[1000:], mass[1000:], epochs=epochs, batch_size=100,
+            learning_rate=learning_rate, patience=patience, seed=0,
+        )  # fmt: skip
+
+    capped = fit(epochs=2, learning_rate=1e-3)  # far from converged: every epoch improves
+    assert (capped.epochs_run, capped.best_epoch) == (2, 2) and capped.stopped_at_cap
+    diverged = fit(epochs=20, learning_rate=50.0, patience=1)  # no epoch beats the start: patience ends it
+    assert diverged.best_epoch == 0 and diverged.epochs_run == 1 and not diverged.stopped_at_cap
+
+
+def test_fit_router_records_whether_a_trained_router_stopped_at_its_cap():
+    ffn, labels = planted_ffn()
+    x = torch.randn(1000, 16, generator=torch.Generator().manual_seed(2))
+    _, stats = fit_router("norm", ffn, labels, x, 8, RouterSettings(mlp_epochs=1, mlp_batch_size=100), [0.25], seed=0)
+    assert stats["stopped_at_cap"] is (stats["best_epoch"] == stats["epochs_run"] == 1) is True
+    _, untrained = fit_router("similarity", ffn, labels, x, 8, RouterSettings(), [0.25], seed=0)
+    assert "stopped_at_cap" not in untrained, "nothing trained, nothing capped"

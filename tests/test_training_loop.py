@@ -31,7 +31,7 @@ def tiny(tiny_relu_bert):
     return model, Encoded(load_tokenizer(str(tiny_relu_bert)), texts, max_length=16), torch.tensor(labels)
 
 
-def run(model, data, labels, objective, measure, total_steps, epochs=3, before=None, log_steps=False):
+def run(model, data, labels, objective, measure, total_steps, epochs=3, before=None, log_steps=False, patience=None):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     logged, paused = [], []
@@ -39,6 +39,7 @@ def run(model, data, labels, objective, measure, total_steps, epochs=3, before=N
         model, get_task("classification"), data, labels, CPU, optimizer, scheduler, name="test", epochs=epochs,
         total_steps=total_steps, batch_size=8, seed=0, objective=objective, measure=measure,
         log=lambda metrics, step: logged.append((dict(metrics), step)), pause=paused.append, before=before, log_steps=log_steps,
+        patience=patience,
     )  # fmt: skip
     return trained, scheduler, logged, paused
 
@@ -106,3 +107,39 @@ def test_training_stops_at_total_steps_and_trains_what_the_objective_returns(tin
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     untrained, *_ = run(model, data, labels, nothing, lambda epoch: {"validation_accuracy": 0.5}, total_steps=5, epochs=0)
     assert (untrained.best, untrained.best_epoch, untrained.steps, untrained.history) == (None, 0, 0, [])
+
+
+def test_patience_stops_training_after_that_many_epochs_without_a_better_one(tiny):
+    model, data, labels = tiny
+    scores = {1: 0.6, 2: 0.8, 3: 0.7, 4: 0.8, 5: 0.9, 6: 1.0}  # epoch 2 best, then two epochs no better (a tie is none)
+
+    def measure(epoch):
+        return {"validation_accuracy": scores[epoch.number]}
+
+    trained, _, _, paused = run(model, data, labels, lambda b: (b.task_loss, {}), measure, total_steps=100, epochs=6, patience=2)
+    assert (trained.epochs_run, trained.best_epoch, trained.steps) == (4, 2, 12)
+    assert paused == [f"test epoch {n}" for n in (1, 2, 3, 4)], "the fifth epoch never starts"
+    assert not trained.stopped_at_cap, "patience ended it, not the cap"
+    unlimited, *_ = run(model, data, labels, lambda b: (b.task_loss, {}), measure, total_steps=100, epochs=6)
+    assert (unlimited.epochs_run, unlimited.best_epoch) == (6, 6), "without patience only the cap stops it"
+
+
+@pytest.mark.parametrize(
+    ("start", "scores", "total_steps", "capped"),
+    [
+        (None, {1: 0.6, 2: 0.7, 3: 0.8}, 100, True),  # the epoch cap ended it, still improving
+        (0.5, {1: 0.6, 2: 0.7, 3: 0.8}, 100, True),
+        (None, {1: 0.6, 2: 0.7}, 5, True),  # the step cap ended it in epoch 2, its best
+        (None, {1: 0.6, 2: 0.8, 3: 0.7}, 100, False),  # its best epoch came before the last
+        (0.9, {1: 0.6, 2: 0.7, 3: 0.8}, 100, False),  # the last epoch never beat the model before training
+    ],
+)
+def test_a_run_whose_last_epoch_beat_everything_before_it_stopped_at_its_cap(tiny, start, scores, total_steps, capped):
+    model, data, labels = tiny
+    before = None if start is None else (lambda: {"validation_accuracy": start})
+    trained, *_ = run(
+        model, data, labels, lambda b: (b.task_loss, {}), lambda e: {"validation_accuracy": scores[e.number]},
+        total_steps=total_steps, before=before, patience=2,
+    )  # fmt: skip
+    assert trained.epochs_run == len(scores)
+    assert trained.stopped_at_cap is capped

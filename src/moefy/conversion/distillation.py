@@ -16,6 +16,7 @@ from torch import nn
 
 from moefy.adapters.ffn import ProjectionMLP
 from moefy.errors import MoefyError
+from moefy.training import convergence
 
 
 def svd_start(linear: nn.Linear, width: int, rank: int | None = None) -> ProjectionMLP:
@@ -80,6 +81,8 @@ class DistillResult:
     mse: float  # held-out, of the kept (best) weights
     r2: float  # held-out
     epochs: int
+    best_epoch: int = 0  # the kept weights' epoch (0: the start was never beaten)
+    stopped_at_cap: bool = False  # the last epoch was the best: max_epochs ended it still improving
 
 
 def held_out_mse(mlp: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -95,7 +98,9 @@ def distill(
     seed: int = 0,
 ) -> DistillResult:
     """Fit `mlp` to (inputs, outputs) pairs of one projection with MSE, keeping the weights with the
-    lowest held-out MSE and stopping after `patience` epochs without improvement."""
+    lowest held-out MSE and stopping after `patience` epochs without improvement, or at max_epochs
+    (then, if the last epoch was the best, it stopped at its cap while still improving:
+    moefy.training.convergence)."""
     (x, y), (x_val, y_val) = train, held_out
     if len(x) == 0 or len(x_val) == 0:
         raise MoefyError("distilling a projection needs training and held-out tokens; sample more tokens")
@@ -103,7 +108,7 @@ def distill(
     optimizer = torch.optim.Adam(mlp.parameters(), lr=settings.learning_rate)
     initial = best = held_out_mse(mlp, x_val, y_val)
     best_state = {k: v.clone() for k, v in mlp.state_dict().items()}
-    stale = epochs = 0
+    stale = epochs = best_epoch = 0
     while epochs < settings.max_epochs and stale < settings.patience:
         epochs += 1
         for rows in torch.randperm(len(x), generator=generator).split(settings.batch_size):
@@ -114,11 +119,11 @@ def distill(
             optimizer.step()
         current = held_out_mse(mlp, x_val, y_val)
         if current < best:
-            best, stale = current, 0
+            best, stale, best_epoch = current, 0, epochs
             best_state = {k: v.clone() for k, v in mlp.state_dict().items()}
         else:
             stale += 1
     mlp.load_state_dict(best_state)
     with torch.no_grad():
         r2 = r_squared(mlp(x_val), y_val)
-    return DistillResult(initial, best, r2, epochs)
+    return DistillResult(initial, best, r2, epochs, best_epoch, convergence.stopped_at_cap(best_epoch, epochs))

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from moefy.config import ROUTERS, check_names
 from moefy.errors import MoefyError
 from moefy.native import ACTIVATIONS, activation_code
+from moefy.training import convergence
 
 
 def expert_mass(h: torch.Tensor, labels: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -354,6 +355,12 @@ class TrainResult:
     best_heldout_loss: float
     initial_heldout_loss: float
 
+    @property
+    def stopped_at_cap(self) -> bool:
+        """The last epoch had the best held-out loss: the epoch cap, not patience, ended a router still
+        improving (moefy.training.convergence)."""
+        return convergence.stopped_at_cap(self.best_epoch, self.epochs_run)
+
 
 LOSSES = {"mlp": F.binary_cross_entropy_with_logits, "linear": F.binary_cross_entropy_with_logits, "norm": F.mse_loss}
 LOSS_NAMES = {"mlp": "bce", "linear": "bce", "norm": "mse"}
@@ -550,6 +557,7 @@ def fit_router(
             "best_epoch": fit.best_epoch,
             f"heldout_{loss}": fit.best_heldout_loss,
             f"heldout_{loss}_initial": fit.initial_heldout_loss,
+            convergence.KEY: fit.stopped_at_cap,
         }
     with torch.no_grad():
         scores = router(x_val, h[-heldout:])

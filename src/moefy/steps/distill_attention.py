@@ -6,13 +6,15 @@ the dense model (so each MLP learns from the dense model's own inputs, layer by 
 frozen), holds out whole texts for early stopping, and trains each MLP with MSE
 (moefy.adapters.attention.distill). Writes <out>/ as a model folder: the fine-tuned model's files,
 projections.safetensors (the MLPs) and distillation.json (per projection: width, held-out MSE
-before and after, R^2, epochs), also logged to MLflow. Later steps load it like any model and see
-the MLPs as FFNs.
+before and after, R^2, epochs, best epoch, stopped_at_cap), also logged to MLflow. Later steps load
+it like any model and see the MLPs as FFNs. Projections whose last epoch had the best held-out MSE
+stopped at max_epochs while still improving (moefy.training.convergence): distillation.json counts
+them (stopped_at_cap), the log warns once, and the model's training.json names the stage for the
+evaluate step's records and the report.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -20,11 +22,12 @@ from tqdm import tqdm
 
 from moefy import dist
 from moefy.adapters.attention import find_projections
-from moefy.adapters.models import load_model, load_tokenizer, save_model
+from moefy.adapters.models import TRAINING_FILE, load_model, load_tokenizer, read_training, save_model
 from moefy.conversion.distillation import DistillSettings, distill, svd_start, width_for
 from moefy.data.batches import Encoded, choose_texts, iterate, length_grouped_batches
 from moefy.data.subsets import read_subset
 from moefy.files import atomic_dir, write_json
+from moefy.training import convergence
 from moefy.workflow import tracking
 from moefy.workflow.cli import ablation, add_section_flags, run_step, step_parser
 
@@ -98,13 +101,22 @@ def main(argv: list[str] | None = None) -> None:
             tqdm.write(f"{projection.key}: width {mlp.width}, held-out R^2 {result.r2:.4f} after {result.epochs} epochs")
             if ctx.is_main:
                 run.log_metrics({f"r2/{projection.key}": result.r2, f"mse/{projection.key}": result.mse})
+        capped = [key for key, entry in report.items() if entry[convergence.KEY]]
         if ctx.is_main:
+            training = read_training(args.model)
+            if capped:
+                stage = f"attention distillation {len(capped)}/{len(report)} projections"
+                print(
+                    convergence.warning(f"{stage} ({', '.join(capped)})", f"distill_attention.max_epochs {args.max_epochs}"),
+                    flush=True,
+                )
+                training = convergence.note(training, stage)
             with atomic_dir(args.out) as folder:  # a stopped job leaves no half-written model behind
                 save_model(model, tokenizer, folder)
-                training = Path(args.model) / "training.json"
-                if training.is_file():
-                    shutil.copy(training, folder / "training.json")
-                write_json(folder / "distillation.json", {"tokens": int(encoded.lengths.sum()), "projections": report})
+                if training:
+                    write_json(folder / TRAINING_FILE, training)
+                summary = {"tokens": int(encoded.lengths.sum()), convergence.KEY: len(capped), "projections": report}
+                write_json(folder / "distillation.json", summary)
     dist.teardown()
 
 

@@ -15,7 +15,10 @@ added. With --second-test (causal_lm), every rule is also measured on a second c
 (second_test_perplexity, and relative to the dense model on them). A router file with softmax gates
 (softmax-gated recovery) weighs every pick, at every budget, against the --reference model run
 dense. Writes one JSON file: a list of records, each naming its place in the grid (penalty, seed,
-split, num_experts, router) and the precision the model was fine-tuned in.
+split, num_experts, router), the precision the model was fine-tuned in, the test set's size
+(test_count: texts, or predicted tokens for causal_lm) and stopped_at_cap: the training stages of
+this model and router that stopped at their cap while still improving ("" when none did; from the
+model's training.json and the router file's metadata, moefy.training.convergence).
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ from moefy.config import ALLOCATIONS
 from moefy.data.batches import Encoded, eval_batches
 from moefy.data.subsets import read_subset
 from moefy.errors import MoefyError
-from moefy.files import read_json, write_json
+from moefy.files import read_json, tensors_metadata, write_json
 from moefy.measure.evaluation import SelectionRule, logged_metrics, record, run_pass, selection_rules
 from moefy.measure.flops import model_flops
 from moefy.moe.checkpoints import read_error_curves, read_gates, read_moe_parts
 from moefy.moe.kernel_choice import KernelTable, layer_shape_key, table_for
 from moefy.moe.layer import MoEFFN, moefy_model
+from moefy.training import convergence
 from moefy.workflow import pause, tracking
 from moefy.workflow.cli import CONVERSION_FLAGS, ablation, add_section_flags, run_step, step_parser
 
@@ -99,6 +103,14 @@ def choose_kernels(args, layers: list[MoEFFN]) -> None:
         layer.kernels = tables[key]
 
 
+def router_stopped_at_cap(router_file: Path, router: str) -> str | None:
+    """`<router> router <n>/<layers> layers` when the router step's file says n layers stopped at their
+    epoch cap while still improving (moefy.training.convergence); None when none did."""
+    meta = tensors_metadata(router_file)
+    capped = int(meta.get(convergence.KEY, "0"))
+    return f"{router} router {capped}/{meta.get('layers', '?')} layers" if capped else None
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     ctx = dist.setup(args.device)
@@ -126,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     identity = {
         **ablation(args),
         "precision": read_training(args.model).get("precision", "unknown"),
+        convergence.KEY: convergence.stages(read_training(args.model), router_stopped_at_cap(args.router_file, args.router)),
         "looped_kernel": native.implementation(ctx.device),  # built here, not in the first timed batch
     }
 

@@ -25,7 +25,7 @@ from moefy.data.batches import Encoded, eval_batches, iterate, measure
 from moefy.data.subsets import read_label_names
 from moefy.files import atomic_dir, write_json
 from moefy.measure import machine
-from moefy.training import precision
+from moefy.training import convergence, precision
 from moefy.training.loop import Batch, Epoch, train_epochs
 from moefy.training.recipe import optimiser, read_texts
 from moefy.training.sparsity import layers_penalty, ramped_weight
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         trained = train_epochs(
             model, task, train, train_y, ctx, optimizer, scheduler, name="finetune", epochs=args.epochs,
             total_steps=total_steps, batch_size=args.batch_size, seed=args.seed, objective=objective, measure=after_epoch,
-            log=run.log_metrics, pause=pause.point, bf16=bf16, log_steps=True,
+            log=run.log_metrics, pause=pause.point, bf16=bf16, log_steps=True, patience=args.patience,
         )  # fmt: skip
         # no epoch: the model as loaded
         validation_value = (
@@ -137,17 +137,23 @@ def main(argv: list[str] | None = None) -> None:
             "precision_probe_seconds": probe,
             "machine": machine.describe(ctx.device),
         }
+        if trained.stopped_at_cap:  # every later step's records carry it (moefy.training.convergence)
+            training = convergence.note(training, "finetune")
         metrics = {
             **training,
             f"validation_{metric}": validation_value,
             f"test_{metric}": test_value,
             "best_epoch": trained.best_epoch,
+            "epochs_run": trained.epochs_run,
+            convergence.KEY: trained.stopped_at_cap,
             "train_seconds": time.time() - trained.started,
             "train_examples": len(train),
             "sparsity_mean": float(np.mean(sparsity)),
             "sparsity_per_layer": sparsity,
         }
         if ctx.is_main:
+            if trained.stopped_at_cap:
+                print(convergence.warning("fine-tuning", f"finetune.epochs {args.epochs}"), flush=True)
             print(f"test {metric} {test_value:.4f}, mean FFN activation sparsity {metrics['sparsity_mean']:.3f}", flush=True)
             with atomic_dir(args.out / "model") as folder:
                 save_model(model, tokenizer, folder)

@@ -13,7 +13,10 @@ the oracle's top-k, on the held-out tokens. On the same tokens, each layer's err
 output's mean squared error with the router's top k routed experts, k = 0..E-S), which evaluate
 spreads per-layer budgets by (moefy.conversion.budgets). Layers are spread over torchrun ranks.
 Writes <out>/router.safetensors (routers `layer.{i}.*`, curves `error_curve.{i}`) and
-<out>/metrics.json.
+<out>/metrics.json. A trained router whose last epoch had the best held-out loss stopped at
+router.mlp_epochs while still improving (moefy.training.convergence): metrics.json counts those
+layers (stopped_at_cap; per_layer has each layer's flag), the log warns once, and the router file's
+metadata carries the count to the evaluate step's records and the report.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from moefy.conversion.routers import RouterSettings, fit_router, heldout_count, 
 from moefy.conversion.shared import check_labels_shared
 from moefy.errors import MoefyError
 from moefy.files import load_tensors, save_tensors, write_json
+from moefy.training import convergence
 from moefy.workflow import tracking
 from moefy.workflow.cli import CONVERSION_FLAGS, ablation, add_section_flags, run_step, step_parser
 
@@ -52,6 +56,11 @@ def parse_args(argv: list[str] | None):
     )
     add_section_flags(parser, "router")
     return parser.parse_args(argv)
+
+
+def capped_layers(per_layer: dict[str, list], layers: list[int]) -> list[int]:
+    """The layers whose router stopped at its epoch cap while still improving (none for untrained routers)."""
+    return [i for i, capped in zip(layers, per_layer.get(convergence.KEY, [])) if capped]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -96,6 +105,9 @@ def main(argv: list[str] | None = None) -> None:
             layers = sorted(results)
             per_layer = {name: [results[i][1][name] for i in layers] for name in results[layers[0]][1]}
             metrics = {name: float(np.mean(values)) for name, values in per_layer.items()}
+            capped = capped_layers(per_layer, layers)
+            if convergence.KEY in per_layer:
+                metrics[convergence.KEY] = len(capped)
             metrics["per_layer"] = per_layer
             curves = {f"error_curve.{i}": results[i][2] for i in layers}
             save_tensors(
@@ -106,11 +118,15 @@ def main(argv: list[str] | None = None) -> None:
                     "num_experts": str(args.num_experts),
                     "shared_experts": str(args.shared_experts),
                     "layers": str(len(layers)),
+                    convergence.KEY: str(len(capped)),
                 },
             )
             write_json(args.out / "metrics.json", metrics)
             run.log_metrics({k.replace("@", "_at_"): v for k, v in metrics.items() if not isinstance(v, dict)})
             print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("recall")), flush=True)
+            if capped:
+                what = f"the {args.router} router of {len(capped)} of {len(layers)} layers ({', '.join(map(str, capped))})"
+                print(convergence.warning(what, f"router.mlp_epochs {settings.mlp_epochs}"), flush=True)
     dist.teardown()
 
 

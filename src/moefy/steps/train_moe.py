@@ -19,7 +19,10 @@ Modes:
 - merged: a merged or compressed sparse MoE (steps merge, compress) trained on with distillation
   from the full SMoE (`--teacher`), MC-SMoE's recovery; <out>/model keeps its format.
 
-The epoch with the best validation metric is kept. Runs as a plain process or data parallel under
+The epoch with the best validation metric is kept; recover and merged stop after train_moe.patience
+epochs without a better one (moe and dense train their whole schedule, the same steps), and a run
+whose last epoch was its best stopped at its cap while still improving (moefy.training.convergence):
+metrics.json's stopped_at_cap, a warning in the log and the model's training.json say so. Runs as a plain process or data parallel under
 torch.distributed.run, like finetune. Writes <out>/model and <out>/metrics.json (test metric,
 parameters, active parameters and FFN FLOPs per token, training steps, tokens, FLOPs and time,
 expert load).
@@ -43,6 +46,7 @@ from moefy.files import atomic_dir, atomic_path, load_tensors, save_tensors, ten
 from moefy.measure import machine
 from moefy.moe.checkpoints import load_smoe, read_moe_parts, save_sparse_moe
 from moefy.moe.sparse import SparseMoE, from_split, mask_padding
+from moefy.training import convergence
 from moefy.training.loop import Batch, Epoch, train_epochs
 from moefy.training.lora import add_lora
 from moefy.training.moe_training import (
@@ -59,6 +63,7 @@ from moefy.workflow import pause, tracking
 from moefy.workflow.cli import ablation, add_section_flags, run_step, step_parser
 
 MODES = ("recover", "moe", "dense", "merged")
+STAGES = {"recover": "recovery", "moe": "upcycled training", "dense": "dense continuation", "merged": "merged recovery"}
 
 
 def parse_args(argv: list[str] | None):
@@ -227,6 +232,7 @@ def main(argv: list[str] | None = None) -> None:
             model, task, train, train_y, ctx, optimizer, scheduler, name="train_moe", epochs=args.epochs,
             total_steps=total_steps, batch_size=args.batch_size, seed=args.seed, objective=objective, measure=after_epoch,
             log=run.log_metrics, pause=pause.point, before=before,
+            patience=args.patience if args.mode in ("recover", "merged") else None,
         )  # fmt: skip
         train_seconds = time.time() - trained.started
         if lora is not None:  # into the projections' weights now, so that the test pass measures what is saved
@@ -246,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
             f"validation_{metric}": trained.best,
             f"test_{metric}": test_value,
             "best_epoch": trained.best_epoch,
+            "epochs_run": trained.epochs_run,
+            convergence.KEY: trained.stopped_at_cap,
             "train_steps": trained.steps,
             "train_tokens": trained.tokens,
             "train_seconds": train_seconds,
@@ -268,6 +276,15 @@ def main(argv: list[str] | None = None) -> None:
                 "train_moe": identity | {k: v for k, v in built.items() if k != "labels"},
                 "recovery_steps": training.get("recovery_steps", 0) + (trained.steps if args.mode == "merged" else 0),
             }
+            if trained.stopped_at_cap:
+                stage = STAGES[args.mode] + (f" {args.recovery}" if args.mode == "recover" else "")
+                print(
+                    convergence.warning(
+                        stage, f"train_moe.epochs {args.epochs}" + (f" / max_steps {args.max_steps}" if args.max_steps else "")
+                    ),
+                    flush=True,
+                )
+                training = convergence.note(training, stage)
             if args.mode in ("moe", "merged"):
                 save_sparse_moe(model, moes, tokenizer, args.out / "model", task.name, training, built["site"])
             else:

@@ -3,8 +3,11 @@ upcycled MoE and its dense continuation are trained by the same code on the same
 
 Each epoch draws length-grouped batches (seeded per epoch), every rank takes its part of each
 global batch and DDP averages the gradients, so the trained weights do not depend on the number of
-ranks; the loop stops at `total_steps` optimiser steps, measures the model after every epoch and
-keeps the epoch with the best validation metric. What differs between the steps comes in as
+ranks; the loop measures the model after every epoch, keeps the epoch with the best validation
+metric, and stops after `patience` epochs without a better one or at its cap (`epochs`, or
+`total_steps` optimiser steps), whichever comes first. A run whose last epoch was its best (and
+beat the model before training, where that was measured) stopped at its cap while still improving
+(moefy.training.convergence): `Trained.stopped_at_cap` says so, for the step's record. What differs between the steps comes in as
 functions: `objective`, the loss of a batch beyond the task's (a sparsity penalty, distillation,
 the routers' auxiliary losses), and `measure`, what is measured after each epoch.
 """
@@ -24,6 +27,7 @@ from tqdm import tqdm
 from moefy import dist
 from moefy.adapters.tasks import Task
 from moefy.data.batches import Encoded, length_grouped_batches, shard_batches
+from moefy.training import convergence
 
 LOG_EVERY = 20  # steps between progress-bar updates (and, with log_steps, MLflow's train_loss)
 
@@ -70,6 +74,8 @@ class Trained:
     tokens: int
     started: float
     history: list[dict] = field(default_factory=list)  # {"epoch", "steps", **metrics} per epoch (0: before training)
+    epochs_run: int = 0
+    stopped_at_cap: bool = False  # the last epoch was the best, the start included: ended by the cap, still improving
 
 
 Objective = Callable[[Batch], tuple[torch.Tensor, Mapping[str, float]]]
@@ -96,6 +102,7 @@ def train_epochs(
     before: Callable[[], dict[str, float]] | None = None,
     bf16: bool = False,
     log_steps: bool = False,
+    patience: int | None = None,
 ) -> Trained:
     """Train `model` for `epochs` epochs or `total_steps` steps, whichever ends first, and load the
     state of the epoch with the best validation metric.
@@ -108,19 +115,25 @@ def train_epochs(
     best. `log(metrics, step)` is the MLflow run's log_metrics; `pause(point)` is called at
     "<name> epoch <n>" before each epoch (the reliability tests stop a job there); `bf16` runs the
     forward under bf16 autocast; `log_steps` logs the task loss per item as train_loss every
-    LOG_EVERY steps (finetune's training curve).
+    LOG_EVERY steps (finetune's training curve); `patience` stops training after that many epochs
+    in a row without a better validation metric than the best epoch's (None: only the cap stops it).
     """
     key = f"validation_{task.metric}"
     started = time.time()
     trained = Trained(None, 0, 0, 0, started)
+    first: dict[str, float] = {}
     if before is not None:
         first = before()
         log(first, 0)
         trained.history.append({"epoch": 0, "steps": 0, **first})
-    state = None
+    state, stale = None, 0
     ddp = DistributedDataParallel(model) if ctx.distributed else model
     for epoch in range(1, epochs + 1):
         if trained.steps >= total_steps:
+            break
+        if patience is not None and stale >= patience:
+            if ctx.is_main:
+                print(f"stopping after epoch {epoch - 1}: no better validation {task.metric} in {patience} epochs", flush=True)
             break
         pause(f"{name} epoch {epoch}")
         model.train()
@@ -162,6 +175,7 @@ def train_epochs(
         done = Epoch(epoch, trained.steps, trained.tokens, {k: v / max(1, steps) for k, v in sums.items()}, started)
         metrics = measure(done)
         value = metrics[key]
+        trained.epochs_run = epoch
         log(metrics, epoch)
         trained.history.append(
             {"epoch": epoch, "steps": trained.steps} | {k: v for k, v in metrics.items() if "/layer_" not in k}
@@ -177,7 +191,12 @@ def train_epochs(
                 flush=True,
             )
         if task.better(value, trained.best):
-            trained.best, trained.best_epoch, state = value, epoch, copy.deepcopy(model.state_dict())
+            trained.best, trained.best_epoch, state, stale = value, epoch, copy.deepcopy(model.state_dict()), 0
+        else:
+            stale += 1
+    trained.stopped_at_cap = convergence.stopped_at_cap(trained.best_epoch, trained.epochs_run) and (
+        key not in first or task.better(trained.best, first[key])
+    )
     if state is not None:
         model.load_state_dict(state)
     return trained
