@@ -7,8 +7,9 @@ from moefy.errors import MoefyError
 from moefy.report.summary import by_method, flops_at_99, flops_at_99_by_method, plot_relative_vs_flops, summarise, summary_files
 
 
-def write_eval(folder, name, accuracies, penalty="none", rule="top_k", seed=0, dense=0.9):
-    """Records as the evaluate step writes them: each names its place in the grid."""
+def write_eval(folder, name, accuracies, penalty="none", rule="top_k", seed=0, dense=0.9, **extra):
+    """Records as the evaluate step writes them: each names its place in the grid (`extra`: fields
+    newer records add, e.g. test_count and stopped_at_cap)."""
     split, experts, router = name.removesuffix(".json").split("-")
     records = [
         {
@@ -33,6 +34,7 @@ def write_eval(folder, name, accuracies, penalty="none", rule="top_k", seed=0, d
             "ffn_ms_moe": 5.0,
             "ffn_speedup": 2.0,
             "precision": "fp32",
+            **extra,
         }
         for b, a in accuracies
     ]
@@ -161,6 +163,7 @@ def test_upcycling_table_compares_each_model_with_the_dense_continuation_of_its_
 
     def trained(name, seed, accuracy, routing=None):
         spec = {} if routing is None else {"upcycling": {"layers": [1, 3], "experts": 8, "routing": routing, "drop_ratio": 0.0}}
+        spec["stopped_at_cap"] = (name, seed) == ("top2", 0)
         path = tmp_path / f"{name}-{seed}.json"
         write_json(path, {"penalty": "none", "seed": seed, "mode": "dense" if routing is None else "moe", "upcycled": name,
                           "test_accuracy": accuracy, "total_parameters": 10, "active_parameters": 8, **spec})  # fmt: skip
@@ -181,6 +184,8 @@ def test_upcycling_table_compares_each_model_with_the_dense_continuation_of_its_
     models = upcycling_by_model(table).set_index("upcycled")
     assert models.loc["top2", "accuracy_minus_dense_mean"] == pytest.approx(0.03)
     assert models.loc["top2", "accuracy_minus_dense_std"] == pytest.approx(0.04 / 2**0.5) and models.loc["top2", "seeds"] == 2
+    assert rows.loc[("top2", 0), "stopped_at_cap"] and not rows.loc[("top2", 1), "stopped_at_cap"]
+    assert models.loc["top2", "seeds_stopped_at_cap"] == 1 and models.loc["dense", "seeds_stopped_at_cap"] == 0
     write_json(tmp_path / "bad.json", {"test_accuracy": 1.0})
     with pytest.raises(MoefyError, match="not a metrics file of the train_moe step"):
         upcycling_table([tmp_path / "bad.json"])
@@ -216,3 +221,57 @@ def test_merging_table_is_relative_to_the_full_smoe_of_its_seed_and_ranks_the_me
     assert (tmp_path / "merging.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(MoefyError, match="no full SMoE"):
         merging_table(files[2:])
+
+
+def test_intervals_mark_unresolved_crossings_and_rank_only_what_they_separate(tmp_path):
+    """500 texts (0.2 points a text): 89.6% against a dense 90% keeps the 99% line by its point, not
+    by its paired interval when 10% of predictions differ; 10,000 texts resolve it. Ranks at a
+    budget separate only what the intervals separate, and each record carries the stages that
+    stopped at their cap."""
+    files = [
+        write_eval(tmp_path, "kmeans-E8-mlp.json", [(0.5, 0.896)], test_count=500, dense_agreement=0.9, stopped_at_cap=""),
+        write_eval(tmp_path, "random-E8-mlp.json", [(0.5, 0.89)], test_count=500, dense_agreement=0.9, stopped_at_cap="finetune"),
+        write_eval(tmp_path, "coact-E8-mlp.json", [(0.5, 0.896)], test_count=10_000, dense_agreement=0.99, stopped_at_cap=""),
+        write_eval(
+            tmp_path,
+            "kmeans-E8-norm.json",
+            [(0.5, 0.6)],
+            test_count=500,
+            dense_agreement=0.6,
+            stopped_at_cap="norm router 2/2 layers",
+        ),
+    ]
+    for name in ("kmeans-E8-mlp.json", "random-E8-mlp.json", "coact-E8-mlp.json", "kmeans-E8-norm.json"):  # budget 1: dense
+        write_eval(tmp_path, name, [(1.0, 0.9)], test_count=500, dense_agreement=1.0, stopped_at_cap="")  # appended
+    table = summarise(files).set_index(["split", "router", "budget"])
+    assert (
+        table.loc[("kmeans", "mlp", 0.5), "relative_accuracy_low"] < 0.99 < table.loc[("kmeans", "mlp", 0.5), "relative_accuracy"]
+    )
+    assert table.loc[("kmeans", "mlp", 0.5), "keeps_99pct"] == "unresolved"
+    assert table.loc[("coact", "mlp", 0.5), "keeps_99pct"] == "yes" and table.loc[("kmeans", "norm", 0.5), "keeps_99pct"] == "no"
+    assert table.loc[("kmeans", "norm", 1.0), "keeps_99pct"] == "yes", "the dense model itself: no prediction differs"
+    assert table.loc[("kmeans", "mlp", 0.5), "flops_at_99pct"] == 0.5
+    assert table.loc[("kmeans", "mlp", 0.5), "flops_at_99pct_supported"] is False, "the crossing the interval does not support"
+    assert table.loc[("coact", "mlp", 0.5), "flops_at_99pct_supported"] is True
+    assert table.loc[("kmeans", "norm", 1.0), "flops_at_99pct_supported"] is True
+    assert table.loc[("random", "mlp", 0.5), "stopped_at_cap"] == "finetune"
+    per_seed = flops_at_99_by_method(summarise(files)).set_index(["split", "router"])["flops_at_99pct_supported"]
+    assert per_seed[("coact", "mlp")] and not per_seed[("kmeans", "mlp")]
+
+    points = by_method(summarise(files)).set_index(["split", "router", "budget"])
+    at_half = points.xs(0.5, level="budget")
+    assert (
+        at_half.loc[("kmeans", "mlp"), "rank"]
+        == at_half.loc[("random", "mlp"), "rank"]
+        == at_half.loc[("coact", "mlp"), "rank"]
+        == 1
+    )
+    assert at_half.loc[("kmeans", "norm"), "rank"] == 4, "separated from the three above it"
+    assert at_half.loc[("kmeans", "norm"), "stopped_at_cap"] == "norm router 2/2 layers"
+    assert at_half.loc[("random", "mlp"), "stopped_at_cap"] == "finetune"
+    assert at_half.loc[("kmeans", "mlp"), "test_count"] == 500 and at_half.loc[("kmeans", "mlp"), "keeps_99pct"] == "unresolved"
+    assert set(points.xs(1.0, level="budget")["rank"]) == {1}
+    (tmp_path / "old").mkdir()
+    older = summarise([write_eval(tmp_path / "old", "kmeans-E8-mlp.json", [(0.5, 0.9)])])
+    assert older["stopped_at_cap"].tolist() == [""] and older["keeps_99pct"].tolist() == [""], "records before both fields"
+    assert by_method(older)["rank"].isna().all()

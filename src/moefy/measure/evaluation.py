@@ -182,7 +182,8 @@ def record(
     kernels: str,
     whole: ModelFlops,
 ) -> dict:
-    """One evaluation record: the rule, the task metric and the same relative to dense, agreement
+    """One evaluation record: the rule, the task metric (and the count of texts, or predicted tokens,
+    it is over) and the same relative to dense, agreement
     with dense, experts per token, FLOPs fractions (routers included) of the FFNs, of the distilled
     attention projections (where there are any) and of the whole model, measured FFN and
     whole-forward times and the kernels that took them.
@@ -222,6 +223,7 @@ def record(
         "dense_model_flops_per_token": original,
         "dense_agreement": totals.agreeing / totals.count,
         f"dense_test_{metric}": dense_value,
+        "test_count": totals.count,  # texts (or predicted tokens) the metric is over: what resolves it (moefy.report.intervals)
         "ffn_ms_dense": dense_ffn_ms,
         "ffn_ms_moe": totals.ffn_ms,
         "ffn_speedup": speedup,

@@ -31,6 +31,7 @@ UPCYCLING_COLUMNS = [
     "train_seconds",
     "test_load_max_over_mean",
     "test_dropped_share",
+    "stopped_at_cap",  # its training ended at its cap while still improving (moefy.training.convergence)
 ]
 
 
@@ -83,7 +84,8 @@ def upcycling_by_model(table: pd.DataFrame) -> pd.DataFrame:
     grouped = table.groupby(["upcycled", "penalty"], sort=True)
     out = grouped[numbers].mean().add_suffix("_mean")
     spreads = grouped[[f"test_{metric}", f"{metric}_minus_dense"]].agg(spread).add_suffix("_std")
-    return out.join(spreads).join(grouped.size().rename("seeds")).reset_index()
+    capped = grouped["stopped_at_cap"].agg(lambda v: int(v.map(bool).sum())).rename("seeds_stopped_at_cap")
+    return out.join(spreads).join(grouped.size().rename("seeds")).join(capped).reset_index()
 
 
 def plot_upcycling(table: pd.DataFrame, path: str | Path, title: str = "") -> None:
