@@ -1,11 +1,21 @@
-"""finetune.sparsity_weight auto: the search's rule on a fake trial, its flag, and tiny fine-tunes."""
+"""finetune.sparsity_weight auto: the search's rule on a fake trial, its flag, and one tiny fine-tune."""
 
+import argparse
 import json
+from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
+from builders import write_toy_sentiment
+from moefy.config import validate
 from moefy.errors import MoefyError
+from moefy.steps import data as data_step
+from moefy.steps import finetune as finetune_step
+from moefy.training import precision
 from moefy.training.weight_search import Trial, search, warning, within
+from moefy.workflow.cli import add_section_flags
 
 
 def fake(values: dict[float, float]):
@@ -62,3 +72,74 @@ def test_bad_search_settings_are_refused_naming_the_key(candidates, tolerance, n
     with pytest.raises(MoefyError, match=named):
         search(candidates, tolerance, "accuracy", True, trial)
     assert asked == []  # refused before any training
+
+
+def test_the_weight_flag_takes_a_number_or_auto():
+    parser = argparse.ArgumentParser()
+    add_section_flags(parser, "finetune")
+    assert parser.parse_args([]).sparsity_weight == 1.0
+    assert parser.parse_args(["--sparsity-weight", "auto"]).sparsity_weight == "auto"
+    assert parser.parse_args(["--sparsity-weight", "0.25"]).sparsity_weight == 0.25
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--sparsity-weight", "large"])
+
+
+@pytest.mark.parametrize(("value", "valid"), [("auto", True), (0.3, True), (0, True), ("big", False), (-1.0, False)])
+def test_the_config_takes_a_weight_or_auto(value, valid):
+    study = yaml.safe_load((Path(__file__).resolve().parents[1] / "config.yaml").read_text())
+    study["finetune"]["sparsity_weight"] = value
+    if valid:
+        assert validate(study)["finetune"]["sparsity_search_epochs"] == 1
+    else:
+        with pytest.raises(MoefyError, match="finetune.sparsity_weight"):
+            validate(study)
+
+
+def finetune(tiny_bert, data, out, *extra):
+    finetune_step.main(
+        ["--model", str(tiny_bert), "--data", str(data), "--out", str(out), "--device", "cpu", "--batch-size", "16",
+         "--max-length", "32", "--learning-rate", "3e-3", "--sparsity-ramp", "0.2", "--precision", "fp32", *extra]
+    )  # fmt: skip
+    return json.loads((out / "metrics.json").read_text())
+
+
+@pytest.fixture()
+def toy_data(tmp_path):
+    csv = write_toy_sentiment(tmp_path / "reviews.csv", rows=200)
+    data_step.main(
+        ["--path", str(csv), "--text-column", "text", "--label-column", "category", "--labels", "rotten", "fresh",
+         "--out", str(tmp_path / "data")]
+    )  # fmt: skip
+    return tmp_path / "data"
+
+
+def test_auto_trains_the_chosen_weight_as_a_fixed_weight_would(tiny_bert, toy_data, tmp_path, mlflow_store, capsys, monkeypatch):
+    # precision auto's probe draws random numbers after the model is loaded (here a stand-in, without timing)
+    monkeypatch.setattr(precision, "probe_seconds", lambda *shape: {"fp32": 1.0 + 0 * torch.rand(8).sum().item()})
+    # tolerance 1: the largest candidate passes; 1-epoch trials, then the full 2 epochs at that weight
+    search_flags = ["--precision", "auto", "--sparsity-candidates", "8", "0.5", "--sparsity-tolerance", "1"]
+    search_flags += ["--sparsity-search-epochs", "1"]
+    auto = finetune(tiny_bert, toy_data, tmp_path / "auto", "--penalty", "hoyer", "--epochs", "2",
+                    "--sparsity-weight", "auto", *search_flags)  # fmt: skip
+    searched = auto["sparsity_search"]
+    assert searched["chosen"] == auto["sparsity_weight"] == 8.0 and searched["within_tolerance"] and searched["epochs"] == 1
+    assert searched["reference"]["weight"] == 0.0 and [t["weight"] for t in searched["trials"]] == [8.0]
+    assert searched["trials"][0]["sparsity"] > searched["reference"]["sparsity"]  # the penalty's effect, measured
+    assert "sparsity weight search 2/3: weight 8" in capsys.readouterr().out
+    training = json.loads((tmp_path / "auto" / "model" / "training.json").read_text())
+    assert training["sparsity_weight"] == 8.0 and auto["epochs_run"] == 2
+    fixed = finetune(tiny_bert, toy_data, tmp_path / "fixed", "--penalty", "hoyer", "--epochs", "2", "--sparsity-weight", "8",
+                     "--precision", "auto")  # fmt: skip
+    assert "sparsity_search" not in fixed
+    for key in ("validation_accuracy", "test_accuracy", "sparsity_per_layer"):
+        assert auto[key] == fixed[key], key  # the search leaves no trace in the final fine-tune
+
+
+def test_auto_keeps_the_trial_model_when_trials_run_the_full_schedule(tiny_bert, toy_data, tmp_path, mlflow_store, capsys):
+    flags = ["--epochs", "1", "--sparsity-weight", "auto", "--sparsity-candidates", "4", "--sparsity-tolerance", "1"]
+    auto = finetune(tiny_bert, toy_data, tmp_path / "auto", "--penalty", "l1", *flags)
+    assert auto["sparsity_weight"] == 4.0 and auto["validation_accuracy"] == auto["sparsity_search"]["trials"][0]["value"]
+    assert "keeping its trial's model" in capsys.readouterr().out
+    none = finetune(tiny_bert, toy_data, tmp_path / "none", "--penalty", "none", *flags)  # no penalty: no search
+    assert "sparsity_search" not in none and "sparsity_weight" not in none
+    assert none["validation_accuracy"] == auto["sparsity_search"]["reference"]["value"]  # the reference is that fine-tune

@@ -2,8 +2,11 @@
 
 Classification trains a sequence-classification head and keeps the epoch with the best validation
 accuracy; causal_lm trains next-token prediction and keeps the lowest validation perplexity. With
-0 epochs the model is measured and saved as loaded. Runs as a plain process, or data parallel
-under torch.distributed.run (every rank takes its part of each global batch).
+0 epochs the model is measured and saved as loaded. With a penalty and `--sparsity-weight auto`, the
+weight is searched first (moefy.training.weight_search: short trials from the loaded model, the
+largest candidate within a tolerance of the unpenalised trial), then the chosen one is fine-tuned.
+Runs as a plain process, or data parallel under torch.distributed.run (every rank takes its part of
+each global batch).
 Writes <out>/model/ (save_pretrained, safetensors, tokenizer, and training.json: how it was
 trained, precision included, which every later step reads) and <out>/metrics.json.
 """
@@ -25,8 +28,8 @@ from moefy.data.batches import Encoded, eval_batches, iterate, measure
 from moefy.data.subsets import read_label_names
 from moefy.files import atomic_dir, write_json
 from moefy.measure import machine
-from moefy.training import convergence, precision
-from moefy.training.loop import Batch, Epoch, train_epochs
+from moefy.training import convergence, precision, weight_search
+from moefy.training.loop import Batch, Epoch, Trained, train_epochs
 from moefy.training.recipe import optimiser, read_texts
 from moefy.training.sparsity import layers_penalty, ramped_weight
 from moefy.workflow import pause, tracking
@@ -63,19 +66,27 @@ def main(argv: list[str] | None = None) -> None:
     ctx = dist.setup(args.device)
     torch.manual_seed(args.seed)
     task = get_task(args.task)
+    penalised = args.penalty != "none"  # penalty none ignores sparsity_weight, auto included
+    auto = penalised and args.sparsity_weight == "auto"
+    if auto:
+        weight_search.check(args.sparsity_candidates, args.sparsity_tolerance)
     label_names = read_label_names(args.data) if task.labelled else None
     tokenizer = load_tokenizer(args.model, args.trust_remote_code)
     tokenizer.model_max_length = args.max_length  # travels with the saved tokenizer to every later step
-    model = load_model(
-        args.model,
-        task.name,
-        label_names=label_names,
-        activation="relu" if args.activation == "relu" else None,
-        trust_remote_code=args.trust_remote_code,
-    ).to(ctx.device)
-    if args.freeze_embeddings:
-        model.get_input_embeddings().weight.requires_grad_(False)
 
+    def load():
+        loaded = load_model(
+            args.model,
+            task.name,
+            label_names=label_names,
+            activation="relu" if args.activation == "relu" else None,
+            trust_remote_code=args.trust_remote_code,
+        ).to(ctx.device)
+        if args.freeze_embeddings:
+            loaded.get_input_embeddings().weight.requires_grad_(False)
+        return loaded
+
+    spare = load()  # the first fine-tune's model (see fresh)
     train_set = read_texts(args.data, "train", task, args.max_train_examples, args.seed)
     val_set, test_set = read_texts(args.data, "validation", task), read_texts(args.data, "test", task)
     train = Encoded(tokenizer, train_set.texts)
@@ -83,43 +94,70 @@ def main(argv: list[str] | None = None) -> None:
     val_labels, test_labels = val_set.labels, test_set.labels
     validation, test = Encoded(tokenizer, val_set.texts), Encoded(tokenizer, test_set.texts)
 
-    ffns = find_ffns(model)
+    ffns = find_ffns(spare)
     chosen, probe = precision.resolve(args.precision, ctx.device, ffns[0].d_model, ffns[0].d_ff)
     bf16 = chosen == "bf16"
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler, total_steps = optimiser(trainable, train.lengths, args, args.epochs)
+    # Where a fine-tune's randomness (dropout) starts: the seed, the model's loading and the precision
+    # probe behind it. Every trial of a weight search starts from a model loaded from the same seed
+    # and from this state, so that a trial at weight w is the fine-tune a fixed weight w would run.
+    start_rng = torch.get_rng_state()
 
-    penalised = args.penalty != "none"
-    with (
-        tracking.job_run("finetune", vars(args), ablation(args), enabled=ctx.is_main) as run,
-        capture(ffns, inputs=False, activations=penalised) as seen,
-    ):
+    def fresh():
+        """A newly loaded model, and the random state a fine-tune starts from (the first call: `spare`)."""
+        nonlocal spare
+        if spare is not None:
+            first, spare = spare, None
+            return first
+        torch.manual_seed(args.seed)
+        loaded = load()
+        torch.set_rng_state(start_rng)
+        return loaded
+
+    with tracking.job_run("finetune", vars(args), ablation(args), enabled=ctx.is_main) as run:
         run.set_tags({"precision": chosen, "world_size": ctx.world_size})
         metric = task.metric
 
-        def objective(batch: Batch):
-            """The task loss, plus the activation-sparsity penalty at its ramped weight."""
-            if not penalised:
-                return batch.task_loss, {}
-            penalty = layers_penalty([seen[f.index]["h"] for f in ffns], batch.inputs["attention_mask"].bool(), args.penalty)
-            weight = ramped_weight(args.sparsity_weight, batch.step, total_steps, args.sparsity_ramp)
-            return batch.task_loss + weight * penalty, {"penalty": penalty.item()}
+        def fit(net, weight: float, epochs: int, name: str, log) -> Trained:
+            """Fine-tune `net` for `epochs` (warm-up, decay and ramp over those epochs' steps) at `weight`."""
+            layers = find_ffns(net)
+            trainable = [p for p in net.parameters() if p.requires_grad]
+            optimizer, scheduler, total_steps = optimiser(trainable, train.lengths, args, epochs)
 
-        def after_epoch(epoch: Epoch) -> dict[str, float]:
-            value = measure(model, task, validation, val_labels, args.eval_batch_size, ctx, "validation")
-            metrics = {f"validation_{metric}": value, "epoch_seconds": epoch.seconds}
-            if penalised:
-                metrics[f"{args.penalty}_penalty"] = epoch.means["penalty"]
-                metrics["validation_sparsity_mean"] = float(
-                    np.mean(activation_sparsity(model, validation, args.eval_batch_size, ctx))
-                )
-            return metrics
+            with capture(layers, inputs=False, activations=penalised) as seen:
 
-        trained = train_epochs(
-            model, task, train, train_y, ctx, optimizer, scheduler, name="finetune", epochs=args.epochs,
-            total_steps=total_steps, batch_size=args.batch_size, seed=args.seed, objective=objective, measure=after_epoch,
-            log=run.log_metrics, pause=pause.point, bf16=bf16, log_steps=True, patience=args.patience,
-        )  # fmt: skip
+                def objective(batch: Batch):
+                    """The task loss, plus the activation-sparsity penalty at its ramped weight."""
+                    if not penalised:
+                        return batch.task_loss, {}
+                    hs = [seen[f.index]["h"] for f in layers]
+                    penalty = layers_penalty(hs, batch.inputs["attention_mask"].bool(), args.penalty)
+                    ramped = ramped_weight(weight, batch.step, total_steps, args.sparsity_ramp)
+                    return batch.task_loss + ramped * penalty, {"penalty": penalty.item()}
+
+                def after_epoch(epoch: Epoch) -> dict[str, float]:
+                    value = measure(net, task, validation, val_labels, args.eval_batch_size, ctx, "validation")
+                    metrics = {f"validation_{metric}": value, "epoch_seconds": epoch.seconds}
+                    if penalised:
+                        metrics[f"{args.penalty}_penalty"] = epoch.means["penalty"]
+                        metrics["validation_sparsity_mean"] = float(
+                            np.mean(activation_sparsity(net, validation, args.eval_batch_size, ctx))
+                        )
+                    return metrics
+
+                return train_epochs(
+                    net, task, train, train_y, ctx, optimizer, scheduler, name=name, epochs=epochs,
+                    total_steps=total_steps, batch_size=args.batch_size, seed=args.seed, objective=objective,
+                    measure=after_epoch, log=log, pause=pause.point, bf16=bf16, log_steps=True, patience=args.patience,
+                )  # fmt: skip
+
+        searched = None
+        if auto and args.epochs > 0:
+            model, trained, searched = search_weight(args, task, fresh, fit, run, ctx)
+            weight = searched.chosen
+        else:
+            weight = args.sparsity_weight if penalised and not auto else None
+            model = fresh()
+            trained = fit(model, weight or 0.0, args.epochs, "finetune", run.log_metrics)
         # no epoch: the model as loaded
         validation_value = (
             trained.best
@@ -131,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         training = {
             "task": task.name,
             "penalty": args.penalty,
+            **({"sparsity_weight": weight} if weight is not None else {}),
             "seed": args.seed,
             "activation": args.activation,
             "precision": chosen,
@@ -151,7 +190,11 @@ def main(argv: list[str] | None = None) -> None:
             "sparsity_mean": float(np.mean(sparsity)),
             "sparsity_per_layer": sparsity,
         }
+        if searched is not None:
+            metrics["sparsity_search"] = searched.record() | {"epochs": min(args.sparsity_search_epochs, args.epochs)}
         if ctx.is_main:
+            if searched is not None and not searched.within_tolerance:
+                print(weight_search.warning(searched), flush=True)
             if trained.stopped_at_cap:
                 print(convergence.warning("fine-tuning", f"finetune.epochs {args.epochs}"), flush=True)
             print(f"test {metric} {test_value:.4f}, mean FFN activation sparsity {metrics['sparsity_mean']:.3f}", flush=True)
@@ -162,6 +205,45 @@ def main(argv: list[str] | None = None) -> None:
             run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
             run.log_metrics({f"sparsity/layer_{i}": s for i, s in enumerate(sparsity)})
     dist.teardown()
+
+
+def search_weight(args, task, fresh, fit, run, ctx):
+    """`finetune.sparsity_weight: auto`: the reference and the candidates' trials, each a fine-tune
+    of sparsity_search_epochs from a fresh model (moefy.training.weight_search), then the chosen
+    weight's model: the trial's when the trials ran the full schedule, else trained for epochs.
+    Returns (model, its Trained, the Search)."""
+    epochs = min(args.sparsity_search_epochs, args.epochs)
+    last = {}
+
+    def trial(weight: float) -> weight_search.Trial:
+        logged: list[tuple[dict, int]] = []
+        last.clear()  # let the previous trial's model go before the next one is loaded
+        net = fresh()
+        trained = fit(net, weight, epochs, f"finetune search {weight:g}", lambda m, step: logged.append((dict(m), step)))
+        best = next((h for h in trained.history if h["epoch"] == trained.best_epoch), {})
+        last.update(weight=weight, model=net, trained=trained, logged=logged)
+        return weight_search.Trial(
+            weight, trained.best, best.get("validation_sparsity_mean"), best.get(f"{args.penalty}_penalty")
+        )
+
+    say = (lambda line: print(line, flush=True)) if ctx.is_main else (lambda line: None)
+    searched = weight_search.search(
+        args.sparsity_candidates, args.sparsity_tolerance, task.metric, task.higher_is_better, trial, say
+    )
+    for step, t in enumerate([searched.reference, *searched.trials]):
+        summary = {"sparsity_search_weight": t.weight, f"sparsity_search_validation_{task.metric}": t.value}
+        summary |= {} if t.sparsity is None else {"sparsity_search_sparsity_mean": t.sparsity}
+        summary |= {} if t.penalty is None else {f"sparsity_search_{args.penalty}_penalty": t.penalty}
+        run.log_metrics(summary, step)
+    if epochs >= args.epochs and last["weight"] == searched.chosen:  # the trial was the full fine-tune
+        for metrics, step in last["logged"]:
+            run.log_metrics(metrics, step)
+        say(f"sparsity weight {searched.chosen:g}: keeping its trial's model (the trials ran all {args.epochs} epochs)")
+        return last["model"], last["trained"], searched
+    last.clear()
+    say(f"sparsity weight {searched.chosen:g}: fine-tuning for {args.epochs} epochs")
+    model = fresh()
+    return model, fit(model, searched.chosen, args.epochs, "finetune", run.log_metrics), searched
 
 
 if __name__ == "__main__":

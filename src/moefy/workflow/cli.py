@@ -85,6 +85,26 @@ def _scalar_type(prop: dict[str, Any]):
     return str
 
 
+def _number_or_words(prop: dict[str, Any]):
+    """The flag type of a key that takes a number or one of a few words (`sparsity_weight: auto`,
+    schema `anyOf: [{type: number}, {const: auto}]`): the word as given, else the number, else an
+    argparse error naming both."""
+    alternatives = prop["anyOf"]
+    words = [w for alt in alternatives for w in ([alt["const"]] if "const" in alt else alt.get("enum", []))]
+    number = next((_TYPES[alt["type"]] for alt in alternatives if alt.get("type") in ("integer", "number")), float)
+
+    def parse(text: str):
+        if text in words:
+            return text
+        try:
+            return number(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor {' / '.join(map(str, words))}") from None
+
+    parse.__name__ = f"number or {' / '.join(map(str, words))}"  # argparse's error names the type
+    return parse
+
+
 def add_section_flags(parser: argparse.ArgumentParser, section: str) -> None:
     """Add one flag per key of config section `section`, with the schema's default and description."""
     group = parser.add_argument_group(f"{section} settings (config section `{section}`)")
@@ -97,6 +117,8 @@ def add_section_flags(parser: argparse.ArgumentParser, section: str) -> None:
             kw.update(nargs="*", type=_scalar_type(prop.get("items", {})))
         elif "enum" in prop:
             kw["choices"] = prop["enum"]
+        elif "anyOf" in prop:
+            kw["type"] = _number_or_words(prop)
         else:
             kw["type"] = _scalar_type(prop)
         group.add_argument(_flag(key), **kw)
