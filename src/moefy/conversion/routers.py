@@ -113,8 +113,8 @@ class MLPRouter(nn.Module):
 
 
 class LinearRouter(nn.Module):
-    """One linear map d -> E, no bias: the router of the served MoE formats (Mixtral, Qwen2-MoE,
-    LLaMA-MoE), trained as the mlp router is (BCE of its logits against each expert's mass over the
+    """One linear map d -> E, no bias: the router of the served MoE formats (the sparse
+    decoders that serving runtimes load), trained as the mlp router is (BCE of its logits against each expert's mass over the
     token's largest) from the experts' centroids. Unweighted it picks; with a SoftmaxGate
     (recovery `task-softmax`, `kd-softmax`) its logits also weigh the experts it picks.
     """
@@ -139,8 +139,8 @@ class LinearRouter(nn.Module):
 
 class SoftmaxGate(nn.Module):
     """Softmax gates over a linear router's logits z [T, E]: an expert a token picked gets
-    E * softmax(scale * z), over all E routed experts and not renormalised over the picks (Qwen2-MoE's
-    and OLMoE's top-k with norm_topk_prob off), 0 if not picked.
+    E * softmax(scale * z), over all E routed experts and not renormalised over the picks (the
+    served formats' top-k softmax with `norm_topk_prob` off), 0 if not picked.
 
     `scale` starts at 0, where every gate is exactly 1: the unweighted top-k MoE that recovery starts
     from, at every k. Training moves it and the router, so that the gates come to weigh the picks.
