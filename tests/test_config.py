@@ -160,7 +160,10 @@ def test_the_vocabulary_is_the_schema_s():
     from moefy.conversion import routers
     from moefy.training import sparsity
 
-    assert config.ROUTERS == ("groundtruth", "similarity", "mlp", "linear", "norm", "representative") and routers.ROUTERS is config.ROUTERS
+    assert (
+        config.ROUTERS == ("groundtruth", "similarity", "mlp", "linear", "norm", "representative")
+        and routers.ROUTERS is config.ROUTERS
+    )
     assert config.PENALTIES == ("none", "l1", "hoyer") and sparsity.PENALTIES is config.PENALTIES
     assert set(tasks._TASKS) == set(config.TASKS) and config.SPLITS == ("random", "kmeans", "coact")
 
