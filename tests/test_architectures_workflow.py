@@ -134,8 +134,9 @@ def test_llama_causal_lm_reports_perplexity(llama_study):
         assert records[0]["test_perplexity"] != full["test_perplexity"]  # half the experts change the model
     table = pd.read_csv(llama_study / "report" / "summary.csv")
     assert {"test_perplexity", "relative_perplexity", "dense_test_perplexity"} <= set(table.columns)
-    # the shared arm: 2 budgets x 2 allocations (budget 1.0 is the dense model in both), recovered or not
-    assert len(table) == len(CONVERSIONS) * len(BUDGETS) + 2 * 2 * 2
+    # the shared arm: 2 budgets x 2 allocations (budget 1.0 is the dense model in both), recovered or not;
+    # the gated arm: 2 budgets, uniform, recovered
+    assert len(table) == len(CONVERSIONS) * len(BUDGETS) + 2 * 2 * 2 + 2
     assert (llama_study / "report" / "accuracy_vs_flops.png").read_bytes()[:4] == b"\x89PNG"
 
 
