@@ -479,7 +479,7 @@ class RouterSettings:
     """How trained routers are fitted: the config section `router`."""
 
     heldout_fraction: float = 0.1
-    mlp_epochs: int = 30
+    mlp_epochs: int = 100
     mlp_batch_size: int = 512
     mlp_learning_rate: float = 1.0e-3
     mlp_patience: int = 3
