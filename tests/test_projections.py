@@ -65,13 +65,18 @@ def test_a_narrow_start_is_the_truncated_svd():
         torch.testing.assert_close(mlp(x), truncated, atol=1e-5, rtol=1e-5)
 
 
+def random_projection(train: int, heldout: int):
+    """A random 16 -> 16 projection and its outputs on `train` and `heldout` random inputs."""
+    target = nn.Linear(16, 16)
+    with torch.no_grad():
+        x, x_val = torch.randn(train, 16), torch.randn(heldout, 16)
+        return target, (x, target(x)), (x_val, target(x_val))
+
+
 def test_a_wide_enough_mlp_learns_a_projection_from_scratch():
     """R^2 > 0.99 on held-out inputs for a random 16 -> 16 projection, from a random start."""
     torch.manual_seed(0)
-    target = nn.Linear(16, 16)
-    with torch.no_grad():
-        x, x_val = torch.randn(4000, 16), torch.randn(1000, 16)
-        y, y_val = target(x), target(x_val)
+    target, (x, y), (x_val, y_val) = random_projection(4000, 1000)
     mlp = ProjectionMLP(16, 64, 16)
     result = distill(mlp, (x, y), (x_val, y_val), DistillSettings(learning_rate=3e-3, batch_size=128, max_epochs=60))
     assert result.r2 > 0.99
@@ -82,10 +87,7 @@ def test_a_wide_enough_mlp_learns_a_projection_from_scratch():
 
 def test_training_improves_on_the_truncated_start_and_keeps_the_best():
     torch.manual_seed(0)
-    target = nn.Linear(16, 16)
-    with torch.no_grad():
-        x, x_val = torch.randn(3000, 16), torch.randn(800, 16)
-        y, y_val = target(x), target(x_val)
+    target, (x, y), (x_val, y_val) = random_projection(3000, 800)
     mlp = svd_start(target, 24)  # rank 6 of 16 to start, 12 spare neurons
     result = distill(mlp, (x, y), (x_val, y_val), DistillSettings(learning_rate=1e-3, batch_size=128, max_epochs=30, patience=2))
     assert result.mse < 0.5 * result.mse_initial
@@ -261,10 +263,7 @@ def test_the_distill_step_refuses_a_width_multiple_below_one(capsys):
 
 def test_a_distillation_whose_last_epoch_was_its_best_stopped_at_its_cap():
     torch.manual_seed(0)
-    target = nn.Linear(16, 16)
-    with torch.no_grad():
-        x, x_val = torch.randn(2000, 16), torch.randn(400, 16)
-        y, y_val = target(x), target(x_val)
+    target, (x, y), (x_val, y_val) = random_projection(2000, 400)
     capped = distill(
         svd_start(target, 24), (x, y), (x_val, y_val), DistillSettings(learning_rate=1e-3, batch_size=128, max_epochs=2)
     )
