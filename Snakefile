@@ -31,6 +31,7 @@ include: "rules/recover.smk"
 include: "rules/upcycle.smk"
 include: "rules/merge.smk"
 include: "rules/export.smk"
+include: "rules/serve.smk"
 include: "rules/report.smk"
 
 
@@ -40,6 +41,7 @@ rule all:
         rules.report.output,
         rules.report_upcycling.output if GRID.upcycled else [],
         rules.report_merging.output if GRID.merged else [],
+        [results("serve", folder, "served.json") for folder in SERVED],
 
 
 onstart:

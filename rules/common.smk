@@ -18,6 +18,7 @@ from moefy.workflow.study import ATTENTION_SUFFIX, VARIANT_FORMAT, Evaluation, S
 try:
     validate(config)
     GRID = Study(config)
+    SERVED = GRID.served  # the serve/ folders rule all asks for
 except MoefyError as err:
     sys.exit(f"moefy: {err}")  # before any job runs, dry runs included
 

@@ -12,8 +12,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from builders import build_tiny, write_toy_sentiment
+from moefy.conversion.routers import SoftmaxGate
 from studies import diagonal, finish_snakemake, start_snakemake
 
 pytestmark = pytest.mark.e2e
@@ -67,6 +69,7 @@ def write_study(workdir: Path, family: str, task: str, finetune: dict, arms: dic
     }
     if task == "causal_lm":
         config["second_corpus"] = {"path": "other.csv", "max_texts": 40}
+        config["serve"] = {"budgets": [0.5]}  # the gated arm's recovery, as a transformers MoE class
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     return workdir
 
@@ -185,7 +188,9 @@ def test_llama_recovered_with_softmax_gates(llama_study):
     name = "kmeans-E8-S2-linear-kd-softmax"
     router = load_file(llama_study / "recover" / VARIANT / name / "router.safetensors")
     assert router["layer.0.proj.weight"].shape == (6, 32) and "layer.0.gate.scale" in router
-    assert float(router["layer.0.gate.scale"]) != 0.0, "the gate scale trained from 0"
+    assert float(router["layer.0.gate.scale"]) >= SoftmaxGate.MIN_SCALE * (1 - 1e-6), "the scale stays above its floor"
+    untrained = load_file(llama_study / "router" / VARIANT / "kmeans-E8-S2-linear" / "router.safetensors")
+    assert not torch.equal(router["layer.0.proj.weight"], untrained["layer.0.proj.weight"]), "the router trained"
     dense = json.loads((llama_study / "finetune" / VARIANT / "metrics.json").read_text())["test_perplexity"]
     records = {
         r["budget"]: r
@@ -196,3 +201,15 @@ def test_llama_recovered_with_softmax_gates(llama_study):
     assert records[0.5]["k"] == 2 and records[1.0]["experts_per_token"] == 6
     assert records[1.0]["dense_test_perplexity"] == pytest.approx(dense, rel=1e-4)
     assert records[1.0]["relative_perplexity"] != 1.0, "gates weigh every expert, even all of them"
+
+
+def test_llama_recovery_served_as_a_transformers_moe_class(llama_study):
+    """serve.budgets: the softmax-gated recovery at budget 0.5 as a Qwen2-MoE folder, loaded with
+    remote code off, 2 of 6 routed experts per token beside the 2 shared ones' neurons."""
+    served = llama_study / "serve" / VARIANT / "kmeans-E8-S2-linear-kd-softmax-b0.5"
+    record = json.loads((served / "served.json").read_text())
+    assert record["architecture"] == "Qwen2MoeForCausalLM" and record["logit_difference"] <= 1e-5
+    model = AutoModelForCausalLM.from_pretrained(served / "model", trust_remote_code=False)
+    config = model.config
+    assert (config.num_experts, config.num_experts_per_tok, config.shared_expert_intermediate_size) == (6, 2, 2 * D_FF // 8)
+    assert (served / "model" / "tokenizer_config.json").is_file()

@@ -26,20 +26,28 @@ def conversion(shared: int = 0, seed: int = 0):
 def test_gates_are_one_at_scale_zero_and_e_times_the_softmax_of_the_picks_otherwise():
     logits = torch.tensor([[2.0, 0.0, -1.0, 1.0]])
     picked = torch.tensor([[True, False, False, True]])
-    assert torch.equal(SoftmaxGate()(logits, picked), picked.float()), "scale 0: every pick weighs 1"
+    assert torch.equal(SoftmaxGate(0.0)(logits, picked), picked.float()), "scale 0: every pick weighs 1"
     gates = SoftmaxGate(0.5)(logits, picked)
     probs = torch.exp(0.5 * logits) / torch.exp(0.5 * logits).sum()
     torch.testing.assert_close(gates, 4 * probs * picked, rtol=0, atol=1e-6)  # over all 4 experts, not renormalised
 
 
 @pytest.mark.parametrize("shared", [0, 2])
-def test_the_gated_layer_starts_as_the_unweighted_one_and_trains_its_router(shared):
+def test_the_gated_layer_starts_near_the_unweighted_one_and_trains_its_router(shared):
     ffn, labels, router = conversion(shared)
     x = torch.randn(40, D)
     k = 3
     unweighted = from_split(ffn, labels, E, router, k, shared)
     gated = from_split(ffn, labels, E, router, k, shared, softmax_gates=True)
-    torch.testing.assert_close(gated(x), unweighted(x), rtol=0, atol=1e-6)
+    assert float(gated.gate.scale) == pytest.approx(SoftmaxGate.MIN_SCALE)
+    with torch.no_grad():
+        logits = router(x)
+        spread = float((logits.amax(-1) - logits.amin(-1)).max())
+    picks = gated.gate.pick(logits, k).sort(-1).values
+    assert torch.equal(picks, logits.topk(k).indices.sort(-1).values), "above 0 the softmax's top k are the logits'"
+    # every gate within exp(MIN_SCALE * spread) of 1
+    bound = float(torch.tensor(SoftmaxGate.MIN_SCALE * spread).exp()) - 1
+    torch.testing.assert_close(gated(x), unweighted(x), rtol=0, atol=bound * float(unweighted(x).abs().max()) * k)
     gated(x).square().sum().backward()
     assert gated.gate.scale.grad is not None and gated.gate.scale.grad.abs() > 0, "the gate scale learns from the output"
     with torch.no_grad():
@@ -48,6 +56,15 @@ def test_the_gated_layer_starts_as_the_unweighted_one_and_trains_its_router(shar
     gated(x).square().sum().backward()
     assert gated.router.router.proj.weight.grad.abs().sum() > 0, "once the gates differ, the router's weights learn too"
     assert unweighted.gate is None
+
+
+def test_an_optimizer_step_never_leaves_the_scale_below_its_floor():
+    gate = SoftmaxGate()
+    optimizer = torch.optim.SGD(gate.parameters(), lr=1.0)
+    optimizer.register_step_post_hook(lambda *_: gate.keep_scale_above_floor())
+    gate(torch.tensor([[3.0, -3.0]]), torch.tensor([[True, False]])).sum().backward()  # pushes the scale down
+    optimizer.step()
+    assert float(gate.scale) == pytest.approx(SoftmaxGate.MIN_SCALE)
 
 
 @pytest.mark.parametrize("shared", [0, 2])

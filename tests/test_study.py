@@ -185,3 +185,29 @@ def test_a_second_corpus_is_refused_for_classification():
     with pytest.raises(MoefyError, match="second_corpus: .* needs task causal_lm, not classification"):
         Study(validate(config))
     assert Study(validate(config | {"task": "causal_lm"})).config["second_corpus"]["max_texts"] == 200
+
+
+def test_served_folders_are_the_softmax_gated_recoveries_at_each_budget_and_the_upcycled_models():
+    grid = {
+        "gated": {
+            "split": ["kmeans"],
+            "num_experts": [8],
+            "shared_experts": [2],
+            "router": ["linear"],
+            "recovery": ["kd", "kd-softmax"],
+            "budgets": [0.5, 1.0],
+        },
+        "plain": {"split": ["coact"], "num_experts": [8], "router": ["mlp"]},
+    }
+    config = copy.deepcopy(BASE) | {"task": "causal_lm", "grid": grid, "serve": {"budgets": [0.75, 0.5], "upcycled": True}}
+    config["recover"] = {"budget": 0.5}
+    config["upcycling"] = {"models": {"top2": {"experts": 4}}}
+    assert Study(validate(config)).served == [
+        "none-seed0/kmeans-E8-S2-linear-kd-softmax-b0.5",
+        "none-seed0/kmeans-E8-S2-linear-kd-softmax-b0.75",
+        "none-seed0/top2",
+    ]
+    with pytest.raises(MoefyError, match=r"serve.budgets.*budget 0.25 activates no more than its 2 shared"):
+        _ = Study(validate(config | {"serve": {"budgets": [0.25]}})).served
+    with pytest.raises(MoefyError, match="serve: .* needs task causal_lm, not classification"):
+        _ = Study(validate(config | {"task": "classification"})).served

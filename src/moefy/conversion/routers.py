@@ -140,21 +140,37 @@ class LinearRouter(nn.Module):
 class SoftmaxGate(nn.Module):
     """Softmax gates over a linear router's logits z [T, E]: an expert a token picked gets
     E * softmax(scale * z), over all E routed experts and not renormalised over the picks (the
-    served formats' top-k softmax with `norm_topk_prob` off), 0 if not picked.
+    served formats' top-k softmax with `norm_topk_prob` off), 0 if not picked. The picks are the
+    top k of those probabilities, computed as the served formats compute them, so that a served
+    copy (router scale * W, E folded into the experts' output weights) picks the same experts.
 
-    `scale` starts at 0, where every gate is exactly 1: the unweighted top-k MoE that recovery starts
-    from, at every k. Training moves it and the router, so that the gates come to weigh the picks.
-    A served format folds E into the experts' output weights and scale into the router's.
+    `scale` starts at MIN_SCALE and never goes below it (training projects it back after every
+    step): near 0 the gates are about 1, the unweighted top-k MoE that recovery starts from, and
+    above 0 the top-k of the softmax are the top-k of z, as a served router needs.
     """
 
-    def __init__(self, scale: float = 0.0):
+    MIN_SCALE = 0.01  # gates within exp(+-0.01 * the logits' spread) of 1 at the start
+
+    def __init__(self, scale: float = MIN_SCALE):
         super().__init__()
         self.scale = nn.Parameter(torch.tensor(float(scale)))
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """softmax(scale * z) in float32 [T, E], what the picks and the gates are read from."""
+        return (self.scale * logits.float()).softmax(-1)
+
+    def pick(self, logits: torch.Tensor, k: int) -> torch.Tensor:
+        """The k experts of largest probability per token [T, k]."""
+        return self.probabilities(logits).topk(k, dim=-1, sorted=False).indices
+
     def forward(self, logits: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
         """Gates [T, E] for router logits [T, E] and picks [T, E] bool."""
-        probs = (self.scale * logits.float()).softmax(-1)
-        return (logits.shape[-1] * probs * picked).to(logits.dtype)
+        return (logits.shape[-1] * self.probabilities(logits) * picked).to(logits.dtype)
+
+    @torch.no_grad()
+    def keep_scale_above_floor(self) -> None:
+        """Project the scale back to MIN_SCALE after an optimizer step that took it below."""
+        self.scale.clamp_(min=self.MIN_SCALE)
 
 
 class NormRouter(nn.Module):

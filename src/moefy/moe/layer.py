@@ -222,7 +222,10 @@ class MoEFFN(nn.Module):
         if self.tau is not None:
             picked = threshold_pick(scores, self.tau)
         else:
-            chosen = scores.topk(self.k, dim=-1, sorted=False).indices  # a set: sorting it costs as much as the router
+            if self.gate is not None:  # the served rule: the top k of the gates' softmax
+                chosen = self.gate.pick(scores, self.k)
+            else:
+                chosen = scores.topk(self.k, dim=-1, sorted=False).indices  # a set: sorting it costs as much as the router
             picked = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, chosen, True)
         if self.gate is not None:  # weighed by the logits (dynamic-k scored the contributions)
             return self.gate(scores if self.tau is None else self.router(x, None), picked), h

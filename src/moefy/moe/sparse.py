@@ -237,12 +237,12 @@ class SparseMoE(nn.Module):
         if self.token_mask is not None and self.token_mask.shape == shape[:-1]:
             valid = self.token_mask.reshape(-1).to(x.device)
         logits = self.router(x)
-        dispatch = route(logits, self.routing, valid)
-        if self.gate is not None:
-            picked = torch.zeros_like(logits, dtype=torch.bool).index_put_(
-                (dispatch.token, dispatch.expert), torch.ones_like(dispatch.token, dtype=torch.bool)
-            )
-            dispatch.gate = self.gate(logits, picked)[dispatch.token, dispatch.expert]
+        if self.gate is None:
+            dispatch = route(logits, self.routing, valid)
+        else:  # the top k of the gates' softmax (the served rule), each weighed by E times its probability
+            probs = self.gate.probabilities(logits)
+            dispatch = route(probs, self.routing, valid)
+            dispatch.gate = (probs.shape[-1] * probs)[dispatch.token, dispatch.expert].to(logits.dtype)
         self.logits, self.dispatch, self.valid = logits, dispatch, valid
         if self.expert_map is not None:
             dispatch = regroup(dispatch, self.expert_map, self.num_experts, x.shape[0])

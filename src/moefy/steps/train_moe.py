@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     optimizer, scheduler, total_steps = optimiser(
         parameter_groups(trainable, moes.values(), args), train.lengths, args, args.epochs, args.max_steps
     )
+    gates = [moe.gate for moe in moes.values() if moe.gate is not None]
+    if gates:  # softmax gates keep a scale above 0, where the served formats pick what they pick
+        optimizer.register_step_post_hook(lambda *_: [gate.keep_scale_above_floor() for gate in gates])
     metric = task.metric
     identity = {**ablation(args), "mode": args.mode} | ({"upcycled": args.upcycled} if args.upcycled else {})
     if args.name:

@@ -200,6 +200,24 @@ class Study:
         return list(self._rules)
 
     @property
+    def served(self) -> list[str]:
+        """The serve folders (under serve/) of serve.budgets and serve.upcycled: the softmax-gated
+        recoveries at each budget, the upcycled models."""
+        serve = self.config["serve"]
+        if (serve["budgets"] or serve["upcycled"]) and self.config["task"] != "causal_lm":
+            raise MoefyError(
+                f"serve: the served MoE classes are decoders, so serving needs task causal_lm, not {self.config['task']}; "
+                "remove the section (an encoder exports with rule export)"
+            )
+        gated = [e for e in self._rules if e.recovery.endswith("-softmax")]
+        for e in gated:
+            check_budgets(f"{e.name} (serve.budgets)", serve["budgets"], e.num_experts, e.shared_experts)
+        folders = [f"{e.converted}/{e.name}-b{budget:g}" for e in gated for budget in sorted(serve["budgets"])]
+        if serve["upcycled"]:
+            folders += [f"{u.variant.name}/{u.name}" for u in self.upcycled if u.name != "dense"]
+        return folders
+
+    @property
     def variants(self) -> list[Variant]:
         """Every fine-tuned model the study needs: those converted and those upcycled."""
         return sorted({e.variant for e in self._rules} | {u.variant for u in self.upcycled})
