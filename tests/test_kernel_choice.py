@@ -11,7 +11,16 @@ from moefy.conversion.routers import MLPRouter
 from moefy.errors import MoefyError
 from moefy.moe import kernel_choice
 from moefy.moe import layer as moe_module
-from moefy.moe.kernel_choice import FORMAT, KernelTable, ffn_shape_key, layer_shape_key, measure, shape_key, table_for
+from moefy.moe.kernel_choice import (
+    FORMAT,
+    KernelTable,
+    ffn_shape_key,
+    layer_shape_key,
+    measure,
+    shape_key,
+    skewed_picks,
+    table_for,
+)
 from moefy.moe.layer import MoEFFN, default_kernel, kernel_calls
 
 TABLE = KernelTable(
@@ -76,9 +85,8 @@ def test_the_layer_runs_the_kernel_its_table_chooses_and_computes_popular_expert
         (rotating_picks(64, 8, 4), "looped", []),  # every expert at share 0.5 < 0.7: gathered
         (rotating_picks(64, 8, 7), "masked", None),  # every expert at 0.875: the table's cell, masked
         (rotating_picks(64, 8, 2, always=(0, 5)), "looped", [0, 5]),  # experts 0 and 5 at share 1, the rest at 1/3
-        # density 7/8, the table's cell says masked, but experts 6 and 7 have share 1/2 < 0.7: looped,
-        # the six popular experts computed for every token, the other two gathered
-        (rotating_picks(64, 8, 1, always=(0, 1, 2, 3, 4, 5)), "looped", [0, 1, 2, 3, 4, 5]),
+        # density 7/8: the table's cell says masked, however uneven the picks
+        (rotating_picks(64, 8, 1, always=(0, 1, 2, 3, 4, 5)), "masked", None),
     )
     with torch.no_grad():
         for picked, expected, popular in cases:
@@ -93,13 +101,21 @@ def test_the_layer_runs_the_kernel_its_table_chooses_and_computes_popular_expert
         assert kernel_calls([layer]) == {}, "every expert: the dense matmuls, no kernel"
 
 
-def test_uneven_picks_run_looped_only_where_looped_wins_somewhere_in_the_row():
+def test_a_table_saying_masked_gets_masked_however_uneven_the_picks():
+    """The table was measured on skewed picks; no rule of the layer's overrides it."""
     layer = MoEFFN(ffn(), torch.arange(64) % 8, MLPRouter(16, 8), 8, kernels=TABLE)
-    uneven = rotating_picks(64, 8, 1, always=(0, 1, 2, 3, 4, 5))
-    assert layer.uneven_picks_loop(uneven)
-    assert not layer.uneven_picks_loop(rotating_picks(64, 8, 7)), "every expert popular: masked-dense as measured"
-    assert not layer.uneven_picks_loop(uneven[:1]), "one token: looped never wins in that row"
-    assert not MoEFFN(ffn(), torch.arange(64) % 8, MLPRouter(16, 8), 8).uneven_picks_loop(uneven), "no table: no override"
+    uneven = rotating_picks(64, 8, 1, always=(0, 1, 2, 3, 4, 5))  # six experts at share 1, two at 1/2
+    with torch.no_grad():
+        kernel_calls([layer])
+        layer.experts_forward(torch.randn(64, 16), uneven)
+    assert TABLE.choose(64, int(uneven.sum())) == "masked" and kernel_calls([layer]) == {"masked": 1}
+
+
+def test_the_calibration_draws_picks_as_uneven_as_a_trained_router_s():
+    picked = skewed_picks(4096, 48, 24, torch.Generator().manual_seed(0))
+    assert torch.equal(picked.sum(-1), torch.full((4096,), 24)), "k distinct experts per token"
+    share = picked.float().mean(0)
+    assert share.max() > 0.9 and share.min() < 0.25, "some experts take nearly every token, others few"
 
 
 def test_the_share_where_masked_dense_takes_over_comes_from_the_measured_row():

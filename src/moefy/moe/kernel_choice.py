@@ -2,9 +2,10 @@
 
 The MoE layer has four ways to compute the picked experts (moefy.moe.layer): embedding bags, a loop of
 matmuls over the experts, grouped matmuls and masked-dense. Which one wins depends on the token
-count, the share of experts each token uses, the expert size and the machine (its BLAS, caches,
-cores; a GPU). So the calibrate step times them all on a random FFN of the study's shape over a
-ladder of token counts and densities (experts per token / E) and writes the winners to a file. Every evaluate job of the study reads
+count, the share of experts each token uses, how unevenly the experts are picked, the expert size
+and the machine (its BLAS, caches, cores; a GPU). So the calibrate step times them all on a random
+FFN of the study's shape over a ladder of token counts and densities (experts per token / E), with
+picks as uneven as a trained router's, and writes the winners to a file; the layers run what it says. Every evaluate job of the study reads
 that file, so the kernels, and with them the last bits of every output, are the same in every
 rerun on the machine, while another machine measures its own.
 """
@@ -33,7 +34,7 @@ BAG_PAIRS_PER_EXPERT = 16
 # Bags, looped and grouped matmuls only get slower against masked-dense as the density grows: in a
 # row, a kernel this many times slower than the best at two densities in a row is not timed further.
 GIVE_UP_RATIO = 1.5
-FORMAT = "moefy-kernels/1"
+FORMAT = "moefy-kernels/2"  # /2: timed on skewed picks (/1: uniform)
 
 
 def shape_key(d_model: int, d_ff: int, num_experts: int, gated: bool, d_out: int | None = None) -> str:
@@ -157,11 +158,25 @@ def _fastest_milliseconds(calls: dict[str, Callable[[], object]], sync, repeats:
     return {name: seconds * 1e3 for name, seconds in best.items()}
 
 
+def skewed_picks(tokens: int, num_experts: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """[tokens, E] bool, k distinct experts per token drawn without replacement with Zipf
+    popularities (expert e of the shuffled ranking weighs 1 / (rank + 1)): some experts take most
+    of a batch, others a few percent, as a trained router's do (at budget 0.5 the default study's
+    kmeans / mlp router gave its experts 23-78% of a batch, 10th to 90th percentile), where uniform
+    picks give every expert the batch's density."""
+    ranks = torch.randperm(num_experts, generator=generator)
+    log_weight = -torch.log1p(ranks.float())
+    gumbel = -torch.log(-torch.log(torch.rand(tokens, num_experts, generator=generator).clamp(min=1e-12)))
+    chosen = (log_weight + gumbel).topk(k, dim=-1).indices  # Gumbel top-k: sampling without replacement
+    return torch.zeros(tokens, num_experts, dtype=torch.bool).scatter_(-1, chosen, True)
+
+
 def measure(ffn: FFN, num_experts: int, device: torch.device, repeats: int = 3, max_seconds_per_call: float = 0.5) -> KernelTable:
     """Time every kernel in every (tokens, density) cell of the ladders on this FFN (its weights do
     not matter, its shape and activation do).
 
-    Picks are random distinct experts per token (the kernels' cost depends on how many, not which).
+    Picks are k distinct experts per token, drawn as unevenly as a trained router's (skewed_picks):
+    how many tokens each expert gets decides what gathering costs against masking.
     Token counts whose dense FFN takes longer than `max_seconds_per_call` are not measured; they take
     the largest measured row, as the winner no longer changes with the token count there.
     """
@@ -190,8 +205,7 @@ def measure(ffn: FFN, num_experts: int, device: torch.device, repeats: int = 3, 
             losses = {k: 0 for k in usable}  # densities in a row at which the kernel lost by GIVE_UP_RATIO
             for density in DENSITIES:
                 k = max(1, min(num_experts, round(density * num_experts)))
-                scores = torch.rand(tokens, num_experts, generator=generator).to(device)
-                picked = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(k, dim=-1).indices, True)
+                picked = skewed_picks(tokens, num_experts, k, generator).to(device)
                 calls = {}
                 for kernel in usable:
                     too_many = kernel == "bags" and tokens * k > BAG_PAIRS_PER_EXPERT * num_experts

@@ -290,16 +290,6 @@ class MoEFFN(nn.Module):
         share = None if self.kernels is None else self.kernels.masked_share(tokens)
         return LOOPED_DENSE_SHARE if share is None else share
 
-    def uneven_picks_loop(self, picked: torch.Tensor) -> bool:
-        """Whether a batch the table sends to masked-dense runs looped instead. The table was
-        measured with every expert at the batch's density; a trained router's picks are uneven, and
-        the looped kernel computes its popular experts masked for every token anyway (as cheap as
-        masked-dense's share of them) while it gathers the rest. So it runs looped wherever looped
-        wins at some density of this token count and some expert is not popular."""
-        if self.kernels is None or self.kernels.masked_share(picked.shape[0]) is None:
-            return False
-        return not bool(self.popular_experts(picked).all())
-
     def popular_experts(self, picked: torch.Tensor) -> torch.Tensor:
         """Experts [E] bool that at least masked_share of the tokens picked (picked [T, E] bool)."""
         return picked.sum(0) >= self.masked_share(picked.shape[0]) * picked.shape[0]
@@ -312,8 +302,7 @@ class MoEFFN(nn.Module):
 
         kernel: "bags" (embedding_bag), "looped" (a matmul pair per expert), "grouped" (grouped_mm),
         "masked" (every neuron computed, the unpicked zeroed) or "auto" (the kernel table's choice,
-        else default_kernel; where the table says masked-dense but looped wins at lower densities of
-        that token count, looped unless every expert is popular, see uneven_picks_loop).
+        else default_kernel).
         h: every neuron's activation [T, d_ff] in expert order, when the router computed them (the
         oracle): only the output projection runs, and h may be overwritten.
         """
@@ -322,8 +311,6 @@ class MoEFFN(nn.Module):
             picked = gates != 0
         if kernel == "auto":
             kernel = self.choose_kernel(x.shape[0], int(picked.sum()), x.is_cuda)
-            if kernel == "masked" and self.uneven_picks_loop(picked):
-                kernel = "looped"
         elif kernel not in KERNELS:
             raise MoefyError(f"no MoE kernel {kernel!r}: choose one of {', '.join(KERNELS)} or 'auto'")
         self.kernel_calls[kernel] += 1
