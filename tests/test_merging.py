@@ -16,11 +16,12 @@ from moefy.moe.sparse import Routing, SparseMoE, mask_padding
 from moefy.training.merging import (
     Usage,
     alignment,
-    dominant_experts,
     group_experts,
+    layer_budgets,
     merge_layer,
     merge_model,
     neuron_features,
+    ranked,
     record_usage,
     similarity,
     swap_layers,
@@ -145,16 +146,16 @@ def test_global_grouping_keeps_the_average_and_every_layer_at_least_one_group():
         5: usage_of([30, 30, 20, 20, 0, 0, 0, 0]),
     }
     for groups in (1, 2, 4, 2.5):
-        kept = dominant_experts(usage, groups)
-        assert sum(len(v) for v in kept.values()) == round(groups * 3)
-        assert all(len(v) >= 1 for v in kept.values())
-    kept = dominant_experts(usage, 3)  # the layers whose usage is spread keep more groups
-    assert kept == {1: [0], 3: [0, 1, 2, 3], 5: [0, 1, 2, 3]}
-    assert dominant_experts(usage, 2, "layer") == {1: [0, 1], 3: [0, 1], 5: [0, 1]}
+        budgets = layer_budgets(usage, groups)
+        assert sum(budgets.values()) == round(groups * 3)
+        assert all(n >= 1 for n in budgets.values())
+    assert layer_budgets(usage, 3) == {1: 1, 3: 4, 5: 4}  # the layers whose usage is spread keep more groups
+    assert {i: ranked(u)[:2] for i, u in usage.items()} == {1: [0, 1], 3: [0, 1], 5: [0, 1]}
+    assert layer_budgets(usage, 2, "layer") == {1: 2, 3: 2, 5: 2}
     with pytest.raises(MoefyError, match="groups per layer must be in 1-8"):
-        dominant_experts(usage, 9)
+        layer_budgets(usage, 9)
     with pytest.raises(MoefyError, match="whole number"):
-        dominant_experts(usage, 2.5, "layer")
+        layer_budgets(usage, 2.5, "layer")
 
 
 def test_experts_join_the_dominant_expert_they_are_most_similar_to():
