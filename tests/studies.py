@@ -104,7 +104,15 @@ REPLICATE = "hoyer-seed1"  # a second seed of one ablation: replicates and the r
 # Recovery (kd) of kmeans / similarity, and one upcycled model: drop-upcycled expert choice (top-k
 # training, the default routing, is the unit tests' and trains the same way).
 RECOVERED = f"kmeans-E{E}-similarity-kd"
-MERGED = ["full", "msmoe-G2-svd", "msmoe-G2-kd-svd-kd"]  # the upcycled model's merged models
+MERGED = [
+    "full",
+    "msmoe-G2-svd",
+    "msmoe-G2-kd-svd-kd",
+    "hcsmoe-G2",
+    "hcsmoe-G2-kd",
+    "reap-G2",
+    "reap-G2-kd",
+]  # the upcycled model's
 UPCYCLED_MODELS = {"expert-choice": {"experts": E, "routing": "expert_choice", "capacity_factor": 2.0, "drop_ratio": 0.5}}
 
 
@@ -144,8 +152,14 @@ def tiny_config(**overrides) -> dict:
             },
         },
         "upcycling": {"penalty": "hoyer", "seeds": [0], "models": UPCYCLED_MODELS},
-        # MC-SMoE on the upcycled model: merged to 2 experts and compressed, one-shot and distilled
-        "merging": {"models": list(UPCYCLED_MODELS), "groups": [2], "methods": ["mcsmoe"], "recovery": ["none", "kd"]},
+        # MC-SMoE on the upcycled model: merged to 2 experts and compressed, one-shot and distilled;
+        # HC-SMoE merged and REAP pruned to 2 experts, one-shot and distilled
+        "merging": {
+            "models": list(UPCYCLED_MODELS),
+            "groups": [2],
+            "methods": ["mcsmoe", "hcsmoe", "reap"],
+            "recovery": ["none", "kd"],
+        },
         "usage": {"calibration_examples": 64},
         "train_moe": {"max_steps": 8, "batch_size": 16, "learning_rate": 1e-3},
         "finetune": {

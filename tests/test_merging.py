@@ -16,11 +16,13 @@ from moefy.moe.sparse import Routing, SparseMoE, mask_padding
 from moefy.training.merging import (
     Usage,
     alignment,
-    dominant_experts,
+    cluster_experts,
     group_experts,
+    layer_budgets,
     merge_layer,
     merge_model,
     neuron_features,
+    ranked,
     record_usage,
     similarity,
     swap_layers,
@@ -145,16 +147,16 @@ def test_global_grouping_keeps_the_average_and_every_layer_at_least_one_group():
         5: usage_of([30, 30, 20, 20, 0, 0, 0, 0]),
     }
     for groups in (1, 2, 4, 2.5):
-        kept = dominant_experts(usage, groups)
-        assert sum(len(v) for v in kept.values()) == round(groups * 3)
-        assert all(len(v) >= 1 for v in kept.values())
-    kept = dominant_experts(usage, 3)  # the layers whose usage is spread keep more groups
-    assert kept == {1: [0], 3: [0, 1, 2, 3], 5: [0, 1, 2, 3]}
-    assert dominant_experts(usage, 2, "layer") == {1: [0, 1], 3: [0, 1], 5: [0, 1]}
+        budgets = layer_budgets(usage, groups)
+        assert sum(budgets.values()) == round(groups * 3)
+        assert all(n >= 1 for n in budgets.values())
+    assert layer_budgets(usage, 3) == {1: 1, 3: 4, 5: 4}  # the layers whose usage is spread keep more groups
+    assert {i: ranked(u)[:2] for i, u in usage.items()} == {1: [0, 1], 3: [0, 1], 5: [0, 1]}
+    assert layer_budgets(usage, 2, "layer") == {1: 2, 3: 2, 5: 2}
     with pytest.raises(MoefyError, match="groups per layer must be in 1-8"):
-        dominant_experts(usage, 9)
+        layer_budgets(usage, 9)
     with pytest.raises(MoefyError, match="whole number"):
-        dominant_experts(usage, 2.5, "layer")
+        layer_budgets(usage, 2.5, "layer")
 
 
 def test_experts_join_the_dominant_expert_they_are_most_similar_to():
@@ -170,6 +172,109 @@ def test_router_logit_similarity_is_the_cosine_of_logit_columns():
     torch.testing.assert_close(sim, expected)
     weights = similarity(moe, None, "weights")
     assert weights.shape == (4, 4) and torch.allclose(weights.diagonal(), torch.ones(4, dtype=torch.float64))
+
+
+def calibrated(moe: SparseMoE, tokens: int = 64, seed: int = 0) -> Usage:
+    """The layer's Usage from `tokens` random inputs."""
+    with record_usage({0: moe}) as usage, torch.no_grad():
+        moe(torch.randn(tokens, moe.d_model, generator=torch.Generator().manual_seed(seed)))
+    return usage[0]
+
+
+def test_reap_score_is_the_mean_over_routed_tokens_of_gate_times_output_norm():
+    # expert e outputs c_e * relu(x); the router's bias gives probabilities 0.6 / 0.3 / 0.1 and
+    # input 3 raises expert 2's logit by x_3, so tokens a, b pick experts 0, 1 (gates 2/3, 1/3)
+    # and token c (logits ln 6, ln 3, ln 12) picks 2, 0 (gates 12/18, 6/18)
+    scale = torch.tensor([1.0, 3.0, 5.0])
+    router = nn.Linear(4, 3)
+    with torch.no_grad():
+        router.weight.zero_()
+        router.weight[2, 3] = 1.0
+        router.bias.copy_(torch.tensor([6.0, 3.0, 1.0]).log())
+    eye = torch.eye(4).expand(3, 4, 4)
+    moe = SparseMoE(w_in=eye, w_out=eye * scale.view(3, 1, 1), act=nn.ReLU(), router=router, routing=Routing("top_k", k=2))
+    ln12 = float(torch.tensor(12.0).log())
+    a, b, c = [3.0, 4.0, 0.0, 0.0], [0.0, 6.0, 8.0, 0.0], [0.0, 0.0, 0.0, ln12]  # |relu(x)|: 5, 10, ln 12
+    x = torch.tensor([[a, b, c, [9.0, 9.0, 9.0, 9.0]]])
+    moe.token_mask = torch.tensor([[True, True, True, False]])  # the last position is padding
+    with record_usage({0: moe}) as usage, torch.no_grad():
+        moe(x)
+    usage = usage[0]
+    assert usage.counts.tolist() == [3, 2, 1] and int(usage.tokens) == 3
+    expected = [(2 / 3 * 5 + 2 / 3 * 10 + 1 / 3 * ln12) / 3, (1 / 3 * 3 * 5 + 1 / 3 * 3 * 10) / 2, 2 / 3 * 5 * ln12]
+    torch.testing.assert_close(usage.reap, torch.tensor(expected, dtype=torch.float64))
+    mean_input = torch.tensor([a, b, c]).relu().mean(0).double()
+    torch.testing.assert_close(usage.mean_output, scale.double().view(3, 1) * mean_input)
+    assert ranked(usage, "reap") == [2, 1, 0] and ranked(usage) == [0, 1, 2]  # REAP keeps the rarely used expert 2
+    pruned, groups = merge_model({0: moe}, {0: usage}, "reap", groups=2, grouping="layer")
+    assert groups[0] == [[2], [1]] and pruned[0].num_experts == 2
+    torch.testing.assert_close(pruned[0].w_out, moe.w_out[[2, 1]])
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_pruning_keeps_the_outputs_of_tokens_whose_picks_survive(renormalize):
+    moe = layer(experts=6, k=2, biases=True)
+    moe.routing = Routing("top_k", k=2, renormalize=renormalize)
+    with torch.no_grad():
+        moe.router.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(3))
+    usage = calibrated(moe)
+    pruned, groups = merge_model({0: moe}, {0: usage}, "reap", groups=4, grouping="layer")
+    kept = torch.tensor([g[0] for g in groups[0]])
+    x = torch.randn(200, D, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        probs = moe.router(x).softmax(-1)
+        full, out = moe(x), pruned[0](x)
+    survive = torch.isin(probs.topk(2).indices, kept).all(-1)
+    assert 0 < int(survive.sum()) < 200
+    if renormalize:  # the kept softmax is p_e / sum of the kept p: the picks and their renormalised gates stay
+        torch.testing.assert_close(out[survive], full[survive], atol=1e-5, rtol=1e-5)
+    else:  # raw gates grow by 1 / (the kept experts' probability mass)
+        mass = probs[:, kept].sum(-1, keepdim=True)
+        torch.testing.assert_close(out[survive], full[survive] / mass[survive], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out[survive], full[survive], atol=1e-3)
+
+
+def test_hcsmoe_clusters_planted_groups_of_near_identical_experts_and_merges_them():
+    moe = layer(experts=6, k=2)
+    planted = [{0, 3}, {1, 4, 5}, {2}]
+    noise = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        moe.router.weight.normal_(0, 1.0, generator=noise)
+        for source, copies in ((0, [3]), (1, [4, 5])):
+            for target in copies:
+                for t in (moe.w_in, moe.w_out, moe.b_in, moe.expert_bias):
+                    t[target] = t[source] + 1e-3 * torch.randn(t[source].shape, generator=noise)
+    usage = calibrated(moe)
+    merged, groups = merge_model({0: moe}, {0: usage}, "hcsmoe", groups=3, grouping="layer")
+    assert sorted(map(set, groups[0]), key=min) == planted
+    assert merged[0].num_experts == 3 and merged[0].router_experts == 6
+    x = torch.randn(50, D, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():  # near-identical experts merged: nearly the same layer
+        torch.testing.assert_close(merged[0](x), moe(x), atol=1e-2, rtol=1e-2)
+    # average linkage, not single: on 0, 1, 2, 3, 4.2 the chain 0-1-2-3 (steps of 1) is not one cluster
+    points = torch.tensor([[0.0], [1.0], [2.0], [3.0], [4.2]])
+    assert cluster_experts(points, 2, torch.full((5,), 0.2)) == [[0, 1], [2, 3, 4]]
+
+
+def test_per_layer_budgets_keep_the_global_count_and_one_expert_per_layer_for_every_method():
+    moes = {i: layer(experts=4, k=2, seed=i) for i in (1, 3, 5)}
+    with torch.no_grad():
+        for i, moe in moes.items():
+            moe.router.weight.normal_(0, 0.5 * i, generator=torch.Generator().manual_seed(i))  # peaked to flat
+    usage = {i: calibrated(moe, seed=i) for i, moe in moes.items()}
+    for grouping in ("global", "reap"):
+        for groups in (1, 1.5, 2, 2.5, 3.25, 4):
+            budgets = layer_budgets(usage, groups, grouping)
+            assert sum(budgets.values()) == round(groups * 3) and all(1 <= n <= 4 for n in budgets.values())
+    reap = {  # layer 1's REAP scores peaked, layer 3's flat: a global count of 6 goes mostly to layer 3
+        1: Usage(torch.ones(4, dtype=torch.long), torch.eye(4), torch.tensor([9.0, 0.5, 0.3, 0.2], dtype=torch.float64)),
+        3: Usage(torch.ones(4, dtype=torch.long), torch.eye(4), torch.tensor([1.0, 1.0, 1.0, 1.0], dtype=torch.float64)),
+    }
+    assert layer_budgets(reap, 3, "reap") == {1: 2, 3: 4}
+    for method in ("average", "frequency", "prune", "msmoe", "hcsmoe", "reap"):
+        merged, groups = merge_model(moes, usage, method, 2.5, "reap")
+        assert {i: m.num_experts for i, m in merged.items()} == layer_budgets(usage, 2.5, "reap")
+        assert sum(m.num_experts for m in merged.values()) == round(2.5 * 3)
 
 
 def test_low_rank_plus_sparse_is_exact_at_full_rank_and_no_worse_than_the_svd_below():

@@ -1,7 +1,7 @@
 """End to end on the shared tiny study: a recovered conversion evaluated beside the unrecovered
 one, an upcycled model and the dense continuation, the report's upcycling table and plot, the
-upcycled model merged and compressed (MC-SMoE) with the report's merging table, and their MLflow
-runs."""
+upcycled model merged and compressed (MC-SMoE), merged by HC-SMoE and pruned by REAP, with the
+report's merging table, and their MLflow runs."""
 
 from __future__ import annotations
 
@@ -91,15 +91,23 @@ def test_training_jobs_log_one_mlflow_run_each(tiny_study):
 def test_the_upcycled_model_merged_compressed_and_distilled(tiny_study):
     name = next(iter(UPCYCLED_MODELS))
     records = {m: read_json(in_study(tiny_study, "merge", name, "evaluate", f"{m}.json")) for m in MERGED}
-    full, oneshot, distilled = (records[m] for m in MERGED)
+    full, oneshot, distilled = (records[m] for m in MERGED[:3])
     usage = read_json(in_study(tiny_study, "merge", name, "usage", "metrics.json"))
     assert usage["calibration_examples"] == 64 and usage["experts"] == {"1": E} and 0 < usage["mean_weight_cosine"] < 1
+    assert len(usage["reap"]["1"]) == E and max(usage["reap"]["1"]) > 0
     assert full["experts_per_layer"] == {"1": E} and oneshot["experts_per_layer"] == {"1": 2}
     assert oneshot["method"] == distilled["method"] == "mcsmoe" and distilled["recovery"] == "kd"
     assert full["recovery_steps"] == oneshot["recovery_steps"] == 0 and distilled["recovery_steps"] == 16  # 8 + 8
     assert oneshot["bytes_on_disk"] < full["bytes_on_disk"] and oneshot["expert_parameters"] < full["expert_parameters"] / 2
     merged = read_json(in_study(tiny_study, "merge", name, "msmoe-G2", "metrics.json"))
     assert sorted(sum(merged["groups_by_layer"]["1"], [])) == list(range(E)), "every expert in one group"
+    for method in ("hcsmoe", "reap"):  # HC-SMoE merged, REAP pruned, one-shot and distilled
+        assert records[f"{method}-G2"]["method"] == method and records[f"{method}-G2-kd"]["recovery"] == "kd"
+        assert records[f"{method}-G2"]["experts_per_layer"] == {"1": 2}
+    clustered = read_json(in_study(tiny_study, "merge", name, "hcsmoe-G2", "metrics.json"))["groups_by_layer"]["1"]
+    assert sorted(sum(clustered, [])) == list(range(E))
+    _, pruned, _ = load_sparse_moe(in_study(tiny_study, "merge", name, "reap-G2", "model"))
+    assert pruned[1].num_experts == pruned[1].router_experts == 2  # the router's rows of the pruned experts removed
     model, moes, _ = load_sparse_moe(in_study(tiny_study, "merge", name, "msmoe-G2-kd-svd-kd", "model"))
     assert moes[1].num_experts == 2 and moes[1].router_experts == E and set(moes[1].factored) == {"w_in", "w_out"}
 
@@ -116,6 +124,6 @@ def test_the_upcycled_model_merged_compressed_and_distilled(tiny_study):
     assert sorted(r.info.run_name for r in runs if r.data.tags["rule"] == "evaluate_smoe") == sorted(
         f"evaluate_smoe {VARIANT} {name} {m}" for m in MERGED
     )
-    assert sorted(r.data.tags["rule"] for r in runs).count("train_moe") == 2  # msmoe-G2-kd, msmoe-G2-kd-svd-kd
+    assert sorted(r.data.tags["rule"] for r in runs).count("train_moe") == 4  # msmoe-G2-kd(-svd-kd), hcsmoe-, reap-G2-kd
     assert all(r.info.status == "FINISHED" for r in runs)
     assert all("bytes_on_disk" in r.data.metrics for r in runs if r.data.tags["rule"] == "evaluate_smoe")

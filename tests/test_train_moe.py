@@ -375,9 +375,13 @@ def test_merge_steps_chain_usage_merge_compress_distil_evaluate(task, tmp_path):
     usage_step.main(["--model", str(full), *data, "--calibration-examples", "64", "--out", str(tmp_path / "usage")])
     usage = read_json(tmp_path / "usage" / "metrics.json")
     assert usage["calibration_examples"] == 64 and 0 < usage["mean_weight_cosine"] < 0.9  # drop-upcycled: apart
-    for method in ("prune", "msmoe"):
+    assert all(len(scores) == 4 and max(scores) > 0 for scores in usage["reap"].values())
+    for method, grouping in (("prune", "global"), ("msmoe", "global"), ("reap", "reap"), ("hcsmoe", "reap")):
         merge_step.main(["--model", str(full), "--usage", str(tmp_path / "usage" / "usage.safetensors"), "--method", method,
-                         "--groups", "2", "--out", str(tmp_path / method)])  # fmt: skip
+                         "--groups", "2", "--grouping", grouping, "--out", str(tmp_path / method)])  # fmt: skip
+    for method in ("reap", "hcsmoe"):  # REAP's budgets: 4 experts over the 2 layers, at least 1 each
+        experts = read_json(tmp_path / method / "metrics.json")["experts_per_layer"]
+        assert sum(experts.values()) == 4 and min(experts.values()) >= 1, experts
     compress_step.main(["--model", str(tmp_path / "msmoe" / "model"), "--rank-fraction", "0.25", "--out", str(tmp_path / "svd")])
     distilled = train(task, "merged", tmp_path / "kd", "--teacher", str(full), "--recovery", "kd", "--max-steps", "20",
                       "--distill-alpha", "0.9", "--learning-rate", "3e-4", model=tmp_path / "svd" / "model")  # fmt: skip

@@ -195,13 +195,13 @@ def test_mlflow_parent_and_job_runs(tiny_study):
         "router": evaluations,
         "evaluate": evaluations + 1,  # + the recovered conversion
         "report": 1,
-        "train_moe": 5,  # recovery, the upcycled model, the dense continuation, 2 distillations of merged models
+        "train_moe": 7,  # recovery, the upcycled model, the dense continuation, 4 distillations of merged models
         "upcycle": 1,
         "report_upcycling": 1,
         "usage": 1,
-        "merge": 1,  # msmoe-G2
+        "merge": 3,  # msmoe-G2, hcsmoe-G2, reap-G2
         "compress": 2,  # msmoe-G2-svd, msmoe-G2-kd-svd
-        "evaluate_smoe": 3,  # full, msmoe-G2-svd, msmoe-G2-kd-svd-kd
+        "evaluate_smoe": 7,  # full, msmoe-G2-svd, msmoe-G2-kd-svd-kd, hcsmoe-G2(-kd), reap-G2(-kd)
         "report_merging": 1,
     }
     assert {rule: rules.count(rule) for rule in set(rules)} == expected
@@ -248,7 +248,7 @@ def test_parallel_jobs_lose_no_mlflow_run_or_metric(tiny_study):
     ]
     conversions = len(CONVERSIONS) + 1
     training = 1 + 3 + 1 + 1  # the recovered evaluate, train_moe, upcycle, report_upcycling
-    merging = 1 + 1 + 2 + 2 + 3 + 1  # usage, merge, 2 distillations, 2 compressions, 3 evaluate_smoe, report_merging
+    merging = 1 + 3 + 4 + 2 + 7 + 1  # usage, 3 merges, 4 distillations, 2 compressions, 7 evaluate_smoe, report_merging
     attention = 1 + 1 + 1 + 1 + 2  # distill, then activations, split, balance, router and evaluate of its model
     assert len(keys) == len(set(keys)) == 1 + 1 + 2 + 2 + 4 + 4 + 2 * conversions + 1 + training + merging + attention, (
         "one run per job, none lost, none twice"

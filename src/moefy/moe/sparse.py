@@ -254,6 +254,13 @@ class SparseMoE(nn.Module):
 
     def experts(self, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
         """Sum over pairs of gate * expert output, per token [T, d]."""
+        y = self.pair_outputs(x, dispatch) * dispatch.gate.to(x.dtype).unsqueeze(-1)
+        out = x.new_zeros(x.shape).index_add(0, dispatch.token, y)
+        return out if self.shared_bias is None else out + self.shared_bias
+
+    def pair_outputs(self, x: torch.Tensor, dispatch: Dispatch) -> torch.Tensor:
+        """[P, d]: each pair's expert output before its gate (the expert's own bias included, the
+        shared bias not), which merging's calibration measures (REAP's output norms)."""
         offs = torch.cumsum(dispatch.counts, 0).to(torch.int32)
         xs, expert = x.index_select(0, dispatch.token), dispatch.expert
         up = _grouped(xs, self.weight("w_in"), offs)
@@ -267,9 +274,7 @@ class SparseMoE(nn.Module):
         y = _grouped(h, self.weight("w_out"), offs)
         if self.expert_bias is not None:
             y = y + self.expert_bias[expert]
-        y = y * dispatch.gate.to(y.dtype).unsqueeze(-1)
-        out = x.new_zeros(x.shape).index_add(0, dispatch.token, y)
-        return out if self.shared_bias is None else out + self.shared_bias
+        return y
 
     def _count(self, dispatch: Dispatch, computed: Dispatch, tokens: int) -> None:
         with torch.no_grad():

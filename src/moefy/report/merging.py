@@ -12,6 +12,7 @@ from moefy.errors import MoefyError
 from moefy.files import atomic_path, read_json
 from moefy.report.tables import METRICS, metric_of, spread
 
+METHOD_ORDER = ("average", "frequency", "prune", "msmoe", "mcsmoe", "hcsmoe", "reap")  # the table's and plot's order
 MERGING_COLUMNS = [
     "upcycled",
     "penalty",
@@ -68,7 +69,7 @@ def merging_table(evaluation_files: Iterable[str | Path], dense_files: Iterable[
     table[f"{metric}_minus_dense"] = [
         row[f"test_{metric}"] - (dense.get((row["penalty"], row["seed"])) or float("nan")) for _, row in table.iterrows()
     ]
-    order = {"full": 0, "average": 1, "frequency": 2, "prune": 3, "msmoe": 4, "mcsmoe": 5}
+    order = {m: i for i, m in enumerate(("full",) + METHOD_ORDER)}
     table["_order"] = table["method"].map(lambda m: order.get(m, 9))
     table = table.sort_values(["upcycled", "groups", "_order", "recovery", "seed"], ignore_index=True, na_position="first")
     return table.drop(columns="_order")
@@ -103,9 +104,9 @@ def plot_merging(table: pd.DataFrame, path: str | Path, title: str = "") -> None
     metric = metric_of(table)
     models = merging_by_method(table)
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    methods = [m for m in ("average", "frequency", "prune", "msmoe", "mcsmoe") if m in set(models["method"])]
+    methods = [m for m in METHOD_ORDER if m in set(models["method"])]
     methods += sorted(set(models["method"]) - set(methods) - {"full"})
-    markers = dict(zip(methods, "ovs^D<>p"))
+    markers = dict(zip(methods, "ovs^D<>pPXhHd8"))
     for i, method in enumerate(methods):
         color = plt.get_cmap("tab10")(i % 10)
         for recovery, filled in (("none", False), ("kd", True)):

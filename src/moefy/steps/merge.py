@@ -1,9 +1,9 @@
 """Step merge: a sparse MoE with fewer experts per layer, by M-SMoE or a baseline (moefy.training.merging).
 
 Reads the model (an upcycled model moefy trained, or a Hugging Face SMoE checkpoint) and the
-usage step's calibration, groups each layer's experts (`--groups` per layer; global grouping: on
-average) and merges each group into one expert with `--method` (average, frequency, prune,
-msmoe). Writes <out>/model (moefy-sparse-moe format, reloads with moefy.export.load_sparse_moe)
+usage step's calibration, gives each layer its budget (`--groups` per layer; global and reap
+grouping: on average) and merges or prunes each layer's experts to it with `--method` (average,
+frequency, prune, msmoe, hcsmoe, reap). Writes <out>/model (moefy-sparse-moe format, reloads with moefy.export.load_sparse_moe)
 and <out>/metrics.json (groups by layer, experts per layer).
 """
 
@@ -17,7 +17,7 @@ from moefy.adapters.models import read_training
 from moefy.errors import MoefyError
 from moefy.files import load_tensors, tensors_metadata, write_json
 from moefy.moe.checkpoints import load_smoe, save_sparse_moe
-from moefy.training.merging import METHODS, Usage, merge_model, swap_layers
+from moefy.training.merging import METHODS, USAGE_FORMAT, Usage, merge_model, swap_layers, usage_from_tensors
 from moefy.workflow import tracking
 from moefy.workflow.cli import ablation, add_section_flags, run_step, step_parser
 
@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--usage", required=True, type=Path, help="the usage step's usage.safetensors for this model")
     parser.add_argument("--method", required=True, choices=METHODS)
     parser.add_argument(
-        "--groups", required=True, type=float, help="experts per layer after merging (global grouping: on average)"
+        "--groups", required=True, type=float, help="experts per layer after merging (global and reap grouping: on average)"
     )
     parser.add_argument("--upcycled", default="", help="the model's name in upcycling.models (its MLflow tag)")
     parser.add_argument("--name", default="", help="the merged model's name, e.g. msmoe-G4 (its MLflow tag)")
@@ -36,11 +36,9 @@ def parse_args(argv: list[str] | None):
 
 
 def read_usage(path: Path) -> dict[int, Usage]:
-    if tensors_metadata(path).get("format") != "moefy-usage/1":
+    if tensors_metadata(path).get("format") != USAGE_FORMAT:
         raise MoefyError(f"{path} is not a usage file of this moefy; rerun its usage job")
-    tensors = load_tensors(path)
-    layers = sorted(int(key.split(".")[1]) for key in tensors if key.startswith("counts."))
-    return {i: Usage(tensors[f"counts.{i}"], tensors[f"gram.{i}"]) for i in layers}
+    return usage_from_tensors(load_tensors(path))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,10 +1,12 @@
 """Step usage: how a sparse MoE uses its experts on calibration text, the input of every merge.
 
 Runs calibration examples (a seeded sample of the training subset, 256 in MC-SMoE's runs) through
-the model and writes, per MoE layer, the (token, expert) pairs each expert took and the Gram
-matrix of the router's logit columns (moefy.training.merging.Usage), to <out>/usage.safetensors, with
-<out>/metrics.json: usage shares, and how different the experts are (mean pairwise cosine of
-their flattened weights: upcycled copies start at 1, and merging copies of one FFN proves nothing).
+the model and writes, per MoE layer, the (token, expert) pairs each expert took, the Gram matrix
+of the router's logit columns, and every expert's output on every calibration token, summed as REAP
+and HC-SMoE read it (moefy.training.merging.Usage), to <out>/usage.safetensors, with
+<out>/metrics.json: usage shares, REAP's scores, and how different the experts are (mean pairwise
+cosine of their flattened weights: upcycled copies start at 1, and merging copies of one FFN
+proves nothing). Every expert runs on every token here: E / k times the layers' routed compute.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from moefy.adapters.tasks import get_task
 from moefy.data.batches import Encoded, eval_batches, iterate
 from moefy.files import save_tensors, write_json
 from moefy.moe.checkpoints import load_smoe
-from moefy.training.merging import record_usage, similarity
+from moefy.training.merging import USAGE_FORMAT, record_usage, similarity
 from moefy.training.recipe import read_texts
 from moefy.workflow import tracking
 from moefy.workflow.cli import ablation, add_section_flags, run_step, step_parser
@@ -51,8 +53,8 @@ def main(argv: list[str] | None = None) -> None:
             for _ in iterate(model, encoded, eval_batches(encoded, args.eval_batch_size, ctx), ctx, "calibration"):
                 pass
         for layer in usage.values():  # every rank's tokens
-            dist.all_reduce_sum(layer.counts, ctx)
-            dist.all_reduce_sum(layer.logit_gram, ctx)
+            for total in (layer.counts, layer.logit_gram, layer.saliency_sum, layer.output_sum, layer.tokens):
+                dist.all_reduce_sum(total, ctx)
         metrics = {
             **identity,
             "site": site,
@@ -60,13 +62,14 @@ def main(argv: list[str] | None = None) -> None:
             "calibration_tokens": int(encoded.lengths.sum()),
             "experts": {str(i): moe.router_experts for i, moe in moes.items()},
             "frequency": {str(i): [round(float(f), 6) for f in u.frequency] for i, u in usage.items()},
+            "reap": {str(i): [round(float(r), 6) for r in u.reap] for i, u in usage.items()},
             "weight_cosine": {str(i): mean_pairwise_cosine(similarity(moes[i], u, "weights")) for i, u in usage.items()},
             "router_logit_cosine": {str(i): mean_pairwise_cosine(similarity(moes[i], u)) for i, u in usage.items()},
         }
         metrics["mean_weight_cosine"] = sum(metrics["weight_cosine"].values()) / max(1, len(usage))
         if ctx.is_main:
-            tensors = {f"counts.{i}": u.counts for i, u in usage.items()} | {f"gram.{i}": u.logit_gram for i, u in usage.items()}
-            save_tensors(args.out / "usage.safetensors", tensors, {"format": "moefy-usage/1", "site": site})
+            tensors = {key: t for i, u in usage.items() for key, t in u.tensors(i).items()}
+            save_tensors(args.out / "usage.safetensors", tensors, {"format": USAGE_FORMAT, "site": site})
             write_json(args.out / "metrics.json", metrics)
             run.log_metrics(
                 {"calibration_tokens": metrics["calibration_tokens"], "mean_weight_cosine": metrics["mean_weight_cosine"]}
