@@ -44,6 +44,9 @@ from moefy.moe.sparse import SparseMoE
 BASES = ("llama", "mistral", "qwen2")  # decoders whose non-FFN weights the MoE classes hold under the same names
 PROBE_TOKENS = 48
 TOLERANCE = 1e-4  # max |logit difference| / max(1, max |logit|) the export accepts
+# The shared expert's gate: sigmoid(w x) = 1/2 for every token. Not w = 0: llama.cpp computes sigmoid(z)
+# as silu(z) / z, 0 / 0 at z = 0; with w = 1e-20, z is ~1e-19 (a normal float) and sigmoid(z) = 1/2 exactly.
+SHARED_GATE_WEIGHT = 1e-20
 
 
 @dataclass(frozen=True)
@@ -189,11 +192,11 @@ def moe_tensors(prefix: str, moe: SparseMoE, layout: Layout, mixtral: bool) -> d
     d = moe.d_model
     if moe.shared is None:  # the class always has a shared expert: one neuron that adds 0
         shared = (torch.zeros(1, d), torch.zeros(1, d), torch.zeros(d, 1))
-    else:  # sigmoid(0) = 1/2 halves it: the down projection doubled
+    else:  # the gate's sigmoid is 1/2: the down projection doubled
         shared = (moe.shared.w_gate.t(), moe.shared.w_in.t(), 2.0 * moe.shared.w_out.t())
     names = ("gate_proj", "up_proj", "down_proj")
     out |= {f"{prefix}.shared_expert.{n}.weight": w.detach().float().contiguous() for n, w in zip(names, shared)}
-    out[f"{prefix}.shared_expert_gate.weight"] = torch.zeros(1, d)
+    out[f"{prefix}.shared_expert_gate.weight"] = torch.full((1, d), SHARED_GATE_WEIGHT)
     return out
 
 
