@@ -38,7 +38,13 @@ def _positive(text: str) -> int:
 
 
 def parse_args(argv: list[str] | None):
-    parser = step_parser("gguf", __doc__, "model", out=f"output folder: model-<TYPE>.gguf per type, and {RESULT}")
+    parser = step_parser("gguf", __doc__, out=f"output folder: model-<TYPE>.gguf per type, and {RESULT}")
+    parser.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help="the exported Hugging Face folder (config, safetensors, tokenizer): an exported MoE, or the dense model to compare with",
+    )
     parser.add_argument("--types", nargs="+", choices=list(OUTTYPES), default=["F32", "Q8_0"], help="GGUF weight types to write")
     parser.add_argument("--texts", required=True, type=Path, help="the texts perplexity is measured on: data/test.jsonl")
     parser.add_argument("--max-texts", type=_positive, help="measure perplexity on the first N texts only (default: all)")
@@ -96,7 +102,6 @@ def measure_type(args, outtype: str, texts: list[str], max_length: int) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    args.model = Path(args.model)
     args.threads = args.threads or default_threads()
     max_length = args.max_length or saved_max_length(args.model)
     texts = read_texts(args.texts, args.max_texts)
