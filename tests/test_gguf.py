@@ -18,6 +18,7 @@ tokenizers it recognises), so the tiny models have a 50,257-token vocabulary.
 from __future__ import annotations
 
 import json
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -44,19 +45,45 @@ PROMPT = "Once upon a time, in a small village by the sea,"
 FAMILIES = ("qwen2moe", "llama", "mixtral")
 
 
+# GGUF metadata value types (gguf's GGUFValueType): struct formats of the scalars; 8 string, 9 array.
+SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_metadata(path: Path) -> dict:
+    """A GGUF file's key/value header (gguf's GGUFReader takes seconds over 100,000 strings; this 0.4 s)."""
+    data, pos = path.read_bytes(), 24  # magic, version, tensor count, then the key count at 16
+
+    def read(fmt: str):
+        nonlocal pos
+        (value,) = struct.unpack_from("<" + fmt, data, pos)
+        pos += struct.calcsize("<" + fmt)
+        return value
+
+    def value(kind: int):
+        nonlocal pos
+        if kind == 8:
+            size = read("Q")
+            pos += size
+            return data[pos - size : pos].decode("utf-8")
+        if kind == 9:
+            inner, count = read("I"), read("Q")
+            return [value(inner) for _ in range(count)]
+        return read(SCALARS[kind])
+
+    metadata = {}
+    for _ in range(struct.unpack_from("<Q", data, 16)[0]):
+        key = value(8)
+        metadata[key] = value(read("I"))
+    return metadata
+
+
 def gpt2_tokenizer(source: Path):
     """GPT-2's byte-level BPE rebuilt from llama.cpp's vocabulary file (tokens and merges)."""
-    from gguf import GGUFReader
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    reader = GGUFReader(source / "models" / "ggml-vocab-gpt-2.gguf")
-
-    def strings(key: str) -> list[str]:
-        field = reader.fields[key]
-        return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
-
-    tokens, merges = strings("tokenizer.ggml.tokens"), strings("tokenizer.ggml.merges")
+    metadata = gguf_metadata(source / "models" / "ggml-vocab-gpt-2.gguf")
+    tokens, merges = metadata["tokenizer.ggml.tokens"], metadata["tokenizer.ggml.merges"]
     bpe = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ")) for m in merges]))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -106,15 +133,14 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, tokenizer):
-    """{name: (transformers model, folder, GGUF file)}: the three families in F32, Qwen2-MoE in Q8_0 too,
-    and a Qwen2-MoE with renormalised gates (norm_topk_prob true); two conversions at a time."""
+    """{name: (transformers model, folder, F32 GGUF file)}: the three families, and a Qwen2-MoE with
+    renormalised gates (norm_topk_prob true); two conversions at a time."""
     root = tmp_path_factory.mktemp("gguf")
     builds = {family: (family, {}) for family in FAMILIES} | {"qwen2moe-norm": ("qwen2moe", {"norm_topk_prob": True})}
     models = {name: build(family, root / name, tokenizer, **kw) for name, (family, kw) in builds.items()}
-    jobs = [(name, "F32") for name in models] + [("qwen2moe", "Q8_0")]
     with ThreadPoolExecutor(2) as pool:
-        files = pool.map(lambda job: to_gguf(root / job[0], root / f"{job[0]}-{job[1]}.gguf", job[1]), jobs)
-    return {f"{name}-{outtype}": (models[name], root / name, path) for (name, outtype), path in zip(jobs, files)}
+        files = pool.map(lambda name: to_gguf(root / name, root / f"{name}-F32.gguf", "F32"), models)
+    return {name: (models[name], root / name, path) for name, path in zip(models, files)}
 
 
 def hf_logits(model, ids: list[int]) -> np.ndarray:
@@ -135,7 +161,7 @@ def hf_perplexity(model, tokenizer) -> tuple[float, int]:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_f32_logits_and_perplexity_match_transformers(converted, tokenizer, family):
-    model, _, path = converted[f"{family}-F32"]
+    model, _, path = converted[family]
     with measure.open_gguf(path, threads=2, context=MAX_LENGTH, logits=True, kv_cache="F32") as llm:
         for text in TEXTS:
             ids = measure.tokenize(llm, text, MAX_LENGTH)
@@ -155,7 +181,7 @@ def test_f32_logits_and_perplexity_match_transformers(converted, tokenizer, fami
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_tokens_are_the_same_as_transformers(converted, tokenizer, family):
-    model, _, path = converted[f"{family}-F32"]
+    model, _, path = converted[family]
     with measure.open_gguf(path, threads=2, context=MAX_LENGTH, logits=True, kv_cache="F32") as llm:
         got = measure.greedy(llm, PROMPT, 16)
     prompt = torch.tensor([got["prompt_ids"]])
@@ -167,23 +193,10 @@ def test_greedy_tokens_are_the_same_as_transformers(converted, tokenizer, family
     assert got["text"] == tokenizer.decode(got["tokens"])
 
 
-def test_q8_0_converts_smaller_and_measures_close_to_f32(converted):
-    _, _, f32 = converted["qwen2moe-F32"]
-    _, _, q8 = converted["qwen2moe-Q8_0"]
-    assert q8.stat().st_size < 0.35 * f32.stat().st_size  # 8.5 bits a weight against 32; vectors stay F32
-    results = []
-    for path in (f32, q8):
-        with measure.open_gguf(path, threads=2, context=MAX_LENGTH, logits=True) as llm:
-            results.append(measure.perplexity(llm, TEXTS, MAX_LENGTH))
-    assert results[1]["perplexity"] == pytest.approx(results[0]["perplexity"], rel=0.05)
-    speed = measure.speed(q8, threads=2, prompt_tokens=16, decode_tokens=4, repeats=2)
-    assert speed["prompt_tokens_per_s"] > 0 and speed["decode_tokens_per_s"] > 0 and len(speed["decode_seconds"]) == 2
-
-
 def test_llama_cpp_does_not_renormalise_qwen2moe_gates(converted, tokenizer):
     """norm_topk_prob true converts without a word, but llama.cpp computes Qwen2-MoE's top-k gates
     unrenormalised: such a model must be served as a class llama.cpp renormalises (Mixtral)."""
-    model, _, path = converted["qwen2moe-norm-F32"]
+    model, _, path = converted["qwen2moe-norm"]
     ids = tokenizer(TEXTS[1]).input_ids
     with measure.open_gguf(path, threads=2, context=MAX_LENGTH, logits=True, kv_cache="F32") as llm:
         assert np.abs(measure.logits_of(llm, ids) - hf_logits(model, ids)).max() > 0.1
@@ -193,24 +206,28 @@ def test_llama_cpp_does_not_renormalise_qwen2moe_gates(converted, tokenizer):
         assert np.abs(measure.logits_of(llm, ids) - hf_logits(model, ids)).max() < 1e-4
 
 
-def test_the_step_writes_ggufs_and_measurements(converted, tmp_path, mlflow_store):
+def test_the_step_writes_q8_0_close_to_f32_and_measures_it(converted, tmp_path, mlflow_store):
     from moefy.steps import gguf as step
 
-    _, folder, _ = converted["llama-F32"]
+    _, folder, f32 = converted["qwen2moe"]
     texts = tmp_path / "test.jsonl"
     texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     out = tmp_path / "out"
     flags = ["--types", "Q8_0", "--texts", str(texts), "--threads", "2", "--prompt-tokens", "8", "--decode-tokens", "4"]
-    step.main(["--model", str(folder), "--out", str(out), *flags, "--repeats", "1"])
+    step.main(["--model", str(folder), "--out", str(out), *flags, "--repeats", "2"])
     result = json.loads((out / step.RESULT).read_text())
-    (record,) = result["records"]
-    assert record["type"] == "Q8_0" and record["bytes"] == (out / "model-Q8_0.gguf").stat().st_size
-    assert result["max_length"] == MAX_LENGTH and record["predicted_tokens"] > 0 and record["decode_tokens_per_s"] > 0
     assert sorted(p.name for p in out.iterdir()) == ["gguf.json", "model-Q8_0.gguf"]  # no temporary file left
+    (q8,) = result["records"]
+    assert q8["type"] == "Q8_0" and q8["bytes"] == (out / "model-Q8_0.gguf").stat().st_size
+    assert q8["bytes"] < 0.35 * f32.stat().st_size  # 8.5 bits a weight against 32; vectors stay F32
+    assert result["max_length"] == MAX_LENGTH and q8["predicted_tokens"] > 0 and len(q8["decode_seconds"]) == 2
+    assert q8["prompt_tokens_per_s"] > 0 and q8["decode_tokens_per_s"] > 0
+    with measure.open_gguf(f32, threads=2, context=MAX_LENGTH, logits=True) as llm:  # the step's F16 KV cache
+        assert q8["perplexity"] == pytest.approx(measure.perplexity(llm, TEXTS, MAX_LENGTH)["perplexity"], rel=0.05)
 
 
 def test_an_architecture_llama_cpp_does_not_know_is_a_clear_error(converted, tmp_path):
-    _, folder, _ = converted["llama-F32"]
+    _, folder, _ = converted["llama"]
     unknown = tmp_path / "unknown"
     unknown.mkdir()
     for item in folder.iterdir():
@@ -223,7 +240,7 @@ def test_an_architecture_llama_cpp_does_not_know_is_a_clear_error(converted, tmp
 
 
 def test_bad_inputs_are_clear_errors(converted, tmp_path):
-    _, folder, _ = converted["llama-F32"]
+    _, folder, _ = converted["llama"]
     with pytest.raises(MoefyError, match=r"GGUF type 'Q4_K' is not one moefy writes; choose one of F32, F16, BF16, Q8_0"):
         to_gguf(folder, tmp_path / "x.gguf", "Q4_K")
     with pytest.raises(MoefyError, match=r"has no config.json; give the folder of an exported model"):
@@ -233,6 +250,17 @@ def test_bad_inputs_are_clear_errors(converted, tmp_path):
             pass
     damaged = tmp_path / "damaged.gguf"
     damaged.write_bytes(b"GGUF" + bytes(60))
-    with pytest.raises(MoefyError, match=r"llama.cpp could not load .*damaged.gguf; its log says:\n"):
+    with pytest.raises(MoefyError, match=r"could not load .*damaged.gguf; write it again(.|\n)*log says:\n.*failed to read"):
         with measure.open_gguf(damaged, threads=2, context=8):
             pass
+
+
+def test_a_llama_cpp_checkout_can_stand_in_for_the_fetched_converter(tmp_path, monkeypatch):
+    fetched = llama_cpp_source()
+    monkeypatch.setenv("MOEFY_LLAMA_CPP", str(fetched))
+    assert llama_cpp_source() == fetched
+    monkeypatch.setenv("MOEFY_LLAMA_CPP", str(tmp_path))
+    with pytest.raises(
+        MoefyError, match=r"\$MOEFY_LLAMA_CPP .* has no convert_hf_to_gguf.py or gguf-py; point it at a llama.cpp checkout"
+    ):
+        llama_cpp_source()

@@ -37,8 +37,9 @@ def _load_error(path: Path) -> str:
     """llama.cpp's own reason a file does not load (llama-cpp-python hides its log when not verbose)."""
     code = f"import llama_cpp; llama_cpp.Llama({str(path)!r}, n_ctx=8, verbose=True)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    lines = [line for line in proc.stderr.splitlines() if "error" in line.lower() or "failed" in line.lower()]
-    return "\n".join(lines[-5:]) or proc.stderr.strip()[-800:]
+    log = proc.stderr.split("Traceback")[0]  # llama.cpp's lines, not the Python error that follows them
+    lines = [line for line in log.splitlines() if "error" in line.lower() or "failed" in line.lower()]
+    return "\n".join(lines[-5:]) or log.strip()[-800:]
 
 
 @contextmanager
@@ -72,7 +73,10 @@ def open_gguf(
             verbose=False,
         )
     except ValueError:
-        raise MoefyError(f"llama.cpp could not load {path}; its log says:\n{_load_error(path)}") from None
+        raise MoefyError(
+            f"llama.cpp could not load {path}; write it again with this llama-cpp-python's converter "
+            f"(`python -m moefy.steps.gguf`). llama.cpp's log says:\n{_load_error(path)}"
+        ) from None
     try:
         yield llm
     finally:
