@@ -18,7 +18,6 @@ tokenizers it recognises), so the tiny models have a 50,257-token vocabulary.
 from __future__ import annotations
 
 import json
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from builders import gpt2_tokenizer
 from moefy.adapters.tasks import get_task
 from moefy.errors import MoefyError
 from moefy.serving import llama_cpp_measure as measure
@@ -43,52 +43,6 @@ TEXTS = [
 ]
 PROMPT = "Once upon a time, in a small village by the sea,"
 FAMILIES = ("qwen2moe", "llama", "mixtral")
-
-
-# GGUF metadata value types (gguf's GGUFValueType): struct formats of the scalars; 8 string, 9 array.
-SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-def gguf_metadata(path: Path) -> dict:
-    """A GGUF file's key/value header (gguf's GGUFReader takes seconds over 100,000 strings; this 0.4 s)."""
-    data, pos = path.read_bytes(), 24  # magic, version, tensor count, then the key count at 16
-
-    def read(fmt: str):
-        nonlocal pos
-        (value,) = struct.unpack_from("<" + fmt, data, pos)
-        pos += struct.calcsize("<" + fmt)
-        return value
-
-    def value(kind: int):
-        nonlocal pos
-        if kind == 8:
-            size = read("Q")
-            pos += size
-            return data[pos - size : pos].decode("utf-8")
-        if kind == 9:
-            inner, count = read("I"), read("Q")
-            return [value(inner) for _ in range(count)]
-        return read(SCALARS[kind])
-
-    metadata = {}
-    for _ in range(struct.unpack_from("<Q", data, 16)[0]):
-        key = value(8)
-        metadata[key] = value(read("I"))
-    return metadata
-
-
-def gpt2_tokenizer(source: Path):
-    """GPT-2's byte-level BPE rebuilt from llama.cpp's vocabulary file (tokens and merges)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    metadata = gguf_metadata(source / "models" / "ggml-vocab-gpt-2.gguf")
-    tokens, merges = metadata["tokenizer.ggml.tokens"], metadata["tokenizer.ggml.merges"]
-    bpe = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ")) for m in merges]))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    end = "<|endoftext|>"
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=end, eos_token=end, model_max_length=MAX_LENGTH)
 
 
 def tiny_config(family: str, vocab_size: int, **overrides):
@@ -128,7 +82,7 @@ def build(family: str, folder: Path, tokenizer, **overrides):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return gpt2_tokenizer(llama_cpp_source())
+    return gpt2_tokenizer(llama_cpp_source(), MAX_LENGTH)
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +188,9 @@ def test_an_architecture_llama_cpp_does_not_know_is_a_clear_error(converted, tmp
         (unknown / item.name).write_bytes(item.read_bytes())
     config = json.loads((unknown / "config.json").read_text())
     (unknown / "config.json").write_text(json.dumps(config | {"architectures": ["NoSuchModelForCausalLM"]}))
-    with pytest.raises(MoefyError, match=r"could not write .* as GGUF F32.*\n(.|\n)*NoSuchModelForCausalLM"):
+    with pytest.raises(
+        MoefyError, match=r"could not write .* as GGUF F32 .*: llama.cpp has no such architecture; export (.|\n)*NoSuch"
+    ):
         to_gguf(unknown, tmp_path / "unknown.gguf", "F32")
     assert not any(tmp_path.glob("*.gguf*")) and not any(tmp_path.glob(".unknown.gguf*"))
 

@@ -20,10 +20,20 @@ from moefy.serving.converter import SCRIPT, llama_cpp_source
 # (norms and other vectors stay F32 in every type).
 OUTTYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16", "Q8_0": "q8_0"}
 TAIL_LINES = 15
+# The converter's failures a user can act on: what its log says, what to do.
+HINTS = {
+    "is not supported": "llama.cpp has no such architecture; export the model as a class llama.cpp serves",
+    "pre-tokenizer was not recognized": "llama.cpp knows tokenizers by a hash of their output and not this one; "
+    "export the model with its base model's own tokenizer files",
+}
 
 
 def _tail(text: str) -> str:
     return "\n".join(text.strip().splitlines()[-TAIL_LINES:])
+
+
+def _hint(log: str) -> str:
+    return next((hint for pattern, hint in HINTS.items() if pattern in log), "its last lines say why")
 
 
 def to_gguf(
@@ -45,10 +55,10 @@ def to_gguf(
         env.pop("NO_LOCAL_GGUF", None)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
+            log = proc.stdout + proc.stderr
             raise MoefyError(
-                f"llama.cpp's converter could not write {folder} as GGUF {outtype} (exit status {proc.returncode}); "
-                f"its last lines say why (an architecture or tokenizer llama.cpp does not know cannot be served there):\n"
-                f"{_tail(proc.stdout + proc.stderr)}"
+                f"llama.cpp's converter could not write {folder} as GGUF {outtype} (exit status {proc.returncode}): "
+                f"{_hint(log)}. Its last lines:\n{_tail(log)}"
             )
         if tmp.stat().st_size == 0:
             raise MoefyError(
