@@ -70,11 +70,13 @@ def tiny_config(family: str, vocab_size: int, **overrides):
     return LlamaConfig(**common, **overrides)
 
 
-def build(family: str, folder: Path, tokenizer, **overrides):
+def build(family: str, folder: Path, tokenizer, zero_shared_gate: bool = False, **overrides):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer), **overrides)).eval()
+    for layer in model.model.layers if zero_shared_gate else ():
+        layer.mlp.shared_expert_gate.weight.data.zero_()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model
@@ -88,10 +90,11 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, tokenizer):
     """{name: (transformers model, folder, F32 GGUF file)}: the three families, and a Qwen2-MoE with
-    renormalised gates (norm_topk_prob true); two conversions at a time."""
+    renormalised gates (norm_topk_prob true), one with all-zero shared-expert gates; two conversions at a time."""
     root = tmp_path_factory.mktemp("gguf")
     builds = {family: (family, {}) for family in FAMILIES} | {"qwen2moe-norm": ("qwen2moe", {"norm_topk_prob": True})}
     models = {name: build(family, root / name, tokenizer, **kw) for name, (family, kw) in builds.items()}
+    models["qwen2moe-zero-gate"] = build("qwen2moe", root / "qwen2moe-zero-gate", tokenizer, zero_shared_gate=True)
     with ThreadPoolExecutor(2) as pool:
         files = pool.map(lambda name: to_gguf(root / name, root / f"{name}-F32.gguf", "F32"), models)
     return {name: (models[name], root / name, path) for name, path in zip(models, files)}
@@ -158,6 +161,15 @@ def test_llama_cpp_does_not_renormalise_qwen2moe_gates(converted, tokenizer):
         for layer in model.model.layers:
             layer.mlp.gate.norm_topk_prob = False
         assert np.abs(measure.logits_of(llm, ids) - hf_logits(model, ids)).max() < 1e-4
+
+
+def test_an_all_zero_shared_expert_gate_is_a_clear_error_not_nan(converted, tokenizer):
+    """transformers computes sigmoid(0) = 0.5; llama.cpp computes it as silu(0) / 0 = NaN."""
+    model, _, path = converted["qwen2moe-zero-gate"]
+    with measure.open_gguf(path, threads=2, context=MAX_LENGTH, logits=True) as llm:
+        with pytest.raises(MoefyError, match=r"non-finite logits(.|\n)*all-zero weights(.|\n)*tiny non-zero weights"):
+            measure.perplexity(llm, TEXTS, MAX_LENGTH)
+    assert np.isfinite(hf_logits(model, tokenizer(TEXTS[0]).input_ids)).all()
 
 
 def test_the_step_writes_q8_0_close_to_f32_and_measures_it(converted, tmp_path, mlflow_store):

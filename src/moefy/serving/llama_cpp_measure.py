@@ -96,7 +96,17 @@ def logits_of(llm, ids: Sequence[int]) -> np.ndarray:
         )
     llm.reset()
     llm.eval(list(ids))
-    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    return _finite(np.array(llm.scores[: len(ids)], dtype=np.float32))
+
+
+def _finite(logits: np.ndarray) -> np.ndarray:
+    if not np.isfinite(logits).all():
+        raise MoefyError(
+            "llama.cpp computed non-finite logits for this file. A shared expert's sigmoid gate with all-zero "
+            "weights does this (llama.cpp computes sigmoid(x) as silu(x) / x, 0/0 at x = 0): export such a gate with "
+            "tiny non-zero weights (1e-20 gives sigmoid 0.5 exactly in float32) instead"
+        )
+    return logits
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -138,7 +148,7 @@ def greedy(llm, prompt: str, new_tokens: int) -> dict:
     llm.eval(ids)
     tokens: list[int] = []
     for _ in range(new_tokens):
-        tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        tokens.append(int(np.argmax(_finite(llm.scores[llm.n_tokens - 1]))))
         llm.eval([tokens[-1]])
     return {"prompt_ids": ids, "tokens": tokens, "text": llm.detokenize(tokens).decode("utf-8", errors="replace")}
 
