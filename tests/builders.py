@@ -1,11 +1,13 @@
 """Tiny models and data built in the tests: a random 2-layer BERT and a random model of every
 supported family (d_model 32, 2 heads, the toy vocabulary's tokenizer), a learnable toy sentiment
-CSV shaped like the Rotten Tomatoes file, and a synthetic FFN for the MoE layer's unit tests."""
+CSV shaped like the Rotten Tomatoes file, a synthetic FFN for the MoE layer's unit tests, and a real
+tokenizer (GPT-2's, from llama.cpp's source) for models converted to GGUF."""
 
 from __future__ import annotations
 
 import csv
 import random
+import struct
 from pathlib import Path
 
 import torch
@@ -177,3 +179,51 @@ def synthetic_ffn(d: int, d_ff: int, gated: bool, bias: bool, act: torch.nn.Modu
         lambda m: None,
         w_gate=nn.Linear(d, d_ff, bias=bias) if gated else None,
     )
+
+
+# GGUF metadata value types (gguf's GGUFValueType): struct formats of the scalars; 8 string, 9 array.
+SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_metadata(path: Path) -> dict:
+    """A GGUF file's key/value header (gguf's GGUFReader takes seconds over 100,000 strings; this 0.4 s)."""
+    data, pos = path.read_bytes(), 24  # magic, version, tensor count, then the key count at 16
+
+    def read(fmt: str):
+        nonlocal pos
+        (value,) = struct.unpack_from("<" + fmt, data, pos)
+        pos += struct.calcsize("<" + fmt)
+        return value
+
+    def value(kind: int):
+        nonlocal pos
+        if kind == 8:
+            size = read("Q")
+            pos += size
+            return data[pos - size : pos].decode("utf-8")
+        if kind == 9:
+            inner, count = read("I"), read("Q")
+            return [value(inner) for _ in range(count)]
+        return read(SCALARS[kind])
+
+    metadata = {}
+    for _ in range(struct.unpack_from("<Q", data, 16)[0]):
+        key = value(8)
+        metadata[key] = value(read("I"))
+    return metadata
+
+
+def gpt2_tokenizer(source: Path, max_length: int):
+    """GPT-2's byte-level BPE (50,257 tokens) rebuilt from llama.cpp's copy of its vocabulary in `source`
+    (moefy.serving.converter.llama_cpp_source()): a tokenizer llama.cpp's converter recognises, which
+    the toy vocabulary's is not, for tiny models exported to GGUF."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    metadata = gguf_metadata(source / "models" / "ggml-vocab-gpt-2.gguf")
+    tokens, merges = metadata["tokenizer.ggml.tokens"], metadata["tokenizer.ggml.merges"]
+    bpe = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, [tuple(m.split(" ")) for m in merges]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    end = "<|endoftext|>"
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=end, eos_token=end, model_max_length=max_length)

@@ -451,7 +451,12 @@ def test_no_module_imports_a_step_and_no_architecture_is_named_outside_the_adapt
         else:
             assert not re.search(r"^\s*from moefy\.steps", text, re.M), f"{path} imports another step"
         if path.parent.name != "adapters":  # families.py names them; the FFN, attention and SMoE adapters describe their layouts
-            names = re.findall(r"\b(bert|roberta|distilbert|electra|camembert|t5|gpt-?2|llama|mistral|qwen2?)\b", text, re.I)
+            # llama.cpp (llama_cpp, llama-cpp-python, its class llama_cpp.Llama) is a runtime, not an architecture.
+            names = re.findall(
+                r"\b(bert|roberta|distilbert|electra|camembert|t5|gpt-?2|(?<!llama_cpp\.)llama(?![._-]cpp)|mistral|qwen2?)\b",
+                text,
+                re.I,
+            )
             assert not names, f"{path} names an architecture: {sorted(set(names))}"
 
 
