@@ -1,0 +1,1 @@
+"""What moefy's models are served with: folders other runtimes load unchanged."""
