@@ -42,14 +42,20 @@ else:
     raise SystemExit(f"moefy is importable from {moefy.__file__}")
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
-logits = {}
-for folder in sys.argv[3:]:
+def run(folder):
     model = AutoModelForSequenceClassification.from_pretrained(folder, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
     with torch.no_grad():
         out = model(**tokenizer(json.loads(sys.argv[2]), padding=True, return_tensors="pt"), output_hidden_states=True)
-    logits[folder] = [out.logits.tolist(), out.hidden_states[-1].tolist()]
-print(json.dumps(logits))
+    return model, [out.logits.tolist(), out.hidden_states[-1].tolist()]
+got = {}
+for folder in sys.argv[3:]:
+    model, got[folder] = run(folder)
+    if folder == sys.argv[3]:  # saved by transformers, it loads again (the modeling file copied, auto_map kept)
+        model.save_pretrained("resaved")
+        AutoTokenizer.from_pretrained(folder, trust_remote_code=True).save_pretrained("resaved")
+        got["resaved"] = run("resaved")[1]
+print(json.dumps(got))
 """
 
 
@@ -114,6 +120,7 @@ def test_the_remote_code_folder_gives_moefys_logits_without_moefy(exported, fine
     batch = tokenizer(TEXTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         dense_states = dense(**batch, output_hidden_states=True).hidden_states[-1]
+    assert got["resaved"] == got[str(remote[CASES[0][0]])]  # the child saved the first folder again
     for router, folder in exported.items():
         model, _ = load_moe(folder)
         with torch.no_grad():

@@ -35,8 +35,9 @@ class MoefyConfig(PretrainedConfig):
         # A subclass of the base family's config class, so that its model code reads it as its own, and of
         # its name, which transformers' auto classes look classes up by (a classifier may build its body
         # with AutoModel).
+        # Saving it keeps config.json's auto_map as it is (no _auto_class to write under that name).
         base = CONFIG_MAPPING[config_dict["moefy"]["base_model_type"]]
-        return type(base.__name__, (MoefyConfig, base), {}).from_dict(config_dict, **kwargs)
+        return type(base.__name__, (MoefyConfig, base), {"_auto_class": None}).from_dict(config_dict, **kwargs)
 
 
 class MoefyForSequenceClassification(PreTrainedModel):
@@ -62,7 +63,9 @@ def moe_classifier(config) -> type:
         base.__init__(self, config)
         install_moe(self, config.moefy)
 
-    return type(f"Moefy{name}", (base,), {"__init__": __init__, "config_class": type(config)})
+    # Named and registered as what auto_map names, so that save_pretrained writes this file and that name again.
+    attributes = {"__init__": __init__, "config_class": type(config), "_auto_class": "AutoModelForSequenceClassification"}
+    return type("MoefyForSequenceClassification", (base,), attributes)
 
 
 def install_moe(model: nn.Module, spec: dict) -> None:
