@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from moefy.adapters.ffn import ffn_paths
+from moefy.adapters.attention import PROJECTIONS_FILE
+from moefy.adapters.ffn import FFNPath, ffn_paths
 from moefy.adapters.models import load_model
 from moefy.conversion.shared import shared_experts_of
 from moefy.errors import MoefyError
@@ -50,7 +51,7 @@ def check_representable(folder: Path, meta: dict[str, str]) -> None:
         raise MoefyError(
             f"{folder} has {meta['router']!r} routers; the remote-code model computes {', '.join(modeling_moefy.ROUTERS)}"
         )
-    if any(folder.glob("projections.safetensors")):
+    if (folder / PROJECTIONS_FILE).is_file():
         raise MoefyError(f"{folder} has distilled attention projections, which the remote-code model does not compute")
 
 
@@ -108,7 +109,7 @@ def layer_tensors(layer: MoEFFN) -> dict[str, torch.Tensor]:
     return {name: t for name, t in stacked.items() if t is not None} | router
 
 
-def spec(base_model_type: str, meta: dict[str, str], layers: list[MoEFFN], paths) -> dict:
+def spec(base_model_type: str, meta: dict[str, str], layers: list[MoEFFN], paths: list[FFNPath]) -> dict:
     """config.json's `moefy` section: what the template builds (one set of shapes for every layer)."""
     first = layers[0]
     router: dict = {"kind": meta["router"]}
