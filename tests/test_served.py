@@ -125,3 +125,14 @@ def test_what_has_no_exact_form_is_refused_and_nothing_written(decoder, tmp_path
     with pytest.raises(MoefyError, match=named):
         write_served(model, moes, load_tokenizer(str(decoder)), decoder, tmp_path / "served")
     assert not (tmp_path / "served").exists()
+
+
+def test_tied_embeddings_are_written_untied_as_llama_cpp_needs(decoder, tmp_path):
+    model, moes = converted(decoder, 2, scale=0.5)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    write_served(model, moes, load_tokenizer(str(decoder)), decoder, tmp_path / "served")
+    served = AutoModelForCausalLM.from_pretrained(tmp_path / "served").eval()
+    assert not served.config.tie_word_embeddings
+    assert torch.equal(served.lm_head.weight, model.model.embed_tokens.weight.detach())
+    assert served.lm_head.weight.data_ptr() != served.model.embed_tokens.weight.data_ptr()

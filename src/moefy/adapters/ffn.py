@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from moefy.adapters.families import Slot, family, is_dense_family
+from moefy.errors import MoefyError
 
 
 @dataclass
@@ -185,6 +186,33 @@ def find_ffns(model: nn.Module) -> list[FFN]:
         for i, s in enumerate(family(model).ffns(model))
     ]
     return ffns + distilled_ffns(model, start=len(ffns))
+
+
+@dataclass(frozen=True)
+class FFNPath:
+    """Where one of a model's FFN blocks sits, as dotted module names: what a model file written for
+    another runtime replaces (moefy.serving.remote_code). `clear` is the sibling that becomes the
+    identity when the block is replaced (None where there is none)."""
+
+    block: str
+    act: str
+    clear: str | None
+
+
+def ffn_paths(model: nn.Module) -> list[FFNPath]:
+    """The model's own FFN blocks (not distilled projections), in find_ffns order, before any is replaced."""
+    names = {id(module): name for name, module in model.named_modules()}
+
+    def path(slot: Slot) -> str:
+        parent, attribute = slot
+        return f"{names[id(parent)]}.{attribute}".lstrip(".")
+
+    found = []
+    for slots in family(model).ffns(model):
+        if id(slots.act) not in names:
+            raise MoefyError(f"the activation of {path(slots.block)} is not a module of the model, so no model file can name it")
+        found.append(FFNPath(path(slots.block), names[id(slots.act)], None if slots.clear is None else path(slots.clear)))
+    return found
 
 
 def self_attention(config) -> tuple[int, int]:

@@ -153,7 +153,8 @@ def served_config(base, layout: Layout, dense_layers: list[int]):
         max_position_embeddings=base.max_position_embeddings,
         rms_norm_eps=base.rms_norm_eps,
         rope_parameters=copy.deepcopy(base.rope_parameters),
-        tie_word_embeddings=base.tie_word_embeddings,
+        # untied: llama.cpp loads no Qwen2-MoE without its own output matrix (the embeddings are copied)
+        tie_word_embeddings=False,
         attention_dropout=0.0,
         bos_token_id=base.bos_token_id,
         eos_token_id=base.eos_token_id,
@@ -216,8 +217,8 @@ def served_checkpoint(model: nn.Module, moes: dict[int, SparseMoE]) -> tuple[obj
     state = {k: t.detach().float().contiguous() for k, t in model.state_dict().items() if not k.startswith(moe_blocks)}
     for i, moe in moes.items():  # Qwen2-MoE's dense layers keep the base's MLP names
         state |= moe_tensors(f"model.layers.{i}.{'block_sparse_moe' if mixtral else 'mlp'}", moe, layout, mixtral)
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
+    # tied in the base: the output matrix is a copy of the embeddings (safetensors stores no shared tensors)
+    state["lm_head.weight"] = state.get("lm_head.weight", state["model.embed_tokens.weight"]).clone()
     return config, state
 
 

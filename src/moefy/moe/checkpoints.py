@@ -108,8 +108,16 @@ def save_moe(
 
 def load_moe(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, object]:
     """The exported model, in eval mode with its MoE layers at the exported budget, and its tokenizer."""
-    folder = Path(folder)
-    moe_file = folder / MOE_FILE
+    meta, labels, routers = read_moe(folder)
+    model = load_model(str(folder), meta.get("task", "classification")).to(device).eval()
+    layers: list[MoEFFN] = moefy_model(model, labels, routers, int(meta["num_experts"]), shared_experts=shared_experts_of(meta))
+    set_experts_per_token(layers, int(meta["k"]))
+    return model, load_tokenizer(str(folder))
+
+
+def moe_metadata(folder: str | os.PathLike) -> dict[str, str]:
+    """An exported folder's MoE metadata (router, expert counts, rule, k, task), its format checked."""
+    moe_file = Path(folder) / MOE_FILE
     if not moe_file.is_file():
         raise MoefyError(f"{folder} has no {MOE_FILE}: it is not a model exported by moefy (python -m moefy.steps.export)")
     meta = tensors_metadata(moe_file)
@@ -117,15 +125,17 @@ def load_moe(folder: str | os.PathLike, device: str | torch.device = "cpu") -> t
         raise MoefyError(
             f"{moe_file} is format {meta.get('format')!r}; this moefy reads {FORMAT!r}. Export it again with this version"
         )
-    tensors = load_tensors(moe_file)
+    return meta
+
+
+def read_moe(folder: str | os.PathLike) -> tuple[dict[str, str], dict[int, torch.Tensor], dict[int, torch.nn.Module]]:
+    """An exported folder's metadata (moe_metadata), expert labels and routers by layer."""
+    meta = moe_metadata(folder)
+    tensors = load_tensors(Path(folder) / MOE_FILE)
     labels = {int(key.split(".")[1]): t.long() for key, t in tensors.items() if key.startswith("labels.")}
     num_experts, shared = int(meta["num_experts"]), shared_experts_of(meta)
     router_weights = {key.removeprefix("router."): t for key, t in tensors.items() if key.startswith("router.")}
-    routers = build_routers(meta["router"], router_weights, labels, num_experts, shared)
-    model = load_model(str(folder), meta.get("task", "classification")).to(device).eval()
-    layers: list[MoEFFN] = moefy_model(model, labels, routers, num_experts, shared_experts=shared)
-    set_experts_per_token(layers, int(meta["k"]))
-    return model, load_tokenizer(str(folder))
+    return meta, labels, build_routers(meta["router"], router_weights, labels, num_experts, shared)
 
 
 # -- trained MoE models (upcycled) ----------------------------------------------------------------

@@ -1,1 +1,2 @@
-"""What moefy's models are served with: GGUF files for llama.cpp, written by llama.cpp's own converter and measured in llama.cpp."""
+"""What moefy's models are served with: folders and files other runtimes load unchanged (GGUF for
+llama.cpp, written by llama.cpp's own converter; encoders with transformers' remote code)."""

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from moefy.conversion.routers import budget_to_k
 from moefy.moe.checkpoints import read_moe_parts, save_moe
+from moefy.serving.remote_code import write_remote_code
 from moefy.workflow import tracking
 from moefy.workflow.cli import ablation, run_step, step_parser
 
@@ -23,6 +24,11 @@ def parse_args(argv: list[str] | None):
         "--router-file", required=True, type=Path, help="router/<variant>/<split>-E<E>-<router>/router.safetensors"
     )
     parser.add_argument("--budget", required=True, type=float, help="share of experts per token, in (0, 1]")
+    parser.add_argument(
+        "--remote-code",
+        type=Path,
+        help="also write this folder: the model for transformers' custom-code loading, no moefy needed (moefy.serving.remote_code)",
+    )
     args = parser.parse_args(argv)
     if not 0 < args.budget <= 1:
         parser.error(f"--budget {args.budget}: must be in (0, 1]")
@@ -42,6 +48,10 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         run.set_tags({"export.folder": str(args.out)})
+        if args.remote_code is not None:
+            write_remote_code(args.out, args.remote_code)
+            print(f"wrote its remote-code form to {args.remote_code}", flush=True)
+            run.set_tags({"export.remote_code": str(args.remote_code)})
 
 
 if __name__ == "__main__":
