@@ -76,7 +76,7 @@ def test_offline_task_gives_evaluates_loglikelihood(tiny_llama):
     # a word per token here, so lm-eval's own word perplexity is the same number
     assert offline["word_perplexity"] == pytest.approx(offline["perplexity"], rel=1e-9)
     assert offline["bits_per_byte"] == pytest.approx(nll / sum(len(t) for t in TEXTS) / math.log(2), rel=TOLERANCE)
-    assert result["tasks"] == {} and result["lm_eval"]["max_length"] == 64
+    assert result["tasks"] == {} and offline["max_length"] == 64
 
 
 def exported_moe(dense, folder):
@@ -91,6 +91,19 @@ def exported_moe(dense, folder):
         labels[ffn.index] = torch.randperm(ffn.d_ff) % 4
         routers[ffn.index] = MLPRouter(ffn.d_model, 4)
     return save_moe(dense, labels, routers, "mlp", 4, 0.5, folder, task="causal_lm")
+
+
+def upcycled(dense, folder, routing="top_k"):
+    """The tiny LLaMA upcycled by moefy (every other FFN into 4 experts), saved as train_moe saves it."""
+    from moefy.adapters.models import load_tokenizer
+    from moefy.moe.checkpoints import save_sparse_moe
+    from moefy.moe.sparse import Routing
+    from moefy.training.upcycling import upcycle_model
+
+    torch.manual_seed(0)
+    model = load_model(str(dense), "causal_lm")
+    moes = upcycle_model(model, "every_other", 4, Routing(routing, k=2), drop_ratio=0.5, seed=3)
+    return save_sparse_moe(model, moes, load_tokenizer(str(dense)), folder, "causal_lm")
 
 
 def hf_moe(dense, folder):
@@ -108,13 +121,24 @@ def hf_moe(dense, folder):
     return folder
 
 
-@pytest.mark.parametrize(("make", "kind"), [(exported_moe, "moefy MoE"), (hf_moe, "transformers")], ids=["moefy", "qwen2_moe"])
+MOES = [(exported_moe, "moefy MoE"), (upcycled, "moefy sparse MoE"), (hf_moe, "transformers")]
+
+
+@pytest.mark.parametrize(("make", "kind"), MOES, ids=["exported", "upcycled", "qwen2_moe"])
 def test_moe_models_give_evaluates_loglikelihood_too(tiny_llama, tmp_path, make, kind):
     model, tokenizer, loaded_as = harness.load_causal_lm(str(make(tiny_llama, tmp_path / "moe")))
     offline = harness.evaluate(model, tokenizer, TEXTS, batch_size=2)["offline"]
     nll, count = evaluates_loglikelihood(model, tokenizer)
     assert loaded_as == kind and offline["same_as_evaluate"] and offline["tokens"] == count
     assert offline["loglikelihood"] == pytest.approx(-nll, rel=TOLERANCE)
+
+
+def test_expert_choice_runs_one_text_at_a_time_and_says_it_differs(tiny_llama, tmp_path):
+    model, tokenizer, _ = harness.load_causal_lm(str(upcycled(tiny_llama, tmp_path / "moe", "expert_choice")))
+    offline = harness.offline(model, tokenizer, TEXTS, None, 4)
+    assert offline["batch_size"] == 1 and offline["differences_from_evaluate"] == [
+        "5 texts: expert choice routes each batch as a whole, and evaluate's batches are others"
+    ]
 
 
 def test_says_where_evaluate_predicts_other_tokens(tiny_llama):
@@ -153,13 +177,33 @@ def test_unloadable_tasks_and_inputs_are_one_clear_error(tiny_llama, tmp_path, m
         harness.load_causal_lm(str(build_tiny("bert", tmp_path / "bert")))
 
 
+def test_named_tasks_give_lm_evals_metrics(tiny_llama, tmp_path):
+    """A task of lm-eval's own kinds (multiple choice) from a local file, as a hub task runs once loaded."""
+    from lm_eval.tasks import TaskManager
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(TEXTS)))
+    choice = {
+        "task": "toy_choice",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(tmp_path / "docs.jsonl")}},
+    }
+    choice |= {"output_type": "multiple_choice", "test_split": "test", "doc_to_text": "{{text}} it was"}
+    choice |= {"doc_to_choice": ["good", "bad"], "doc_to_target": "{{label}}", "metric_list": [{"metric": "acc"}]}
+    (tmp_path / "toy_choice.yaml").write_text(json.dumps(choice))
+    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    model, tokenizer, _ = harness.load_causal_lm(str(tiny_llama))
+    metrics = harness.named_tasks(manager, harness.load_tasks(manager, ["toy_choice"]), model, tokenizer, None, 4)
+    assert set(metrics) == {"toy_choice"} and {"acc", "acc_stderr"} <= set(metrics["toy_choice"])
+    assert metrics["toy_choice"]["acc"] in {i / len(TEXTS) for i in range(len(TEXTS) + 1)}
+
+
 def test_step_writes_its_json_and_mlflow_run(tiny_llama, tmp_path, mlflow_store):
     texts = tmp_path / "test.jsonl"
     texts.write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS))
     out = tmp_path / "harness.json"
     harness_step.main(["--model", str(tiny_llama), "--texts", str(texts), "--out", str(out), "--max-length", "8"])
     result = json.loads(out.read_text())
-    assert result["model_kind"] == "transformers" and result["lm_eval"]["max_length"] == 8
+    assert result["model_kind"] == "transformers" and result["offline"]["max_length"] == 8
     assert result["offline"]["differences_from_evaluate"] == [
         "2 texts: longer than lm-eval's max_length 8: it predicts them in windows"
     ]

@@ -11,11 +11,11 @@ when the tokenizer prepends exactly its BOS and appends nothing, and the text fi
 (`differences_from_evaluate` says which texts do not): then `perplexity` below, exp(-loglikelihood /
 tokens), is evaluate's test perplexity of the same model. lm-eval's own default (add_bos_token
 unset) would also encode the BOS and predict it from the prefix BOS: a meaningless extra token per
-text, so it is turned off here for every task.
+text, so it is turned off for this task; named tasks run with lm-eval's own settings.
 
 lm-eval calls the model with no attention mask and pads on the right. A causal model's real
-positions never see the padding, unless its routing compares tokens (expert choice, expert
-capacity): such a model runs one text per forward.
+positions never see the padding, unless its experts choose their tokens among the whole batch
+(expert choice): such a model runs one text per forward, and is never the same as evaluate.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM
 
+from moefy.adapters.families import is_dense_family
 from moefy.adapters.models import load_config, load_model, load_tokenizer
-from moefy.adapters.smoe import CapacityLimited
 from moefy.data.batches import Encoded
 from moefy.errors import MoefyError
 from moefy.files import tensors_metadata
@@ -41,20 +42,32 @@ OFFLINE_METRICS = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # transformers' names of next-token heads
 
 
-def load_causal_lm(folder: str) -> tuple[torch.nn.Module, object, str]:
-    """(float32 model in eval mode, tokenizer, what it is) of a model folder: one exported by moefy
-    (moe.safetensors: moefy.export.load_moe), a sparse MoE moefy trained (sparse_moe.safetensors:
-    load_sparse_moe), or a plain transformers causal LM (dense, or a Hugging Face MoE class)."""
-    path = Path(folder)
-    if not path.is_dir():
-        raise MoefyError(f"model folder {folder} does not exist; give a folder with config.json, weights and tokenizer")
-    for file, loader, kind in ((MOE_FILE, load_moe, "moefy MoE"), (SPARSE_FILE, load_sparse_moe, "moefy sparse MoE")):
+def _moefy_moe(path: Path) -> tuple[torch.nn.Module, object, str] | None:
+    """A model moefy exported (moe.safetensors) or trained as a sparse MoE (sparse_moe.safetensors),
+    through moefy's own loaders; None for any other folder."""
+    for file, kind in ((MOE_FILE, "moefy MoE"), (SPARSE_FILE, "moefy sparse MoE")):
         if (path / file).is_file():
             task = tensors_metadata(path / file).get("task", "classification")
             if task != "causal_lm":
-                raise MoefyError(f"{folder} is a moefy MoE of task {task}, not a causal LM: lm-eval needs task causal_lm")
-            model, tokenizer = (loaded := loader(path))[0], loaded[-1]
+                raise MoefyError(f"{path} is a moefy MoE of task {task}, not a causal LM: lm-eval needs task causal_lm")
+            if file == MOE_FILE:
+                model, tokenizer = load_moe(path)
+            else:
+                model, _, tokenizer = load_sparse_moe(path)
             return model.float().eval(), tokenizer, kind
+    return None
+
+
+def load_causal_lm(folder: str) -> tuple[torch.nn.Module, object, str]:
+    """(float32 model in eval mode, tokenizer, what it is) of a model folder: one moefy exported or
+    trained (its MoE layers in place), or a plain transformers causal LM (dense, or a Hugging Face
+    MoE class)."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise MoefyError(f"model folder {folder} does not exist; give a folder with config.json, weights and tokenizer")
+    moe = _moefy_moe(path)
+    if moe is not None:
+        return moe
     config = load_config(folder)
     architectures = getattr(config, "architectures", None) or []
     if not any(name.endswith(_CAUSAL_SUFFIXES) for name in architectures):
@@ -62,12 +75,8 @@ def load_causal_lm(folder: str) -> tuple[torch.nn.Module, object, str]:
             f"{folder} holds a {', '.join(architectures) or config.model_type} model, not a causal LM with a next-token "
             "head (a *ForCausalLM class): lm-eval scores next-token predictions; save the model with its LM head"
         )
-    from moefy.adapters.families import is_dense_family
-
     if is_dense_family(config):  # moefy's loader: a distilled model's attention projections too
         return load_model(folder, "causal_lm").eval(), load_tokenizer(folder), "transformers"
-    from transformers import AutoModelForCausalLM
-
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     except (OSError, ValueError) as err:
@@ -76,11 +85,8 @@ def load_causal_lm(folder: str) -> tuple[torch.nn.Module, object, str]:
 
 
 def compares_tokens(model: torch.nn.Module) -> bool:
-    """Whether a token's routing depends on the other tokens of the batch (expert choice, capacity)."""
-    return any(
-        isinstance(m, CapacityLimited) or getattr(getattr(m, "routing", None), "kind", None) == "expert_choice"
-        for m in model.modules()
-    )
+    """Whether a token's experts depend on the other tokens of its batch (expert-choice routing)."""
+    return any(getattr(getattr(m, "routing", None), "kind", None) == "expert_choice" for m in model.modules())
 
 
 def write_offline_task(texts: Sequence[str], folder: Path) -> None:
@@ -160,20 +166,24 @@ def _metrics(entry: dict) -> dict[str, float]:
     return out
 
 
-def evaluate(
-    model: torch.nn.Module,
-    tokenizer,
-    texts: Sequence[str],
-    tasks: Sequence[str] = (),
-    max_length: int | None = None,
-    batch_size: int = 16,
-) -> dict:
-    """lm-eval on the offline task of `texts` and on the named `tasks`: {"offline": its metrics, its
-    total log-likelihood, predicted tokens and token perplexity, and how it differs from step evaluate;
-    "tasks": {name: {metric: value}}; "lm_eval": the settings it ran with}."""
+def nonblank(texts: Sequence[str]) -> list[str]:
+    """The texts with something to predict in them; none at all is an error."""
     texts = [text for text in texts if text.strip()]
     if not texts:
         raise MoefyError("no held-out texts to evaluate on: give a file with at least one non-blank text")
+    return texts
+
+
+def _quiet() -> None:
+    """lm-eval's INFO lines (one per setting it fills in) would drown the step's own output."""
+    for name in ("lm-eval", "lm_eval"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def offline(model: torch.nn.Module, tokenizer, texts: Sequence[str], max_length: int | None, batch_size: int) -> dict:
+    """lm-eval's loglikelihood_rolling on the texts: its metrics, the total log-likelihood, the
+    predicted tokens and their perplexity, and why it differs from step evaluate where it does."""
+    texts = nonblank(texts)
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if prefix is None:
         raise MoefyError("the tokenizer has neither a BOS nor an EOS token, which lm-eval predicts each text's first token from")
@@ -181,11 +191,11 @@ def evaluate(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    if compares_tokens(model) and batch_size != 1:
-        print("the model's routing compares tokens (expert choice or capacity): one text per forward", flush=True)
+    _quiet()
+    batch_dependent = compares_tokens(model)
+    if batch_dependent and batch_size != 1:
+        print("the model routes by expert choice, where padding would take capacity: one text per forward", flush=True)
         batch_size = 1
-    for name in ("lm-eval", "lm_eval"):  # its per-request INFO lines would drown the step's own output
-        logging.getLogger(name).setLevel(logging.WARNING)
     lm = HFLM(
         pretrained=model,
         tokenizer=tokenizer,
@@ -197,13 +207,14 @@ def evaluate(
     )
     with tempfile.TemporaryDirectory(prefix="moefy-lm-eval-") as folder:
         write_offline_task(texts, Path(folder))
-        manager = TaskManager(include_path=folder, include_defaults=bool(tasks))
-        loaded = load_tasks(manager, [OFFLINE_TASK, *tasks])
-        results = lm_eval.simple_evaluate(model=lm, tasks=loaded, task_manager=manager, log_samples=True)
+        manager = TaskManager(include_path=folder, include_defaults=False)
+        results = lm_eval.simple_evaluate(model=lm, tasks=load_tasks(manager, [OFFLINE_TASK]), task_manager=manager)
     loglikelihood = sum(float(sample["filtered_resps"][0]) for sample in results["samples"][OFFLINE_TASK])
     tokens = sum(len(lm.tok_encode(text)) for text in texts)
     differences = differences_from_evaluate(tokenizer, texts, prefix, lm.max_length)
-    offline = {
+    if batch_dependent:
+        differences.append(f"{len(texts)} texts: expert choice routes each batch as a whole, and evaluate's batches are others")
+    return {
         "documents": len(texts),
         "tokens": tokens,
         "loglikelihood": loglikelihood,
@@ -211,12 +222,45 @@ def evaluate(
         **{name: value for name, value in _metrics(results["results"][OFFLINE_TASK]).items() if name in OFFLINE_METRICS},
         "same_as_evaluate": not differences,
         "differences_from_evaluate": differences,
+        "max_length": lm.max_length,
+        "batch_size": batch_size,
+        "prefix_token_id": prefix,
     }
-    named = {
-        name: _metrics(entry)
-        for part in ("results", "groups")
-        for name, entry in results.get(part, {}).items()
-        if name != OFFLINE_TASK
-    }
-    settings = {"version": lm_eval.__version__, "max_length": lm.max_length, "batch_size": batch_size, "prefix_token_id": prefix}
-    return {"offline": offline, "tasks": named, "lm_eval": settings}
+
+
+def named_tasks(manager, tasks: list, model: torch.nn.Module, tokenizer, max_length: int | None, batch_size: int) -> dict:
+    """lm-eval's metrics of loaded tasks ({task or group: {metric: value}}), with lm-eval's own
+    settings (the tokenizer's special tokens as it adds them), so they compare with published runs."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    _quiet()
+    batch_size = 1 if compares_tokens(model) else batch_size
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, max_length=max_length)
+    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager)
+    return {name: _metrics(entry) for part in ("results", "groups") for name, entry in results.get(part, {}).items()}
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer,
+    texts: Sequence[str],
+    tasks: Sequence[str] = (),
+    max_length: int | None = None,
+    batch_size: int = 16,
+) -> dict:
+    """lm-eval on the offline task of `texts` (`offline`) and on the named `tasks`, whose datasets
+    are loaded first, so that one that cannot be is an error before anything runs:
+    {"offline": ..., "tasks": {name: {metric: value}}, "lm_eval": its version}."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    texts = nonblank(texts)  # before the tasks' datasets load
+    if not tasks:
+        return {"offline": offline(model, tokenizer, texts, max_length, batch_size), "tasks": {}, "lm_eval": lm_eval.__version__}
+    _quiet()
+    manager = TaskManager()
+    loaded = load_tasks(manager, tasks)
+    result = offline(model, tokenizer, texts, max_length, batch_size)
+    named = named_tasks(manager, loaded, model, tokenizer, max_length, batch_size)
+    return {"offline": result, "tasks": named, "lm_eval": lm_eval.__version__}

@@ -7,8 +7,10 @@ tasks named in --tasks, whose datasets must be on the hub or in the local datase
 is a transformers causal LM folder (dense, or a Hugging Face MoE class), a model exported by step
 export, or a sparse MoE trained by step train_moe; it runs in float32, in one process. Writes one
 JSON file: {"model", "model_kind", "texts", "offline": {documents, tokens, loglikelihood, perplexity,
-word_perplexity, byte_perplexity, bits_per_byte, same_as_evaluate, differences_from_evaluate},
-"tasks": {task: {metric: value}}, "lm_eval": {version, max_length, batch_size, prefix_token_id}}.
+word_perplexity, byte_perplexity, bits_per_byte, same_as_evaluate, differences_from_evaluate,
+max_length, batch_size, prefix_token_id}, "tasks": {task or group: {metric: value}}, "lm_eval": its version}.
+The named tasks run with lm-eval's own settings (special tokens as the tokenizer adds them), so
+their numbers compare with published lm-eval runs.
 """
 
 from __future__ import annotations
@@ -67,9 +69,7 @@ def read_texts(path: Path) -> list[str]:
 def logged_metrics(result: dict) -> dict[str, float]:
     """The numbers MLflow gets: offline.<metric> and <task>.<metric>."""
     offline = {
-        f"offline.{key}": value
-        for key, value in result["offline"].items()
-        if isinstance(value, (int, float)) and not isinstance(value, bool)
+        f"offline.{key}": result["offline"][key] for key in ("tokens", "loglikelihood", "perplexity", *harness.OFFLINE_METRICS)
     }
     return offline | {f"{task}.{key}": value for task, metrics in result["tasks"].items() for key, value in metrics.items()}
 
