@@ -122,11 +122,14 @@ def load_tasks(manager, names: Sequence[str]) -> list:
         except KeyError:
             problems.append(f"{name} is not an lm-eval task (`lm-eval ls tasks` lists them)")
             continue
-        except (ConnectionError, OSError) as err:
+        except ConnectionError as err:  # datasets' offline mode and unreachable hosts alike
             problems.append(
                 f"lm-eval task {name} needs its dataset from the Hugging Face hub, which this machine cannot reach "
                 f"({str(err).splitlines()[0]}): run it once with hub access to fill the datasets cache, or leave it out"
             )
+            continue
+        except OSError as err:
+            problems.append(f"the dataset of lm-eval task {name} cannot be loaded ({str(err).splitlines()[0]})")
             continue
         whole = built["groups"].get(name) or built["tasks"].get(name)
         loaded += [whole] if whole is not None else list(built["tasks"].values())  # a tag: its tasks
