@@ -59,7 +59,22 @@ def test_shared_flags_read_the_same_in_every_step():
 
 
 @pytest.mark.parametrize(
-    "step", ["data", "finetune", "activations", "split", "balance", "router", "evaluate", "export", "report", "fetch", "gguf"]
+    "step",
+    [
+        "data",
+        "finetune",
+        "activations",
+        "split",
+        "balance",
+        "router",
+        "evaluate",
+        "export",
+        "report",
+        "fetch",
+        "gguf",
+        "harness",
+        "serve",
+    ],
 )
 def test_every_step_has_one_parser_with_out(step):
     import importlib
