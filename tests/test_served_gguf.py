@@ -1,0 +1,96 @@
+"""A moefy MoE decoder end to end into llama.cpp: a tiny random LLaMA (tied embeddings, as SmolLM2's)
+converted with shared experts and softmax gates, and upcycled with renormalised top-k gates, written
+as its transformers MoE class (moefy.adapters.served), converted to GGUF F32 by llama.cpp's own
+converter and run in llama.cpp: its logits are moefy's within 1e-4 (KV cache in F32; see
+tests/test_gguf.py for what F32 achieves) and its greedy tokens moefy's for 16 steps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from builders import gpt2_tokenizer
+from moefy.adapters.ffn import find_ffns
+from moefy.adapters.served import write_served
+from moefy.conversion.routers import LinearRouter
+from moefy.moe.sparse import Routing, from_split
+from moefy.serving import llama_cpp_measure as measure
+from moefy.serving.converter import llama_cpp_source
+from moefy.serving.gguf import to_gguf
+from moefy.training.upcycling import upcycle
+
+pytestmark = pytest.mark.gguf
+
+MAX_LENGTH = 64
+TEXT = "Mixture-of-Experts layers compute only the experts a router picks for each token."
+PROMPT = "Once upon a time, in a small village by the sea,"
+E, SHARED = 8, 2
+
+
+def tiny_decoder(tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,  # logits of magnitude ~8: greedy picks are not decided by rounding
+        bos_token_id=50256,
+        eos_token_id=50256,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def gated_conversion(model):
+    moes = {}
+    for ffn in find_ffns(model):
+        router = LinearRouter(ffn.d_model, E - SHARED)
+        torch.nn.init.normal_(router.proj.weight, std=0.5)
+        labels = torch.randperm(ffn.d_ff, generator=torch.Generator().manual_seed(ffn.index)) % E
+        moe = from_split(ffn, labels, E, router, k=2, shared_experts=SHARED, softmax_gates=True)
+        moe.gate.scale.data.fill_(0.8)
+        ffn.replace(moe)
+        moes[ffn.index] = moe
+    return model, moes
+
+
+def upcycled(model):
+    moes = {}
+    for ffn in find_ffns(model):
+        routing = Routing("top_k", k=2, renormalize=True)
+        generator = torch.Generator().manual_seed(ffn.index)
+        moes[ffn.index] = upcycle(ffn, 4, routing, drop_ratio=0.5, router_std=0.5, generator=generator)
+        ffn.replace(moes[ffn.index])
+    return model, moes
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return gpt2_tokenizer(llama_cpp_source(), MAX_LENGTH)
+
+
+@pytest.mark.parametrize("make, architecture", [(gated_conversion, "Qwen2MoeForCausalLM"), (upcycled, "MixtralForCausalLM")])
+def test_a_served_moe_runs_in_llama_cpp_with_moefys_logits_and_greedy_tokens(tokenizer, tmp_path, make, architecture):
+    model, moes = make(tiny_decoder(tokenizer))
+    record = write_served(model, moes, tokenizer, tmp_path, tmp_path / "served")
+    assert record["architecture"] == architecture
+    path = to_gguf(tmp_path / "served", tmp_path / "model-F32.gguf", "F32")
+    ids = tokenizer(TEXT).input_ids
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+        prompt = torch.tensor([tokenizer(PROMPT).input_ids])
+        greedy = model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=16, min_new_tokens=16
+        )
+    with measure.open_gguf(path, threads=2, context=MAX_LENGTH, logits=True, kv_cache="F32") as llm:
+        assert np.abs(measure.logits_of(llm, ids) - expected).max() < 1e-4
+        got = measure.greedy(llm, PROMPT, 16)
+    assert got["prompt_ids"] == prompt[0].tolist()
+    assert got["tokens"] == greedy[0, prompt.shape[1] :].tolist()
