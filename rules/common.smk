@@ -19,6 +19,8 @@ try:
     validate(config)
     GRID = Study(config)
     SERVED = GRID.served  # the serve/ folders rule all asks for
+    # measured in llama.cpp and lm-eval beside the dense model each came from (serve/<variant>/dense)
+    SERVED_AND_DENSE = SERVED + sorted({f"{folder.split('/')[0]}/dense" for folder in SERVED})
 except MoefyError as err:
     sys.exit(f"moefy: {err}")  # before any job runs, dry runs included
 
@@ -277,6 +279,21 @@ def upcycle_flags(wildcards):
 def upcycled_metrics():
     """The trained upcycled models and dense continuations of upcycling.models (none: no upcycling)."""
     return [results("upcycle", u.variant.name, u.name, "metrics.json") for u in GRID.upcycled]
+
+
+def served_model(wildcards):
+    """The folder serve/<variant>/<served> measures: the served MoE's, or for `dense` the fine-tuned model."""
+    if wildcards.served == "dense":
+        return variant_model("finetune", wildcards)
+    return results("serve", variant_of(wildcards).name, wildcards.served, "model")
+
+
+def served_measurements():
+    """The llama.cpp and lm-eval records config serve asks for."""
+    serve = config["serve"]
+    gguf = [results("serve", f, "gguf", "gguf.json") for f in SERVED_AND_DENSE] if serve["gguf"] else []
+    harness = [results("serve", f, "harness.json") for f in SERVED_AND_DENSE] if serve["harness"] else []
+    return gguf + harness
 
 
 def merge_folder(*parts):

@@ -49,3 +49,53 @@ rule serve_upcycled:
     shell:
         "{params.launch} --sparse-model {input.model} --task causal_lm --penalty {wildcards.penalty} "
         "--seed {wildcards.seed} --out {params.out} > {log} 2>&1"
+
+
+# Every served folder, and the dense model it came from (serve/<variant>/dense), in llama.cpp (GGUF
+# of each serve.gguf type: perplexity of the test texts, tokens/s) and in lm-eval (serve.harness).
+rule gguf:
+    input:
+        model=served_model,
+        texts=rules.data.output.test,
+    output:
+        results("serve", VARIANT, "{served}", "gguf", "gguf.json"),
+    log:
+        logs("gguf", f"{VARIANT}/{{served}}"),
+    wildcard_constraints:
+        served=r"[^/]+",
+    conda:
+        CONDA_ENV
+    threads: COMPUTE["threads"]["evaluate"]
+    resources:
+        **cluster_resources("gguf"),
+    params:
+        launch=plain("gguf"),
+        types=" ".join(config["serve"]["gguf"]),
+        out=lambda wildcards, output: str(Path(output[0]).parent),
+    shell:
+        "{params.launch} --model {input.model} --texts {input.texts} --types {params.types} --threads {threads} "
+        "--out {params.out} > {log} 2>&1"
+
+
+rule harness:
+    input:
+        model=served_model,
+        texts=rules.data.output.test,
+    output:
+        results("serve", VARIANT, "{served}", "harness.json"),
+    log:
+        logs("harness", f"{VARIANT}/{{served}}"),
+    wildcard_constraints:
+        served=r"[^/]+",
+    conda:
+        CONDA_ENV
+    threads: COMPUTE["threads"]["evaluate"]
+    resources:
+        **cluster_resources("harness"),
+    params:
+        launch=plain("harness"),
+        tasks=settings_flags({"tasks": config["serve"]["lm_eval_tasks"]}),
+        device=COMPUTE["device"],
+    shell:
+        "OMP_NUM_THREADS={threads} {params.launch} --model {input.model} --texts {input.texts} --device {params.device} {params.tasks} "
+        "--out {output} > {log} 2>&1"

@@ -94,3 +94,32 @@ def test_a_served_moe_runs_in_llama_cpp_with_moefys_logits_and_greedy_tokens(tok
         got = measure.greedy(llm, PROMPT, 16)
     assert got["prompt_ids"] == prompt[0].tolist()
     assert got["tokens"] == greedy[0, prompt.shape[1] :].tolist()
+
+
+def test_the_serving_speed_benchmark_times_dense_and_served_side_by_side(tokenizer, tmp_path, monkeypatch, capsys):
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    dense = tiny_decoder(tokenizer)
+    dense.save_pretrained(tmp_path / "dense")
+    tokenizer.save_pretrained(tmp_path / "dense")
+    model, moes = gated_conversion(tiny_decoder(tokenizer))
+    write_served(model, moes, tokenizer, tmp_path, tmp_path / "moe-b0.5" / "model")
+    spec = importlib.util.spec_from_file_location("serve_speed", Path(__file__).parents[1] / "benchmarks" / "serve_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["serve_speed", "--dense", str(tmp_path / "dense"), "--served", str(tmp_path / "moe-b0.5" / "model"), "--types", "F32"]
+    argv += ["--prompt-tokens", "8", "--decode-tokens", "4", "--repeats", "1", "--work", str(tmp_path / "gguf")]
+    monkeypatch.setattr(sys, "argv", argv + ["--json", str(tmp_path / "speed.json")])
+    bench.main()
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
+    assert [(r["model"], r["runtime"]) for r in rows] == [
+        ("dense", "llama.cpp F32"),
+        ("dense", "transformers F32"),
+        ("moe-b0.5", "llama.cpp F32"),
+        ("moe-b0.5", "transformers F32"),
+    ]
+    assert all(r["decode_tokens_per_s"] > 0 and r["prompt_tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["decode_vs_dense"] == 1.0 and "decode vs dense" in capsys.readouterr().out
