@@ -42,7 +42,7 @@ rule serve_upcycled:
     conda:
         CONDA_ENV
     resources:
-        **cluster_resources("serve"),
+        **cluster_resources("serve_upcycled"),
     params:
         launch=plain("serve"),
         out=folder_of("record", "output"),

@@ -274,3 +274,9 @@ def smoe_family(config_or_model) -> SMoEFamily:
             "through moefy.adapters.ffn instead)."
         )
     return _SPARSE[name]
+
+
+# Decoders whose non-FFN weights the served MoE classes (moefy.adapters.served) hold under the same
+# names, and whether their q, k, v projections carry biases (None: the config's attention_bias says,
+# which then puts one on the output projection too).
+SERVED_BASES: dict[str, bool | None] = {"llama": None, "mistral": False, "qwen2": True}

@@ -37,11 +37,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM, MixtralConfig, Qwen2MoeConfig
 
 from moefy.adapters.attention import PROJECTIONS_FILE
+from moefy.adapters.families import SERVED_BASES
 from moefy.errors import MoefyError
 from moefy.files import atomic_dir, save_tensors
 from moefy.moe.sparse import SparseMoE
 
-BASES = ("llama", "mistral", "qwen2")  # decoders whose non-FFN weights the MoE classes hold under the same names
 PROBE_TOKENS = 48
 TOLERANCE = 1e-4  # max |logit difference| / max(1, max |logit|) the export accepts
 # The shared expert's gate: sigmoid(w x) = 1/2 for every token. Not w = 0: llama.cpp computes sigmoid(z)
@@ -132,14 +132,15 @@ def layout_of(moes: dict[int, SparseMoE]) -> Layout:
 def served_config(base, layout: Layout, dense_layers: list[int]):
     """The MoE class's config: the base decoder's attention, norms, RoPE and embeddings, the MoE layout."""
     model_type = getattr(base, "model_type", None)
-    if model_type not in BASES:
-        raise _refuse(f"the base model is {model_type!r}, not one of {', '.join(BASES)}")
+    if model_type not in SERVED_BASES:
+        raise _refuse(f"the base model is {model_type!r}, not one of {', '.join(SERVED_BASES)}")
     if getattr(base, "mlp_bias", False) or getattr(base, "hidden_act", "silu") != "silu":
         raise _refuse("the base FFNs are not bias-free SiLU FFNs")
-    attention_bias = {"qwen2": True, "mistral": False}.get(model_type, bool(getattr(base, "attention_bias", False)))
-    if model_type == "llama" and attention_bias:
+    attention_bias = SERVED_BASES[model_type]
+    if attention_bias is None and getattr(base, "attention_bias", False):
         raise _refuse("the attention output projection has a bias")
-    if getattr(base, "use_sliding_window", False) or (model_type == "mistral" and getattr(base, "sliding_window", None)):
+    windowed = getattr(base, "sliding_window", None) if not hasattr(base, "use_sliding_window") else base.use_sliding_window
+    if windowed:
         raise _refuse("the base attends within a sliding window")
     common = dict(
         vocab_size=base.vocab_size,
@@ -172,7 +173,7 @@ def served_config(base, layout: Layout, dense_layers: list[int]):
         moe_intermediate_size=layout.expert_size,
         shared_expert_intermediate_size=max(layout.shared_size, 1),
         norm_topk_prob=layout.renormalize,
-        qkv_bias=attention_bias,
+        qkv_bias=bool(attention_bias),
         mlp_only_layers=dense_layers,
         decoder_sparse_step=1,
         use_sliding_window=False,
