@@ -136,3 +136,48 @@ def test_tied_embeddings_are_written_untied_as_llama_cpp_needs(decoder, tmp_path
     assert not served.config.tie_word_embeddings
     assert torch.equal(served.lm_head.weight, model.model.embed_tokens.weight.detach())
     assert served.lm_head.weight.data_ptr() != served.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.e2e
+def test_the_serve_section_wires_serve_gguf_and_harness_jobs(tmp_path):
+    """A dry run of a causal_lm study with serve: each softmax-gated recovery at each budget and the
+    upcycled model served, then every served folder and the dense model in llama.cpp and lm-eval."""
+    import subprocess
+
+    import yaml
+
+    from studies import environment, snakemake_command
+
+    config = {
+        "study": "served",
+        "task": "causal_lm",
+        "model": {"name_or_path": "model"},
+        "dataset": {"path": "texts.csv", "text_column": "text"},
+        "grid": {
+            "gated": {
+                "split": ["kmeans"],
+                "num_experts": [8],
+                "shared_experts": [2],
+                "router": ["linear"],
+                "recovery": ["kd-softmax"],
+                "budgets": [0.5, 1.0],
+            }
+        },
+        "recover": {"budget": 0.5},
+        "upcycling": {"models": {"top2": {"experts": 4}}},
+        "serve": {"budgets": [0.5, 0.75], "upcycled": True, "gguf": ["F32"], "harness": True},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    dry = subprocess.run(
+        snakemake_command(tmp_path, "-n"), cwd=tmp_path, capture_output=True, text=True, env=environment(tmp_path)
+    )
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    counts = {
+        line.split()[0]: int(line.split()[1])
+        for line in dry.stdout.splitlines()
+        if len(line.split()) == 2 and line.split()[1].isdigit()
+    }
+    # 2 budgets + 1 upcycled model served; those 3 and the dense model in llama.cpp and in lm-eval
+    assert (counts["serve"], counts["serve_upcycled"], counts["gguf"], counts["harness"]) == (2, 1, 4, 4)
+    assert "serve/none-seed0/kmeans-E8-S2-linear-kd-softmax-b0.75/served.json" in dry.stdout
+    assert "serve/none-seed0/dense/gguf/gguf.json" in dry.stdout
