@@ -181,3 +181,32 @@ def test_the_serve_section_wires_serve_gguf_and_harness_jobs(tmp_path):
     assert (counts["serve"], counts["serve_upcycled"], counts["gguf"], counts["harness"]) == (2, 1, 4, 4)
     assert "serve/none-seed0/kmeans-E8-S2-linear-kd-softmax-b0.75/served.json" in dry.stdout
     assert "serve/none-seed0/dense/gguf/gguf.json" in dry.stdout
+
+
+def test_a_pruned_decoder_is_served_and_a_merged_one_whose_slots_share_experts_is_refused(decoder, tmp_path):
+    """Pruning (prune, reap) drops experts with their router rows: an SMoE the served classes hold.
+    Merging (msmoe, hcsmoe, ...) keeps the router over the original experts, which no class can."""
+    from types import SimpleNamespace
+
+    from moefy.training.merging import merge_layer
+
+    usage = SimpleNamespace(frequency=torch.ones(4))
+    for method, groups in (("prune", [[0], [2], [3]]), ("average", [[0, 1], [2], [3]])):
+        model = load_model(str(decoder), "causal_lm").eval()
+        moes = {}
+        for ffn in find_ffns(model):
+            full = upcycle(
+                ffn, 4, Routing("top_k", k=2), drop_ratio=0.5, router_std=0.5, generator=torch.Generator().manual_seed(ffn.index)
+            )
+            moes[ffn.index] = merge_layer(full, groups, usage, method)
+            ffn.replace(moes[ffn.index])
+        out = tmp_path / method
+        if method == "average":
+            with pytest.raises(MoefyError, match="layer 0 is merged"):
+                write_served(model, moes, load_tokenizer(str(decoder)), decoder, out)
+            assert not out.exists()
+            continue
+        assert write_served(model, moes, load_tokenizer(str(decoder)), decoder, out)["routed_experts"] == 3
+        served = AutoModelForCausalLM.from_pretrained(out).eval()
+        vocab = model.config.vocab_size
+        assert torch.allclose(logits(served, vocab), logits(model.eval(), vocab), atol=1e-5, rtol=0)
