@@ -227,3 +227,30 @@ def gpt2_tokenizer(source: Path, max_length: int):
     bpe.decoder = decoders.ByteLevel()
     end = "<|endoftext|>"
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=end, eos_token=end, model_max_length=max_length)
+
+
+def gguf_decoder_config(family: str, vocab_size: int, **overrides):
+    """A tiny random decoder's config ("qwen2moe", "mixtral" or "llama") for a GPT-2-vocabulary
+    tokenizer (gpt2_tokenizer), as the GGUF tests export it."""
+    from transformers import LlamaConfig, MixtralConfig, Qwen2MoeConfig
+
+    # initializer_range 0.2: logits of magnitude ~8, so greedy picks are not decided by rounding.
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        bos_token_id=50256,
+        eos_token_id=50256,
+        tie_word_embeddings=False,
+    )
+    if family == "qwen2moe":
+        moe = dict(moe_intermediate_size=16, shared_expert_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
+        return Qwen2MoeConfig(**(common | moe | {"norm_topk_prob": False, "qkv_bias": False} | overrides))
+    if family == "mixtral":
+        return MixtralConfig(**(common | {"num_local_experts": 8, "num_experts_per_tok": 2} | overrides))
+    return LlamaConfig(**(common | overrides))

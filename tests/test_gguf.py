@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from builders import gpt2_tokenizer
+from builders import gguf_decoder_config, gpt2_tokenizer
 from moefy.adapters.tasks import get_task
 from moefy.errors import MoefyError
 from moefy.serving import llama_cpp_measure as measure
@@ -45,36 +45,11 @@ PROMPT = "Once upon a time, in a small village by the sea,"
 FAMILIES = ("qwen2moe", "llama", "mixtral")
 
 
-def tiny_config(family: str, vocab_size: int, **overrides):
-    from transformers import LlamaConfig, MixtralConfig, Qwen2MoeConfig
-
-    # initializer_range 0.2: logits of magnitude ~8, so greedy picks are not decided by rounding.
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,
-        bos_token_id=50256,
-        eos_token_id=50256,
-        tie_word_embeddings=False,
-    )
-    if family == "qwen2moe":
-        moe = dict(moe_intermediate_size=16, shared_expert_intermediate_size=32, num_experts=8, num_experts_per_tok=2)
-        return Qwen2MoeConfig(**common, **moe, **({"norm_topk_prob": False, "qkv_bias": False} | overrides))
-    if family == "mixtral":
-        return MixtralConfig(**common, num_local_experts=8, num_experts_per_tok=2, **overrides)
-    return LlamaConfig(**common, **overrides)
-
-
 def build(family: str, folder: Path, tokenizer, zero_shared_gate: bool = False, **overrides):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer), **overrides)).eval()
+    model = AutoModelForCausalLM.from_config(gguf_decoder_config(family, len(tokenizer), **overrides)).eval()
     for layer in model.model.layers if zero_shared_gate else ():
         layer.mlp.shared_expert_gate.weight.data.zero_()
     model.save_pretrained(folder)

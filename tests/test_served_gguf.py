@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from builders import gpt2_tokenizer
+from builders import gguf_decoder_config, gpt2_tokenizer
 from moefy.adapters.ffn import find_ffns
 from moefy.adapters.served import write_served
 from moefy.conversion.routers import LinearRouter
@@ -29,23 +29,10 @@ E, SHARED = 8, 2
 
 
 def tiny_decoder(tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.2,  # logits of magnitude ~8: greedy picks are not decided by rounding
-        bos_token_id=50256,
-        eos_token_id=50256,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(gguf_decoder_config("llama", len(tokenizer), tie_word_embeddings=True)).eval()
 
 
 def gated_conversion(model):

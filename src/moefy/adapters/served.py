@@ -180,7 +180,7 @@ def served_config(base, layout: Layout, dense_layers: list[int]):
     )
 
 
-def moe_tensors(prefix: str, moe: SparseMoE, layout: Layout, mixtral: bool) -> dict[str, torch.Tensor]:
+def moe_tensors(prefix: str, moe: SparseMoE, mixtral: bool) -> dict[str, torch.Tensor]:
     """One MoE layer's weights under the MoE class's checkpoint names (hub per-expert layout)."""
     w_in, w_gate, w_out = (moe.weight(name).detach().float() for name in ("w_in", "w_gate", "w_out"))  # [E, d, s] / [E, s, d]
     fold = float(moe.router_experts) if moe.gate is not None else 1.0  # E * softmax: E into the down projections
@@ -217,7 +217,7 @@ def served_checkpoint(model: nn.Module, moes: dict[int, SparseMoE]) -> tuple[obj
     moe_blocks = tuple(f"model.layers.{i}.mlp." for i in moes)
     state = {k: t.detach().float().contiguous() for k, t in model.state_dict().items() if not k.startswith(moe_blocks)}
     for i, moe in moes.items():  # Qwen2-MoE's dense layers keep the base's MLP names
-        state |= moe_tensors(f"model.layers.{i}.{'block_sparse_moe' if mixtral else 'mlp'}", moe, layout, mixtral)
+        state |= moe_tensors(f"model.layers.{i}.{'block_sparse_moe' if mixtral else 'mlp'}", moe, mixtral)
     # tied in the base: the output matrix is a copy of the embeddings (safetensors stores no shared tensors)
     state["lm_head.weight"] = state.get("lm_head.weight", state["model.embed_tokens.weight"]).clone()
     return config, state
