@@ -41,8 +41,7 @@ rule all:
         rules.report.output,
         rules.report_upcycling.output if GRID.upcycled else [],
         rules.report_merging.output if GRID.merged else [],
-        [results("serve", folder, "served.json") for folder in SERVED],
-        served_measurements(),
+        rules.report_serving.output if SERVED else [],
 
 
 onstart:

@@ -22,3 +22,25 @@ rule report:
         title=f"{STUDY}: accuracy against {'whole-model' if GRID.distilled else 'FFN'} compute",
     shell:
         "{params.launch} --evaluations {input} --out {params.out} --title {params.title:q} > {log} 2>&1"
+
+
+rule report_serving:
+    input:
+        served=[results("serve", folder, "served.json") for folder in SERVED],
+        measured=served_measurements(),
+    output:
+        results("report", "serving.csv"),
+    log:
+        logs("report_serving"),
+    conda:
+        CONDA_ENV
+    resources:
+        **cluster_resources("report_serving"),
+    params:
+        launch=plain("report_serving"),
+        out=lambda wildcards, output: str(Path(output[0]).parent),
+        gguf=lambda wildcards, input: [f for f in input.measured if f.endswith("gguf.json")],
+        harness=lambda wildcards, input: [f for f in input.measured if f.endswith("harness.json")],
+    shell:
+        "{params.launch} --served {input.served} --gguf {params.gguf} --harness {params.harness} --out {params.out} "
+        "> {log} 2>&1"

@@ -1,7 +1,8 @@
 # Served copies of a causal_lm study's decoders (config serve): each a transformers MoE class's folder
 # that AutoModelForCausalLM loads with remote code off, beside served.json (the class, experts, k,
 # the logits' difference from moefy's model). Ask for serve/<variant>/<recovered>-b<budget>/served.json
-# (a softmax-gated recovery at one budget) or serve/<variant>/<upcycled>/served.json.
+# (a softmax-gated recovery at one budget), serve/<variant>/<upcycled>/served.json or
+# serve/<variant>/<upcycled>-<merged>/served.json (a merged, pruned or compressed one of merging).
 SERVED_RECOVERY = f"{CONVERSION}-linear-{{recovery}}"
 
 
@@ -43,6 +44,26 @@ rule serve_upcycled:
         CONDA_ENV
     resources:
         **cluster_resources("serve_upcycled"),
+    params:
+        launch=plain("serve"),
+        out=folder_of("record", "output"),
+    shell:
+        "{params.launch} --sparse-model {input.model} --task causal_lm --penalty {wildcards.penalty} "
+        "--seed {wildcards.seed} --out {params.out} > {log} 2>&1"
+
+
+rule serve_merged:
+    input:
+        model=merge_folder("{merged}", "model"),
+    output:
+        model=directory(results("serve", VARIANT, "{upcycled}-{merged}", "model")),
+        record=results("serve", VARIANT, "{upcycled}-{merged}", "served.json"),
+    log:
+        logs("serve", f"{VARIANT}/{{upcycled}}-{{merged}}"),
+    conda:
+        CONDA_ENV
+    resources:
+        **cluster_resources("serve_merged"),
     params:
         launch=plain("serve"),
         out=folder_of("record", "output"),

@@ -213,3 +213,6 @@ def test_llama_recovery_served_as_a_transformers_moe_class(llama_study):
     config = model.config
     assert (config.num_experts, config.num_experts_per_tok, config.shared_expert_intermediate_size) == (6, 2, 2 * D_FF // 8)
     assert (served / "model" / "tokenizer_config.json").is_file()
+    report = pd.read_csv(llama_study / "report" / "serving.csv")
+    assert report["served"].tolist() == ["kmeans-E8-S2-linear-kd-softmax-b0.5"]
+    assert report["logit_difference"].iloc[0] == pytest.approx(record["logit_difference"])

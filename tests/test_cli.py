@@ -74,6 +74,8 @@ def test_shared_flags_read_the_same_in_every_step():
         "gguf",
         "harness",
         "serve",
+        "remote_code",
+        "report_serving",
     ],
 )
 def test_every_step_has_one_parser_with_out(step):

@@ -57,7 +57,7 @@ def table() -> str:
 
 def test_every_rule_runs_one_step_module():
     assert all(step for _, _, step, _ in rules())
-    assert len(rules()) == 31
+    assert len(rules()) == 34
 
 
 def test_the_map_in_methods_md_is_the_source_s():

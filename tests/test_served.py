@@ -140,8 +140,9 @@ def test_tied_embeddings_are_written_untied_as_llama_cpp_needs(decoder, tmp_path
 
 @pytest.mark.e2e
 def test_the_serve_section_wires_serve_gguf_and_harness_jobs(tmp_path):
-    """A dry run of a causal_lm study with serve: each softmax-gated recovery at each budget and the
-    upcycled model served, then every served folder and the dense model in llama.cpp and lm-eval."""
+    """A dry run of a causal_lm study with serve: each softmax-gated recovery at each budget, the
+    upcycled model and its merged and pruned ones served, then every served folder and the dense
+    model in llama.cpp and lm-eval, and one report of them all."""
     import subprocess
 
     import yaml
@@ -165,7 +166,8 @@ def test_the_serve_section_wires_serve_gguf_and_harness_jobs(tmp_path):
         },
         "recover": {"budget": 0.5},
         "upcycling": {"models": {"top2": {"experts": 4}}},
-        "serve": {"budgets": [0.5, 0.75], "upcycled": True, "gguf": ["F32"], "harness": True},
+        "merging": {"models": ["top2"], "methods": ["average", "reap"], "groups": [2], "recovery": ["none"]},
+        "serve": {"budgets": [0.5, 0.75], "upcycled": True, "merged": True, "gguf": ["F32"], "harness": True},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     dry = subprocess.run(
@@ -177,21 +179,26 @@ def test_the_serve_section_wires_serve_gguf_and_harness_jobs(tmp_path):
         for line in dry.stdout.splitlines()
         if len(line.split()) == 2 and line.split()[1].isdigit()
     }
-    # 2 budgets + 1 upcycled model served; those 3 and the dense model in llama.cpp and in lm-eval
-    assert (counts["serve"], counts["serve_upcycled"], counts["gguf"], counts["harness"]) == (2, 1, 4, 4)
+    # 2 budgets, 1 upcycled and 2 merged models served; those 5 and the dense model in llama.cpp and in lm-eval
+    served = (counts["serve"], counts["serve_upcycled"], counts["serve_merged"], counts["gguf"], counts["harness"])
+    assert served == (2, 1, 2, 6, 6)
+    assert counts["report_serving"] == 1
     assert "serve/none-seed0/kmeans-E8-S2-linear-kd-softmax-b0.75/served.json" in dry.stdout
+    assert "serve/none-seed0/top2-reap-G2/served.json" in dry.stdout
     assert "serve/none-seed0/dense/gguf/gguf.json" in dry.stdout
 
 
-def test_a_pruned_decoder_is_served_and_a_merged_one_whose_slots_share_experts_is_refused(decoder, tmp_path):
-    """Pruning (prune, reap) drops experts with their router rows: an SMoE the served classes hold.
-    Merging (msmoe, hcsmoe, ...) keeps the router over the original experts, which no class can."""
+def test_pruned_and_merged_decoders_are_served_with_moefys_logits(decoder, tmp_path):
+    """Pruning (prune, reap) drops experts with their router rows; merging (average, msmoe, hcsmoe,
+    ...) keeps the router over the original experts and sums the gates of picks that share a merged
+    expert, which one copy of that expert per router slot computes exactly."""
     from types import SimpleNamespace
 
     from moefy.training.merging import merge_layer
 
     usage = SimpleNamespace(frequency=torch.ones(4))
-    for method, groups in (("prune", [[0], [2], [3]]), ("average", [[0, 1], [2], [3]])):
+    cases = (("prune", [[0], [2], [3]], 3, 0), ("average", [[0, 1], [2], [3]], 4, 1), ("frequency", [[0, 1, 2], [3]], 4, 2))
+    for method, groups, slots, copies in cases:
         model = load_model(str(decoder), "causal_lm").eval()
         moes = {}
         for ffn in find_ffns(model):
@@ -201,12 +208,8 @@ def test_a_pruned_decoder_is_served_and_a_merged_one_whose_slots_share_experts_i
             moes[ffn.index] = merge_layer(full, groups, usage, method)
             ffn.replace(moes[ffn.index])
         out = tmp_path / method
-        if method == "average":
-            with pytest.raises(MoefyError, match="layer 0 is merged"):
-                write_served(model, moes, load_tokenizer(str(decoder)), decoder, out)
-            assert not out.exists()
-            continue
-        assert write_served(model, moes, load_tokenizer(str(decoder)), decoder, out)["routed_experts"] == 3
+        record = write_served(model, moes, load_tokenizer(str(decoder)), decoder, out)
+        assert (record["routed_experts"], record["duplicated_experts"]) == (slots, copies * len(moes))
         served = AutoModelForCausalLM.from_pretrained(out).eval()
         vocab = model.config.vocab_size
         assert torch.allclose(logits(served, vocab), logits(model.eval(), vocab), atol=1e-5, rtol=0)

@@ -277,13 +277,20 @@ def test_asking_for_one_file_reruns_one_ablation(tiny_study):
 
 
 def test_an_exported_model_predicts_what_evaluate_measured(tiny_study):
+    """The export folder (moefy.export.load_moe) and its remote-code form (transformers alone) give
+    the predictions evaluate measured at the budget."""
+    from transformers import AutoModelForSequenceClassification
+
     target = in_study(tiny_study, "export", f"coact-E{E}-mlp-b0.5")
-    snakemake(tiny_study, str(target.relative_to(tiny_study)))
+    remote = target.with_name(f"{target.name}-remote-code")
+    snakemake(tiny_study, str(target.relative_to(tiny_study)), str(remote.relative_to(tiny_study)))
     model, tokenizer = load_moe(target)
+    served = AutoModelForSequenceClassification.from_pretrained(remote, trust_remote_code=True).eval()
     rows = [json.loads(line) for line in in_study(tiny_study, "data", "test.jsonl").read_text().splitlines()]
     with torch.no_grad():
         batch = tokenizer([r["text"] for r in rows], padding=True, truncation=True, return_tensors="pt")
         predicted = model(**batch).logits.argmax(-1)
+        assert torch.equal(served(**batch).logits.argmax(-1), predicted)
     accuracy = float((predicted == torch.tensor([r["label"] for r in rows])).double().mean())
     measured = next(
         r for r in json.loads(in_study(tiny_study, "evaluate", f"coact-E{E}-mlp.json").read_text()) if r["budget"] == 0.5

@@ -15,11 +15,16 @@ How moefy's parts fold into that form, exactly:
 - the shared experts' neurons become the shared expert, with a zero shared_expert_gate (sigmoid
   0 = 1/2) and its down projection doubled;
 - without shared experts the Qwen2-MoE form gets a shared expert of one neuron whose weights are
-  all 0 (it adds exactly 0), because the class always has one.
+  all 0 (it adds exactly 0), because the class always has one;
+- a merged layer (MC-SMoE, HC-SMoE: router slots that share a merged expert) gets one expert per
+  router slot, a copy of the slot's merged expert: moefy sums the gates of a token's picks that
+  share an expert and computes it once, which equals the copies' sum. The served folder is as
+  large as the unmerged model (`duplicated_experts` in the record says how many copies); the
+  runtimes have no form that shares one expert between slots.
 
 What has no exact form is refused, naming it: MoEfication's unweighted top-k (its gates are 1
 whatever the logits), a gate scale s <= 0, an MLP / norm / representative router, dynamic-k,
-expert choice, merged layers that share experts across router slots, different k or expert sizes
+expert choice, different k or expert sizes
 across layers, biases in the FFNs or in the attention output, ungated or non-SiLU FFNs, distilled
 attention projections. Every export is checked by loading it back and comparing its logits with
 moefy's model on probe tokens.
@@ -112,8 +117,6 @@ def layout_of(moes: dict[int, SparseMoE]) -> Layout:
     """The layout of the export, refused where the layers differ or a layer has no served form."""
     layouts = set()
     for index, moe in moes.items():
-        if moe.expert_map is not None and not torch.equal(moe.expert_map.cpu(), torch.arange(moe.num_experts)):
-            raise _refuse(f"layer {index} is merged (router slots share experts)")
         if not moe.gated or not is_silu(moe.act):
             raise _refuse(f"layer {index}'s experts are not gated SiLU FFNs")
         if any(t is not None for t in (moe.b_in, moe.b_gate, moe.expert_bias, moe.shared_bias)):
@@ -123,7 +126,7 @@ def layout_of(moes: dict[int, SparseMoE]) -> Layout:
             raise _refuse(f"layer {index}'s shared experts have biases")
         k = moe.routing.k
         renormalize = moe.routing.kind == "top_k" and moe.routing.renormalize
-        layouts.add(Layout(moe.num_experts, k, moe.expert_size, shared, renormalize))
+        layouts.add(Layout(moe.router_experts, k, moe.expert_size, shared, renormalize))
     if len(layouts) != 1:
         raise _refuse(f"the MoE layers differ in experts, k, expert size or shared neurons ({sorted(map(str, layouts))})")
     return layouts.pop()
@@ -180,15 +183,23 @@ def served_config(base, layout: Layout, dense_layers: list[int]):
     )
 
 
+def slot_experts(moe: SparseMoE) -> list[int]:
+    """The stored expert each router slot computes: itself, or in a merged layer its merged expert."""
+    if moe.expert_map is None:
+        return list(range(moe.num_experts))
+    return moe.expert_map.cpu().tolist()
+
+
 def moe_tensors(prefix: str, moe: SparseMoE, mixtral: bool) -> dict[str, torch.Tensor]:
-    """One MoE layer's weights under the MoE class's checkpoint names (hub per-expert layout)."""
+    """One MoE layer's weights under the MoE class's checkpoint names (hub per-expert layout), one
+    expert per router slot."""
     w_in, w_gate, w_out = (moe.weight(name).detach().float() for name in ("w_in", "w_gate", "w_out"))  # [E, d, s] / [E, s, d]
     fold = float(moe.router_experts) if moe.gate is not None else 1.0  # E * softmax: E into the down projections
     out = {f"{prefix}.gate.weight": router_weight(moe).contiguous()}
     names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
-    for e in range(moe.num_experts):
+    for slot, e in enumerate(slot_experts(moe)):
         weights = (w_gate[e].t(), w_in[e].t(), fold * w_out[e].t())
-        out |= {f"{prefix}.experts.{e}.{name}.weight": w.contiguous() for name, w in zip(names, weights)}
+        out |= {f"{prefix}.experts.{slot}.{name}.weight": w.contiguous() for name, w in zip(names, weights)}
     if mixtral:
         return out
     d = moe.d_model
@@ -265,5 +276,6 @@ def write_served(model: nn.Module, moes: dict[int, SparseMoE], tokenizer, source
         "routed_experts": getattr(config, "num_experts", None) or config.num_local_experts,
         "experts_per_token": config.num_experts_per_tok,
         "logit_difference": difference,
+        "duplicated_experts": sum(len(slot_experts(m)) - len(set(slot_experts(m))) for m in moes.values()),
         "bytes": sum(p.stat().st_size for p in Path(out).glob("*.safetensors")),
     }

@@ -1,7 +1,8 @@
 """Step export: one MoEfied model as a self-contained folder (see moefy.moe.checkpoints) for inference elsewhere.
 
 The model at one expert budget: the fine-tuned weights, each layer's expert layout and router,
-and the top-k rule. `moefy.export.load_moe(folder)` restores it with the same logits.
+and the top-k rule. `moefy.export.load_moe(folder)` restores it with the same logits; step remote_code rewrites a
+classifier's export for transformers' custom-code loading.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from pathlib import Path
 
 from moefy.conversion.routers import budget_to_k
 from moefy.moe.checkpoints import read_moe_parts, save_moe
-from moefy.serving.remote_code import write_remote_code
 from moefy.workflow import tracking
 from moefy.workflow.cli import ablation, run_step, step_parser
 
@@ -24,11 +24,6 @@ def parse_args(argv: list[str] | None):
         "--router-file", required=True, type=Path, help="router/<variant>/<split>-E<E>-<router>/router.safetensors"
     )
     parser.add_argument("--budget", required=True, type=float, help="share of experts per token, in (0, 1]")
-    parser.add_argument(
-        "--remote-code",
-        type=Path,
-        help="also write this folder: the model for transformers' custom-code loading, no moefy needed (moefy.serving.remote_code)",
-    )
     args = parser.parse_args(argv)
     if not 0 < args.budget <= 1:
         parser.error(f"--budget {args.budget}: must be in (0, 1]")
@@ -48,10 +43,6 @@ def main(argv: list[str] | None = None) -> None:
             flush=True,
         )
         run.set_tags({"export.folder": str(args.out)})
-        if args.remote_code is not None:
-            write_remote_code(args.out, args.remote_code)
-            print(f"wrote its remote-code form to {args.remote_code}", flush=True)
-            run.set_tags({"export.remote_code": str(args.remote_code)})
 
 
 if __name__ == "__main__":

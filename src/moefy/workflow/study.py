@@ -201,10 +201,10 @@ class Study:
 
     @property
     def served(self) -> list[str]:
-        """The serve folders (under serve/) of serve.budgets and serve.upcycled: the softmax-gated
-        recoveries at each budget, the upcycled models."""
+        """The serve folders (under serve/) of serve.budgets, .upcycled and .merged: the softmax-gated
+        recoveries at each budget, the upcycled models, the merged ones."""
         serve = self.config["serve"]
-        if (serve["budgets"] or serve["upcycled"]) and self.config["task"] != "causal_lm":
+        if (serve["budgets"] or serve["upcycled"] or serve["merged"]) and self.config["task"] != "causal_lm":
             raise MoefyError(
                 f"serve: the served MoE classes are decoders, so serving needs task causal_lm, not {self.config['task']}; "
                 "remove the section (an encoder exports with rule export)"
@@ -215,6 +215,8 @@ class Study:
         folders = [f"{e.converted}/{e.name}-b{budget:g}" for e in gated for budget in sorted(serve["budgets"])]
         if serve["upcycled"]:
             folders += [f"{u.variant.name}/{u.name}" for u in self.upcycled if u.name != "dense"]
+        if serve["merged"]:
+            folders += [f"{m.upcycled.variant.name}/{m.upcycled.name}-{m.name}" for m in self.merged if m.name != "full"]
         return folders
 
     @property
