@@ -1,5 +1,6 @@
 """A moefy MoE decoder end to end into llama.cpp: a tiny random LLaMA (tied embeddings, as SmolLM2's)
-converted with shared experts and softmax gates, and upcycled with renormalised top-k gates, written
+converted with shared experts and softmax gates, and upcycled with renormalised top-k gates (one
+layer then merged), written
 as its transformers MoE class (moefy.adapters.served), converted to GGUF F32 by llama.cpp's own
 converter and run in llama.cpp: its logits are moefy's within 1e-4 (KV cache in F32; see
 tests/test_gguf.py for what F32 achieves) and its greedy tokens moefy's for 16 steps."""
@@ -48,12 +49,19 @@ def gated_conversion(model):
     return model, moes
 
 
-def upcycled(model):
+def upcycled_and_merged(model):
+    """Upcycled to 4 experts; layer 0 then merged (experts 0 and 1 averaged: two router slots share one)."""
+    from types import SimpleNamespace
+
+    from moefy.training.merging import merge_layer
+
     moes = {}
     for ffn in find_ffns(model):
         routing = Routing("top_k", k=2, renormalize=True)
         generator = torch.Generator().manual_seed(ffn.index)
         moes[ffn.index] = upcycle(ffn, 4, routing, drop_ratio=0.5, router_std=0.5, generator=generator)
+        if ffn.index == 0:
+            moes[0] = merge_layer(moes[0], [[0, 1], [2], [3]], SimpleNamespace(frequency=torch.ones(4)), "average")
         ffn.replace(moes[ffn.index])
     return model, moes
 
@@ -63,7 +71,7 @@ def tokenizer():
     return gpt2_tokenizer(llama_cpp_source(), MAX_LENGTH)
 
 
-@pytest.mark.parametrize("make, architecture", [(gated_conversion, "Qwen2MoeForCausalLM"), (upcycled, "MixtralForCausalLM")])
+@pytest.mark.parametrize("make, architecture", [(gated_conversion, "Qwen2MoeForCausalLM"), (upcycled_and_merged, "MixtralForCausalLM")])
 def test_a_served_moe_runs_in_llama_cpp_with_moefys_logits_and_greedy_tokens(tokenizer, tmp_path, make, architecture):
     model, moes = make(tiny_decoder(tokenizer))
     record = write_served(model, moes, tokenizer, tmp_path, tmp_path / "served")
