@@ -6,6 +6,14 @@ llama.cpp's own converter) and in transformers, same machine, same prompt, one r
         --served results/<study>/serve/<variant>/<conversion>-kd-softmax-b0.25/model ... \\
         [--types F32 Q8_0] [--threads 2] [--json out.json]
 
+With --experts (and --budgets), it also times served MoEs of other expert sizes made from the dense
+model: its FFNs split at random into E experts (the first --shared-fraction of them shared), routed by
+a random linear router with softmax gates, written by moefy's serve code. Batch-1 decoding reads the
+picked experts' weights whichever they are, so these time the shape (E, expert size, k) that a
+conversion at that budget has, not its quality: where llama.cpp's expert matmul pays and where not.
+
+    python benchmarks/serve_speed.py --dense <dense> --experts 8 16 48 --budgets 0.25 0.5 --no-transformers
+
 llama.cpp: moefy.serving.llama_cpp_measure.speed (fixed pseudo-random prompt of --prompt-tokens,
 then --decode-tokens batch-1 steps; one warm-up, the median of --repeats). transformers: generate
 with the KV cache, the same counts (prefill timed alone). Each row gives tokens/s and the ratio to
@@ -72,10 +80,40 @@ def transformers_speed(folder: Path, threads: int, prompt_tokens: int, decode_to
     }
 
 
+def shaped_moe(dense: Path, experts: int, budget: float, shared_fraction: float, out: Path) -> Path:
+    """The served folder of a random conversion of `dense` with the shape of one at `budget`
+    (see the module docstring); written once."""
+    from moefy.adapters.ffn import find_ffns
+    from moefy.adapters.models import load_model, load_tokenizer
+    from moefy.adapters.served import write_served
+    from moefy.conversion.routers import LinearRouter, budget_to_k
+    from moefy.moe.sparse import from_split
+
+    if (out / "config.json").is_file():
+        return out
+    shared = round(shared_fraction * experts)
+    k = budget_to_k(budget, experts, shared)
+    torch.manual_seed(experts)
+    model = load_model(str(dense), "causal_lm").eval()
+    moes = {}
+    for ffn in find_ffns(model):
+        labels = torch.randperm(ffn.d_ff) % experts
+        router = LinearRouter(ffn.d_model, experts - shared)
+        torch.nn.init.normal_(router.proj.weight, std=ffn.d_model**-0.5)
+        moes[ffn.index] = from_split(ffn, labels, experts, router, k, shared_experts=shared, softmax_gates=True)
+        moes[ffn.index].gate.scale.data.fill_(1.0)
+        ffn.replace(moes[ffn.index])
+    write_served(model, moes, load_tokenizer(str(dense)), dense, out)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dense", type=Path, required=True, help="the dense decoder's folder")
-    parser.add_argument("--served", type=Path, nargs="+", required=True, help="served MoE folders (serve/<...>/model)")
+    parser.add_argument("--served", type=Path, nargs="*", default=[], help="served MoE folders (serve/<...>/model)")
+    parser.add_argument("--experts", type=int, nargs="*", default=[], help="also time random conversions with these E")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5], help="--experts: shares of experts active")
+    parser.add_argument("--shared-fraction", type=float, default=0.125, help="--experts: share of the E experts shared")
     parser.add_argument("--types", nargs="+", default=["F32", "Q8_0"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=128)
@@ -85,7 +123,14 @@ def main() -> None:
     parser.add_argument("--no-transformers", action="store_true", help="llama.cpp only")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if not args.served and not args.experts:
+        parser.error("give served folders (--served) or expert counts to time (--experts)")
     models = {"dense": args.dense} | {folder.parent.name: folder for folder in args.served}
+    for experts in args.experts:
+        shared = round(args.shared_fraction * experts)
+        for budget in args.budgets:
+            name = f"random-E{experts}-S{shared}-b{budget:g}"
+            models[name] = shaped_moe(args.dense, experts, budget, args.shared_fraction, args.work / name / "model")
     rows = []
     for name, folder in models.items():
         for outtype in args.types:

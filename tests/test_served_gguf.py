@@ -71,7 +71,9 @@ def tokenizer():
     return gpt2_tokenizer(llama_cpp_source(), MAX_LENGTH)
 
 
-@pytest.mark.parametrize("make, architecture", [(gated_conversion, "Qwen2MoeForCausalLM"), (upcycled_and_merged, "MixtralForCausalLM")])
+@pytest.mark.parametrize(
+    "make, architecture", [(gated_conversion, "Qwen2MoeForCausalLM"), (upcycled_and_merged, "MixtralForCausalLM")]
+)
 def test_a_served_moe_runs_in_llama_cpp_with_moefys_logits_and_greedy_tokens(tokenizer, tmp_path, make, architecture):
     model, moes = make(tiny_decoder(tokenizer))
     record = write_served(model, moes, tokenizer, tmp_path, tmp_path / "served")
@@ -106,6 +108,7 @@ def test_the_serving_speed_benchmark_times_dense_and_served_side_by_side(tokeniz
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     argv = ["serve_speed", "--dense", str(tmp_path / "dense"), "--served", str(tmp_path / "moe-b0.5" / "model"), "--types", "F32"]
+    argv += ["--experts", "4", "--budgets", "0.5", "--shared-fraction", "0.25"]  # a random conversion: E 4, 1 shared, k 1
     argv += ["--prompt-tokens", "8", "--decode-tokens", "4", "--repeats", "1", "--work", str(tmp_path / "gguf")]
     monkeypatch.setattr(sys, "argv", argv + ["--json", str(tmp_path / "speed.json")])
     bench.main()
@@ -115,6 +118,10 @@ def test_the_serving_speed_benchmark_times_dense_and_served_side_by_side(tokeniz
         ("dense", "transformers F32"),
         ("moe-b0.5", "llama.cpp F32"),
         ("moe-b0.5", "transformers F32"),
+        ("random-E4-S1-b0.5", "llama.cpp F32"),
+        ("random-E4-S1-b0.5", "transformers F32"),
     ]
+    shaped = json.loads((tmp_path / "gguf" / "random-E4-S1-b0.5" / "model" / "config.json").read_text())
+    assert (shaped["num_experts"], shaped["num_experts_per_tok"], shaped["moe_intermediate_size"]) == (3, 1, 32)
     assert all(r["decode_tokens_per_s"] > 0 and r["prompt_tokens_per_s"] > 0 for r in rows)
     assert rows[0]["decode_vs_dense"] == 1.0 and "decode vs dense" in capsys.readouterr().out
