@@ -30,36 +30,33 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def download_wheel(package: str, version: str, dest: Path) -> Path:
-    """Let pip do the download so proxies, mirrors and credentials configured for pip apply."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--disable-pip-version-check",
-        "--dest",
-        str(dest),
-        f"{package}=={version}",
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def pip_download(requirement: str, dest: Path, form: str, fix: str) -> Path:
+    """The one archive pip downloads of `requirement` into `dest`, as a wheel (form "wheel") or a
+    source archive ("sdist"). pip does the download so that proxies, mirrors and credentials
+    configured for pip apply; `fix` says what to do when it fails."""
+    binary, pattern = {"wheel": ("--only-binary=:all:", "*.whl"), "sdist": ("--no-binary=:all:", "*.tar.gz")}[form]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", binary, "--disable-pip-version-check"]
+    proc = subprocess.run([*cmd, "--dest", str(dest), requirement], capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-10:])
         raise MoefyError(
-            f"pip could not download {package}=={version} (exit status {proc.returncode}). "
-            f"Is the package registry reachable from this machine (pip config, proxy, index-url), "
-            f"and does version {version} of {package} exist as a wheel? Last lines of pip's output:\n{tail}"
+            f"pip could not download {requirement} (exit status {proc.returncode}). {fix} Last lines of pip's output:\n{tail}"
         )
-    wheels = sorted(Path(dest).glob("*.whl"))
-    if len(wheels) != 1:
-        found = ", ".join(p.name for p in Path(dest).iterdir()) or "nothing"
-        raise MoefyError(
-            f"expected pip to download one wheel of {package}=={version}, found: {found}; "
-            f"check that the version is published as a wheel (not only as a source archive)"
-        )
-    return wheels[0]
+    found = sorted(Path(dest).glob(pattern))
+    if len(found) != 1:
+        listed = ", ".join(p.name for p in Path(dest).iterdir()) or "nothing"
+        raise MoefyError(f"expected pip to download one {form} of {requirement}, found: {listed}")
+    return found[0]
+
+
+def download_wheel(package: str, version: str, dest: Path) -> Path:
+    return pip_download(
+        f"{package}=={version}",
+        dest,
+        "wheel",
+        "Is the package registry reachable from this machine (pip config, proxy, index-url), and does "
+        f"version {version} of {package} exist as a wheel (not only as a source archive)?",
+    )
 
 
 def _safe_relative(name: str, wheel: Path) -> PurePosixPath:

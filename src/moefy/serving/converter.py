@@ -14,13 +14,13 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import subprocess
 import sys
 import tarfile
 import tempfile
 from importlib import metadata
 from pathlib import Path, PurePosixPath
 
+from moefy.data.fetch import pip_download
 from moefy.errors import MoefyError
 from moefy.files import atomic_dir
 
@@ -63,19 +63,13 @@ def _check_checkout(folder: Path, origin: str) -> Path:
 
 def _download_sdist(version: str, dest: Path) -> Path:
     """pip fetches the source archive (building its metadata: about 40 s, once per version)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--disable-pip-version-check"]
-    proc = subprocess.run([*cmd, "--dest", str(dest), f"{PACKAGE}=={version}"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-10:])
-        raise MoefyError(
-            f"pip could not download the source of {PACKAGE}=={version}, which carries llama.cpp's GGUF converter "
-            f"(exit status {proc.returncode}). Make the package registry reachable once, or set ${CHECKOUT_ENV} to a "
-            f"llama.cpp checkout of the same version. Last lines of pip's output:\n{tail}"
-        )
-    archives = sorted(dest.glob("*.tar.gz"))
-    if len(archives) != 1:
-        raise MoefyError(f"expected pip to download one source archive of {PACKAGE}=={version} into {dest}, found {archives}")
-    archive = archives[0]
+    archive = pip_download(
+        f"{PACKAGE}=={version}",
+        dest,
+        "sdist",
+        f"It carries llama.cpp's GGUF converter: make the package registry reachable once, or set ${CHECKOUT_ENV} "
+        "to a llama.cpp checkout of the same version.",
+    )
     expected = SDIST_SHA256.get(version)
     if expected and hashlib.sha256(archive.read_bytes()).hexdigest() != expected:
         raise MoefyError(
