@@ -13,7 +13,13 @@ Targets on 2 CPU cores, 4096x11008, one token: >= 3x faster than dense at 0.25, 
 at most 10% slower at 1.0; 256 tokens: >= 1.5x at 0.25. 384x1536, 4096 tokens: never slower than
 dense below budget 1.0 (masked-dense is the fallback), >= 1.5x at 0.2.
 
-    python benchmarks/moe_speed.py [--quick] [--json out.json] [--device cpu|cuda]
+    python benchmarks/moe_speed.py [--quick] [--json out.json] [--device cpu|cuda] [--dtypes fp32 bf16]
+
+--dtypes bf16 runs the same cases with the FFN, router and tokens in bfloat16 (dense bf16 against MoE
+bf16, same weights; kernels measured in bf16): on AVX512-BF16 and AMX CPUs users serve in bf16. Each
+row gives the achieved GFLOP/s of both sides: the dense FFN's FLOPs over its time, and the MoE's
+computed FLOPs (the picked experts and the router) over its time, so a kernel's distance from the
+dense matmul's rate is visible beside its speed-up.
 
 --quick runs the 4096x11008 one-token case at 0.25 (under a minute). Results are printed as a
 table, written with --json, and logged to MLflow (experiment `moefy-benchmarks`).
@@ -22,6 +28,7 @@ table, written with --json, and logged to MLflow (experiment `moefy-benchmarks`)
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -37,6 +44,7 @@ from moefy.moe.kernel_choice import measure
 from moefy.moe.layer import MoEFFN, kernel_calls
 from moefy.workflow import benchmarking
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SHAPES = [(384, 1536, 48, (1, 16, 256, 4096)), (768, 3072, 96, (1, 16, 256, 4096)), (4096, 11008, 64, (1, 16, 256))]
 BUDGETS = [0.1, 0.2, 0.25, 0.5, 1.0]
 
@@ -86,18 +94,22 @@ def shape_cases(
     flush: CacheFlusher,
     calls: int,
     calibrate: bool = True,
+    dtype: str = "fp32",
 ) -> list[dict]:
     ffn = dense_ffn(d, d_ff)
+    for linear in (ffn.w_in, ffn.w_out):
+        linear.to(DTYPES[dtype])
     labels = torch.randperm(d_ff, generator=torch.Generator().manual_seed(1)) % num_experts
     torch.manual_seed(2)
     kernels = measure(ffn, num_experts, device) if calibrate else None
-    moe = MoEFFN(ffn, labels, MLPRouter(d, num_experts), num_experts, kernels).to(device)
+    moe = MoEFFN(ffn, labels, MLPRouter(d, num_experts), num_experts, kernels).to(device=device, dtype=DTYPES[dtype])
     dense = nn.Sequential(ffn.w_in, ffn.act, ffn.w_out).to(device)
+    dense_flops = moe.dense_flops_per_token
     rows = []
     with torch.inference_mode():
         for tokens in batches:
             repeats = calls if tokens < 256 else max(5, calls // 4) if tokens < 4096 else 5
-            inputs = [torch.randn(tokens, d, device=device) for _ in range(repeats)]
+            inputs = [torch.randn(tokens, d, device=device, dtype=DTYPES[dtype]) for _ in range(repeats)]
             dense_ms = timed(dense, inputs, flush, device)
             for budget in budgets:
                 moe.k = budget_to_k(budget, num_experts)
@@ -112,10 +124,12 @@ def shape_cases(
                 )
                 reference = ffn.w_out(ffn.activations(check) * picked[:, labels.to(device)])
                 error = float((moe(check) - reference).abs().max())
+                moe_flops = dense_flops if used == "dense" else moe.flops_per_token(moe.k, router_runs=True)
                 rows.append(
                     {
-                        "case": f"{d}x{d_ff} E={num_experts} T={tokens} b={budget:g}",
+                        "case": f"{d}x{d_ff} E={num_experts} T={tokens} b={budget:g} {dtype}",
                         "device": device.type,
+                        "dtype": dtype,
                         "d_model": d,
                         "d_ff": d_ff,
                         "num_experts": num_experts,
@@ -125,14 +139,17 @@ def shape_cases(
                         "dense_ms": dense_ms,
                         "moe_ms": moe_ms,
                         "speedup": dense_ms / moe_ms,
+                        "dense_gflops_per_s": dense_flops * tokens / dense_ms / 1e6,
+                        "moe_gflops_per_s": moe_flops * tokens / moe_ms / 1e6,
                         "kernel": used,
                         "calibrated": calibrate,
                         "max_abs_error": error,
                     }
                 )
                 print(
-                    f"{rows[-1]['case']:>36} {device.type:>4}  dense {dense_ms:9.3f} ms  moe {moe_ms:9.3f} ms  "
-                    f"{dense_ms / moe_ms:5.2f}x  {used:>8}  (max |diff| {error:.1e})",
+                    f"{rows[-1]['case']:>41} {device.type:>4}  dense {dense_ms:9.3f} ms  moe {moe_ms:9.3f} ms  "
+                    f"{dense_ms / moe_ms:5.2f}x  {used:>8}  GFLOP/s {rows[-1]['dense_gflops_per_s']:.1f} / "
+                    f"{rows[-1]['moe_gflops_per_s']:.1f}  (max |diff| {error:.1e})",
                     flush=True,
                 )
     return rows
@@ -140,11 +157,15 @@ def shape_cases(
 
 def print_table(rows: list[dict]) -> None:
     print(f"\nlooped kernel on the CPU: {native.implementation(torch.device('cpu'))}")
-    print("\n| shape | E | tokens | budget | dense ms | MoE ms | speed-up | kernel |\n|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| shape | E | tokens | budget | dtype | dense ms | MoE ms | speed-up | dense GFLOP/s | MoE GFLOP/s | kernel |"
+        "\n|---|---|---|---|---|---|---|---|---|---|---|"
+    )
     for r in rows:
         print(
-            f"| {r['d_model']}x{r['d_ff']} | {r['num_experts']} | {r['tokens']} | {r['budget']:g} | "
-            f"{r['dense_ms']:.3f} | {r['moe_ms']:.3f} | {r['speedup']:.2f}x | {r['kernel']} |"
+            f"| {r['d_model']}x{r['d_ff']} | {r['num_experts']} | {r['tokens']} | {r['budget']:g} | {r['dtype']} | "
+            f"{r['dense_ms']:.3f} | {r['moe_ms']:.3f} | {r['speedup']:.2f}x | {r['dense_gflops_per_s']:.1f} | "
+            f"{r['moe_gflops_per_s']:.1f} | {r['kernel']} |"
         )
 
 
@@ -156,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=40, help="timed calls per case (a quarter for 256 tokens)")
     parser.add_argument("--fixed-rules", action="store_true", help="choose kernels by the fixed rules, not by measuring")
     parser.add_argument("--no-mlflow", action="store_true")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32"], help="precisions to time in")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -168,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     for device in devices:
         flush = CacheFlusher(device, megabytes=128 if device.type == "cpu" else 256)
         shapes = [SHAPES[-1]] if args.quick else SHAPES
-        for d, d_ff, num_experts, batches in shapes:
+        for (d, d_ff, num_experts, batches), dtype in itertools.product(shapes, args.dtypes):
             rows += shape_cases(
                 d,
                 d_ff,
@@ -179,6 +201,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush,
                 args.calls,
                 calibrate=not args.fixed_rules,
+                dtype=dtype,
             )
     print_table(rows)
     benchmarking.save(
@@ -188,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         args.quick,
         args.json,
         not args.no_mlflow,
-        ("dense_ms", "moe_ms", "speedup"),
+        ("dense_ms", "moe_ms", "speedup", "dense_gflops_per_s", "moe_gflops_per_s"),
         prefix=lambda r: f"{r['device']}/{r['case']}",
     )
 

@@ -54,6 +54,16 @@ def test_moe_speed_cases_run_and_check_the_moe_output(moe_speed):
     assert all(r["dense_ms"] > 0 and r["moe_ms"] > 0 and r["max_abs_error"] < 1e-5 for r in rows)
     assert [r["kernel"] for r in rows if r["budget"] == 1.0] == ["dense", "dense"]  # every expert: the dense matmuls
     assert all(set(r["kernel"].split(", ")) <= set(KERNELS) and r["calibrated"] for r in rows if r["budget"] == 0.25)
+    # FLOPs per token: dense 2 * 2 * 16 * 64; at k 2 of 8, a quarter of that plus the router's
+    assert rows[0]["dense_gflops_per_s"] == pytest.approx(4096 / rows[0]["dense_ms"] / 1e6)
+    assert 1024 / rows[0]["moe_ms"] / 1e6 < rows[0]["moe_gflops_per_s"] < 2 * 1024 / rows[0]["moe_ms"] / 1e6
+
+
+def test_moe_speed_times_bf16_dense_against_bf16_moe(moe_speed):
+    flush = moe_speed.CacheFlusher(torch.device("cpu"), megabytes=1)
+    rows = moe_speed.shape_cases(16, 64, 8, [32], [0.25, 1.0], torch.device("cpu"), flush, calls=2, dtype="bf16")
+    assert [r["dtype"] for r in rows] == ["bf16", "bf16"] and rows[0]["case"].endswith("bf16")
+    assert all(r["max_abs_error"] < 0.05 for r in rows)  # bf16 rounding of outputs near 1 (8 bits of mantissa)
 
 
 def test_moe_train_speed_cases_run_and_report(tmp_path, capsys):

@@ -173,7 +173,7 @@ def skewed_picks(tokens: int, num_experts: int, k: int, generator: torch.Generat
 
 def measure(ffn: FFN, num_experts: int, device: torch.device, repeats: int = 3, max_seconds_per_call: float = 0.5) -> KernelTable:
     """Time every kernel in every (tokens, density) cell of the ladders on this FFN (its weights do
-    not matter, its shape and activation do).
+    not matter, its shape, activation and dtype do: a bf16 FFN is timed in bf16).
 
     Picks are k distinct experts per token, drawn as unevenly as a trained router's (skewed_picks):
     how many tokens each expert gets decides what gathering costs against masking.
@@ -198,7 +198,7 @@ def measure(ffn: FFN, num_experts: int, device: torch.device, repeats: int = 3, 
         tqdm(cells, desc=f"kernels {ffn_shape_key(ffn, num_experts)}", unit="cell", mininterval=2, leave=False) as bar,
     ):
         for tokens in TOKENS:
-            x = torch.randn(tokens, d_model, generator=generator).to(device)
+            x = torch.randn(tokens, d_model, generator=generator).to(device=device, dtype=ffn.w_in.weight.dtype)
             if _fastest_milliseconds({"dense": partial(layer.dense, x)}, sync, 1)["dense"] / 1e3 > max_seconds_per_call:
                 break
             row, row_times = [], {k: [] for k in usable}
