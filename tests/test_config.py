@@ -121,6 +121,18 @@ def test_settings_that_hold_together_pass(study):
     validate(copy.deepcopy(study) | {"upcycling": {"models": models}, "merging": {"models": ["all"], "groups": [8, 1]}})
 
 
+def test_the_upcycle_section_is_every_upcycled_model_s_defaults(study):
+    """A key set in `upcycle` reaches every model that does not set it itself; the schema's defaults
+    fill only what neither sets, and validating twice changes nothing."""
+    models = {"plain": {}, "wide": {"experts": 16, "k": 4}}
+    config = copy.deepcopy(study) | {"upcycle": {"experts": 4, "drop_ratio": 0.5}, "upcycling": {"models": models}}
+    validate(config)
+    plain, wide = config["upcycling"]["models"]["plain"], config["upcycling"]["models"]["wide"]
+    assert (plain["experts"], plain["drop_ratio"], plain["k"]) == (4, 0.5, 2)
+    assert (wide["experts"], wide["drop_ratio"], wide["k"]) == (16, 0.5, 4)
+    assert validate(copy.deepcopy(config)) == config
+
+
 def test_every_renamed_key_names_a_key_of_the_schema():
     from moefy.config import RENAMED, schema
 

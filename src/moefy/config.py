@@ -119,6 +119,7 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     if renamed:
         raise MoefyError("invalid config: " + "; ".join(renamed))
 
+    inherit_upcycle_defaults(config)
     validator = _with_defaults(Draft202012Validator)(schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), str(e.absolute_path)))
     if errors:
@@ -127,6 +128,21 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     if impossible:
         raise MoefyError("invalid config: " + "; ".join(impossible))
     return config
+
+
+def inherit_upcycle_defaults(config: dict[str, Any]) -> None:
+    """Give each of upcycling.models the `upcycle` section's keys it does not set itself, before the
+    schema's defaults fill the rest: the section is the models' defaults, as documented, and a key set
+    there must not be silently replaced by the schema's default. Idempotent; malformed sections are
+    left for the schema to name."""
+    section = config.get("upcycle")
+    upcycling = config.get("upcycling")
+    models = upcycling.get("models") if isinstance(upcycling, dict) else None
+    if not isinstance(section, dict) or not isinstance(models, dict):
+        return
+    for name, model in models.items():
+        if isinstance(model, dict):
+            models[name] = section | model
 
 
 def impossible_settings(config: dict[str, Any]) -> list[str]:
