@@ -1,6 +1,6 @@
 # Which MoE kernel is fastest here, measured once for the study's FFN shape (and distilled attention
 # projections' shapes, when the grid converts them) and every expert count (with shared experts, of
-# the routed part).
+# the routed part), in the precision evaluate runs in.
 # It takes every core so that nothing else runs while it times; the kernels inside use the
 # threads an evaluate job gets.
 
@@ -32,6 +32,7 @@ rule calibrate:
             }
         ),
         activation=config["finetune"]["activation"],
+        precision=config["evaluate"]["precision"],
         projections=(
             f"--projection-flops-factor {config['distill_attention']['flops_factor']} --width-multiple {GRID.width_multiple}"
             if GRID.distilled
@@ -41,4 +42,4 @@ rule calibrate:
         device=COMPUTE["device"],
     shell:
         "OMP_NUM_THREADS={params.omp} {params.launch} --model {params.model} --task {params.task} {params.experts} "
-        "--activation {params.activation} {params.projections} {params.remote_code} --out {params.out} --device {params.device} > {log} 2>&1"
+        "--activation {params.activation} --precision {params.precision} {params.projections} {params.remote_code} --out {params.out} --device {params.device} > {log} 2>&1"

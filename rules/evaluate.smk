@@ -26,7 +26,7 @@ rule evaluate:
         data=folder_of("test"),
         rules=rules_flags,
         device=COMPUTE["device"],
-        settings=settings_flags({"batch_size": config["evaluate"]["batch_size"]}),
+        settings=settings_flags({key: config["evaluate"][key] for key in ("batch_size", "precision")}),
         reference=reference_flag,
         second_test=second_test_flag,
     shell:

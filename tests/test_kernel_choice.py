@@ -162,6 +162,22 @@ def test_a_layer_looks_up_the_table_its_ffn_was_calibrated_under(gated):
     assert layer_shape_key(layer) == ffn_shape_key(dense, 8) == ("d16-ff64-E8-gated" if gated else "d16-ff64-E8")
 
 
+def test_a_bf16_layer_looks_up_the_table_measured_in_bf16():
+    """evaluate.precision bf16: the calibration times the kernels in bf16 under their own key, which
+    the layer cast to bf16 (as evaluate casts the model) finds, and its routed part keeps the dtype."""
+    from moefy.steps.calibrate import routed_part
+
+    dense = ffn(gated=True)
+    layer = MoEFFN(dense, torch.arange(64) % 8, MLPRouter(16, 6), 8, shared_experts=2).to(torch.bfloat16)
+    for linear in (dense.w_in, dense.w_gate, dense.w_out):
+        linear.to(torch.bfloat16)
+    part = routed_part(dense, 8, 2)
+    assert part.w_in.weight.dtype == torch.bfloat16
+    assert layer_shape_key(layer) == ffn_shape_key(part, 6) == "d16-ff48-E6-gated-bf16"
+    table = measure(part, 6, torch.device("cpu"), repeats=1, max_seconds_per_call=0.01)
+    assert table.tokens and all(winners for winners in table.winners)
+
+
 def test_a_layer_with_shared_experts_looks_up_the_table_of_its_routed_part():
     from moefy.steps.calibrate import routed_part
 

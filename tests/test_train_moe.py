@@ -122,12 +122,27 @@ def upcycle(root, out, *extra):
     return out / "model"
 
 
-def evaluate(root, model, out):
+def evaluate(root, model, out, *extra):
     evaluate_step.main(
         ["--model", str(model), "--data", str(root / "data"), *conversion_flags(root), "--penalty", "none", "--seed", "0",
-         "--budgets", str(BUDGET), "1.0", "--out", str(out)]
+         "--budgets", str(BUDGET), "1.0", "--out", str(out), *extra]
     )  # fmt: skip
     return {r["budget"]: r for r in json.loads(out.read_text()) if r.get("rule") == "top_k"}
+
+
+def test_evaluate_in_bf16_keeps_fp32_s_predictions_within_a_stated_share(task, tmp_path):
+    """evaluate.precision bf16: the dense model and the MoE run in bfloat16 (same weights); the
+    record keeps the fp32 dense model's accuracy, equal to an fp32 run's, and the share of the bf16
+    dense model's predictions equal to its. Stated share: at least 95% of the test texts keep their
+    fp32 prediction, and accuracy moves at most 3 points at every budget (bf16's 8-bit mantissa)."""
+    fp32 = evaluate(task, task / "finetune" / "model", tmp_path / "fp32.json")
+    bf16 = evaluate(task, task / "finetune" / "model", tmp_path / "bf16.json", "--precision", "bf16")
+    for budget in (BUDGET, 1.0):
+        assert (fp32[budget]["inference_precision"], bf16[budget]["inference_precision"]) == ("fp32", "bf16")
+        assert bf16[budget]["fp32_dense_test_accuracy"] == fp32[1.0]["test_accuracy"]
+        assert bf16[budget]["fp32_dense_agreement"] >= 0.95
+        assert abs(bf16[budget]["test_accuracy"] - fp32[budget]["test_accuracy"]) <= 0.03
+        assert "fp32_dense_agreement" not in fp32[budget]
 
 
 def test_recovery_lowers_the_distillation_loss_and_wins_back_accuracy(task, tmp_path):

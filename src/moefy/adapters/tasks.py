@@ -82,7 +82,7 @@ class CausalLM(Task):
 
     def batch_stats(self, logits, inputs, labels):
         predicted, targets = self._shifted(logits, inputs)
-        nll = F.cross_entropy(predicted, targets, reduction="sum")
+        nll = F.cross_entropy(predicted.float(), targets, reduction="sum")  # bf16 logits: the loss summed in fp32
         return float(nll), len(targets), predicted.argmax(-1)
 
     def metric_of(self, score_sum, count):

@@ -81,6 +81,10 @@ def selection_rules(
     return rules + [SelectionRule("dynamic", tau=t) for t in sorted(thresholds)]
 
 
+# evaluate.precision: what the dense model and the MoE run in (moefy.steps.evaluate)
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 @dataclass
 class PassTotals:
     """What one pass adds up (over batches, then over ranks)."""

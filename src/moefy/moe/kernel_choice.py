@@ -37,22 +37,26 @@ GIVE_UP_RATIO = 1.5
 FORMAT = "moefy-kernels/2"  # /2: timed on skewed picks (/1: uniform)
 
 
-def shape_key(d_model: int, d_ff: int, num_experts: int, gated: bool, d_out: int | None = None) -> str:
+def shape_key(
+    d_model: int, d_ff: int, num_experts: int, gated: bool, d_out: int | None = None, dtype: torch.dtype = torch.float32
+) -> str:
     """`d384-ff1536-E48` (`-gated`; `-out128` for an output narrower than the input: a distilled
-    grouped-query k or v projection)."""
+    grouped-query k or v projection; `-bf16` for weights in bfloat16, whose kernels rank otherwise)."""
     narrow = d_out is not None and d_out != d_model
-    return f"d{d_model}-ff{d_ff}-E{num_experts}" + ("-gated" if gated else "") + (f"-out{d_out}" if narrow else "")
+    key = f"d{d_model}-ff{d_ff}-E{num_experts}" + ("-gated" if gated else "") + (f"-out{d_out}" if narrow else "")
+    return key + {torch.float32: "", torch.bfloat16: "-bf16"}.get(dtype, f"-{str(dtype).removeprefix('torch.')}")
 
 
 def ffn_shape_key(ffn, num_experts: int) -> str:
     """The shape key of an FFN (moefy.adapters.ffn.FFN) split into `num_experts` experts."""
-    return shape_key(ffn.d_model, ffn.d_ff, num_experts, ffn.w_gate is not None, ffn.w_out.out_features)
+    gated = ffn.w_gate is not None
+    return shape_key(ffn.d_model, ffn.d_ff, num_experts, gated, ffn.w_out.out_features, ffn.w_in.weight.dtype)
 
 
 def layer_shape_key(layer) -> str:
     """The shape key of a MoE layer (moefy.moe.layer.MoEFFN): its FFN's, which the calibration measured."""
     d_ff = layer.num_experts * layer.expert_size
-    return shape_key(layer.d_model, d_ff, layer.num_experts, layer.w_gate is not None, layer.d_out)
+    return shape_key(layer.d_model, d_ff, layer.num_experts, layer.w_gate is not None, layer.d_out, layer.w_in.dtype)
 
 
 def _nearest(ladder: tuple[float, ...], value: float) -> int:

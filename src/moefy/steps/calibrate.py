@@ -4,7 +4,7 @@
 Times embedding bags, the loop of matmuls over the experts (native where it builds), grouped matmuls and masked-dense on the model's first FFN (with the
 activation the fine-tune will give it) over a ladder of token counts and experts per token, for
 every expert count of the grid (with shared experts: the routed experts' part of the FFN, which
-is what the kernels run), with the threads an evaluate job gets. Writes
+is what the kernels run), with the threads an evaluate job gets, in the precision it runs in. Writes
 <out>/moe_kernels.json, which every evaluate job of the study reads, so that all of them, and
 every rerun, use the same kernels (see moefy.moe.kernel_choice).
 """
@@ -26,6 +26,7 @@ from moefy.conversion.distillation import width_for
 from moefy.conversion.split import check_num_experts
 from moefy.files import write_json
 from moefy.measure import machine
+from moefy.measure.evaluation import PRECISIONS
 from moefy.moe.kernel_choice import FORMAT, ffn_shape_key, measure
 from moefy.workflow import tracking
 from moefy.workflow.cli import run_step, step_parser
@@ -45,6 +46,12 @@ def parse_args(argv: list[str] | None):
         choices=section_properties("finetune")["activation"]["enum"],
         default="relu",
         help="the FFN activation after fine-tuning (config finetune.activation)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=sorted(PRECISIONS),
+        default="fp32",
+        help="what the kernels are timed in: evaluate's precision (config evaluate.precision)",
     )
     parser.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument(
@@ -73,7 +80,7 @@ def routed_part(ffn: FFN, num_experts: int, shared_experts: int) -> FFN:
         if linear is None:
             return None
         weight = linear.weight[:, :neurons] if out else linear.weight[:neurons]
-        part = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, device=weight.device)
+        part = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             part.weight.copy_(weight)
             if linear.bias is not None:
@@ -103,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     ctx = dist.setup(args.device)
     model = load_model(
         args.model, args.task, activation="relu" if args.activation == "relu" else None, trust_remote_code=args.trust_remote_code
-    ).to(ctx.device)
+    ).to(ctx.device, PRECISIONS[args.precision])
     with tracking.job_run("calibrate", vars(args)) as run:
         looped = native.implementation(ctx.device)  # built now, before the timings and their progress bar
         shapes = {}

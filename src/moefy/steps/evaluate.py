@@ -18,7 +18,11 @@ dense. Writes one JSON file: a list of records, each naming its place in the gri
 split, num_experts, router), the precision the model was fine-tuned in, the test set's size
 (test_count: texts, or predicted tokens for causal_lm) and stopped_at_cap: the training stages of
 this model and router that stopped at their cap while still improving ("" when none did; from the
-model's training.json and the router file's metadata, moefy.training.convergence).
+model's training.json and the router file's metadata, moefy.training.convergence). With
+--precision bf16 the dense model and the MoE run in bfloat16 (the same weights, rounded), the
+kernels are chosen from the calibration's bf16 tables, and each record adds the fp32 dense model's
+metric and the share of the bf16 dense model's predictions equal to its (inference_precision says
+which; records of fp32 runs have neither).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from moefy.data.batches import Encoded, eval_batches
 from moefy.data.subsets import read_subset
 from moefy.errors import MoefyError
 from moefy.files import read_json, tensors_metadata, write_json
-from moefy.measure.evaluation import SelectionRule, logged_metrics, record, run_pass, selection_rules
+from moefy.measure.evaluation import PRECISIONS, SelectionRule, logged_metrics, record, run_pass, selection_rules
 from moefy.measure.flops import model_flops
 from moefy.moe.checkpoints import read_error_curves, read_gates, read_moe_parts
 from moefy.moe.kernel_choice import KernelTable, layer_shape_key, table_for
@@ -129,7 +133,10 @@ def main(argv: list[str] | None = None) -> None:
             "give the dense model to compare with as --reference"
         )
     layers = moefy_model(model, labels, routers, args.num_experts, shared_experts=args.shared_experts, gates=gates)
-    choose_kernels(args, layers)
+    dtype = PRECISIONS[args.precision]
+    if args.reference or dtype == torch.float32:  # else the fp32 dense pass comes first (dense_passes)
+        model.to(dtype)
+        choose_kernels(args, layers)
 
     if task.labelled and targets is None:
         raise MoefyError(f"{args.data / 'test.jsonl'} has no labels, but task {task.name} needs them; rerun the data step")
@@ -140,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
         "precision": read_training(args.model).get("precision", "unknown"),
         convergence.KEY: convergence.stages(read_training(args.model), router_stopped_at_cap(args.router_file, args.router)),
         "looped_kernel": native.implementation(ctx.device),  # built here, not in the first timed batch
+        "inference_precision": args.precision,
     }
 
     def measure(rule: SelectionRule, dense_predictions=None, on=(model, layers)):
@@ -163,17 +171,41 @@ def main(argv: list[str] | None = None) -> None:
     records = []
     routed = args.num_experts - args.shared_experts
     everything = SelectionRule("top_k", budget=1.0, k=routed)
+
+    def dense_passes(on) -> tuple[list[torch.Tensor], object, dict]:
+        """The dense model's pass in evaluate's precision; in bf16, after a pass in fp32 (`on` still
+        in it), whose metric and predictions the record keeps beside bf16's."""
+        if dtype == torch.float32:
+            return *measure(everything, on=on)[:2], {}
+        fp32_predictions, fp32, _ = measure(everything, on=on)
+        on[0].to(dtype)
+        choose_kernels(args, on[1])
+        predictions, totals, _ = measure(everything, fp32_predictions, on=on)
+        metric = task.metric
+        beside = {
+            f"fp32_dense_test_{metric}": task.metric_of(fp32.score, fp32.count),
+            "fp32_dense_agreement": totals.agreeing / totals.count,
+        }
+        print(
+            f"dense in bf16: {metric} {task.metric_of(totals.score, totals.count):.4f} against "
+            f"{beside[f'fp32_dense_test_{metric}']:.4f} in fp32, {beside['fp32_dense_agreement']:.2%} same predictions",
+            flush=True,
+        )
+        return predictions, totals, beside
+
     with tracking.job_run("evaluate", vars(args), ablation(args), enabled=ctx.is_main) as run:
         if args.reference:  # the relative numbers are against another model, measured with the same layers
             reference = load_model(args.reference, task.name).to(ctx.device)
             on = (reference, moefy_model(reference, labels, routers, args.num_experts, shared_experts=args.shared_experts))
-            choose_kernels(args, on[1])
-            dense_predictions, dense, _ = measure(everything, on=on)
+            if dtype == torch.float32:
+                choose_kernels(args, on[1])
+            dense_predictions, dense, beside = dense_passes(on)
             dense_second = second_metric(everything, on) if second else None
             del reference, on
         else:
-            dense_predictions, dense, _ = measure(everything)
+            dense_predictions, dense, beside = dense_passes((model, layers))
             dense_second = second_metric(everything) if second else None
+        identity |= beside
         for rule in selection_rules(args.budgets, args.thresholds, layers, args.num_experts, args.allocations, curves):
             reuse = rule.runs_dense(routed) and not args.reference
             totals, kernels = (dense, "dense") if reuse else measure(rule, dense_predictions)[1:]
