@@ -47,9 +47,9 @@ def layer(gated: bool, bias: bool, act: nn.Module, d: int = 16, d_ff: int = 96, 
     return MoEFFN(ffn, labels, MLPRouter(d, experts), experts)
 
 
-def python_loop(moe: MoEFFN, x, picked, h=None):
+def python_loop(moe: MoEFFN, x, picked, h=None, gates=None):
     out = x.new_zeros(x.shape[0], moe.d_out) if moe.b_out is None else moe.b_out.expand(x.shape[0], -1).clone()
-    return moe._looped_python(x, picked, h, out)
+    return moe._looped_python(x, picked, h, out, gates)
 
 
 @pytest.mark.parametrize(
@@ -64,7 +64,8 @@ def python_loop(moe: MoEFFN, x, picked, h=None):
 )
 @pytest.mark.parametrize("share", [0.3, 1.01])  # popular experts computed for every token, or none
 @pytest.mark.parametrize("oracle", [False, True])
-def test_the_native_kernel_gives_the_python_loops_outputs(kernel, gated, bias, act, d_out, share, oracle, monkeypatch):
+@pytest.mark.parametrize("weighed", [False, True])  # softmax-gated picks, each output scaled by its gate
+def test_the_native_kernel_gives_the_python_loops_outputs(kernel, gated, bias, act, d_out, share, oracle, weighed, monkeypatch):
     moe = layer(gated, bias, act, d_out=d_out)
     monkeypatch.setattr(moe_module, "LOOPED_DENSE_SHARE", share)
     monkeypatch.setattr(moe_module, "NATIVE_BLOCK_TOKENS", 16)  # 40 tokens: blocks of 16, 16 and 8
@@ -75,9 +76,10 @@ def test_the_native_kernel_gives_the_python_loops_outputs(kernel, gated, bias, a
         for tokens in (1, 5, 40):
             x = torch.randn(tokens, 16, generator=generator)
             picked = torch.rand(tokens, 12, generator=generator) < 0.4  # also tokens with no expert
+            gates = picked * torch.rand(tokens, 12, generator=generator) * 3 if weighed else None
             h = moe.dense_activations(x) if oracle else None
-            expected = python_loop(moe, x, picked, None if h is None else h.clone())
-            got = moe.experts_forward(x, picked, kernel="looped", h=h)
+            expected = python_loop(moe, x, picked, None if h is None else h.clone(), gates)
+            got = moe.experts_forward(x, picked if gates is None else gates, kernel="looped", h=h)
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     assert len(calls) == 3
 

@@ -36,7 +36,7 @@ token beside the routed experts' kernel; the router and the kernels see the rout
 
 A softmax-gated conversion (moefy.conversion.routers.SoftmaxGate, from softmax-gated recovery)
 weighs each picked expert's output by its gate; every kernel takes the gates, the compiled loop
-not yet (gated layers run the Python loop).
+included.
 """
 
 from __future__ import annotations
@@ -339,8 +339,8 @@ class MoEFFN(nn.Module):
         self, x: torch.Tensor, picked: torch.Tensor, h: torch.Tensor | None, out: torch.Tensor, gates: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The looped kernel: compiled (moefy.native) for CPU inference in float32 where it could be
-        built, the Python loop otherwise (a GPU, autograd, another dtype or activation, gates)."""
-        kernel = native.looped_kernel() if gates is None and self._native_runs(x, h) else None
+        built, the Python loop otherwise (a GPU, autograd, another dtype or activation)."""
+        kernel = native.looped_kernel() if self._native_runs(x, h, gates) else None
         if kernel is None:
             return self._looped_python(x, picked, h, out, gates)
         # Each thread takes whole blocks (see looped.cpp): at least one block per thread.
@@ -348,12 +348,14 @@ class MoEFFN(nn.Module):
         kernel.looped(
             x.contiguous(), picked.contiguous(), self.w_in, self.b_in, self.w_gate, self.b_gate, self.w_out,
             out, h, self.num_experts, self._native_act, block, float(self.masked_share(block)),
+            None if gates is None else gates.contiguous(),
         )  # fmt: skip
         return out
 
-    def _native_runs(self, x: torch.Tensor, h: torch.Tensor | None) -> bool:
-        recorded = _autograd_records(x, h)
+    def _native_runs(self, x: torch.Tensor, h: torch.Tensor | None, gates: torch.Tensor | None = None) -> bool:
+        recorded = _autograd_records(x, h) or (gates is not None and torch.is_grad_enabled() and gates.requires_grad)
         inputs_fit = x.dtype == torch.float32 and (h is None or (h.dtype == torch.float32 and h.is_contiguous()))
+        inputs_fit = inputs_fit and (gates is None or gates.dtype == torch.float32)
         on_cpu = x.device.type == "cpu"
         return self._native_act is not None and on_cpu and not recorded and inputs_fit and self.w_in.dtype == torch.float32
 

@@ -6,7 +6,8 @@
 // What the native call saves is what surrounds the matmuls: a Python-level op costs microseconds of
 // dispatch per expert and block, and index_select / index_add_ pass through generic indexing code,
 // where here the gather is a memcpy per row and the scatter-add a loop the compiler vectorises, on
-// blocks small enough that the gathered rows and the output stay in the core's cache.
+// blocks small enough that the gathered rows and the output stay in the core's cache. With gates
+// (softmax-gated layers), each pick's output is scaled by its gate, as the Python loop scales it.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -58,19 +59,23 @@ void scatter_add_rows(float* dst, const float* src, const std::vector<int64_t>& 
 // out [T, d_out] (holding the output bias or zeros) += the picked experts' outputs, in place.
 // x [T, d]; picked [T, E] bool; w_in, w_gate [d, E*s]; b_in, b_gate [E, s]; w_out [E*s, d_out];
 // h [T, E*s]: every neuron's activation when the router computed them (then x and the input
-// projections are not read, and h is overwritten).
+// projections are not read, and h is overwritten); gates [T, E] float32: each pick's weight (0 where
+// not picked), or none (every pick weighs 1).
 void looped(const at::Tensor& x, const at::Tensor& picked, const at::Tensor& w_in, const c10::optional<at::Tensor>& b_in,
             const c10::optional<at::Tensor>& w_gate, const c10::optional<at::Tensor>& b_gate, const at::Tensor& w_out,
             at::Tensor& out, const c10::optional<at::Tensor>& h, int64_t num_experts, int64_t act, int64_t block,
-            double masked_share) {
+            double masked_share, const c10::optional<at::Tensor>& gates) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && x.device().is_cpu(), "x: contiguous float32 [T, d] on CPU");
   TORCH_CHECK(picked.scalar_type() == at::kBool && picked.is_contiguous(), "picked: contiguous bool [T, E]");
   TORCH_CHECK(out.is_contiguous() && w_out.is_contiguous() && w_in.is_contiguous(), "out and weights: contiguous");
   TORCH_CHECK(!h.has_value() || h->is_contiguous(), "h: contiguous [T, E*s]");
   TORCH_CHECK(block > 0, "block: at least one token");
+  TORCH_CHECK(!gates.has_value() || (gates->scalar_type() == at::kFloat && gates->is_contiguous()), "gates: contiguous float32 [T, E]");
   const int64_t T = x.size(0), d = x.size(1), E = num_experts, d_ff = w_in.size(1), s = d_ff / E, d_out = w_out.size(1);
   TORCH_CHECK(picked.size(0) == T && picked.size(1) == E && out.size(0) == T && out.size(1) == d_out, "shapes disagree");
+  TORCH_CHECK(!gates.has_value() || (gates->size(0) == T && gates->size(1) == E), "gates: [T, E] like picked");
   const bool* picks = picked.data_ptr<bool>();
+  const float* weights = gates.has_value() ? gates->data_ptr<float>() : nullptr;
 
   // The caller's grad and inference modes, for the ops the other threads run: without them, an
   // output made under torch.inference_mode could not be written there.
@@ -82,7 +87,8 @@ void looped(const at::Tensor& x, const at::Tensor& picked, const at::Tensor& w_i
     auto up = at::empty({block, s}, options);
     auto gate = at::empty({w_gate.has_value() ? block : 0, s}, options);
     auto y = at::empty({block, d_out}, options);
-    auto mask = at::empty({block, 1}, options);
+    auto mask = at::empty({block, 1}, options);  // a popular expert's weight per token of the block
+    auto scale = at::empty({block, 1}, options);  // a gathered expert's gate per token
     std::vector<std::vector<int64_t>> tokens_of(E);
     for (int64_t b = first; b < last; ++b) {
       const int64_t start = b * block, n = std::min(block, T - start);
@@ -130,12 +136,20 @@ void looped(const at::Tensor& x, const at::Tensor& picked, const at::Tensor& w_i
         const auto w_out_e = w_out.narrow(0, e * s, s);
         if (everyone) {
           float* keep = mask.data_ptr<float>();
-          for (int64_t t = 0; t < n; ++t) keep[t] = picks[(start + t) * E + e] ? 1.f : 0.f;
+          for (int64_t t = 0; t < n; ++t) {
+            const int64_t at = (start + t) * E + e;
+            keep[t] = weights ? weights[at] : (picks[at] ? 1.f : 0.f);
+          }
           hidden.mul_(mask.narrow(0, 0, n));
           out_block.addmm_(hidden, w_out_e);
         } else {
           auto ys = y.narrow(0, 0, m);
           at::mm_out(ys, hidden, w_out_e);
+          if (weights) {
+            float* by = scale.data_ptr<float>();
+            for (int64_t i = 0; i < m; ++i) by[i] = weights[(start + tokens[i]) * E + e];
+            ys.mul_(scale.narrow(0, 0, m));
+          }
           scatter_add_rows(out_block.data_ptr<float>(), ys.data_ptr<float>(), tokens, d_out);
         }
       }
