@@ -65,8 +65,13 @@ def python_loop(moe: MoEFFN, x, picked, h=None, gates=None):
 @pytest.mark.parametrize("share", [0.3, 1.01])  # popular experts computed for every token, or none
 @pytest.mark.parametrize("oracle", [False, True])
 @pytest.mark.parametrize("weighed", [False, True])  # softmax-gated picks, each output scaled by its gate
-def test_the_native_kernel_gives_the_python_loops_outputs(kernel, gated, bias, act, d_out, share, oracle, weighed, monkeypatch):
-    moe = layer(gated, bias, act, d_out=d_out)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_native_kernel_gives_the_python_loops_outputs(
+    kernel, gated, bias, act, d_out, share, oracle, weighed, dtype, monkeypatch
+):
+    """float32 to 1e-6; bfloat16 to 2e-2 (outputs of magnitude ~1; the same ops as the Python loop but
+    the scatter-add, which rounds each sum to bfloat16 in either, in another order where tokens share rows)."""
+    moe = layer(gated, bias, act, d_out=d_out).to(dtype)
     monkeypatch.setattr(moe_module, "LOOPED_DENSE_SHARE", share)
     monkeypatch.setattr(moe_module, "NATIVE_BLOCK_TOKENS", 16)  # 40 tokens: blocks of 16, 16 and 8
     calls = []
@@ -74,13 +79,14 @@ def test_the_native_kernel_gives_the_python_loops_outputs(kernel, gated, bias, a
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for tokens in (1, 5, 40):
-            x = torch.randn(tokens, 16, generator=generator)
+            x = torch.randn(tokens, 16, generator=generator).to(dtype)
             picked = torch.rand(tokens, 12, generator=generator) < 0.4  # also tokens with no expert
-            gates = picked * torch.rand(tokens, 12, generator=generator) * 3 if weighed else None
+            gates = (picked * torch.rand(tokens, 12, generator=generator) * 3).to(dtype) if weighed else None
             h = moe.dense_activations(x) if oracle else None
             expected = python_loop(moe, x, picked, None if h is None else h.clone(), gates)
             got = moe.experts_forward(x, picked if gates is None else gates, kernel="looped", h=h)
-            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+            assert got.dtype == dtype
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 if dtype == torch.float32 else 2e-2)
     assert len(calls) == 3
 
 

@@ -74,6 +74,7 @@ LOOPED_BLOCK_TOKENS = 2048
 # 384x1536, 48 experts, 4,096 tokens, one AVX2 core, budget 0.5: 1.63x of dense in blocks of 512,
 # 1.74x in blocks of 1,024.
 NATIVE_BLOCK_TOKENS = 1024
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # what looped.cpp computes in
 # The grouped kernel works through (token, expert) pairs in slabs of at most this many floats per
 # [pairs, d] intermediate: below glibc's largest mmap threshold (32 MB), so freed slabs are reused.
 SLAB_FLOATS = 4 * 2**20
@@ -338,8 +339,8 @@ class MoEFFN(nn.Module):
     def _looped(
         self, x: torch.Tensor, picked: torch.Tensor, h: torch.Tensor | None, out: torch.Tensor, gates: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The looped kernel: compiled (moefy.native) for CPU inference in float32 where it could be
-        built, the Python loop otherwise (a GPU, autograd, another dtype or activation)."""
+        """The looped kernel: compiled (moefy.native) for CPU inference in float32 or bfloat16 where it
+        could be built, the Python loop otherwise (a GPU, autograd, another dtype or activation)."""
         kernel = native.looped_kernel() if self._native_runs(x, h, gates) else None
         if kernel is None:
             return self._looped_python(x, picked, h, out, gates)
@@ -354,10 +355,12 @@ class MoEFFN(nn.Module):
 
     def _native_runs(self, x: torch.Tensor, h: torch.Tensor | None, gates: torch.Tensor | None = None) -> bool:
         recorded = _autograd_records(x, h) or (gates is not None and torch.is_grad_enabled() and gates.requires_grad)
-        inputs_fit = x.dtype == torch.float32 and (h is None or (h.dtype == torch.float32 and h.is_contiguous()))
-        inputs_fit = inputs_fit and (gates is None or gates.dtype == torch.float32)
+        inputs_fit = (
+            x.dtype in NATIVE_DTYPES and x.dtype == self.w_in.dtype and (h is None or (h.dtype == x.dtype and h.is_contiguous()))
+        )
+        inputs_fit = inputs_fit and (gates is None or gates.dtype == x.dtype)
         on_cpu = x.device.type == "cpu"
-        return self._native_act is not None and on_cpu and not recorded and inputs_fit and self.w_in.dtype == torch.float32
+        return self._native_act is not None and on_cpu and not recorded and inputs_fit
 
     def _looped_python(
         self, x: torch.Tensor, picked: torch.Tensor, h: torch.Tensor | None, out: torch.Tensor, gates: torch.Tensor | None = None
