@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fixed-rules", action="store_true", help="choose kernels by the fixed rules, not by measuring")
     parser.add_argument("--no-mlflow", action="store_true")
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32"], help="precisions to time in")
+    parser.add_argument("--shapes", nargs="+", help="only these shapes, as DxF (e.g. 384x1536 4096x11008)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -190,6 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     for device in devices:
         flush = CacheFlusher(device, megabytes=128 if device.type == "cpu" else 256)
         shapes = [SHAPES[-1]] if args.quick else SHAPES
+        if args.shapes:
+            shapes = [shape for shape in shapes if f"{shape[0]}x{shape[1]}" in args.shapes]
+            if not shapes:
+                parser.error(f"--shapes {' '.join(args.shapes)}: none of {', '.join(f'{d}x{f}' for d, f, _, _ in SHAPES)}")
         for (d, d_ff, num_experts, batches), dtype in itertools.product(shapes, args.dtypes):
             rows += shape_cases(
                 d,
