@@ -154,6 +154,8 @@ rule report_merging:
         dense=merging_dense_references(),
     output:
         table=results("report", "merging.csv"),
+        ranks=results("report", "merging_ranks.csv"),
+        flips=results("report", "merging_flips.txt"),
         plot=report(
             results("report", "merging.png"),
             caption="../report/merging.rst",
