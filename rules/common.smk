@@ -308,6 +308,18 @@ def merged_model(wildcards):
     return results("merge", variant_of(wildcards).name, wildcards.upcycled, wildcards.merged, "model")
 
 
+def full_smoe_record(wildcards):
+    """A merged causal LM's evaluation reads the full SMoE's record, whose greedy tokens its own are
+    compared with (none for a classifier, or the full SMoE itself)."""
+    if config["task"] != "causal_lm" or wildcards.merged == "full":
+        return []
+    return results("merge", variant_of(wildcards).name, wildcards.upcycled, "evaluate", "full.json")
+
+
+def full_record_flag(wildcards, input):
+    return f"--full {input.full}" if input.get("full") else ""
+
+
 def merged_evaluations():
     """The evaluate_smoe records of merging (none: no merging)."""
     return [results("merge", m.upcycled.variant.name, m.upcycled.name, "evaluate", f"{m.name}.json") for m in GRID.merged]

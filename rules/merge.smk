@@ -1,6 +1,7 @@
 # MC-SMoE: each upcycled model of merging.models calibrated once (usage), merged by every method
 # to every group count, distilled from the full SMoE (-kd) and compressed (-svd) as its name says,
-# then evaluated beside the full SMoE: merge/<variant>/<upcycled>/evaluate/<name>.json.
+# then evaluated beside the full SMoE: merge/<variant>/<upcycled>/evaluate/<name>.json (a causal LM's
+# against the full SMoE's greedy tokens, in its evaluate/full.json).
 MERGED = f"{VARIANT}/{{upcycled}}"
 
 
@@ -123,6 +124,7 @@ rule evaluate_smoe:
     input:
         model=merged_model,
         data=rules.data.output.labels,
+        full=full_smoe_record,
     output:
         merge_folder("evaluate", "{merged}.json"),
     log:
@@ -139,10 +141,11 @@ rule evaluate_smoe:
         task=config["task"],
         data=folder_of("data"),
         device=COMPUTE["device"],
+        full=full_record_flag,
     shell:
         "OMP_NUM_THREADS={threads} {params.launch} --model {input.model} --task {params.task} "
         "--penalty {wildcards.penalty} --seed {wildcards.seed} --upcycled {wildcards.upcycled} --name {wildcards.merged} "
-        "--data {params.data} --out {output} --device {params.device} > {log} 2>&1"
+        "--data {params.data} {params.full} --out {output} --device {params.device} > {log} 2>&1"
 
 
 rule report_merging:
@@ -151,6 +154,8 @@ rule report_merging:
         dense=merging_dense_references(),
     output:
         table=results("report", "merging.csv"),
+        ranks=results("report", "merging_ranks.csv"),
+        flips=results("report", "merging_flips.txt"),
         plot=report(
             results("report", "merging.png"),
             caption="../report/merging.rst",

@@ -117,6 +117,13 @@ def test_the_upcycled_model_merged_compressed_and_distilled(tiny_study):
     assert row.loc["full", "accuracy_vs_full"] == 1.0 and row.loc["full", "memory_vs_full"] == 1.0
     assert row.loc["msmoe-G2-svd", "memory_vs_full"] < 1 and not pd.isna(row.loc["full", "accuracy_minus_dense"])
     assert in_study(tiny_study, "report", "merging.png").read_bytes()[:4] == b"\x89PNG"
+    ranks = pd.read_csv(in_study(tiny_study, "report", "merging_ranks.csv"))  # the classification arm: accuracy only
+    assert set(ranks["metric"]) == {"accuracy"} and set(ranks["experts_kept"]) == {0.5}
+    assert sorted(zip(ranks["recovery"], ranks["method"])) == [
+        (r, m) for r in ("kd", "none") for m in ("hcsmoe", "mcsmoe", "reap")
+    ]
+    statements = in_study(tiny_study, "report", "merging_flips.txt").read_text().splitlines()
+    assert statements[0] == "50% of the experts kept, recovery none:" and "  no flip: one ranking" in statements
 
     _, children = first_invocation(tiny_study)
     runs = [r for r in children if r.data.tags["rule"] in ("usage", "merge", "compress", "evaluate_smoe", "report_merging")]

@@ -275,3 +275,59 @@ def test_intervals_mark_unresolved_crossings_and_rank_only_what_they_separate(tm
     older = summarise([write_eval(tmp_path / "old", "kmeans-E8-mlp.json", [(0.5, 0.9)])])
     assert older["stopped_at_cap"].tolist() == [""] and older["keeps_99pct"].tolist() == [""], "records before both fields"
     assert by_method(older)["rank"].isna().all()
+
+
+def test_methods_ranked_per_metric_across_arms_and_where_the_ranking_flips(tmp_path):
+    """A classification arm (8 experts) and a causal-LM arm (4 experts), both at half their experts,
+    one seed: accuracy and perplexity rank by value, generation agreement by its prompts' intervals,
+    so hcsmoe and frequency, overlapping there, share a rank. Accuracy and perplexity put hcsmoe above
+    reap, generation agreement reap above both: two flips, and pruning first on generation only."""
+    from moefy.files import write_json
+    from moefy.report.merging import merging_table
+    from moefy.report.ranking import flips, metric_ranks
+    from moefy.training.merging import chain_of
+
+    def evaluated(arm, name, experts, metric, value, agreement=None):
+        record = {"penalty": "none", "seed": 0, "upcycled": arm, **chain_of(name), f"test_{metric}": value,
+                  "bytes_on_disk": 100, "ffn_flops_per_token": 1.0, "experts_per_layer": {"1": experts, "3": experts}}  # fmt: skip
+        if agreement is not None:
+            mean, half = agreement
+            record |= {"generation_agreement": mean, "generation_agreement_low": mean - half,
+                       "generation_agreement_high": mean + half, "generation_identical": 0.0}  # fmt: skip
+        write_json(path := tmp_path / f"{arm}-{name}.json", record)
+        return path
+
+    classification = [evaluated("cls", "full", 8, "accuracy", 0.80)] + [
+        evaluated("cls", f"{m}-G4", 4, "accuracy", a) for m, a in (("reap", 0.78), ("hcsmoe", 0.79), ("frequency", 0.70))
+    ]
+    decoder = [evaluated("dec", "full", 4, "perplexity", 10.0, (1.0, 0.0))] + [
+        evaluated("dec", f"{m}-G2", 2, "perplexity", p, g)
+        for m, p, g in (("reap", 11.0, (0.6, 0.1)), ("hcsmoe", 10.5, (0.3, 0.1)), ("frequency", 13.0, (0.35, 0.1)))
+    ]
+    ranks = metric_ranks([merging_table(classification), merging_table(decoder)])
+    assert set(ranks["experts_kept"]) == {0.5} and set(ranks["recovery"]) == {"none"}
+    by = ranks.set_index(["metric", "method"])["rank"]
+    assert [by[("accuracy", m)] for m in ("hcsmoe", "reap", "frequency")] == [1, 2, 3]
+    assert [by[("perplexity", m)] for m in ("hcsmoe", "reap", "frequency")] == [1, 2, 3]
+    assert [by[("generation_agreement", m)] for m in ("reap", "hcsmoe", "frequency")] == [1, 2, 2]
+    values = ranks.set_index(["metric", "method"])
+    assert values.loc[("perplexity", "reap"), "value"] == pytest.approx(1.1), "perplexity relative to the full SMoE"
+    assert values.loc[("accuracy", "reap"), ["low", "high"]].tolist() == [0.78 / 0.8] * 2, "one seed: a point"
+    lines = flips(ranks)
+    assert lines[0] == "50% of the experts kept, recovery none:"
+    assert "  generation agreement: reap (1), frequency (2), hcsmoe (2)" in lines
+    assert "  accuracy: merging ranks first (best pruning rank 2, best merging rank 1)" in lines
+    assert "  generation agreement: pruning ranks first (best pruning rank 1, best merging rank 2)" in lines
+    flipped = [line for line in lines if line.startswith("  flip:")]
+    assert flipped == [
+        "  flip: accuracy ranks hcsmoe (1) above reap (2), generation agreement ranks reap (1) above hcsmoe (2)",
+        "  flip: perplexity ranks hcsmoe (1) above reap (2), generation agreement ranks reap (1) above hcsmoe (2)",
+    ], "hcsmoe against frequency is a tie under agreement, not a flip"
+    same = metric_ranks([merging_table(classification)])
+    assert flips(same)[-1] == "  no flip: one ranking"
+    # a second upcycled model in the same arm is ranked on its own, and named where a metric has two
+    other = [evaluated("cls2", "full", 8, "accuracy", 0.8), evaluated("cls2", "reap-G4", 4, "accuracy", 0.8)]
+    other.append(evaluated("cls2", "hcsmoe-G4", 4, "accuracy", 0.7))
+    two = flips(metric_ranks([merging_table(classification + other)]))
+    assert "  accuracy (cls2): reap (1), hcsmoe (2)" in two
+    assert "  flip: accuracy (cls) ranks hcsmoe (1) above reap (2), accuracy (cls2) ranks reap (1) above hcsmoe (2)" in two

@@ -1,5 +1,6 @@
 """The merging report (MC-SMoE): each merged and compressed SMoE against the full SMoE it came from
-and the dense continuation, in task metric, memory, parameters and FFN FLOPs."""
+and the dense continuation, in task metric, memory, parameters and FFN FLOPs; a causal LM's also in
+greedy-generation agreement with the full SMoE (moefy.measure.generation)."""
 
 from __future__ import annotations
 
@@ -29,12 +30,15 @@ MERGING_COLUMNS = [
     "computed_experts_per_token",
     "recovery_steps",
 ]
+# a causal LM's records only: agreement of its greedy tokens with the full SMoE's, and its interval
+GENERATION_COLUMNS = ["generation_agreement", "generation_agreement_low", "generation_agreement_high", "generation_identical"]
 
 
 def merging_table(evaluation_files: Iterable[str | Path], dense_files: Iterable[str | Path] = ()) -> pd.DataFrame:
     """One row per merged model (and the full SMoE) and seed: the task metric, relative to the full
-    SMoE of the same upcycled model and seed, minus the dense continuation's; memory, parameters and
-    FFN FLOPs relative to the full SMoE; experts per layer."""
+    SMoE of the same upcycled model and seed, minus the dense continuation's; memory, parameters,
+    FFN FLOPs and experts relative to the full SMoE; experts per layer; a causal LM's generation
+    agreement with the full SMoE."""
     rows = []
     for path in map(Path, evaluation_files):
         record = read_json(path)
@@ -44,7 +48,9 @@ def merging_table(evaluation_files: Iterable[str | Path], dense_files: Iterable[
             {
                 **{k: record.get(k) for k in MERGING_COLUMNS},
                 **{f"test_{m}": record[f"test_{m}"] for m in METRICS if f"test_{m}" in record},
+                **{k: record[k] for k in GENERATION_COLUMNS if k in record},
                 "experts_per_layer": "/".join(str(n) for n in record.get("experts_per_layer", {}).values()),
+                "experts": sum(record.get("experts_per_layer", {}).values()),
             }
         )
     if not rows:
@@ -60,7 +66,12 @@ def merging_table(evaluation_files: Iterable[str | Path], dense_files: Iterable[
         return full[column].get(tuple(row[k] for k in key), float("nan"))
 
     table[f"{metric}_vs_full"] = [row[f"test_{metric}"] / of_full(row, f"test_{metric}") for _, row in table.iterrows()]
-    for column, name in (("bytes_on_disk", "memory_vs_full"), ("ffn_flops_per_token", "ffn_flops_vs_full")):
+    # the share of the full SMoE's experts kept: where arms of different models meet (moefy.report.ranking)
+    for column, name in (
+        ("bytes_on_disk", "memory_vs_full"),
+        ("ffn_flops_per_token", "ffn_flops_vs_full"),
+        ("experts", "experts_kept"),
+    ):
         table[name] = [row[column] / of_full(row, column) for _, row in table.iterrows()]
     dense = {}
     for path in map(Path, dense_files):
@@ -80,6 +91,7 @@ def merging_by_method(table: pd.DataFrame) -> pd.DataFrame:
     group count: the ranking of the baselines."""
     metric = metric_of(table)
     numbers = [f"test_{metric}", f"{metric}_vs_full", f"{metric}_minus_dense", "memory_vs_full", "ffn_flops_vs_full"]
+    numbers += ["generation_agreement"] if "generation_agreement" in table else []
     grouped = table.fillna({"groups": 0}).groupby(["upcycled", "merged", "method", "groups", "recovery"], sort=False)
     out = grouped[numbers].mean().add_suffix("_mean")
     out = out.join(grouped[[f"test_{metric}"]].agg(spread).add_suffix("_std")).join(grouped.size().rename("seeds"))
