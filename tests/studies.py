@@ -180,7 +180,17 @@ def tiny_config(**overrides) -> dict:
         "router": {"mlp_epochs": 5, "norm_hidden": 16},
         "evaluate": {"budgets": BUDGETS, "batch_size": 32},
     }
-    config.update(copy.deepcopy(overrides))
+    config.update(overrides)
+    return copy.deepcopy(config)  # the module's lists and models are shared: a test's edit stays its own
+
+
+def change(config: dict, dotted: str, value) -> dict:
+    """`config` with the key at `dotted` (e.g. finetune.epochs) set to `value`."""
+    node = config
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node[key]
+    node[last] = value
     return config
 
 

@@ -76,8 +76,26 @@ def _describe(error) -> str:
         return "config key dataset: give exactly one of `path` (a local file) or `hub` (a Hugging Face dataset)"
     if error.validator == "minProperties" and key == "grid":
         return "config key grid: name at least one arm, e.g. grid: {moefication: {split: [kmeans], num_experts: [48], router: [mlp]}}"
+    if error.validator == "anyOf":
+        allowed = " or ".join(_alternative(option) for option in error.validator_value)
+        message = f"{error.instance!r} is not allowed; use {allowed}"
+    else:
+        message = error.message
     hint = error.schema.get("description") if isinstance(error.schema, dict) else None
-    return f"config key {key}: {error.message}" + (f" ({hint})" if hint else "")
+    # one line: folded YAML descriptions end in a newline
+    return f"config key {key}: {message}" + (f" ({' '.join(hint.split())})" if hint else "")
+
+
+def _alternative(option: dict[str, Any]) -> str:
+    """One branch of an anyOf in words: jsonschema's own message names none of them."""
+    if "const" in option:
+        return repr(option["const"])
+    words = f"a {option.get('type', 'value')}"
+    if "minimum" in option:
+        words += f" of at least {option['minimum']}"
+    if "maximum" in option:
+        words += f" of at most {option['maximum']}"
+    return words
 
 
 # Keys that were renamed, with their new names: an old config is refused with the new name rather

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
@@ -101,6 +101,27 @@ def _check_tokenizer_files(folder: Path) -> None:
         f"no tokenizer files ({', '.join(VOCABULARY_FILES)}, ...) in {folder}: copy the tokenizer of the model it "
         "was trained from into it (tokenizer.save_pretrained), or point model.name_or_path at a folder that has one"
     )
+
+
+# The files transformers reads a folder's weights from: one file, or a sharded checkpoint's index.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_weight_files(folder: Path) -> None:
+    """The weights are there and every safetensors file is whole (its header is read, not its
+    tensors): a folder saved without them, or copied in part, would otherwise pass every check
+    before the study and fail its first fine-tune."""
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise MoefyError(
+            f"no weights ({', '.join(WEIGHT_FILES)}) in {folder}: copy the model's weights into it "
+            "(model.save_pretrained), or point model.name_or_path at a folder that has them"
+        )
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            raise MoefyError(f"{path} is damaged ({err}): copy the model's weights into {folder} again") from None
 
 
 def _check_vocabulary(tokenizer, name_or_path: str) -> None:

