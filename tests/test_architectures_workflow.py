@@ -43,15 +43,6 @@ SHARED_ARM = {
     "allocation": ["uniform", "sensitivity"],
 }
 GATED_ARM = SHARED_ARM | {"router": ["linear"], "recovery": ["kd-softmax"]}
-# Merging's decoder arm, in as few jobs as it runs in (upcycle, train it and the dense continuation,
-# calibrate, 2 merges, 3 evaluations, 2 reports): Drop-Upcycling's 4 experts (copies would merge into
-# themselves), HC-SMoE merged and REAP pruned to 2, one-shot.
-UPCYCLED = "top2"
-MERGING = {
-    "upcycling": {"models": {UPCYCLED: {"experts": 4, "drop_ratio": 0.5}}},
-    "merging": {"models": [UPCYCLED], "groups": [2], "methods": ["hcsmoe", "reap"], "recovery": ["none"]},
-    "usage": {"calibration_examples": 64},
-}
 
 
 def write_study(workdir: Path, family: str, task: str, finetune: dict, arms: dict | None = None) -> Path:
@@ -82,7 +73,6 @@ def write_study(workdir: Path, family: str, task: str, finetune: dict, arms: dic
     if task == "causal_lm":
         config["second_corpus"] = {"path": "other.csv", "max_texts": 40}
         config["serve"] = {"budgets": [0.5]}  # the gated arm's recovery, as a transformers MoE class
-        config |= MERGING
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     return workdir
 
@@ -228,35 +218,3 @@ def test_llama_recovery_served_as_a_transformers_moe_class(llama_study):
     report = pd.read_csv(llama_study / "report" / "serving.csv")
     assert report["served"].tolist() == ["kmeans-E8-S2-linear-kd-softmax-b0.5"]
     assert report["logit_difference"].iloc[0] == pytest.approx(record["logit_difference"])
-
-
-def test_llama_merged_by_perplexity_and_greedy_agreement_with_the_full_smoe(llama_study):
-    """The decoder arm: each merged model's perplexity and greedy-generation agreement with the full
-    SMoE (the full SMoE agrees with itself), in its record and its MLflow run, and the methods ranked
-    by both metrics with the flips between them stated."""
-    from test_workflow import mlflow_runs
-
-    folder = llama_study / "merge" / VARIANT / UPCYCLED / "evaluate"
-    records = {m: json.loads((folder / f"{m}.json").read_text()) for m in ("full", "hcsmoe-G2", "reap-G2")}
-    full = records["full"]
-    assert full["generation_agreement"] == full["generation_identical"] == 1.0
-    assert full["generation_new_tokens"] == 32 and full["generation_prompts"] == len(full["greedy_tokens"]) > 10
-    for name in ("hcsmoe-G2", "reap-G2"):
-        record = records[name]
-        assert record["experts_per_layer"] == {"1": 2} and record["test_perplexity"] > 1
-        low, high = record["generation_agreement_low"], record["generation_agreement_high"]
-        assert 0 <= low <= record["generation_agreement"] <= high <= 1
-        assert record["generation_prompts"] == full["generation_prompts"]
-    ranks = pd.read_csv(llama_study / "report" / "merging_ranks.csv")
-    assert sorted(zip(ranks["metric"], ranks["method"])) == [
-        (metric, method) for metric in ("generation_agreement", "perplexity") for method in ("hcsmoe", "reap")
-    ]
-    assert set(ranks["experts_kept"]) == {0.5} and ranks["rank"].between(1, 2).all()
-    statements = (llama_study / "report" / "merging_flips.txt").read_text().splitlines()
-    assert statements[0] == "50% of the experts kept, recovery none:" and statements[1].startswith("  perplexity: ")
-    assert any(line.startswith(("  flip: perplexity", "  no flip:")) for line in statements)
-    table = pd.read_csv(llama_study / "report" / "merging.csv").set_index("merged")
-    assert table.loc["full", "perplexity_vs_full"] == 1.0 and table.loc["reap-G2", "experts_kept"] == 0.5
-    runs = [r for r in mlflow_runs(llama_study.parents[1]) if r.data.tags.get("rule") == "evaluate_smoe"]
-    agreement = {r.data.tags["wildcard.merged"]: r.data.metrics["generation_agreement"] for r in runs}
-    assert agreement == {m: records[m]["generation_agreement"] for m in records}

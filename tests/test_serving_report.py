@@ -60,7 +60,7 @@ def test_each_served_model_gets_its_measurements_and_its_speed_against_its_own_d
     assert "F32_decode_vs_dense" in decode_summary(table.reset_index()).columns
 
 
-def test_the_step_writes_the_table_and_a_missing_record_is_named(records, tmp_path, capsys):
+def test_the_step_writes_the_table_and_a_missing_record_is_named(records, tmp_path, capsys, mlflow_store):
     served, ggufs, harness = records
     out = tmp_path / "report"
     report_serving.main(

@@ -1,9 +1,8 @@
 """Step remote_code: an exported classifier rewritten for transformers' custom-code loading.
 
 Reads an export folder (step export) and writes <out>: the same model with a modeling file moefy
-writes into it (moefy.serving.remote_code), which
-`AutoModelForSequenceClassification.from_pretrained(out, trust_remote_code=True)` loads with no moefy
-installed, giving moefy's logits.
+writes into it (moefy.serving.remote_code), which transformers' AutoModelForSequenceClassification
+loads with remote code allowed and no moefy installed, giving moefy's logits.
 """
 
 from __future__ import annotations
