@@ -40,11 +40,11 @@ from torch import nn
 from moefy import native
 from moefy.adapters.ffn import FFN
 from moefy.conversion.routers import MLPRouter, budget_to_k
+from moefy.measure.evaluation import PRECISIONS
 from moefy.moe.kernel_choice import measure
 from moefy.moe.layer import MoEFFN, kernel_calls
 from moefy.workflow import benchmarking
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SHAPES = [(384, 1536, 48, (1, 16, 256, 4096)), (768, 3072, 96, (1, 16, 256, 4096)), (4096, 11008, 64, (1, 16, 256))]
 BUDGETS = [0.1, 0.2, 0.25, 0.5, 1.0]
 
@@ -98,18 +98,18 @@ def shape_cases(
 ) -> list[dict]:
     ffn = dense_ffn(d, d_ff)
     for linear in (ffn.w_in, ffn.w_out):
-        linear.to(DTYPES[dtype])
+        linear.to(PRECISIONS[dtype])
     labels = torch.randperm(d_ff, generator=torch.Generator().manual_seed(1)) % num_experts
     torch.manual_seed(2)
     kernels = measure(ffn, num_experts, device) if calibrate else None
-    moe = MoEFFN(ffn, labels, MLPRouter(d, num_experts), num_experts, kernels).to(device=device, dtype=DTYPES[dtype])
+    moe = MoEFFN(ffn, labels, MLPRouter(d, num_experts), num_experts, kernels).to(device=device, dtype=PRECISIONS[dtype])
     dense = nn.Sequential(ffn.w_in, ffn.act, ffn.w_out).to(device)
     dense_flops = moe.dense_flops_per_token
     rows = []
     with torch.inference_mode():
         for tokens in batches:
             repeats = calls if tokens < 256 else max(5, calls // 4) if tokens < 4096 else 5
-            inputs = [torch.randn(tokens, d, device=device, dtype=DTYPES[dtype]) for _ in range(repeats)]
+            inputs = [torch.randn(tokens, d, device=device, dtype=PRECISIONS[dtype]) for _ in range(repeats)]
             dense_ms = timed(dense, inputs, flush, device)
             for budget in budgets:
                 moe.k = budget_to_k(budget, num_experts)
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--calls", type=int, default=40, help="timed calls per case (a quarter for 256 tokens)")
     parser.add_argument("--fixed-rules", action="store_true", help="choose kernels by the fixed rules, not by measuring")
     parser.add_argument("--no-mlflow", action="store_true")
-    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32"], help="precisions to time in")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(PRECISIONS), default=["fp32"], help="precisions to time in")
     parser.add_argument("--shapes", nargs="+", help="only these shapes, as DxF (e.g. 384x1536 4096x11008)")
     args = parser.parse_args(argv)
 

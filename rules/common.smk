@@ -288,12 +288,12 @@ def served_model(wildcards):
     return results("serve", variant_of(wildcards).name, wildcards.served, "model")
 
 
-def served_measurements():
-    """The llama.cpp and lm-eval records config serve asks for."""
-    serve = config["serve"]
-    gguf = [results("serve", f, "gguf", "gguf.json") for f in SERVED_AND_DENSE] if serve["gguf"] else []
-    harness = [results("serve", f, "harness.json") for f in SERVED_AND_DENSE] if serve["harness"] else []
-    return gguf + harness
+def served_measurements(runtime):
+    """The records config serve asks for of one runtime: gguf (llama.cpp) or harness (lm-eval)."""
+    if not config["serve"][runtime]:
+        return []
+    name = {"gguf": "gguf/gguf.json", "harness": "harness.json"}[runtime]
+    return [results("serve", f, name) for f in SERVED_AND_DENSE]
 
 
 def merge_folder(*parts):

@@ -27,7 +27,8 @@ rule report:
 rule report_serving:
     input:
         served=[results("serve", folder, "served.json") for folder in SERVED],
-        measured=served_measurements(),
+        gguf=served_measurements("gguf"),
+        harness=served_measurements("harness"),
     output:
         results("report", "serving.csv"),
     log:
@@ -39,8 +40,5 @@ rule report_serving:
     params:
         launch=plain("report_serving"),
         out=lambda wildcards, output: str(Path(output[0]).parent),
-        gguf=lambda wildcards, input: [f for f in input.measured if f.endswith("gguf.json")],
-        harness=lambda wildcards, input: [f for f in input.measured if f.endswith("harness.json")],
     shell:
-        "{params.launch} --served {input.served} --gguf {params.gguf} --harness {params.harness} --out {params.out} "
-        "> {log} 2>&1"
+        "{params.launch} --served {input.served} --gguf {input.gguf} --harness {input.harness} --out {params.out} " "> {log} 2>&1"
