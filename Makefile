@@ -9,6 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m moefy.native  # compiles the native looped kernel once (about 30 s); the Python loop runs where it cannot
 	touch $@
 
 study: $(VENV)/.installed  ## install, then run the default study in config.yaml

@@ -4,6 +4,8 @@ applies, and the Python loop wherever it does not or cannot be built."""
 from __future__ import annotations
 
 import os
+import shutil
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -183,6 +185,25 @@ def test_a_build_left_by_a_killed_process_does_not_block_the_next(tmp_path, monk
     assert native._build() is built
 
 
+def test_every_build_runs_this_pythons_ninja(tmp_path, monkeypatch):
+    """Ninja 1.11 and 1.13 hash a build's command differently: processes finding different ninjas on
+    PATH rebuilt each other's kernel. The build finds this Python's first; PATH is restored after."""
+    import torch.utils.cpp_extension as cpp_extension
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    found = []
+
+    def load(name, sources, build_directory, **kwargs):
+        found.append(shutil.which("ninja"))
+        return object()
+
+    monkeypatch.setattr(cpp_extension, "load", load)
+    native._build()
+    assert found == [str(Path(sysconfig.get_path("scripts")) / "ninja")]
+    assert os.environ["PATH"] == "/usr/bin:/bin"
+
+
 def test_the_cache_folder_follows_the_source_so_an_edited_kernel_is_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     before = native.cache_folder()
@@ -190,6 +211,18 @@ def test_the_cache_folder_follows_the_source_so_an_edited_kernel_is_rebuilt(tmp_
     edited.write_bytes(native.SOURCE.read_bytes() + b"\n// edited\n")
     monkeypatch.setattr(native, "SOURCE", edited)
     assert native.cache_folder() != before
+
+
+def test_each_checkout_builds_its_own_kernel(tmp_path, monkeypatch):
+    """The same source text in another checkout emits another build file (its path is in it):
+    sharing a folder, the two would rebuild each other's kernel."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    here = native.cache_folder()
+    other = tmp_path / "checkout" / "looped.cpp"
+    other.parent.mkdir()
+    other.write_bytes(native.SOURCE.read_bytes())
+    monkeypatch.setattr(native, "SOURCE", other)
+    assert native.cache_folder() != here
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,13 @@ compiler, ninja and the Python headers: all there with a usual Python and build 
 per-source folder of the user's cache, once per machine, under a lock so that parallel jobs build
 it once. Where it cannot be built the layers run the Python loop, and `implementation` says why,
 so the calibrate step's file and evaluate's records name the kernel that was measured.
+
+A build is reused only by a process that would emit the same build: the folder is per source file
+(its text and its path: two checkouts on one machine each build their own), and the build always
+runs the ninja installed with this Python (its scripts folder first on PATH). Ninja releases hash
+the build command differently (1.13 from PyPI, 1.11 from Debian), so processes finding different
+ninjas on PATH (Snakemake puts the interpreter's folder first for its jobs, a plain shell may not)
+each rebuilt the other's kernel, 30 s every time.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import fcntl
 import hashlib
 import os
 import sys
+import sysconfig
 from pathlib import Path
 from types import ModuleType
 
@@ -37,9 +45,10 @@ _failure: str | None = None
 
 
 def cache_folder() -> Path:
-    """Where the compiled kernel lives: one folder per source text and torch version."""
+    """Where the compiled kernel lives: one folder per source file (text and path) and torch version."""
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "moefy" / "native"
-    digest = hashlib.sha1(SOURCE.read_bytes() + torch.__version__.encode() + sys.version.encode()).hexdigest()[:16]
+    identity = SOURCE.read_bytes() + str(SOURCE.resolve()).encode() + torch.__version__.encode() + sys.version.encode()
+    digest = hashlib.sha1(identity).hexdigest()[:16]
     return root / digest
 
 
@@ -59,14 +68,19 @@ def _build() -> ModuleType:
         # at::parallel_for runs its range on torch's OpenMP threads only in code compiled with
         # OpenMP; without it, serially on one.
         openmp = ["-fopenmp"]
-        return load(
-            "moefy_looped",
-            [str(SOURCE)],
-            build_directory=str(folder),
-            extra_cflags=["-O3", *openmp],
-            extra_ldflags=openmp,
-            verbose=False,
-        )
+        path = os.environ.get("PATH", "")
+        os.environ["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), path])  # this Python's ninja
+        try:
+            return load(
+                "moefy_looped",
+                [str(SOURCE)],
+                build_directory=str(folder),
+                extra_cflags=["-O3", *openmp],
+                extra_ldflags=openmp,
+                verbose=False,
+            )
+        finally:
+            os.environ["PATH"] = path
 
 
 def looped_kernel() -> ModuleType | None:
