@@ -1,8 +1,7 @@
 """End to end on the other families: the real Snakefile on a tiny T5 (classification, ReLU FFNs
-in encoder and decoder) and a tiny LLaMA (causal language modelling, gated SiLU FFNs kept),
-two conversions each, then what each task's evaluations must satisfy; the LLaMA also upcycled and
-merging's decoder arm run on it (HC-SMoE and REAP to half the experts, by perplexity and greedy
-agreement with the full SMoE)."""
+in encoder and decoder) and a tiny LLaMA (causal language modelling, gated SiLU FFNs kept), then
+what each task's evaluations must satisfy: one conversion of the T5, the decoder conversions of
+2025-26 on the LLaMA."""
 
 from __future__ import annotations
 
@@ -23,10 +22,10 @@ from studies import diagonal, finish_snakemake, start_snakemake
 pytestmark = pytest.mark.e2e
 
 E, D_FF = 4, 64
-# Two conversions on T5: the shared tiny study runs every split and router on BERT, and
-# test_families every router on every family; these check that the whole chain runs on T5. The LLaMA
+# One conversion on T5: the shared tiny study runs every split and router on BERT, and
+# test_families every router on every family; this checks that the whole chain runs on T5. The LLaMA
 # runs the decoder arms below instead.
-CONVERSIONS = [("kmeans", "similarity"), ("coact", "mlp")]
+CONVERSIONS = [("coact", "mlp")]
 BUDGETS = [0.5, 1.0]
 VARIANT = "none-seed0"
 
@@ -108,7 +107,7 @@ def llama_study(studies) -> Path:
 
 
 def test_t5_labels_cover_encoder_and_decoder_layers(t5_study):
-    labels = load_file(t5_study / "balance" / VARIANT / f"kmeans-E{E}" / "labels.safetensors")
+    labels = load_file(t5_study / "balance" / VARIANT / f"coact-E{E}" / "labels.safetensors")
     assert sorted(labels) == [f"layer.{i}" for i in range(4)]  # 2 encoder + 2 decoder blocks
     metrics = json.loads((t5_study / "finetune" / VARIANT / "metrics.json").read_text())
     dense = json.loads((t5_study / "evaluate" / VARIANT / f"coact-E{E}-mlp.json").read_text())[-1]
