@@ -19,26 +19,39 @@ from studies import E, environment, make_workdir, snakemake, snakemake_command, 
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture()
-def server(tmp_path):
-    running = Server(tmp_path / "server")
-    running.root.mkdir()
-    running.start()
+@pytest.fixture(scope="module")
+def one_server(tmp_path_factory):
+    """One server for the module (a start takes seconds): tests that kill it leave it down, and the
+    next test's `server` starts it again on the same store."""
+    running = Server(tmp_path_factory.mktemp("mlflow-server"))
     yield running
     running.stop()
 
 
 @pytest.fixture()
-def against(server, monkeypatch):
-    """Jobs in this process log to the server (experiment `server-test`), MLflow's retries short."""
+def server(one_server):
+    if one_server.process is None:
+        one_server.start()
+    return one_server
+
+
+@pytest.fixture()
+def experiment(request) -> str:
+    """The test's own experiment on the shared server."""
+    return f"server-{request.node.name}"
+
+
+@pytest.fixture()
+def against(server, experiment, monkeypatch):
+    """Jobs in this process log to the server (the test's experiment), MLflow's retries short."""
     monkeypatch.setenv(tracking.URI_ENV, server.uri)
-    monkeypatch.setenv(tracking.EXPERIMENT_ENV, "server-test")
+    monkeypatch.setenv(tracking.EXPERIMENT_ENV, experiment)
     monkeypatch.delenv(tracking.PARENT_RUN_ENV, raising=False)
     return server
 
 
-def test_job_runs_arrive_nested_with_params_metrics_and_served_artifacts(against, tmp_path, monkeypatch):
-    parent = tracking.start_workflow_run(against.uri, "server-test", "snakemake server", {"study": "s"})
+def test_job_runs_arrive_nested_with_params_metrics_and_served_artifacts(against, experiment, tmp_path, monkeypatch):
+    parent = tracking.start_workflow_run(against.uri, experiment, "snakemake server", {"study": "s"})
     monkeypatch.setenv(tracking.PARENT_RUN_ENV, parent)
     summary = tmp_path / "summary.csv"
     summary.write_text("a,b\n1,2\n")
@@ -56,7 +69,7 @@ def test_job_runs_arrive_nested_with_params_metrics_and_served_artifacts(against
     assert len(stored) == 1 and stored[0].read_text() == "a,b\n1,2\n", "the server stores what it serves"
 
 
-def test_a_briefly_unreachable_server_is_waited_out_and_the_run_logged_once(against, monkeypatch, capfd):
+def test_a_briefly_unreachable_server_is_waited_out_and_the_run_logged_once(against, experiment, monkeypatch, capfd):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "7")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")  # 1, 2, 4, 8, ... s: the restart fits
     against.stop()
@@ -67,7 +80,7 @@ def test_a_briefly_unreachable_server_is_waited_out_and_the_run_logged_once(agai
             run.log_metrics({"test_accuracy": 0.8})
     finally:
         restart.join()
-    runs = MlflowClient(against.uri).search_runs([MlflowClient(against.uri).get_experiment_by_name("server-test").experiment_id])
+    runs = MlflowClient(against.uri).search_runs([MlflowClient(against.uri).get_experiment_by_name(experiment).experiment_id])
     assert [(r.info.run_id, r.info.status) for r in runs] == [(run.run_id, "FINISHED")]
     assert runs[0].data.metrics == {"test_accuracy": 0.8}
     retries = [line for line in capfd.readouterr().err.splitlines() if "retrying" in line]
