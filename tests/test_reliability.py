@@ -329,7 +329,8 @@ def test_killed_jobs_leave_nothing_that_looks_done_and_a_rerun_matches(tiny_stud
 @pytest.mark.e2e
 def test_a_second_snakemake_on_a_running_study_is_refused_and_ctrl_c_stops_the_first(tmp_path):
     workdir = make_workdir(tmp_path)
-    proc, root = start_paused(workdir, "finetune epoch 1")
+    fine_tune = f"results/{TINY}/finetune/hoyer-seed0/metrics.json"  # not the whole study: data and the fine-tune run
+    proc, root = start_paused(workdir, "finetune epoch 1", fine_tune)
     second = subprocess.run(snakemake_command(workdir), cwd=workdir, capture_output=True, text=True, env=environment(workdir))
     assert second.returncode != 0 and f"study {TINY} is locked by a running process" in second.stderr, second.stderr
     assert f":{proc.pid}:" in second.stderr, "the message names the snakemake that holds the lock"
