@@ -166,6 +166,21 @@ def test_every_shipped_study_is_valid(path):
     validate(yaml.safe_load(path.read_text()))
 
 
+# Overlays add an ablation to a study (`--configfile <study> <overlay>`), each to the study it names.
+OVERLAYS = {"merging-ranks.yaml": "config.yaml", "merging-ranks-smollm2.yaml": "config/smollm2.yaml"}
+
+
+def test_every_overlay_is_valid_on_its_study():
+    from snakemake.utils import update_config
+
+    assert sorted(p.name for p in (ROOT / "config" / "overlays").glob("*.yaml")) == sorted(OVERLAYS)
+    for overlay, study in OVERLAYS.items():
+        config = yaml.safe_load((ROOT / study).read_text())
+        update_config(config, yaml.safe_load((ROOT / "config" / "overlays" / overlay).read_text()))  # as --configfile does
+        validate(config)
+        assert f"--configfile {study} config/overlays/{overlay}" in (ROOT / "config" / "overlays" / overlay).read_text()
+
+
 def test_the_vocabulary_is_the_schema_s():
     from moefy import config
     from moefy.adapters import tasks
