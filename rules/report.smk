@@ -41,4 +41,4 @@ rule report_serving:
         launch=plain("report_serving"),
         out=lambda wildcards, output: str(Path(output[0]).parent),
     shell:
-        "{params.launch} --served {input.served} --gguf {input.gguf} --harness {input.harness} --out {params.out} " "> {log} 2>&1"
+        "{params.launch} --served {input.served} --gguf {input.gguf} --harness {input.harness} --out {params.out} > {log} 2>&1"
